@@ -1,0 +1,319 @@
+"""The :class:`Slide` object: a lazy dask pyramid plus physical units."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import warnings
+from collections.abc import Callable
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from histoscope.errors import HistoScopeWarning, SlideError
+from histoscope.slide._backend import Backend, white_tile
+
+#: ``"raise"``: a bad tile raises :class:`SlideError`. ``"blank"``: it reads
+#: as white and one :class:`HistoScopeWarning` is issued for the slide.
+TileErrorPolicy = Literal["raise", "blank"]
+
+_token = itertools.count()
+
+
+class _LevelStore:
+    """Array-like view of one level that dask slices; decodes only needed tiles."""
+
+    def __init__(self, slide: Slide, level: int) -> None:
+        info = slide._backend.levels[level]
+        self._slide = slide
+        self.level = level
+        self.shape = (*info.shape, 3)
+        self.dtype = np.dtype(np.uint8)
+        self.ndim = 3
+        self.tile = info.tile
+
+    def __getitem__(self, key: tuple[slice, ...]) -> np.ndarray:
+        ys, xs = key[0], key[1]
+        h, w = self.shape[:2]
+        y0, y1, _ = ys.indices(h)
+        x0, x1, _ = xs.indices(w)
+        out = self._slide._read_level(self.level, y0, y1, x0, x1)
+        return out[(slice(None), slice(None), *key[2:])] if len(key) > 2 else out
+
+
+class Slide:
+    """A whole-slide image as a lazy pyramid with physical units.
+
+    Use :func:`histoscope.open_slide` to create one.
+
+    Attributes
+    ----------
+    path
+        The file (or OME-Zarr directory) the slide was read from.
+    levels
+        ``list`` of dask arrays ``(Y, X, 3)`` uint8 RGB, largest first, chunked
+        at the file's native tile size.
+    mpp
+        µm per level-0 pixel, or ``None`` when truly unknown.
+    """
+
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        mpp: float | None = None,
+        on_tile_error: TileErrorPolicy = "raise",
+        on_warning: Callable[[str], None] | None = None,
+    ) -> None:
+        if on_tile_error not in ("raise", "blank"):
+            raise ValueError(f"on_tile_error must be 'raise' or 'blank', not {on_tile_error!r}")
+        if mpp is not None and not (mpp > 0 and np.isfinite(mpp)):
+            raise ValueError(f"mpp must be a positive number of µm per pixel, not {mpp!r}")
+        self._backend = backend
+        self.path = backend.path
+        self.mpp: float | None = mpp if mpp is not None else backend.metadata.mpp
+        self.on_tile_error: TileErrorPolicy = on_tile_error
+        self._on_warning = on_warning
+        self._bad_tiles: set[tuple[int, int, int]] = set()
+        self._lock = threading.Lock()
+        self._name = f"histoscope-{next(_token)}"
+
+    # ----------------------------------------------------------------- pyramid
+    @cached_property
+    def levels(self) -> list:
+        """Lazy dask arrays, one per pyramid level, largest first."""
+        import dask.array as da
+
+        out = []
+        for i, info in enumerate(self._backend.levels):
+            store = _LevelStore(self, i)
+            out.append(
+                da.from_array(
+                    store, chunks=(*info.tile, 3), name=f"{self._name}-L{i}",
+                    asarray=False, fancy=False, lock=False, inline_array=True,
+                )
+            )  # fmt: skip
+        return out
+
+    @property
+    def level_downsamples(self) -> list[float]:
+        """Level-0 pixels per pixel of each level."""
+        return [lvl.downsample for lvl in self._backend.levels]
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        """``(width, height)`` of level 0, as OpenSlide orders it."""
+        h, w = self._backend.levels[0].shape
+        return w, h
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(height, width)`` of level 0."""
+        return self._backend.levels[0].shape
+
+    @property
+    def vendor(self) -> str:
+        return self._backend.metadata.vendor
+
+    @property
+    def backend(self) -> str:
+        """Name of the reader behind this slide (tifffile, openslide, ome-zarr, image)."""
+        return self._backend.name
+
+    @property
+    def magnification(self) -> float | None:
+        """Objective power from the file, or estimated as ``10 / mpp`` (0.25 µm/px -> 40x)."""
+        mag = self._backend.metadata.magnification
+        if mag is None and self.mpp:
+            mag = round(10.0 / self.mpp, 1)
+        return mag
+
+    @property
+    def properties(self) -> dict[str, Any]:
+        """Vendor properties as the file states them."""
+        return dict(self._backend.metadata.properties)
+
+    @cached_property
+    def associated_images(self) -> dict[str, np.ndarray]:
+        """Label, macro and thumbnail images stored in the file, as RGB arrays."""
+        return self._backend.associated_images()
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """Plain-data summary carried on napari layers and in outputs."""
+        return {
+            "path": str(self.path),
+            "vendor": self.vendor,
+            "backend": self.backend,
+            "mpp": self.mpp,
+            "magnification": self.magnification,
+            "dimensions": self.dimensions,
+            "level_downsamples": self.level_downsamples,
+        }
+
+    # ------------------------------------------------------------------ reading
+    def _tile(self, level: int, ty: int, tx: int) -> np.ndarray:
+        try:
+            return self._backend.read_tile(level, ty, tx)
+        except Exception as exc:
+            msg = f"{self.path}: tile ({ty}, {tx}) of level {level} cannot be decoded ({exc})"
+            if self.on_tile_error == "raise":
+                raise SlideError(msg) from exc
+            self._note_bad_tile((level, ty, tx), msg)
+            info = self._backend.levels[level]
+            th, tw = info.tile
+            return white_tile(min(th, info.shape[0] - ty * th), min(tw, info.shape[1] - tx * tw))
+
+    def _note_bad_tile(self, key: tuple[int, int, int], msg: str) -> None:
+        with self._lock:
+            first = not self._bad_tiles
+            self._bad_tiles.add(key)
+        if first:  # one warning per slide, never a flood
+            text = f"{msg}; it and any further bad tiles are shown blank"
+            if self._on_warning is not None:
+                self._on_warning(text)
+            else:
+                warnings.warn(text, HistoScopeWarning, stacklevel=3)
+
+    @property
+    def bad_tiles(self) -> int:
+        """How many tiles failed to decode so far (``on_tile_error="blank"``)."""
+        return len(self._bad_tiles)
+
+    def _read_level(self, level: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        """Read ``[y0:y1, x0:x1]`` of a level (clipped to its extent)."""
+        block = self._read_block_fast(level, y0, y1, x0, x1)
+        if block is not None:
+            return block
+        th, tw = self._backend.levels[level].tile
+        out = np.empty((max(y1 - y0, 0), max(x1 - x0, 0), 3), dtype=np.uint8)
+        for ty in range(y0 // th, -(-y1 // th)):
+            for tx in range(x0 // tw, -(-x1 // tw)):
+                tile = self._tile(level, ty, tx)
+                ty0, tx0 = ty * th, tx * tw
+                sy0, sy1 = max(y0, ty0), min(y1, ty0 + tile.shape[0])
+                sx0, sx1 = max(x0, tx0), min(x1, tx0 + tile.shape[1])
+                out[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = tile[
+                    sy0 - ty0 : sy1 - ty0, sx0 - tx0 : sx1 - tx0
+                ]
+        return out
+
+    def _read_block_fast(self, level, y0, y1, x0, x1) -> np.ndarray | None:
+        try:
+            return self._backend.read_block(level, y0, y1, x0, x1)
+        except Exception as exc:
+            msg = f"{self.path}: region y={y0}:{y1}, x={x0}:{x1} of level {level} cannot be read ({exc})"
+            if self.on_tile_error == "raise":
+                raise SlideError(msg) from exc
+            self._note_bad_tile((level, y0, x0), msg)
+            return np.full((y1 - y0, x1 - x0, 3), 255, np.uint8)
+
+    def best_level(self, downsample: float) -> int:
+        """The smallest level still at least as detailed as ``downsample``."""
+        best = 0
+        for i, ds in enumerate(self.level_downsamples):
+            if ds <= downsample * 1.001:
+                best = i
+        return best
+
+    def read_region(
+        self, x: int, y: int, w: int, h: int, mpp: float | None = None, *, level: int | None = None
+    ) -> np.ndarray:
+        """Read a region at a target resolution.
+
+        Parameters
+        ----------
+        x, y
+            Top-left corner in level-0 pixels (may lie outside the slide:
+            the outside reads as white background).
+        w, h
+            Output size in pixels at the requested resolution.
+        mpp
+            Target µm per pixel. ``None`` reads at level-0 resolution.
+        level
+            Read this level's native resolution instead of ``mpp``.
+
+        Returns
+        -------
+        numpy.ndarray
+            ``(h, w, 3)`` uint8 RGB.
+        """
+        if w <= 0 or h <= 0:
+            raise ValueError(f"region size must be positive, got w={w}, h={h}")
+        if level is not None:
+            factor = self.level_downsamples[level]
+        elif mpp is None:
+            factor = 1.0
+        else:
+            if not self.mpp:
+                raise SlideError(
+                    f"{self.path}: the slide has no µm/px, so mpp={mpp} cannot be honoured; "
+                    "pass mpp= to open_slide"
+                )
+            if not mpp > 0:
+                raise ValueError(f"mpp must be positive, got {mpp}")
+            factor = mpp / self.mpp
+        lvl = level if level is not None else self.best_level(factor)
+        ds = self.level_downsamples[lvl]
+        scale = factor / ds  # level pixels per output pixel
+        lx0, ly0 = x / ds, y / ds
+        lx1, ly1 = lx0 + w * scale, ly0 + h * scale
+        ix0, iy0 = int(np.floor(lx0)), int(np.floor(ly0))
+        ix1, iy1 = int(np.ceil(lx1)), int(np.ceil(ly1))
+        region = self._padded(lvl, iy0, iy1, ix0, ix1)
+        if abs(scale - 1.0) < 1e-6 and ix0 == lx0 and iy0 == ly0:
+            return region[:h, :w]
+        from PIL import Image
+
+        box = (lx0 - ix0, ly0 - iy0, lx1 - ix0, ly1 - iy0)
+        resample = Image.Resampling.BOX if scale > 1 else Image.Resampling.BILINEAR
+        img = Image.fromarray(region).resize((w, h), resample=resample, box=box)
+        return np.asarray(img)
+
+    def _padded(self, level: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        lh, lw = self._backend.levels[level].shape
+        cy0, cy1, cx0, cx1 = max(y0, 0), min(y1, lh), max(x0, 0), min(x1, lw)
+        if cy0 == y0 and cx0 == x0 and cy1 == y1 and cx1 == x1:
+            return self._read_level(level, y0, y1, x0, x1)
+        out = np.full((y1 - y0, x1 - x0, 3), 255, dtype=np.uint8)
+        if cy1 > cy0 and cx1 > cx0:
+            out[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0] = self._read_level(
+                level, cy0, cy1, cx0, cx1
+            )
+        return out
+
+    def thumbnail(self, max_size: int = 1024) -> np.ndarray:
+        """An RGB overview whose longer side is ``max_size`` pixels (or less)."""
+        h0, w0 = self.shape
+        factor = max(h0, w0) / max_size
+        if factor <= 1:
+            return self._read_level(0, 0, h0, 0, w0)
+        w, h = max(1, round(w0 / factor)), max(1, round(h0 / factor))
+        lvl = self.best_level(factor)
+        lh, lw = self._backend.levels[lvl].shape
+        region = self._read_level(lvl, 0, lh, 0, lw)
+        if (lh, lw) == (h, w):
+            return region
+        from PIL import Image
+
+        return np.asarray(Image.fromarray(region).resize((w, h), Image.Resampling.BOX))
+
+    # ---------------------------------------------------------------- lifetime
+    def close(self) -> None:
+        """Release the file; the slide cannot be read afterwards."""
+        self._backend.close()
+
+    def __enter__(self) -> Slide:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        w, h = self.dimensions
+        return (
+            f"Slide({str(self.path)!r}, {w}x{h}, levels={len(self._backend.levels)}, "
+            f"mpp={self.mpp}, backend={self.backend!r})"
+        )
