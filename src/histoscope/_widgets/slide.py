@@ -1,0 +1,158 @@
+"""Slide dock widget: open slides off the GUI thread and inspect their metadata."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from qtpy.QtWidgets import (
+    QComboBox,
+    QDoubleSpinBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QProgressBar,
+    QPushButton,
+    QVBoxLayout,
+    QWidget,
+)
+
+from histoscope.layers import SLIDE_KEY
+
+if TYPE_CHECKING:
+    import napari
+
+_FILTER = (
+    "Slides (*.svs *.ndpi *.mrxs *.scn *.bif *.tif *.tiff *.ome.tif *.dcm *.vms *.png *.jpg"
+    " *.jpeg);;All files (*)"
+)
+_FIELDS = ("vendor", "backend", "dimensions", "levels", "mpp", "magnification")
+
+
+class SlideWidget(QWidget):
+    """Open a slide, see what the file says about it, set its µm/px if missing."""
+
+    def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
+        super().__init__()
+        self.viewer = napari_viewer
+        self._worker = None
+
+        self.open_button = QPushButton("Open slide…")
+        self.open_button.clicked.connect(self._choose_file)
+        self.busy = QProgressBar()
+        self.busy.setRange(0, 0)
+        self.busy.hide()
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
+
+        self.layer_combo = QComboBox()
+        self.layer_combo.currentIndexChanged.connect(self._show_info)
+        self.info = {name: QLabel("–") for name in _FIELDS}
+        form = QFormLayout()
+        form.addRow("Slide layer", self.layer_combo)
+        for name, label in self.info.items():
+            label.setWordWrap(True)
+            form.addRow(name, label)
+
+        self.mpp_spin = QDoubleSpinBox()
+        self.mpp_spin.setRange(0.01, 100.0)
+        self.mpp_spin.setDecimals(4)
+        self.mpp_spin.setValue(0.5)
+        self.mpp_spin.setSuffix(" µm/px")
+        self.mpp_button = QPushButton("Set µm/px")
+        self.mpp_button.clicked.connect(self._apply_mpp)
+        row = QHBoxLayout()
+        row.addWidget(self.mpp_spin)
+        row.addWidget(self.mpp_button)
+
+        layout = QVBoxLayout(self)
+        layout.addWidget(self.open_button)
+        layout.addWidget(self.busy)
+        layout.addLayout(form)
+        layout.addLayout(row)
+        layout.addWidget(self.status)
+        layout.addStretch()
+
+        for event in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
+            event.connect(self._refresh_layers)
+        self._refresh_layers()
+
+    # ----------------------------------------------------------------- opening
+    def _choose_file(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Open slide", "", _FILTER)
+        if path:
+            self.open_path(path)
+
+    def open_path(self, path: str):
+        """Open ``path`` in a worker thread and add it as a layer; returns the worker."""
+        from napari.qt.threading import create_worker
+
+        from histoscope._reader import read_slides
+
+        self.open_button.setEnabled(False)
+        self.busy.show()
+        self.status.setText(f"Opening {path}…")
+        connect = {"returned": self._add_layers, "errored": self._failed, "finished": self._done}
+        worker = create_worker(read_slides, path, _connect=connect, _start_thread=False)
+        self._worker = worker
+        worker.start()
+        return worker
+
+    def _add_layers(self, layer_data: list) -> None:
+        for data, kwargs, layer_type in layer_data:
+            getattr(self.viewer, f"add_{layer_type}")(data, **kwargs)
+        self.status.setText("")
+
+    def _failed(self, exc: Exception) -> None:
+        self.status.setText(f"<span style='color:#e05050'>{exc}</span>")
+
+    def _done(self) -> None:
+        self.open_button.setEnabled(True)
+        self.busy.hide()
+        self._worker = None
+
+    # -------------------------------------------------------------- inspecting
+    def slide_layers(self) -> list:
+        """Image layers that hold a HistoScope slide."""
+        return [ly for ly in self.viewer.layers if SLIDE_KEY in ly.metadata]
+
+    def _refresh_layers(self, *_: object) -> None:
+        current = self.layer_combo.currentText()
+        self.layer_combo.blockSignals(True)
+        self.layer_combo.clear()
+        self.layer_combo.addItems([ly.name for ly in self.slide_layers()])
+        idx = self.layer_combo.findText(current)
+        self.layer_combo.setCurrentIndex(max(idx, 0))
+        self.layer_combo.blockSignals(False)
+        self._show_info()
+
+    def current_layer(self):
+        name = self.layer_combo.currentText()
+        return self.viewer.layers.get(name, None)
+
+    def _show_info(self, *_: object) -> None:
+        layer = self.current_layer()
+        meta = layer.metadata[SLIDE_KEY] if layer is not None else {}
+        slide = layer.metadata.get("slide") if layer is not None else None
+        for name, label in self.info.items():
+            if name == "levels" and slide is not None:
+                text = ", ".join(f"{w}×{h}" for h, w in (lvl.shape[:2] for lvl in slide.levels))
+            elif name == "mpp" and meta:
+                text = f"{meta['mpp']:.4g} µm/px" if meta.get("mpp") else "unknown: set it below"
+            else:
+                text = str(meta.get(name, "–"))
+            label.setText(text)
+
+    def _apply_mpp(self) -> None:
+        layer = self.current_layer()
+        if layer is None:
+            self.status.setText("Open a slide first.")
+            return
+        mpp = float(self.mpp_spin.value())
+        slide = layer.metadata.get("slide")
+        if slide is not None:
+            slide.mpp = mpp
+            layer.metadata[SLIDE_KEY] = slide.metadata
+        layer.scale = (mpp, mpp)
+        layer.units = ("um", "um")
+        self._show_info()
