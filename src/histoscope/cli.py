@@ -17,6 +17,7 @@ from histoscope.errors import HistoScopeError
 #: parser sets ``func(args) -> int`` as its default.
 COMMANDS = {
     "info": "histoscope._cli_info",
+    "demo": "histoscope._cli_demo",
 }
 
 

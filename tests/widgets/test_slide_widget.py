@@ -64,3 +64,28 @@ def test_setting_mpp_rescales_layer(viewer, tmp_path):
     np.testing.assert_allclose(layer.scale, (0.25, 0.25))
     assert layer.metadata[SLIDE_KEY]["mpp"] == 0.25
     assert layer.metadata["slide"].read_region(0, 0, 50, 75, mpp=0.5).shape == (75, 50, 3)
+
+
+def test_corrupt_tile_shows_blank_with_one_warning(viewer, tmp_path, monkeypatch):
+    import tifffile
+
+    import histoscope._reader as reader_mod
+    from histoscope.slide import write_pyramidal_tiff
+    from tests.conftest import make_rgb
+
+    path = write_pyramidal_tiff(tmp_path / "bad.tif", make_rgb(1024, 1024), mpp=0.5, min_size=512)
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[0]
+        offsets, counts = page.dataoffsets, page.databytecounts
+    with open(path, "r+b") as fh:  # scramble the JPEG data of two level-0 tiles
+        for i in (1, 5):
+            fh.seek(offsets[i])
+            fh.write(bytes(range(256)) * (counts[i] // 256) + b"\xff" * (counts[i] % 256))
+    messages = []
+    monkeypatch.setattr(reader_mod, "_notify_once", messages.append)
+    [layer] = viewer.open(str(path), plugin="napari-histoscope")
+    full = np.asarray(layer.data[0])  # what napari's renderer would fetch, tile by tile
+    np.asarray(layer.data[0])  # and again: still one warning
+    assert len(messages) == 1 and "bad.tif" in messages[0]
+    assert (full[:256, 256:512] == 255).all()  # tile 1 is blank (white)
+    assert not (full[:256, :256] == 255).all()  # its neighbour is intact

@@ -128,7 +128,7 @@ class SlideWidget(QWidget):
 
     def current_layer(self):
         name = self.layer_combo.currentText()
-        return self.viewer.layers.get(name, None)
+        return self.viewer.layers[name] if name in self.viewer.layers else None  # noqa: SIM401
 
     def _show_info(self, *_: object) -> None:
         layer = self.current_layer()
@@ -137,6 +137,8 @@ class SlideWidget(QWidget):
         for name, label in self.info.items():
             if name == "levels" and slide is not None:
                 text = ", ".join(f"{w}×{h}" for h, w in (lvl.shape[:2] for lvl in slide.levels))
+            elif name == "dimensions" and meta:
+                text = "{} × {} px".format(*meta["dimensions"])
             elif name == "mpp" and meta:
                 text = f"{meta['mpp']:.4g} µm/px" if meta.get("mpp") else "unknown: set it below"
             else:
