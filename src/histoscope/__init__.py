@@ -18,5 +18,18 @@ __all__ = [
     "Slide",
     "SlideError",
     "__version__",
+    "load_checkpoint",
     "open_slide",
+    "save_checkpoint",
 ]
+
+_LAZY = {"load_checkpoint": "histoscope.checkpoints", "save_checkpoint": "histoscope.checkpoints"}
+
+
+def __getattr__(name: str):
+    """Import the checkpoint API on first use, so ``import histoscope`` stays light."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'histoscope' has no attribute {name!r}")

@@ -270,7 +270,9 @@ def _create_open_clip(model_name: str, tile_size: int | None, mpp: float, **kw: 
 
 
 # --------------------------------------------------------------------- weights
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+def read_state_dict(
+    path: str | os.PathLike, *, strip_prefixes: bool = True
+) -> dict[str, torch.Tensor]:
     """Tensors from a local weights file without executing any code from it.
 
     Parameters
@@ -280,6 +282,10 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         ``.ckpt``; read with ``weights_only=True``), or a directory holding
         ``model.safetensors``, ``open_clip_model.safetensors``,
         ``pytorch_model.bin`` or ``open_clip_pytorch_model.bin``.
+
+    strip_prefixes
+        Drop wrapper prefixes (``module.``, ``model.``, ``backbone.``,
+        ``visual.``) so a fine-tuned model's backbone tensors match.
 
     Returns
     -------
@@ -321,6 +327,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             sd = sd[key]
     if not isinstance(sd, Mapping) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise CheckpointError(f"{p}: does not hold a mapping of tensor names to tensors")
+    if not strip_prefixes:
+        return dict(sd)
     out = {}
     for k, v in sd.items():
         for prefix in ("module.", "model.", "backbone.", "visual."):

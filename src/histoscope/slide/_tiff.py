@@ -81,6 +81,8 @@ class TiffBackend(Backend):
         size = self.path.stat().st_size
         base_w = None
         for page in pages:
+            if not page.imagewidth or not page.imagelength or not page.dataoffsets:
+                raise SlideError(f"{self.path}: TIFF directory holds no image data")
             if page.planarconfig != 1 and page.samplesperpixel > 1:
                 raise SlideError(f"{self.path}: planar (separate-channel) TIFF is not supported")
             if page.bitspersample not in (8, 16) or page.samplesperpixel not in (1, 2, 3, 4):
