@@ -1,0 +1,267 @@
+"""Tissue detection and the tile grid.
+
+The mask is computed on a low-resolution read of the slide (saturation or
+inverted grey -> Gaussian blur -> Otsu -> holes filled -> small objects
+removed), and the tile grid keeps the tiles, at a target µm/px and tile size,
+whose footprint is covered by tissue above a fraction. Coordinates leave this
+module in level-0 pixels, as everywhere in HistoScope.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+
+from histoscope.errors import SlideError
+
+if TYPE_CHECKING:
+    from histoscope.slide import Slide
+
+
+@dataclass(frozen=True)
+class TissueParams:
+    """Settings of :func:`tissue_mask`.
+
+    Attributes
+    ----------
+    mpp
+        µm/px of the low-resolution read the mask is computed on.
+    channel
+        ``"saturation"`` (robust to pale H&E and to grey pen/dust) or
+        ``"grey"`` (inverted luminance, for IHC with weak colour).
+    blur_um
+        Gaussian sigma in µm before thresholding.
+    min_threshold
+        Floor on the Otsu threshold (0-1 scale), so a blank slide gives an
+        empty mask instead of thresholding noise.
+    fill_holes
+        Fill enclosed holes (lumens, fat) inside tissue.
+    min_area_um2
+        Remove tissue pieces smaller than this.
+    """
+
+    mpp: float = 8.0
+    channel: Literal["saturation", "grey"] = "saturation"
+    blur_um: float = 16.0
+    min_threshold: float = 0.05
+    fill_holes: bool = True
+    min_area_um2: float = 20_000.0
+
+    def __post_init__(self) -> None:
+        if not self.mpp > 0:
+            raise ValueError(f"mpp must be positive, got {self.mpp}")
+        if self.channel not in ("saturation", "grey"):
+            raise ValueError(f"channel must be 'saturation' or 'grey', got {self.channel!r}")
+
+
+@dataclass(frozen=True)
+class TissueMask:
+    """A boolean tissue mask and where it sits on the slide.
+
+    Attributes
+    ----------
+    mask
+        ``(H, W)`` bool; pixel ``(i, j)`` covers level-0 pixels from
+        ``(j, i) * mpp / slide_mpp``.
+    mpp
+        µm per mask pixel.
+    threshold
+        The threshold used (0-1 scale of the chosen channel).
+    """
+
+    mask: np.ndarray
+    mpp: float
+    threshold: float
+
+    @property
+    def fraction(self) -> float:
+        """Fraction of the slide area covered by tissue."""
+        return float(self.mask.mean()) if self.mask.size else 0.0
+
+
+def _channel(rgb: np.ndarray, channel: str) -> np.ndarray:
+    x = rgb.astype(np.float32) / 255.0
+    if channel == "grey":
+        return 1.0 - (0.299 * x[..., 0] + 0.587 * x[..., 1] + 0.114 * x[..., 2])
+    mx, mn = x.max(axis=-1), x.min(axis=-1)
+    return np.where(mx > 0, (mx - mn) / np.maximum(mx, 1e-6), 0.0).astype(np.float32)
+
+
+def mask_from_rgb(rgb: np.ndarray, mpp: float, params: TissueParams | None = None) -> TissueMask:
+    """Tissue mask of an RGB image already at ``mpp`` µm/px (see :func:`tissue_mask`)."""
+    from scipy import ndimage
+    from skimage.filters import threshold_otsu
+    from skimage.morphology import remove_small_objects
+
+    p = params or TissueParams(mpp=mpp)
+    img = _channel(rgb, p.channel)
+    sigma = p.blur_um / mpp
+    if sigma > 0:
+        img = ndimage.gaussian_filter(img, sigma)
+    thr = float(threshold_otsu(img)) if np.ptp(img) > 0 else 1.0
+    thr = max(thr, p.min_threshold)
+    mask = img > thr
+    if p.fill_holes:
+        mask = ndimage.binary_fill_holes(mask)
+    min_px = int(p.min_area_um2 / mpp**2)
+    if min_px > 1 and mask.any():
+        mask = remove_small_objects(mask, max_size=min_px - 1)
+    return TissueMask(mask=np.asarray(mask, dtype=bool), mpp=float(mpp), threshold=thr)
+
+
+def tissue_mask(slide: Slide, params: TissueParams | None = None) -> TissueMask:
+    """Detect tissue on a low-resolution read of ``slide``.
+
+    Parameters
+    ----------
+    slide
+        An open slide with a known µm/px.
+    params
+        :class:`TissueParams`; defaults work for H&E at 8 µm/px.
+
+    Returns
+    -------
+    TissueMask
+        The mask covering the whole slide and its µm/px.
+    """
+    p = params or TissueParams()
+    if not slide.mpp:
+        raise SlideError(f"{slide.path}: tissue detection needs the slide's µm/px")
+    h0, w0 = slide.shape
+    f = p.mpp / slide.mpp
+    w, h = max(1, math.ceil(w0 / f)), max(1, math.ceil(h0 / f))
+    rgb = slide.read_region(0, 0, w, h, mpp=p.mpp)
+    return mask_from_rgb(rgb, p.mpp, p)
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    """Tiles at a target resolution, placed in level-0 pixels.
+
+    Attributes
+    ----------
+    coords
+        ``(N, 2)`` int64 level-0 ``(x, y)`` of each tile's top-left corner.
+    index
+        ``(N, 2)`` int64 ``(row, col)`` of each tile in the full grid.
+    shape
+        ``(rows, cols)`` of the full grid over the slide.
+    tile_size
+        Tile edge in output pixels.
+    mpp
+        µm/px the tiles are read at.
+    slide_mpp
+        µm per level-0 pixel of the slide.
+    tissue
+        ``(N,)`` float32 tissue fraction of each kept tile.
+    """
+
+    coords: np.ndarray
+    index: np.ndarray
+    shape: tuple[int, int]
+    tile_size: int
+    mpp: float
+    slide_mpp: float
+    tissue: np.ndarray
+
+    @property
+    def stride(self) -> float:
+        """Tile edge in level-0 pixels."""
+        return self.tile_size * self.mpp / self.slide_mpp
+
+    def __len__(self) -> int:
+        return len(self.coords)
+
+    def to_dict(self) -> dict:
+        """Plain-data summary for provenance (not the coordinates themselves)."""
+        return {
+            "tile_size": self.tile_size,
+            "mpp": self.mpp,
+            "slide_mpp": self.slide_mpp,
+            "shape": list(self.shape),
+            "n_tiles": len(self),
+        }
+
+
+def tile_grid(
+    slide: Slide,
+    mask: TissueMask | None,
+    mpp: float,
+    tile_size: int,
+    min_tissue: float = 0.5,
+) -> TileGrid:
+    """Non-overlapping tiles with more than ``min_tissue`` of their area in tissue.
+
+    Parameters
+    ----------
+    slide
+        The slide (its level-0 size and µm/px place the grid).
+    mask
+        From :func:`tissue_mask`; ``None`` keeps every tile.
+    mpp
+        µm/px the tiles will be read at.
+    tile_size
+        Tile edge in pixels at ``mpp``.
+    min_tissue
+        Keep tiles whose tissue fraction is strictly above this.
+
+    Returns
+    -------
+    TileGrid
+        Kept tiles in raster order (row by row).
+    """
+    if not slide.mpp:
+        raise SlideError(f"{slide.path}: a tile grid at {mpp} µm/px needs the slide's µm/px")
+    if tile_size <= 0 or not mpp > 0:
+        raise ValueError(f"tile_size and mpp must be positive, got {tile_size}, {mpp}")
+    h0, w0 = slide.shape
+    stride = tile_size * mpp / slide.mpp
+    rows, cols = max(1, math.ceil(h0 / stride)), max(1, math.ceil(w0 / stride))
+    if mask is None:
+        frac = np.ones((rows, cols), np.float32)
+    else:
+        frac = _coverage(mask, rows, cols, tile_size * mpp)
+    keep = frac > min_tissue if mask is not None else frac > 0
+    rr, cc = np.nonzero(keep)
+    coords = np.stack([np.floor(cc * stride), np.floor(rr * stride)], axis=1).astype(np.int64)
+    return TileGrid(
+        coords=coords.reshape(-1, 2),
+        index=np.stack([rr, cc], axis=1).astype(np.int64).reshape(-1, 2),
+        shape=(rows, cols),
+        tile_size=int(tile_size),
+        mpp=float(mpp),
+        slide_mpp=float(slide.mpp),
+        tissue=frac[rr, cc].astype(np.float32),
+    )
+
+
+def _coverage(mask: TissueMask, rows: int, cols: int, tile_um: float) -> np.ndarray:
+    """Mean of the mask over each tile's footprint (area-weighted, any scale ratio)."""
+    m = mask.mask.astype(np.float64)
+    step = tile_um / mask.mpp  # mask pixels per tile (may be < 1)
+    integral = np.zeros((m.shape[0] + 1, m.shape[1] + 1))
+    integral[1:, 1:] = m.cumsum(0).cumsum(1)
+
+    def area(ys: np.ndarray, xs: np.ndarray) -> np.ndarray:
+        # integral of the piecewise-constant mask over [0, y] x [0, x], fractional edges
+        ys = np.clip(ys, 0, m.shape[0])
+        xs = np.clip(xs, 0, m.shape[1])
+        return _bilinear(integral, ys[:, None], xs[None, :])
+
+    y = np.arange(rows + 1) * step
+    x = np.arange(cols + 1) * step
+    a = area(y, x)
+    sums = a[1:, 1:] - a[:-1, 1:] - a[1:, :-1] + a[:-1, :-1]
+    return (sums / (step * step)).astype(np.float32)
+
+
+def _bilinear(table: np.ndarray, y: np.ndarray, x: np.ndarray) -> np.ndarray:
+    y0 = np.minimum(np.floor(y).astype(int), table.shape[0] - 2)
+    x0 = np.minimum(np.floor(x).astype(int), table.shape[1] - 2)
+    fy, fx = y - y0, x - x0
+    t00, t01 = table[y0, x0], table[y0, x0 + 1]
+    t10, t11 = table[y0 + 1, x0], table[y0 + 1, x0 + 1]
+    return (t00 * (1 - fy) + t10 * fy) * (1 - fx) + (t01 * (1 - fy) + t11 * fy) * fx
