@@ -1,0 +1,153 @@
+"""Positive-cell measurement on images whose DAB is known by construction."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+
+from histoscope.stains import HDAB, deconvolve, reconvolve
+from histoscope.tasks.ihc_measure import IHCParams, allred, measure_region, quantity_class
+
+MPP = 0.5
+#: DAB OD of each column of cells -> expected 0 / 1+ / 2+ / 3+ with default thresholds.
+LEVELS = (0.05, 0.3, 0.5, 0.8)
+
+
+def cell_grid(compartment: str, rows: int = 4, levels=LEVELS) -> tuple[np.ndarray, np.ndarray]:
+    """Round nuclei (r = 4 µm) with DAB in one compartment; returns RGB and expected scores."""
+    pitch, r_nuc = 48, 8  # px at 0.5 µm/px: 24 µm apart, 4 µm nuclear radius
+    h, w = rows * pitch, len(levels) * pitch
+    conc = np.zeros((h, w, 3), np.float32)
+    yy, xx = np.mgrid[0:h, 0:w]
+    expected = []
+    for i in range(rows):
+        for j, dab in enumerate(levels):
+            cy, cx = i * pitch + pitch // 2, j * pitch + pitch // 2
+            d = np.hypot(yy - cy, xx - cx)
+            nucleus = d <= r_nuc
+            conc[..., 0][nucleus] = 0.6
+            # the membrane is drawn where cells end: nuclei expanded by 5 µm (10 px)
+            membrane = (d > r_nuc + 6) & (d <= r_nuc + 11)
+            region = {"nuclear": nucleus, "membrane": membrane}[compartment]
+            conc[..., 1][region] = dab
+            expected.append(j)
+    return reconvolve(conc, HDAB), np.array(expected)
+
+
+def test_deconvolution_round_trip():
+    rng = np.random.default_rng(0)
+    conc = rng.uniform(0, 1.0, size=(32, 32, 3)).astype(np.float32)
+    conc[..., 2] = 0
+    back = deconvolve(reconvolve(conc, HDAB), HDAB)
+    np.testing.assert_allclose(back[..., :2], conc[..., :2], atol=0.02)
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    compartment: str
+    stain_in: str
+    location: str
+    detection: str
+
+
+CASES = [
+    Case("nuclear", "nucleus", "nuclear", "nuclear", "od_sum"),
+    Case("membranous", "membrane", "membrane", "cytoplasmic/membranous", "hematoxylin"),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_scores_hscore_and_location_on_known_dab(case):
+    rgb, expected = cell_grid(case.stain_in)
+    params = IHCParams(compartment=case.compartment, detection=case.detection)
+    m = measure_region(rgb, MPP, params)
+    assert m.n_cells == len(expected)
+    order = np.lexsort((m.cells["y_um"], m.cells["x_um"]))  # column-major like `expected`
+    np.testing.assert_array_equal(np.sort(m.cells["score"][order]), np.sort(expected))
+    s = m.summary()
+    assert s["h_score"] == pytest.approx(100 * (1 + 2 + 3) / 4)  # a quarter of cells at each score
+    assert s["percent_positive"] == pytest.approx(75.0)
+    assert s["location"] == case.location
+    assert s["quantity"] == "25-75%"
+
+
+def test_negative_image_has_no_positive_cells():
+    rgb, _ = cell_grid("nuclear", levels=(0.0, 0.0))
+    s = measure_region(rgb, MPP, IHCParams(detection="od_sum")).summary()
+    assert s["n_cells"] == 8 and s["percent_positive"] == 0 and s["h_score"] == 0
+    assert s["location"] == "none" and s["allred"] == 0 and s["quantity"] == "none"
+
+
+def test_blank_glass_gives_empty_measurement():
+    m = measure_region(np.full((128, 128, 3), 245, np.uint8), MPP)
+    assert m.n_cells == 0 and m.summary()["h_score"] == 0
+
+
+def test_real_ihc_image_from_scikit_image():
+    from skimage import data
+
+    m = measure_region(data.immunohistochemistry(), 0.5, IHCParams(compartment="membrane"))
+    s = m.summary()
+    # Tumour glands stain brown at the membrane; the stroma is blue.
+    assert m.n_cells > 150
+    assert 30 < s["percent_positive"] < 95
+    assert s["location"] == "cytoplasmic/membranous"
+
+
+@pytest.mark.parametrize(
+    ("pct", "intensity", "score"),
+    [(0, 0, 0), (0.5, 1, 2), (5, 2, 4), (20, 3, 6), (50, 2, 6), (90, 3, 8)],
+)
+def test_allred(pct, intensity, score):
+    assert allred(pct, intensity) == score
+
+
+def test_quantity_classes():
+    assert [quantity_class(p) for p in (0, 10, 50, 80)] == ["none", "<25%", "25-75%", ">75%"]
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"thresholds": (0.4, 0.2, 0.6)},
+        {"detection": "magic"},
+        {"nucleus_min_area": -1},
+        {"compartment": "golgi"},
+        {"cell_expansion": -2},
+    ],  # fmt: skip
+    ids=["thresholds", "detection", "min-area", "compartment", "expansion"],
+)
+def test_bad_parameters_name_themselves(kwargs):
+    name = next(iter(kwargs))
+    with pytest.raises(ValueError, match=name if name != "compartment" else "golgi"):
+        IHCParams(**kwargs)
+
+
+def test_slide_tiles_count_each_cell_once_and_files_open(tmp_path):
+    import histoscope as hs
+    from histoscope.slide import write_pyramidal_tiff
+    from histoscope.tasks.ihc_measure import measure_slide
+
+    rgb, expected = cell_grid("nuclear", rows=10)
+    path = write_pyramidal_tiff(tmp_path / "ihc.tif", rgb, mpp=MPP, quality=95, min_size=128)
+    slide = hs.open_slide(path)
+    progress = []
+    m = measure_slide(slide, IHCParams(detection="od_sum"), mpp=MPP, tile=128,
+                      progress=lambda d, t: progress.append((d, t)))  # fmt: skip
+    assert m.n_cells == len(expected)
+    assert progress[-1][0] == progress[-1][1] > 1
+    files = m.save(tmp_path / "out")
+    with open(files["cells"]) as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == len(expected) and {"x_um", "score"} <= set(rows[0])
+    doc = json.loads(files["summary"].read_text())
+    assert doc["summary"]["n_cells"] == len(expected) and doc["provenance"]["slide"] == str(path)
+    [(coords, kwargs, kind)] = m.to_layers()
+    assert kind == "points" and coords.shape == (len(expected), 2)
+    # centroids land on the drawn cells: 24 µm pitch, first centre at 12 µm
+    np.testing.assert_allclose(np.sort(np.unique(np.round(coords[:, 1]))), [12, 36, 60, 84], atol=1)
