@@ -27,19 +27,22 @@ PARAMS = EngineParams(batch_size=16, workers=2, prefetch=2, device="cpu")
 
 
 class Counting:
-    """A slide proxy that counts reads and can fail on one tile."""
+    """A slide proxy that counts tiles read (strips of square tiles) and can fail on one."""
 
-    def __init__(self, slide, fail_at=None):
-        self.slide, self.fail_at = slide, fail_at
+    def __init__(self, slide, fail_at=None, stride=128):
+        self.slide, self.fail_at, self.stride = slide, fail_at, stride
         self.reads = 0
         self.lock = threading.Lock()
         self.mpp, self.shape, self.path = slide.mpp, slide.shape, slide.path
 
     def read_region(self, x, y, w, h, mpp=None):
+        n = w // h
         with self.lock:
-            self.reads += 1
-        if (x, y) == self.fail_at:
-            raise SlideError(f"{self.path}: tile at ({x}, {y}) cannot be decoded")
+            self.reads += n
+        if self.fail_at is not None:
+            fx, fy = self.fail_at
+            if fy == y and x <= fx < x + n * self.stride:
+                raise SlideError(f"{self.path}: tile at ({fx}, {fy}) cannot be decoded")
         return self.slide.read_region(x, y, w, h, mpp=mpp)
 
 
@@ -72,7 +75,9 @@ def _plain_loop(model, slide, grid, spec):
     return np.concatenate(outs)
 
 
-def test_engine_matches_a_plain_loop(slide, grid, backbone):
+@pytest.mark.parametrize("mpp", [2.0, 1.9], ids=["strips", "fractional-stride"])
+def test_engine_matches_a_plain_loop(slide, backbone, mpp):
+    grid = tile_grid(slide, None, mpp=mpp, tile_size=32)
     seen = []
     out = run_tiles(
         backbone.module,
@@ -83,11 +88,12 @@ def test_engine_matches_a_plain_loop(slide, grid, backbone):
         progress=lambda d, t: seen.append((d, t)),
     )
     expected = _plain_loop(backbone.module, slide, grid, backbone.input_spec)
-    assert len(grid) == 216
-    assert out.outputs.shape == (216, backbone.feature_dim)
+    n = len(grid)
+    assert n == (216 if mpp == 2.0 else 13 * 19)
+    assert out.outputs.shape == (n, backbone.feature_dim)
     np.testing.assert_allclose(out.outputs, expected, rtol=1e-4, atol=1e-5)
     assert out.done.all() and not out.cancelled
-    assert seen[-1] == (216, 216)
+    assert seen[-1] == (n, n)
     assert [d for d, _ in seen] == sorted(d for d, _ in seen)
     np.testing.assert_array_equal(out.coords, grid.coords)
 

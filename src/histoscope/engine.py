@@ -117,7 +117,22 @@ def tile_order(grid: TileGrid, near: tuple[float, float] | None = None) -> np.nd
     return np.argsort(d2, kind="stable")
 
 
+def _runs(grid: TileGrid, idx: np.ndarray) -> list[tuple[int, int]]:
+    """Split ``idx`` into ``(start, stop)`` runs of horizontally adjacent tiles."""
+    if abs(grid.stride - round(grid.stride)) > 1e-9:
+        return [(j, j + 1) for j in range(len(idx))]  # strips would shift tiles by a fraction
+    rows, cols = grid.index[idx, 0], grid.index[idx, 1]
+    breaks = np.flatnonzero((rows[1:] != rows[:-1]) | (cols[1:] != cols[:-1] + 1)) + 1
+    edges = [0, *breaks.tolist(), len(idx)]
+    return list(zip(edges[:-1], edges[1:], strict=True))
+
+
 def _read_batch(slide: Slide, grid: TileGrid, idx: np.ndarray, pin: bool) -> torch.Tensor:
+    """Read a batch into a ``(B, T, T, 3)`` uint8 tensor (pinned for CUDA).
+
+    Horizontally adjacent tiles are read as one strip, so file tiles they share
+    are decoded once; a strip is never longer than the batch.
+    """
     import torch
 
     t = grid.tile_size
@@ -125,9 +140,10 @@ def _read_batch(slide: Slide, grid: TileGrid, idx: np.ndarray, pin: bool) -> tor
     if pin:
         buf = buf.pin_memory()
     arr = buf.numpy()
-    for j, i in enumerate(idx):
-        x, y = grid.coords[i]
-        arr[j] = slide.read_region(int(x), int(y), t, t, mpp=grid.mpp)
+    for a, b in _runs(grid, idx):
+        x, y = grid.coords[idx[a]]
+        strip = slide.read_region(int(x), int(y), t * (b - a), t, mpp=grid.mpp)
+        arr[a:b] = strip.reshape(t, b - a, t, 3).transpose(1, 0, 2, 3)
     return buf
 
 
