@@ -55,6 +55,9 @@ class Backend:
     """
 
     name = "base"
+    #: Whether the tiles of one read may be decoded in parallel threads
+    #: (true where decoding releases the GIL and ``read_tile`` is thread-safe).
+    threaded_tiles = False
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -76,7 +79,7 @@ class Backend:
         """Label, macro, thumbnail... as RGB arrays (may be empty)."""
         return {}
 
-    def close(self) -> None:  # noqa: B027 - optional hook
+    def close(self) -> None:
         """Release file handles."""
 
 

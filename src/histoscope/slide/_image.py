@@ -27,7 +27,9 @@ class ImageBackend(Backend):
         h, w = self._arr.shape[:2]
         if h == 0 or w == 0:
             raise SlideError(f"{path}: image has no pixels")
-        self.levels = [LevelInfo(shape=(h, w), tile=(min(h, _CHUNK), min(w, _CHUNK)), downsample=1.0)]
+        self.levels = [
+            LevelInfo(shape=(h, w), tile=(min(h, _CHUNK), min(w, _CHUNK)), downsample=1.0)
+        ]
         self.metadata = SlideMetadata(vendor="image")
 
     def read_tile(self, level: int, ty: int, tx: int) -> np.ndarray:

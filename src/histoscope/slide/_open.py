@@ -115,7 +115,7 @@ def _open_backend(p: Path, fmt: str):
 def _open_tiff(p: Path):
     """Fast tifffile path first; OpenSlide for TIFF flavours it cannot take."""
     from histoscope.slide._openslide import OpenSlideBackend
-    from histoscope.slide._tiff import TiffBackend
+    from histoscope.slide._tiff import NotASlide, TiffBackend
 
     with open(p, "rb") as fh:
         head = fh.read(4)
@@ -123,9 +123,9 @@ def _open_tiff(p: Path):
         raise SlideError(f"{p}: not a TIFF file (it does not start with a TIFF header)")
     try:
         return TiffBackend(p)
+    except NotASlide:
+        raise
     except SlideError as tiff_err:
-        if "truncated" in str(tiff_err):
-            raise
         try:
             return OpenSlideBackend(p)
         except SlideError:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -23,15 +24,23 @@ def _import_openslide():
 
 
 class OpenSlideBackend(Backend):
-    """Every vendor format OpenSlide reads. OpenSlide handles are thread-safe."""
+    """Every vendor format OpenSlide reads.
+
+    OpenSlide handles are thread-safe, but after one failed read (a corrupt
+    tile) a handle fails every later call. So a failed read swaps in a fresh
+    handle and is tried once more: a tile that fails twice is really bad,
+    and the slide stays readable around it.
+    """
 
     name = "openslide"
 
     def __init__(self, path: Path) -> None:
         super().__init__(path)
         openslide = _import_openslide()
+        self._open = lambda: openslide.OpenSlide(str(path))
+        self._swap = threading.Lock()
         try:
-            self._osr = openslide.OpenSlide(str(path))
+            self._osr = self._open()
         except Exception as exc:
             raise SlideError(f"{path}: OpenSlide cannot open it ({exc})") from exc
         props = dict(self._osr.properties)
@@ -62,13 +71,26 @@ class OpenSlideBackend(Backend):
     def read_block(self, level: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         ds = self._ds[level]
         loc = (round(x0 * ds), round(y0 * ds))
-        img = self._osr.read_region(loc, level, (x1 - x0, y1 - y0))
+        for attempt in (0, 1):
+            osr = self._osr
+            try:
+                img = osr.read_region(loc, level, (x1 - x0, y1 - y0))
+                break
+            except Exception:
+                self._reopen(osr)
+                if attempt:
+                    raise
         return to_rgb_uint8(np.asarray(img))  # RGBA, transparent -> white
+
+    def _reopen(self, failed) -> None:
+        """Replace ``failed`` (now unusable) with a fresh handle, once per failure."""
+        with self._swap:
+            if self._osr is failed:
+                self._osr = self._open()
 
     def associated_images(self) -> dict[str, np.ndarray]:
         return {
-            name: to_rgb_uint8(np.asarray(img))
-            for name, img in self._osr.associated_images.items()
+            name: to_rgb_uint8(np.asarray(img)) for name, img in self._osr.associated_images.items()
         }
 
     def close(self) -> None:

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
+import os
 import threading
 import warnings
+from collections import deque
 from collections.abc import Callable
 from functools import cached_property
-from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 
 from histoscope.errors import HistoScopeWarning, SlideError
 from histoscope.slide._backend import Backend, white_tile
+from histoscope.slide._levels import LevelStore, level_array
 
 #: ``"raise"``: a bad tile raises :class:`SlideError`. ``"blank"``: it reads
 #: as white and one :class:`HistoScopeWarning` is issued for the slide.
@@ -22,25 +25,40 @@ TileErrorPolicy = Literal["raise", "blank"]
 _token = itertools.count()
 
 
-class _LevelStore:
-    """Array-like view of one level that dask slices; decodes only needed tiles."""
+@functools.cache
+def _pool():
+    """Threads that decode the tiles of one read in parallel (shared by all slides)."""
+    from concurrent.futures import ThreadPoolExecutor
 
-    def __init__(self, slide: Slide, level: int) -> None:
-        info = slide._backend.levels[level]
-        self._slide = slide
-        self.level = level
-        self.shape = (*info.shape, 3)
-        self.dtype = np.dtype(np.uint8)
-        self.ndim = 3
-        self.tile = info.tile
+    return ThreadPoolExecutor(max(2, os.cpu_count() or 2), thread_name_prefix="histoscope-tile")
 
-    def __getitem__(self, key: tuple[slice, ...]) -> np.ndarray:
-        ys, xs = key[0], key[1]
-        h, w = self.shape[:2]
-        y0, y1, _ = ys.indices(h)
-        x0, x1, _ = xs.indices(w)
-        out = self._slide._read_level(self.level, y0, y1, x0, x1)
-        return out[(slice(None), slice(None), *key[2:])] if len(key) > 2 else out
+
+def _run_shared(fn: Callable[[Any], None], items: list) -> None:
+    """Call ``fn`` on every item, in this thread and in idle pool threads.
+
+    The caller works through the items itself while up to ``cpu_count - 1``
+    helpers take items from the same queue, so a read never waits for a busy
+    pool: helpers that have not started by the time the caller runs out of
+    items are cancelled. The first exception raised by ``fn`` is re-raised.
+    """
+    queue = deque(items)
+
+    def drain() -> None:
+        while True:
+            try:
+                item = queue.popleft()
+            except IndexError:
+                return
+            fn(item)
+
+    n_help = min(len(items) - 1, (os.cpu_count() or 2) - 1)
+    helpers = [_pool().submit(drain) for _ in range(max(n_help, 1))]
+    try:
+        drain()
+    finally:
+        for f in helpers:
+            if not f.cancel():
+                f.result()
 
 
 class Slide:
@@ -84,18 +102,10 @@ class Slide:
     @cached_property
     def levels(self) -> list:
         """Lazy dask arrays, one per pyramid level, largest first."""
-        import dask.array as da
-
-        out = []
-        for i, info in enumerate(self._backend.levels):
-            store = _LevelStore(self, i)
-            out.append(
-                da.from_array(
-                    store, chunks=(*info.tile, 3), name=f"{self._name}-L{i}",
-                    asarray=False, fancy=False, lock=False, inline_array=True,
-                )
-            )  # fmt: skip
-        return out
+        return [
+            level_array(LevelStore(self, i), f"{self._name}-L{i}")
+            for i in range(len(self._backend.levels))
+        ]
 
     @property
     def level_downsamples(self) -> list[float]:
@@ -183,32 +193,41 @@ class Slide:
         return len(self._bad_tiles)
 
     def _read_level(self, level: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
-        """Read ``[y0:y1, x0:x1]`` of a level (clipped to its extent)."""
-        block = self._read_block_fast(level, y0, y1, x0, x1)
+        """Read ``[y0:y1, x0:x1]`` of a level (clipped to its extent).
+
+        Backends with a block reader (OpenSlide, Zarr, in-memory images) read
+        the block in one call; if that fails, the block is re-read tile by tile
+        so only the bad tiles are reported (or blanked). Tiled backends decode
+        the block's tiles in parallel threads (the codecs release the GIL).
+        """
+        try:
+            block = self._backend.read_block(level, y0, y1, x0, x1)
+        except Exception:
+            block = None
         if block is not None:
             return block
         th, tw = self._backend.levels[level].tile
         out = np.empty((max(y1 - y0, 0), max(x1 - x0, 0), 3), dtype=np.uint8)
-        for ty in range(y0 // th, -(-y1 // th)):
-            for tx in range(x0 // tw, -(-x1 // tw)):
-                tile = self._tile(level, ty, tx)
-                ty0, tx0 = ty * th, tx * tw
-                sy0, sy1 = max(y0, ty0), min(y1, ty0 + tile.shape[0])
-                sx0, sx1 = max(x0, tx0), min(x1, tx0 + tile.shape[1])
-                out[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = tile[
-                    sy0 - ty0 : sy1 - ty0, sx0 - tx0 : sx1 - tx0
-                ]
-        return out
+        tiles = [
+            (ty, tx) for ty in range(y0 // th, -(-y1 // th)) for tx in range(x0 // tw, -(-x1 // tw))
+        ]
 
-    def _read_block_fast(self, level, y0, y1, x0, x1) -> np.ndarray | None:
-        try:
-            return self._backend.read_block(level, y0, y1, x0, x1)
-        except Exception as exc:
-            msg = f"{self.path}: region y={y0}:{y1}, x={x0}:{x1} of level {level} cannot be read ({exc})"
-            if self.on_tile_error == "raise":
-                raise SlideError(msg) from exc
-            self._note_bad_tile((level, y0, x0), msg)
-            return np.full((y1 - y0, x1 - x0, 3), 255, np.uint8)
+        def paste(t: tuple[int, int]) -> None:
+            ty, tx = t
+            tile = self._tile(level, ty, tx)
+            ty0, tx0 = ty * th, tx * tw
+            sy0, sy1 = max(y0, ty0), min(y1, ty0 + tile.shape[0])
+            sx0, sx1 = max(x0, tx0), min(x1, tx0 + tile.shape[1])
+            out[sy0 - y0 : sy1 - y0, sx0 - x0 : sx1 - x0] = tile[
+                sy0 - ty0 : sy1 - ty0, sx0 - tx0 : sx1 - tx0
+            ]
+
+        if len(tiles) < 2 or not self._backend.threaded_tiles:
+            for t in tiles:
+                paste(t)
+        else:
+            _run_shared(paste, tiles)
+        return out
 
     def best_level(self, downsample: float) -> int:
         """The smallest level still at least as detailed as ``downsample``."""

@@ -22,6 +22,10 @@ _UNIT_TO_UM = {
 }  # fmt: skip
 
 
+class NotASlide(SlideError):
+    """The TIFF is readable but is no slide (a stack, truncated): no other reader may try."""
+
+
 class _Level:
     """One TIFF page seen as a grid of independently decodable chunks."""
 
@@ -44,6 +48,7 @@ class TiffBackend(Backend):
     """Tiled or stripped, chunky (RGB-interleaved) 8-bit TIFF pyramids."""
 
     name = "tifffile"
+    threaded_tiles = True
 
     def __init__(self, path: Path) -> None:
         super().__init__(path)
@@ -74,10 +79,12 @@ class TiffBackend(Backend):
         pages = []
         for lvl in series.levels:
             if len(lvl.pages) != 1:
-                raise SlideError(
+                raise NotASlide(
                     f"{self.path}: TIFF level with {len(lvl.pages)} planes is not an RGB slide"
                 )
-            pages.append(lvl.pages[0].keyframe if hasattr(lvl.pages[0], "keyframe") else lvl.pages[0])
+            pages.append(
+                lvl.pages[0].keyframe if hasattr(lvl.pages[0], "keyframe") else lvl.pages[0]
+            )
         size = self.path.stat().st_size
         base_w = None
         for page in pages:
@@ -93,12 +100,12 @@ class TiffBackend(Backend):
             lvl = _Level(page)
             ends = lvl.offsets + lvl.counts
             if len(ends) and int(ends.max()) > size:
-                raise SlideError(
+                raise NotASlide(
                     f"{self.path}: file is truncated: tile data runs to byte {int(ends.max())} "
                     f"but the file has {size} bytes"
                 )
             if len(lvl.offsets) < lvl.ny * lvl.nx:
-                raise SlideError(f"{self.path}: TIFF tile table is incomplete")
+                raise NotASlide(f"{self.path}: TIFF tile table is incomplete")
             base_w = base_w or lvl.width
             self._levels.append(lvl)
             self.levels.append(
@@ -159,7 +166,7 @@ class TiffBackend(Backend):
                 continue
             try:
                 out[key] = to_rgb_uint8(series.asarray())
-            except Exception:  # noqa: S112 - an unreadable extra image is not an error
+            except Exception:
                 continue
         return out
 

@@ -81,7 +81,9 @@ def write_pyramidal_tiff(
     path = Path(path)
     if isinstance(source, np.ndarray):
         if source.ndim != 3 or source.shape[2] != 3 or source.dtype != np.uint8:
-            raise ValueError(f"source array must be (H, W, 3) uint8, got {source.shape} {source.dtype}")
+            raise ValueError(
+                f"source array must be (H, W, 3) uint8, got {source.shape} {source.dtype}"
+            )
         arr = source
         shape = arr.shape[:2]
 
@@ -115,7 +117,11 @@ def write_pyramidal_tiff(
         def tiles(level: int) -> Iterator[np.ndarray]:
             h, w = shapes[level]
             nxt = buffers[level] if level + 1 < len(shapes) else None
-            read = render if level == 0 else (lambda y, x, hh, ww: buffers[level - 1][y : y + hh, x : x + ww])
+            read = (
+                render
+                if level == 0
+                else (lambda y, x, hh, ww: buffers[level - 1][y : y + hh, x : x + ww])
+            )
             for y in range(0, h, tile):
                 for x in range(0, w, tile):
                     th, tw = min(tile, h - y), min(tile, w - x)
@@ -132,10 +138,12 @@ def write_pyramidal_tiff(
                         padded = np.full((tile, tile, 3), 255, np.uint8)
                         padded[:th, :tw] = block
                         block = padded
-                    yield block
+                    # Count before yielding: tifffile stops pulling after a level's
+                    # last tile, so code after that final yield would never run.
                     done[0] += 1
                     if progress is not None:
                         progress(done[0], total)
+                    yield block
 
         res = 1e4 / mpp
         with tifffile.TiffWriter(part, bigtiff=bigtiff) as tw:
@@ -154,7 +162,7 @@ def write_pyramidal_tiff(
                     description=description if level == 0 else None,
                     metadata=None,
                 )
-        del buffers
+        buffers.clear()  # drop the memory maps before their files go
         os.replace(part, path)
     finally:
         if part.exists():

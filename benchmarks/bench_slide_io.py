@@ -1,0 +1,249 @@
+"""Slide I/O benchmark: random 512 x 512 level-0 reads through every reader.
+
+Run from the repository root::
+
+    .venv/bin/python benchmarks/bench_slide_io.py            # full run (300 reads)
+    .venv/bin/python benchmarks/bench_slide_io.py --reads 50 # quicker
+
+The first run writes a 20,000 x 20,000 JPEG-tiled pyramidal TIFF (and a
+10k / 100k-wide pair for the open-time check) under ``benchmarks/_data/``;
+later runs reuse them. Every reader reads the same random positions. The raw
+decode rate is one core decoding the file's own JPEG tiles with imagecodecs,
+with the compressed bytes already in memory: the ceiling for any reader.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+DATA = Path(__file__).parent / "_data"
+SIZE = 20_000
+READ = 512
+
+
+# ------------------------------------------------------------------ test data
+def _texture(n: int = 2048, seed: int = 0) -> np.ndarray:
+    """An H&E-like texture: pink stroma, purple nuclei, white gaps, some noise."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:n, 0:n].astype(np.float32)
+    stroma = 0.5 + 0.25 * np.sin(xx / 23.0 + np.sin(yy / 41.0) * 3) * np.cos(yy / 31.0)
+    nuclei = np.zeros((n, n), np.float32)
+    for cy, cx, r in zip(
+        rng.integers(0, n, 9000), rng.integers(0, n, 9000), rng.uniform(3, 8, 9000), strict=True
+    ):
+        y0, y1, x0, x1 = max(cy - 9, 0), min(cy + 10, n), max(cx - 9, 0), min(cx + 10, n)
+        d2 = (yy[y0:y1, x0:x1] - cy) ** 2 + (xx[y0:y1, x0:x1] - cx) ** 2
+        nuclei[y0:y1, x0:x1] = np.maximum(nuclei[y0:y1, x0:x1], (d2 < r * r) * 1.0)
+    gaps = (np.sin(xx / 97.0) * np.sin(yy / 83.0)) > 0.85
+    noise = rng.normal(0, 10, (n, n, 3)).astype(np.float32)
+    pink = np.array([235, 150, 200], np.float32)
+    purple = np.array([90, 60, 150], np.float32)
+    rgb = pink * (0.75 + 0.3 * stroma[..., None])
+    rgb = rgb * (1 - nuclei[..., None]) + purple * nuclei[..., None]
+    rgb[gaps] = 245
+    return np.clip(rgb + noise, 0, 255).astype(np.uint8)
+
+
+def _renderer(n: int = 2048) -> Callable[[int, int, int, int], np.ndarray]:
+    tex = _texture(n)
+
+    def render(y: int, x: int, h: int, w: int) -> np.ndarray:
+        # Shift each 2048 block so neighbouring tiles differ; wrap inside the texture.
+        ys = (np.arange(y, y + h) + 7 * (x // n)) % n
+        xs = (np.arange(x, x + w) + 13 * (y // n)) % n
+        return tex[ys[:, None], xs[None, :]]
+
+    return render
+
+
+def _progress(label: str) -> Callable[[int, int], None]:
+    def cb(done: int, total: int) -> None:
+        if done % 2000 == 0 or done == total:
+            print(f"\r  writing {label}: {done}/{total} tiles", end="", flush=True)
+            if done == total:
+                print()
+
+    return cb
+
+
+def bench_slide(size: int = SIZE) -> Path:
+    """The 20k x 20k JPEG-tiled pyramid (written once, then cached)."""
+    from histoscope.slide import write_pyramidal_tiff
+
+    path = DATA / f"bench_{size}.tif"
+    if not path.exists():
+        DATA.mkdir(parents=True, exist_ok=True)
+        write_pyramidal_tiff(
+            path, _renderer(), mpp=0.25, shape=(size, size), tile=256, quality=85,
+            progress=_progress(path.name),
+        )  # fmt: skip
+    return path
+
+
+def wide_slide(width: int) -> Path:
+    """A ``width`` x ``width / 4`` JPEG-tiled pyramid made of a few repeated tiles.
+
+    The tiles are encoded once and written as bytes, so even the 100k-wide
+    slide (about 100,000 tiles) takes seconds and a modest amount of disk.
+    """
+    import imagecodecs
+    import tifffile
+
+    path = DATA / f"wide_{width}.tif"
+    if path.exists():
+        return path
+    DATA.mkdir(parents=True, exist_ok=True)
+    tex = _texture(512)
+    light = (255 - (255 - tex.astype(np.int16)) // 6).astype(np.uint8)  # faint tissue
+    encoded = [
+        imagecodecs.jpeg8_encode(np.ascontiguousarray(light[y : y + 256, x : x + 256]), level=80)
+        for y in (0, 256)
+        for x in (0, 256)
+    ]
+    part = path.with_name(path.name + ".part")
+    shapes = [(width // 4, width)]
+    while max(shapes[-1]) > 1024:
+        shapes.append((shapes[-1][0] // 2, shapes[-1][1] // 2))
+    with tifffile.TiffWriter(part, bigtiff=True) as tw:
+        for level, (h, w) in enumerate(shapes):
+            n = -(-h // 256) * -(-w // 256)
+            tw.write(
+                (encoded[i % 4] for i in range(n)), shape=(h, w, 3), dtype=np.uint8,
+                tile=(256, 256), photometric="rgb", compression="jpeg",
+                resolution=(4e4 / 2**level, 4e4 / 2**level), resolutionunit="CENTIMETER",
+                subfiletype=1 if level else 0, metadata=None,
+            )  # fmt: skip
+    os.replace(part, path)
+    return path
+
+
+# -------------------------------------------------------------------- readers
+def _positions(n: int, size: int, seed: int = 42) -> list[tuple[int, int]]:
+    rng = np.random.default_rng(seed)
+    return [(int(y), int(x)) for y, x in rng.integers(0, size - READ, (n, 2))]
+
+
+def _time(fn: Callable[[int, int], np.ndarray], pos: list[tuple[int, int]]) -> float:
+    fn(*pos[0])  # warm-up (imports, first file access)
+    t0 = time.perf_counter()
+    for y, x in pos:
+        out = fn(y, x)
+        assert out.shape[:2] == (READ, READ), out.shape
+    return time.perf_counter() - t0
+
+
+def readers(path: Path) -> dict[str, Callable[[int, int], np.ndarray]]:
+    """The contenders, each returning a (512, 512, 3|4) array for (y, x)."""
+    import openslide
+    from napari_wsi.backends.openslide import OpenSlideStore
+
+    import histoscope as hs
+
+    slide = hs.open_slide(path)
+    level0 = slide.levels[0]
+    store = OpenSlideStore(path)
+    (wsi_levels, _params, _kind), *_ = store.to_layer_data_tuples()
+    wsi0 = wsi_levels[0]
+    osr = openslide.OpenSlide(str(path))
+
+    return {
+        "histoscope Slide.levels[0] (dask)": lambda y, x: level0[
+            y : y + READ, x : x + READ
+        ].compute(),
+        "histoscope Slide.read_region": lambda y, x: slide.read_region(x, y, READ, READ),
+        "napari-wsi openslide store (dask)": lambda y, x: wsi0[
+            y : y + READ, x : x + READ
+        ].compute(),
+        "openslide.OpenSlide.read_region": lambda y, x: np.asarray(
+            osr.read_region((x, y), 0, (READ, READ))
+        ),
+    }
+
+
+def raw_decode_rate(path: Path, n_tiles: int = 1500) -> tuple[float, int]:
+    """Single-core MP/s decoding the file's level-0 JPEG tiles from memory."""
+    import imagecodecs
+    import tifffile
+
+    rng = np.random.default_rng(0)
+    with tifffile.TiffFile(path) as tif:
+        page = tif.pages[0]
+        idx = rng.choice(len(page.dataoffsets), n_tiles, replace=False)
+        tables = page.jpegtables
+        blobs = []
+        with open(path, "rb") as fh:
+            for i in idx:
+                fh.seek(page.dataoffsets[i])
+                blobs.append(fh.read(page.databytecounts[i]))
+    pixels = 0
+    t0 = time.perf_counter()
+    for b in blobs:
+        pixels += imagecodecs.jpeg8_decode(b, tables=tables, colorspace="RGB").size // 3
+    return pixels / (time.perf_counter() - t0) / 1e6, n_tiles
+
+
+def open_time(path: Path, repeats: int = 5) -> float:
+    """Median seconds to open a slide and build the napari layer data (no pixels)."""
+    import histoscope as hs
+
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        with hs.open_slide(path) as slide:
+            data = slide.levels
+            meta = slide.metadata
+            _scale = (slide.mpp, slide.mpp)
+            assert data and meta
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+# ----------------------------------------------------------------------- main
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reads", type=int, default=300, help="random reads per reader")
+    args = ap.parse_args(argv)
+
+    path = bench_slide()
+    pos = _positions(args.reads, SIZE)
+    mp = READ * READ / 1e6
+    print(f"# Slide I/O: {args.reads} random {READ}x{READ} level-0 reads of {path.name}")
+    print(f"# {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}")
+    rows: list[tuple[str, float, float]] = []
+    for name, fn in readers(path).items():
+        dt = _time(fn, pos)
+        rows.append((name, args.reads / dt, args.reads * mp / dt))
+    raw, n_tiles = raw_decode_rate(path)
+
+    print("\n| reader | reads/s | MP/s |\n| --- | ---: | ---: |")
+    for name, rps, mps in rows:
+        print(f"| {name} | {rps:.1f} | {mps:.1f} |")
+    print(f"| raw JPEG tile decode, 1 core ({n_tiles} tiles) | - | {raw:.1f} |")
+    by = {name: mps for name, _, mps in rows}
+    dask_mps = by["histoscope Slide.levels[0] (dask)"]
+    rr_mps = by["histoscope Slide.read_region"]
+    wsi_mps = by["napari-wsi openslide store (dask)"]
+    print("\n| ratio | value | goal |\n| --- | ---: | ---: |")
+    print(f"| Slide.levels[0] / napari-wsi | {dask_mps / wsi_mps:.1f}x | >= 5x |")
+    print(f"| Slide.read_region / napari-wsi | {rr_mps / wsi_mps:.1f}x | >= 5x |")
+    print(f"| Slide.levels[0] / raw decode | {dask_mps / raw:.2f}x | >= 0.5x |")
+    print(f"| Slide.read_region / raw decode | {rr_mps / raw:.2f}x | >= 0.5x |")
+
+    print("\n| open + layer data | width | median ms |\n| --- | ---: | ---: |")
+    for width in (10_000, 100_000):
+        p = wide_slide(width)
+        print(f"| {p.name} | {width} | {open_time(p) * 1e3:.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
