@@ -38,3 +38,24 @@ def slide_layer(slide: Slide, name: str | None = None) -> LayerDataTuple:
         "metadata": {SLIDE_KEY: slide.metadata, "slide": slide},
     }
     return (levels if multiscale else levels[0], kwargs, "image")
+
+
+def layer_slide(data: Any, metadata: dict[str, Any], scale, name: str) -> Slide:
+    """The :class:`Slide` behind an image layer: its own, or one wrapping plain RGB data.
+
+    Plain arrays (sample data, images from other readers) are placed at the
+    layer's ``scale`` as µm/px.
+    """
+    slide = metadata.get("slide")
+    if isinstance(slide, Slide):
+        return slide
+    from pathlib import Path
+
+    import numpy as np
+
+    from histoscope.slide._image import ImageBackend
+
+    arr = np.asarray(data[0] if isinstance(data, list | tuple) else data)
+    if arr.ndim != 3 or arr.shape[-1] not in (3, 4):
+        raise ValueError(f"layer {name!r} is not an RGB image (shape {arr.shape})")
+    return Slide(ImageBackend(Path(name), array=arr), mpp=float(scale[-1]))

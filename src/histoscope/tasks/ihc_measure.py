@@ -11,7 +11,7 @@ compartment where DAB sits. Units follow QuPath's "positive cell detection"
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Generator
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -288,7 +288,22 @@ def _empty(params: IHCParams, mpp: float, origin_um) -> IHCMeasurement:
     return IHCMeasurement(cells=cells, params=params, mpp=mpp, origin_um=tuple(origin_um))
 
 
-def measure_slide(
+def measure_slide(slide, params: IHCParams | None = None, *, progress=None, **kwargs) -> IHCMeasurement:
+    """Measure a slide tile by tile; see :func:`iter_measure_slide` for the parameters.
+
+    ``progress(done, total)`` is called after each tile.
+    """
+    gen = iter_measure_slide(slide, params, **kwargs)
+    while True:
+        try:
+            done, total = next(gen)
+        except StopIteration as stop:
+            return stop.value
+        if progress is not None:
+            progress(done, total)
+
+
+def iter_measure_slide(
     slide,
     params: IHCParams | None = None,
     *,
@@ -296,41 +311,41 @@ def measure_slide(
     region: tuple[int, int, int, int] | None = None,
     tile: int = 1024,
     margin_um: float = 20.0,
-    progress: Callable[[int, int], None] | None = None,
-    should_stop: Callable[[], bool] | None = None,
-) -> IHCMeasurement:
+) -> Generator[tuple[int, int], None, IHCMeasurement]:
     """Measure a slide (or a level-0 ``region=(x, y, w, h)``) tile by tile.
 
-    Tiles overlap by ``margin_um``; a cell belongs to the tile whose core holds
-    its centroid, so no cell is counted twice. ``should_stop()`` returning
-    True ends the run early with the cells measured so far.
+    A generator: yields ``(tiles_done, tiles_total)`` and returns the
+    :class:`IHCMeasurement`; closing it early (cancel) stops after the current
+    tile. Tiles overlap by ``margin_um``; a cell belongs to the tile whose core
+    holds its centroid, so no cell is counted twice.
     """
     params = params or IHCParams()
     if slide.mpp is None:
         from histoscope.errors import SlideError
 
         raise SlideError(f"{slide.path}: µm/px is unknown; pass mpp= when opening the slide")
+    if not mpp > 0 or tile < 64:
+        raise ValueError(f"mpp must be positive and tile >= 64 px, got mpp={mpp}, tile={tile}")
     x0, y0, w0, h0 = region if region is not None else (0, 0, *slide.dimensions)
+    if w0 <= 0 or h0 <= 0:
+        raise ValueError(f"region must have a positive size, got {region}")
     f = mpp / slide.mpp  # level-0 px per output px
     step = tile * f
-    margin = int(round(margin_um / mpp))
+    margin = round(margin_um / mpp)
     origins = [(x0 + i * step, y0 + j * step) for j in range(int(np.ceil(h0 / step)))
                for i in range(int(np.ceil(w0 / step)))]  # fmt: skip
     parts: list[dict[str, np.ndarray]] = []
     for k, (tx, ty) in enumerate(origins):
-        if should_stop is not None and should_stop():
-            break
         rx, ry = tx - margin * f, ty - margin * f
         size = tile + 2 * margin
-        rgb = slide.read_region(int(round(rx)), int(round(ry)), size, size, mpp=mpp)
+        rgb = slide.read_region(round(rx), round(ry), size, size, mpp=mpp)
         m = measure_region(rgb, mpp, params, origin_um=(ry * slide.mpp, rx * slide.mpp))
         core_x = (tx * slide.mpp, min(tx + step, x0 + w0) * slide.mpp)
         core_y = (ty * slide.mpp, min(ty + step, y0 + h0) * slide.mpp)
         keep = ((m.cells["x_um"] >= core_x[0]) & (m.cells["x_um"] < core_x[1])
                 & (m.cells["y_um"] >= core_y[0]) & (m.cells["y_um"] < core_y[1]))  # fmt: skip
         parts.append({key: v[keep] for key, v in m.cells.items()})
-        if progress is not None:
-            progress(k + 1, len(origins))
+        yield k + 1, len(origins)
     cells = {key: np.concatenate([p[key] for p in parts]) if parts else np.zeros(0)
              for key in CELL_COLUMNS}  # fmt: skip
     cells["score"] = cells["score"].astype(np.int64)

@@ -1,0 +1,63 @@
+"""IHC measurement widget on scikit-image's real IHC image."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from histoscope._widgets.ihc import IHCWidget
+
+
+@pytest.fixture
+def viewer(make_napari_viewer):
+    v = make_napari_viewer()
+    v.open_sample("napari-histoscope", "skimage-ihc")
+    return v
+
+
+def test_measures_whole_image_into_points_and_numbers(viewer, qtbot):
+    widget = IHCWidget(viewer)
+    widget.compartment.setCurrentText("membrane")
+    widget.scope.setCurrentIndex(1)
+    worker = widget.run()
+    with qtbot.waitSignal(worker.finished, timeout=60_000):
+        pass
+    points = viewer.layers["IHC cells (IHC (scikit-image))"]
+    assert len(points.data) > 150
+    assert set(np.unique(points.features["score"])) <= {0, 1, 2, 3}
+    np.testing.assert_allclose(points.data.max(axis=0), [256, 256], rtol=0.02)  # 512 px at 0.5 µm
+    assert float(widget.numbers["h_score"].text()) > 0
+    assert widget.numbers["location"].text() == "cytoplasmic/membranous"
+    assert widget.run_button.isEnabled() and not widget.cancel_button.isEnabled()
+
+
+def test_visible_region_measures_only_what_is_in_view(viewer, qtbot):
+    widget = IHCWidget(viewer)
+    viewer.camera.center = (64, 64)
+    viewer.camera.zoom = viewer.camera.zoom * 4
+    worker = widget.run()
+    with qtbot.waitSignal(worker.finished, timeout=60_000):
+        pass
+    region = widget.result.provenance["region"]
+    assert region[2] < 512 and region[3] < 512
+
+
+def test_bad_thresholds_are_reported_not_raised(viewer):
+    widget = IHCWidget(viewer)
+    widget.thresholds[0].setValue(0.9)  # above 2+ threshold
+    assert widget.run() is None
+    assert "thresholds" in widget.status.text()
+
+
+def test_cancel_stops_and_keeps_layers(viewer, qtbot):
+    big = np.tile(viewer.layers[0].data, (4, 4, 1))
+    viewer.add_image(big, rgb=True, name="big", scale=(0.5, 0.5))
+    widget = IHCWidget(viewer)
+    widget.layer_combo.setCurrentText("big")
+    widget.scope.setCurrentIndex(1)
+    worker = widget.run()
+    widget.cancel()
+    with qtbot.waitSignal(worker.finished, timeout=60_000):
+        pass
+    assert widget.run_button.isEnabled()
+    assert [ly.name for ly in viewer.layers] == ["IHC (scikit-image)", "big"]
