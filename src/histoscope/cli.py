@@ -18,6 +18,7 @@ from histoscope.errors import HistoScopeError
 COMMANDS = {
     "info": "histoscope._cli_info",
     "demo": "histoscope._cli_demo",
+    "analyze": "histoscope._cli_analyze",
 }
 
 
