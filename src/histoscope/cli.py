@@ -19,6 +19,7 @@ COMMANDS = {
     "info": "histoscope._cli_info",
     "demo": "histoscope._cli_demo",
     "analyze": "histoscope._cli_analyze",
+    "synth": "histoscope.synthetic.cli",
 }
 
 

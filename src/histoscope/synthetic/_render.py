@@ -224,6 +224,8 @@ def render_region(ctx: SlideContext, y: int, x: int, h: int, w: int) -> np.ndarr
             half = _BUCKETS[min(b, len(_BUCKETS) - 1)]
             for chunk in np.array_split(sel, max(1, len(sel) * (2 * half + 1) ** 2 // 400_000)):
                 _splat(ctx, c, chunk, half, y0, x0, (hh, ww), acc)
+    if p.kind == "ihc":  # the counterstain tints stroma and cytoplasm faintly
+        hod += 0.15 * eod
     stains = np.asarray(p.stains, np.float32)
     od = (
         np.minimum(hod * _H_SCALE, 3.0)[..., None] * (p.h_strength * stains[0])
