@@ -1,0 +1,185 @@
+"""iSight: IHC staining assessment from tiles, with metadata, in five heads.
+
+Tiles (336 px in the paper) -> backbone -> Linear+ReLU -> gated attention over
+the tiles of one image -> (+ metadata text embedding, + optional cell-type
+embedding) -> five heads: intensity, location, quantity, tissue, malignancy.
+
+Two pooling modes, named in the checkpoint card:
+
+- ``"tile"``: one feature per tile (pooled backbone output), softmax over
+  tiles. The cheaper choice.
+- ``"token"``: the authors' code: backbone token/feature-map positions are kept,
+  the softmax over tiles runs separately at every token position, and the
+  pooled vectors are averaged over tokens.
+
+Metadata text (tissue, SNOMED, antibody) is encoded by a small trained
+hashed bag-of-words encoder, so no tokenizer or weights need downloading.
+In training it is dropped with probability ``meta_dropout`` per sample.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from histoscope.models.attention import GatedAttention, masked_softmax
+from histoscope.models.backbones import create_backbone
+
+INTENSITY = ("negative", "weak", "moderate", "strong")
+LOCATION = ("none", "cytoplasmic/membranous", "nuclear", "cytoplasmic/membranous+nuclear")
+QUANTITY = ("none", "<25%", "25-75%", ">75%")
+MALIGNANCY = ("normal", "cancer")
+#: The five tasks in output order; ``tissue`` classes come from the checkpoint.
+TASKS = ("intensity", "location", "quantity", "tissue", "malignancy")
+
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+def encode_metadata(
+    texts: Sequence[str | None], buckets: int = 4096, max_tokens: int = 32
+) -> torch.Tensor:
+    """Hash words (and word pairs) of each text into ``[1, buckets)``; 0 pads.
+
+    Returns ``(B, max_tokens)`` int64, one row per text (``None`` -> all padding).
+    """
+    rows = torch.zeros(len(texts), max_tokens, dtype=torch.long)
+    for i, text in enumerate(texts):
+        words = _WORD.findall((text or "").lower())
+        grams = words + [f"{a}_{b}" for a, b in zip(words, words[1:], strict=False)]
+        ids = [1 + zlib.crc32(g.encode()) % (buckets - 1) for g in grams][:max_tokens]
+        if ids:
+            rows[i, : len(ids)] = torch.tensor(ids)
+    return rows
+
+
+class ISight(nn.Module):
+    """The iSight model. See the module docstring for the architecture.
+
+    Parameters
+    ----------
+    backbone
+        Registry name of the tile encoder.
+    tissue_classes
+        Names of the tissue head's classes (58 in the paper).
+    dim
+        Width after the projection (``L``; 1024 in the paper).
+    hidden
+        Gated attention hidden size (``D``; 256).
+    pooling
+        ``"tile"`` or ``"token"``.
+    meta_buckets
+        Hash buckets of the metadata encoder (0 disables metadata).
+    n_cell_types
+        Size of the optional cell-type embedding (0 disables it).
+    dropout, meta_dropout
+        Attention dropout; probability of dropping metadata per sample in training.
+    """
+
+    def __init__(
+        self,
+        backbone: str,
+        tissue_classes: Sequence[str],
+        dim: int = 256,
+        hidden: int = 128,
+        pooling: str = "tile",
+        meta_buckets: int = 4096,
+        n_cell_types: int = 0,
+        dropout: float = 0.25,
+        meta_dropout: float = 0.5,
+        backbone_kwargs: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        if pooling not in ("tile", "token"):
+            raise ValueError(f"pooling must be 'tile' or 'token', not {pooling!r}")
+        if not tissue_classes:
+            raise ValueError("tissue_classes must name at least one class")
+        kw = {k: tuple(v) if isinstance(v, list) else v for k, v in (backbone_kwargs or {}).items()}
+        bb = create_backbone(backbone, **kw)
+        self.backbone = bb.module
+        self.input_spec = bb.input_spec
+        self.pooling = pooling
+        self.classes = {"intensity": INTENSITY, "location": LOCATION, "quantity": QUANTITY,
+                        "tissue": tuple(tissue_classes), "malignancy": MALIGNANCY}  # fmt: skip
+        self.config = {
+            "backbone": backbone, "tissue_classes": list(tissue_classes), "dim": dim,
+            "hidden": hidden, "pooling": pooling, "meta_buckets": meta_buckets,
+            "n_cell_types": n_cell_types, "dropout": dropout, "meta_dropout": meta_dropout,
+            "backbone_kwargs": dict(bb.config),
+        }  # fmt: skip
+        self.proj = nn.Sequential(nn.Linear(bb.feature_dim, dim), nn.ReLU())
+        self.attention = GatedAttention(dim, hidden, dropout)
+        self.meta = (
+            nn.EmbeddingBag(meta_buckets, dim, mode="mean", padding_idx=0) if meta_buckets else None
+        )
+        self.cell_type = nn.Embedding(n_cell_types, dim) if n_cell_types else None
+        self.meta_dropout = meta_dropout
+        self.heads = nn.ModuleDict({t: nn.Linear(dim, len(c)) for t, c in self.classes.items()})
+        self.register_buffer("temperature", torch.ones(len(TASKS)))
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> ISight:
+        """Build from a checkpoint card's ``config``."""
+        return cls(**dict(config))
+
+    # ------------------------------------------------------------------ parts
+    def encode_tiles(self, tiles: torch.Tensor) -> torch.Tensor:
+        """``(B, N, 3, S, S)`` normalised tiles -> ``(B, N, L)`` or ``(B, N, T, L)``."""
+        b, n = tiles.shape[:2]
+        flat = tiles.flatten(0, 1)
+        if self.pooling == "token":
+            fmap = self.backbone.forward_features(flat)
+            if fmap.ndim == 4:  # CNN: (BN, C, h, w) -> (BN, hw, C)
+                fmap = fmap.flatten(2).transpose(1, 2)
+            feats = self.proj(fmap)
+            return feats.reshape(b, n, feats.shape[1], -1)
+        return self.proj(self.backbone(flat)).reshape(b, n, -1)
+
+    def pool(self, h: torch.Tensor, mask: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention pooling over tiles; returns ``(pooled (B, L), weights (B, N))``."""
+        scores = self.attention(h).squeeze(-1)  # (B, N) or (B, N, T)
+        if h.ndim == 4:
+            m = None if mask is None else mask[:, :, None].expand_as(scores)
+            w = masked_softmax(scores, m, dim=1)  # softmax over tiles at every token
+            pooled = torch.einsum("bnt,bntl->btl", w, h).mean(dim=1)
+            return pooled, w.mean(dim=2)
+        w = masked_softmax(scores, mask, dim=1)
+        return torch.einsum("bn,bnl->bl", w, h), w
+
+    def forward(
+        self,
+        tiles: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        meta_tokens: torch.Tensor | None = None,
+        cell_type: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Logits per task (temperature-scaled) plus ``"attention"`` ``(B, N)``.
+
+        Parameters
+        ----------
+        tiles
+            ``(B, N, 3, S, S)`` normalised tiles; padding tiles marked False in ``mask``.
+        mask
+            ``(B, N)`` bool, True for real tiles.
+        meta_tokens
+            ``(B, T)`` from :func:`encode_metadata`, one row per sample.
+        cell_type
+            ``(B,)`` int cell-type ids, one per sample.
+        """
+        pooled, weights = self.pool(self.encode_tiles(tiles), mask)
+        extra = torch.zeros_like(pooled)
+        if self.meta is not None and meta_tokens is not None:
+            extra = extra + self.meta(meta_tokens.to(pooled.device))
+        if self.cell_type is not None and cell_type is not None:
+            extra = extra + self.cell_type(cell_type.to(pooled.device))
+        if self.training and self.meta_dropout > 0:
+            keep = torch.rand(pooled.shape[0], 1, device=pooled.device) >= self.meta_dropout
+            extra = extra * keep
+        z = pooled + extra
+        out = {t: self.heads[t](z) / self.temperature[i] for i, t in enumerate(TASKS)}
+        out["attention"] = weights
+        return out

@@ -1,0 +1,71 @@
+"""Small checks on the iSight model (SYSTEMS.md section 1)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from histoscope.models.isight import TASKS, ISight, encode_metadata
+
+TISSUES = ("breast", "colon", "liver")
+
+
+def make(pooling: str = "tile", **kw) -> ISight:
+    torch.manual_seed(0)
+    return ISight("test_cnn", TISSUES, dim=32, hidden=16, pooling=pooling, n_cell_types=4, **kw).eval()
+
+
+def tiles(b: int = 2, n: int = 5, size: int = 32) -> torch.Tensor:
+    return torch.randn(b, n, 3, size, size, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("pooling", ["tile", "token"])
+def test_head_shapes_and_attention_sums_to_one(pooling):
+    model = make(pooling)
+    x = tiles()
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    out = model(x, mask, encode_metadata(["breast HER2", None]))
+    sizes = {"intensity": 4, "location": 4, "quantity": 4, "tissue": 3, "malignancy": 2}
+    assert {t: out[t].shape for t in TASKS} == {t: (2, n) for t, n in sizes.items()}
+    att = out["attention"]
+    torch.testing.assert_close(att.sum(dim=1), torch.ones(2))
+    assert torch.all(att[0, 3:] == 0)  # padding tiles get no attention
+
+
+@pytest.mark.parametrize("pooling", ["tile", "token"])
+def test_tile_order_does_not_change_the_call(pooling):
+    model = make(pooling)
+    x = tiles(1, 6)
+    perm = torch.tensor([4, 2, 0, 5, 1, 3])
+    a, b = model(x), model(x[:, perm])
+    for t in TASKS:
+        torch.testing.assert_close(a[t], b[t], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(a["attention"][:, perm], b["attention"], atol=1e-6, rtol=1e-5)
+
+
+def test_metadata_and_cell_type_stay_per_sample():
+    model = make()
+    x = tiles(2, 4)
+    meta = encode_metadata(["colon adenocarcinoma CDX2", "liver hepatocyte albumin"])
+    cell = torch.tensor([1, 3])
+    together = model(x, meta_tokens=meta, cell_type=cell)
+    for i in range(2):
+        alone = model(x[i : i + 1], meta_tokens=meta[i : i + 1], cell_type=cell[i : i + 1])
+        for t in TASKS:
+            torch.testing.assert_close(together[t][i : i + 1], alone[t], atol=1e-5, rtol=1e-4)
+    # and the metadata does change the output (the encoder is wired in)
+    swapped = model(x, meta_tokens=meta.flip(0), cell_type=cell)
+    assert not torch.allclose(together["tissue"], swapped["tissue"])
+
+
+def test_metadata_encoding_is_stable_and_padded():
+    enc = encode_metadata(["Breast, HER2", "breast her2", None], buckets=100, max_tokens=8)
+    assert torch.equal(enc[0], enc[1])
+    assert enc[2].sum() == 0 and enc.max() < 100
+
+
+def test_bad_configuration_is_named():
+    with pytest.raises(ValueError, match="pooling"):
+        ISight("test_cnn", TISSUES, pooling="max")
+    with pytest.raises(ValueError, match="tissue_classes"):
+        ISight("test_cnn", ())
