@@ -38,8 +38,10 @@ class _Level:
             self.th, self.tw = min(int(page.rowsperstrip), self.height), self.width
         self.ny = -(-self.height // self.th)
         self.nx = -(-self.width // self.tw)
-        self.offsets = np.asarray(page.dataoffsets, dtype=np.int64)
-        self.counts = np.asarray(page.databytecounts, dtype=np.int64)
+        # Plain tuples, as tifffile parsed them: indexing a tuple is faster than
+        # a numpy array, and converting a 100k-tile table would cost at open.
+        self.offsets: tuple[int, ...] = tuple(page.dataoffsets)
+        self.counts: tuple[int, ...] = tuple(page.databytecounts)
         self.decode = page.decode
         self.jpegtables = getattr(page, "jpegtables", None)
 
@@ -98,10 +100,11 @@ class TiffBackend(Backend):
                     "per pixel is not an RGB or grey slide"
                 )
             lvl = _Level(page)
-            ends = lvl.offsets + lvl.counts
-            if len(ends) and int(ends.max()) > size:
+            last = max(lvl.offsets)  # C-speed scans; no per-tile Python work at open
+            end = last + lvl.counts[lvl.offsets.index(last)]
+            if end > size:
                 raise NotASlide(
-                    f"{self.path}: file is truncated: tile data runs to byte {int(ends.max())} "
+                    f"{self.path}: file is truncated: tile data runs to byte {end} "
                     f"but the file has {size} bytes"
                 )
             if len(lvl.offsets) < lvl.ny * lvl.nx:
@@ -119,12 +122,14 @@ class TiffBackend(Backend):
         h = min(lvl.th, lvl.height - ty * lvl.th)
         w = min(lvl.tw, lvl.width - tx * lvl.tw)
         index = ty * lvl.nx + tx
-        count = int(lvl.counts[index])
+        count = lvl.counts[index]
         if count == 0:
             return white_tile(h, w)
-        data = os.pread(self._fd, count, int(lvl.offsets[index]))
+        if self._fd < 0:
+            raise OSError("the slide is closed")
+        data = os.pread(self._fd, count, lvl.offsets[index])
         if len(data) != count:
-            raise OSError(f"short read at byte {int(lvl.offsets[index])}")
+            raise OSError(f"short read at byte {lvl.offsets[index]}")
         arr = lvl.decode(data, index, jpegtables=lvl.jpegtables)[0]
         if arr is None:
             return white_tile(h, w)
@@ -171,10 +176,9 @@ class TiffBackend(Backend):
         return out
 
     def close(self) -> None:
-        try:
-            os.close(self._fd)
-        except OSError:
-            pass
+        fd, self._fd = self._fd, -1  # a later read must not hit a reused descriptor
+        if fd >= 0:
+            os.close(fd)
         self._tif.close()
 
 

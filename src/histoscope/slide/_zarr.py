@@ -8,7 +8,13 @@ from pathlib import Path
 import numpy as np
 
 from histoscope.errors import SlideError
-from histoscope.slide._backend import Backend, LevelInfo, SlideMetadata, to_rgb_uint8
+from histoscope.slide._backend import (
+    BACKGROUND,
+    Backend,
+    LevelInfo,
+    SlideMetadata,
+    to_rgb_uint8,
+)
 
 _UNIT_TO_UM = {"nanometer": 1e-3, "micrometer": 1.0, "millimeter": 1e3, "centimeter": 1e4}
 
@@ -54,6 +60,13 @@ class OmeZarrBackend(Backend):
             self._arrays = [group[d["path"]] for d in ms["datasets"]]
         except Exception as exc:
             raise SlideError(f"{path}: OME-Zarr datasets cannot be opened ({exc})") from exc
+        # Where chunk files can be checked for existence (local, unsharded arrays):
+        # a chunk never written reads as the fill value (black), but it is background.
+        local = isinstance(group.store, zarr.storage.LocalStore)
+        self._chunk_dirs = [
+            path / d["path"] if local and getattr(a, "shards", None) is None else None
+            for d, a in zip(ms["datasets"], self._arrays, strict=True)
+        ]
         self._axes = axes
         base_w = self._arrays[0].shape[axes.index("x")]
         for arr in self._arrays:
@@ -86,7 +99,29 @@ class OmeZarrBackend(Backend):
         kept = [a for a in self._axes if a in ("y", "x", "c")]
         if "c" in kept:
             arr = np.moveaxis(arr, kept.index("c"), -1)
-        return to_rgb_uint8(arr)
+        out = to_rgb_uint8(arr)
+        for by0, by1, bx0, bx1 in self._missing_chunks(level, y0, y1, x0, x1):
+            if not out.flags.writeable:
+                out = out.copy()
+            out[max(by0 - y0, 0) : by1 - y0, max(bx0 - x0, 0) : bx1 - x0] = BACKGROUND
+        return out
+
+    def _missing_chunks(self, level: int, y0: int, y1: int, x0: int, x1: int) -> list:
+        """Level-pixel boxes ``(y0, y1, x0, x1)`` of the chunks never written."""
+        root = self._chunk_dirs[level]
+        if root is None:
+            return []
+        arr = self._arrays[level]
+        th, tw = self.levels[level].tile
+        iy, ix = self._axes.index("y"), self._axes.index("x")
+        boxes = []
+        for ty in range(y0 // th, -(-y1 // th)):
+            for tx in range(x0 // tw, -(-x1 // tw)):
+                coords = [0] * len(self._axes)
+                coords[iy], coords[ix] = ty, tx
+                if not (root / arr.metadata.encode_chunk_key(tuple(coords))).exists():
+                    boxes.append((ty * th, (ty + 1) * th, tx * tw, (tx + 1) * tw))
+        return boxes
 
     def read_tile(self, level: int, ty: int, tx: int) -> np.ndarray:
         info = self.levels[level]
