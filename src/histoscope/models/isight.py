@@ -170,7 +170,17 @@ class ISight(nn.Module):
         cell_type
             ``(B,)`` int cell-type ids, one per sample.
         """
-        pooled, weights = self.pool(self.encode_tiles(tiles), mask)
+        return self.classify(self.encode_tiles(tiles), mask, meta_tokens, cell_type)
+
+    def classify(
+        self,
+        h: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        meta_tokens: torch.Tensor | None = None,
+        cell_type: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Pool encoded tiles ``h`` (from :meth:`encode_tiles`) and apply the heads."""
+        pooled, weights = self.pool(h, mask)
         extra = torch.zeros_like(pooled)
         if self.meta is not None and meta_tokens is not None:
             extra = extra + self.meta(meta_tokens.to(pooled.device))

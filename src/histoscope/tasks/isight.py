@@ -1,0 +1,176 @@
+"""iSight staining calls for a slide or a region: five tasks with probabilities.
+
+Tiles come from the tissue mask at the checkpoint's input spec; they are
+encoded in batches by the engine (so reading overlaps compute), then pooled
+by the model's gated attention, so the attention over tiles becomes a heatmap.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Generator
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from histoscope.engine import Provenance, Result, TileHeatmap
+from histoscope.tissue import TileGrid, TissueParams, tile_grid, tissue_mask
+
+
+@dataclass(frozen=True, kw_only=True)
+class ISightCalls(Result):
+    """The model's five calls for one slide or region.
+
+    Attributes
+    ----------
+    probabilities
+        ``task -> {class: probability}`` (temperature-scaled softmax).
+    attention
+        Heatmap of attention over the tiles that were read.
+    """
+
+    probabilities: dict[str, dict[str, float]]
+    attention: TileHeatmap
+
+    def call(self, task: str) -> tuple[str, float]:
+        """The most probable class of ``task`` and its probability."""
+        probs = self.probabilities[task]
+        best = max(probs, key=probs.__getitem__)
+        return best, probs[best]
+
+    def calls(self) -> dict[str, dict[str, Any]]:
+        """Per task: call, confidence and all probabilities (what ``ihc.json`` holds)."""
+        out = {}
+        for task, probs in self.probabilities.items():
+            best, p = self.call(task)
+            out[task] = {"call": best, "confidence": p, "probabilities": probs}
+        return out
+
+    def to_layers(self) -> list:
+        data, kwargs, kind = self.attention.to_layers()[0]
+        kwargs["metadata"]["calls"] = self.calls()
+        return [(data, kwargs, kind)]
+
+    def save(self, out_dir) -> list[Path]:
+        from histoscope.export import atomic_write_text
+
+        out = Path(out_dir)
+        doc = {"calls": self.calls(), "provenance": self.provenance.to_dict()}
+        files = [atomic_write_text(out / "ihc.json", json.dumps(doc, indent=2) + "\n")]
+        return files + self.attention.save(out)
+
+
+def _subset(grid: TileGrid, keep: np.ndarray) -> TileGrid:
+    return replace(grid, coords=grid.coords[keep], index=grid.index[keep], tissue=grid.tissue[keep])
+
+
+def isight_grid(
+    slide, spec, *, region: tuple[int, int, int, int] | None = None, max_tiles: int = 64,
+    min_tissue: float = 0.25,
+) -> TileGrid:  # fmt: skip
+    """Tissue tiles at the model's input spec, inside ``region``, at most ``max_tiles``.
+
+    When there are more, an evenly spaced subset (in raster order) is kept, so
+    the whole extent is represented and the choice is deterministic.
+    """
+    mask = tissue_mask(slide, TissueParams(channel="grey"))
+    grid = tile_grid(slide, mask, spec.mpp, spec.tile_size, min_tissue=min_tissue)
+    if len(grid) == 0:  # faint or small tissue: fall back to every tile
+        grid = tile_grid(slide, None, spec.mpp, spec.tile_size)
+    if region is not None:
+        x, y, w, h = region
+        c = grid.coords + grid.stride / 2
+        inside = (c[:, 0] >= x) & (c[:, 0] < x + w) & (c[:, 1] >= y) & (c[:, 1] < y + h)
+        if not inside.any():  # a region smaller than a tile: the tile under its centre
+            d = np.hypot(c[:, 0] - (x + w / 2), c[:, 1] - (y + h / 2))
+            inside = d == d.min()
+        grid = _subset(grid, inside)
+    if len(grid) > max_tiles:
+        grid = _subset(
+            grid, np.unique(np.linspace(0, len(grid) - 1, max_tiles).round().astype(int))
+        )
+    return grid
+
+
+def iter_isight(
+    slide,
+    model,
+    card=None,
+    *,
+    metadata: str | None = None,
+    region: tuple[int, int, int, int] | None = None,
+    max_tiles: int = 64,
+    batch: int = 16,
+) -> Generator[tuple[int, int], None, ISightCalls]:
+    """Run iSight on a slide; yields ``(tiles_done, total)``, returns :class:`ISightCalls`.
+
+    Parameters
+    ----------
+    slide
+        An open slide with known µm/px.
+    model
+        An :class:`histoscope.models.isight.ISight` (e.g. from ``load_checkpoint``).
+    card
+        Its checkpoint card (for provenance).
+    metadata
+        Clinical text (tissue, SNOMED, antibody) given to the metadata encoder.
+    region
+        Level-0 ``(x, y, w, h)`` to assess instead of the whole slide.
+    """
+    import torch
+
+    from histoscope.engine import EngineParams, run_tiles
+    from histoscope.models.isight import encode_metadata
+
+    spec = model.input_spec
+    grid = isight_grid(slide, spec, region=region, max_tiles=max_tiles)
+
+    class _Encoder(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.model.encode_tiles(x[:, None])[:, 0]
+
+    encoder = _Encoder().eval()
+    feats = []
+    for start in range(0, len(grid), batch):
+        part = _subset(grid, np.arange(start, min(start + batch, len(grid))))
+        out = run_tiles(encoder, slide, part, spec, EngineParams(batch_size=batch, device="cpu"))
+        feats.append(torch.from_numpy(np.asarray(out.outputs)))
+        yield min(start + batch, len(grid)), len(grid)
+    model.eval()
+    with torch.no_grad():
+        h = torch.cat(feats)[None].float()
+        meta = encode_metadata([metadata]) if metadata else None
+        out = model.classify(h, None, meta)
+    probs = {}
+    for task, classes in model.classes.items():
+        p = torch.softmax(out[task][0], dim=0).tolist()
+        probs[task] = dict(zip(classes, p, strict=True))
+    att = out["attention"][0].numpy()
+    rows, cols = grid.shape
+    img = np.full((rows, cols), np.nan, np.float32)
+    img[grid.index[:, 0], grid.index[:, 1]] = att / max(float(att.max()), 1e-12)
+    prov = Provenance(
+        task="isight", slide=str(slide.path),
+        checkpoint_sha256=getattr(card, "sha256", "") if card is not None else "",
+        params={"metadata": metadata, "region": list(region) if region else None,
+                "max_tiles": max_tiles},
+        mpp=spec.mpp, tile_grid=grid.to_dict(),
+    )  # fmt: skip
+    heat = TileHeatmap(provenance=prov, values=img, grid=grid, name="iSight attention")
+    return ISightCalls(provenance=prov, probabilities=probs, attention=heat)
+
+
+def run_isight(slide, model, card=None, **kwargs) -> ISightCalls:
+    """:func:`iter_isight` run to the end."""
+    gen = iter_isight(slide, model, card, **kwargs)
+    while True:
+        try:
+            next(gen)
+        except StopIteration as stop:
+            return stop.value

@@ -1,0 +1,49 @@
+"""iSight task on a generated slide with a tiny untrained model (mechanics, not accuracy)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from histoscope.models.isight import TASKS, ISight
+from histoscope.tasks.isight import run_isight
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return ISight("test_cnn", ("breast", "colon"), dim=16, hidden=8,
+                  backbone_kwargs={"tile_size": 64, "mpp": 2.0}).eval()  # fmt: skip
+
+
+def test_calls_probabilities_and_attention_heatmap(pyramid_tiff, model, tmp_path):
+    import histoscope as hs
+
+    slide = hs.open_slide(pyramid_tiff)
+    res = run_isight(slide, model, metadata="breast HER2", max_tiles=12)
+    calls = res.calls()
+    assert set(calls) == set(TASKS)
+    for task in TASKS:
+        assert sum(calls[task]["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+    heat = res.attention.values
+    assert np.isfinite(heat).sum() == len(res.attention.grid) <= 12
+    assert np.nanmax(heat) == pytest.approx(1.0)
+    [(data, kwargs, kind)] = res.to_layers()
+    assert kind == "image" and kwargs["scale"][0] == pytest.approx(64 * 2.0)  # one pixel per tile
+    files = res.save(tmp_path)
+    doc = json.loads((tmp_path / "ihc.json").read_text())
+    assert doc["calls"]["intensity"]["call"] in ("negative", "weak", "moderate", "strong")
+    assert doc["provenance"]["tile_grid"]["n_tiles"] == len(res.attention.grid)
+    assert all(f.exists() for f in files)
+
+
+def test_region_limits_tiles(pyramid_tiff, model):
+    import histoscope as hs
+
+    slide = hs.open_slide(pyramid_tiff)
+    res = run_isight(slide, model, region=(0, 0, 300, 300), max_tiles=64)
+    coords = res.attention.grid.coords
+    assert len(coords) >= 1 and (coords < 300).all()
