@@ -249,3 +249,14 @@ def test_metadata_is_plain_data(svs):
 def test_magnification_estimated_from_mpp(tiled_tiff):
     assert hs.open_slide(tiled_tiff).magnification == pytest.approx(20)
     assert hs.open_slide(tiled_tiff, mpp=0.25).magnification == pytest.approx(40)
+
+
+@pytest.mark.parametrize("fixture", ["tiled_tiff", "ome_zarr", "png", "plain_tiff"])
+def test_changing_a_read_never_changes_the_slide(request, fixture):
+    slide = hs.open_slide(request.getfixturevalue(fixture))
+    before = slide.read_region(0, 0, 64, 48)
+    for out in (slide.read_region(0, 0, 64, 48), slide.levels[0][:48, :64].compute(),
+                slide.levels[0].compute(), slide.thumbnail(5000)):  # fmt: skip
+        out[...] = 0
+    np.testing.assert_array_equal(slide.read_region(0, 0, 64, 48), before)
+    assert (before != 0).any()

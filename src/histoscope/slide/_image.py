@@ -34,10 +34,10 @@ class ImageBackend(Backend):
 
     def read_tile(self, level: int, ty: int, tx: int) -> np.ndarray:
         th, tw = self.levels[0].tile
-        return self._arr[ty * th : (ty + 1) * th, tx * tw : (tx + 1) * tw]
+        return self._arr[ty * th : (ty + 1) * th, tx * tw : (tx + 1) * tw].copy()
 
     def read_block(self, level: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
-        return self._arr[y0:y1, x0:x1]
+        return self._arr[y0:y1, x0:x1].copy()  # a caller may write into what it gets
 
 
 def _decode(path: Path) -> np.ndarray:

@@ -6,8 +6,10 @@ threads can read at once) and decoded by the page's own codec (imagecodecs).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import weakref
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -71,6 +73,8 @@ class TiffBackend(Backend):
             self._tif.close()
             raise SlideError(f"{path}: TIFF structure could not be read ({exc})") from exc
         self._fd = os.open(path, os.O_RDONLY)
+        # Slides left to the garbage collector (napari layers) release both handles.
+        self._release = weakref.finalize(self, _release, self._tif, self._fd)
         self.metadata = self._read_metadata()
 
     def _init_levels(self) -> None:
@@ -176,10 +180,14 @@ class TiffBackend(Backend):
         return out
 
     def close(self) -> None:
-        fd, self._fd = self._fd, -1  # a later read must not hit a reused descriptor
-        if fd >= 0:
-            os.close(fd)
-        self._tif.close()
+        self._fd = -1  # a later read must fail, not hit a reused descriptor
+        self._release()
+
+
+def _release(tif, fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.close(fd)
+    tif.close()
 
 
 def _ome_mpp(xml: str) -> float | None:
