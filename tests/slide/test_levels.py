@@ -65,3 +65,23 @@ def test_windows_of_two_slides_never_share_keys(tiled_tiff):
     b = hs.open_slide(tiled_tiff).levels[0][:50, :50]
     assert a.name != b.name
     np.testing.assert_array_equal(*da.compute(a, b))
+
+
+def test_dask_compute_takes_the_ordinary_route_with_same_pixels(tiled_tiff):
+    level = hs.open_slide(tiled_tiff).levels[0]
+    window = level[100:400, 250:777]
+    (via_dask,) = da.compute(window)
+    np.testing.assert_array_equal(via_dask, window.compute())
+    np.testing.assert_array_equal((window + 0).compute(), window.compute())
+
+
+@pytest.mark.parametrize("fixture", ["tiled_tiff", "ome_zarr", "png"])
+def test_slides_and_levels_pickle_by_path(request, fixture):
+    import pickle
+
+    slide = hs.open_slide(request.getfixturevalue(fixture), mpp=0.7, on_tile_error="blank")
+    again = pickle.loads(pickle.dumps(slide))
+    assert (again.path, again.mpp, again.on_tile_error) == (slide.path, 0.7, "blank")
+    level = pickle.loads(pickle.dumps(slide.levels[0]))
+    np.testing.assert_array_equal(level[:50, :60].compute(), slide.levels[0][:50, :60].compute())
+    np.testing.assert_array_equal(level.compute(), slide.levels[0].compute())

@@ -92,6 +92,7 @@ class Slide:
         self._backend = backend
         self.path = backend.path
         self.mpp: float | None = mpp if mpp is not None else backend.metadata.mpp
+        self._user_mpp = mpp
         self.on_tile_error: TileErrorPolicy = on_tile_error
         self._on_warning = on_warning
         self._bad_tiles: set[tuple[int, int, int]] = set()
@@ -329,6 +330,17 @@ class Slide:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def __reduce__(self):
+        """Pickle as "open this path again" (file handles never travel).
+
+        So level arrays can be shipped to ``dask.distributed`` workers that see
+        the same file system. An ``on_warning`` callback is not carried over.
+        """
+        from histoscope.slide._open import open_slide
+
+        kwargs = {"mpp": self._user_mpp, "on_tile_error": self.on_tile_error}
+        return (functools.partial(open_slide, **kwargs), (str(self.path),))
 
     def __repr__(self) -> str:
         w, h = self.dimensions
