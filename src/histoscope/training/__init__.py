@@ -1,0 +1,1 @@
+"""Headless training of HistoScope's model families."""
