@@ -58,6 +58,8 @@ class Backend:
     #: Whether the tiles of one read may be decoded in parallel threads
     #: (true where decoding releases the GIL and ``read_tile`` is thread-safe).
     threaded_tiles = False
+    #: Whether :class:`Slide` keeps recently decoded tiles (where decoding is the cost).
+    cache_tiles = False
 
     def __init__(self, path: Path) -> None:
         self.path = path

@@ -15,7 +15,9 @@ from typing import Any, Literal
 import numpy as np
 
 from histoscope.errors import HistoScopeWarning, SlideError
+from histoscope.slide import _cache
 from histoscope.slide._backend import Backend, white_tile
+from histoscope.slide._cache import TileCache
 from histoscope.slide._levels import LevelStore, level_array
 
 #: ``"raise"``: a bad tile raises :class:`SlideError`. ``"blank"``: it reads
@@ -93,6 +95,8 @@ class Slide:
         self.path = backend.path
         self.mpp: float | None = mpp if mpp is not None else backend.metadata.mpp
         self._user_mpp = mpp
+        budget = _cache.TILE_CACHE_BYTES
+        self._cache = TileCache(budget) if backend.cache_tiles and budget > 0 else None
         self.on_tile_error: TileErrorPolicy = on_tile_error
         self._on_warning = on_warning
         self._bad_tiles: set[tuple[int, int, int]] = set()
@@ -166,8 +170,12 @@ class Slide:
 
     # ------------------------------------------------------------------ reading
     def _tile(self, level: int, ty: int, tx: int) -> np.ndarray:
+        """One decoded tile (read-only when it comes from the cache)."""
+        cache = self._cache
+        if cache is not None and (tile := cache.get((level, ty, tx))) is not None:
+            return tile
         try:
-            return self._backend.read_tile(level, ty, tx)
+            tile = self._backend.read_tile(level, ty, tx)
         except Exception as exc:
             msg = f"{self.path}: tile ({ty}, {tx}) of level {level} cannot be decoded ({exc})"
             if self.on_tile_error == "raise":
@@ -176,6 +184,9 @@ class Slide:
             info = self._backend.levels[level]
             th, tw = info.tile
             return white_tile(min(th, info.shape[0] - ty * th), min(tw, info.shape[1] - tx * tw))
+        if cache is not None:
+            cache.put((level, ty, tx), tile)
+        return tile
 
     def _note_bad_tile(self, key: tuple[int, int, int], msg: str) -> None:
         with self._lock:
@@ -323,6 +334,8 @@ class Slide:
     # ---------------------------------------------------------------- lifetime
     def close(self) -> None:
         """Release the file; the slide cannot be read afterwards."""
+        if self._cache is not None:
+            self._cache.clear()
         self._backend.close()
 
     def __enter__(self) -> Slide:

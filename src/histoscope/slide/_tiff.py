@@ -53,6 +53,7 @@ class TiffBackend(Backend):
 
     name = "tifffile"
     threaded_tiles = True
+    cache_tiles = True
 
     def __init__(self, path: Path) -> None:
         super().__init__(path)
