@@ -16,7 +16,7 @@ import numpy as np
 
 from histoscope.errors import HistoScopeWarning, SlideError
 from histoscope.slide import _cache
-from histoscope.slide._backend import Backend, white_tile
+from histoscope.slide._backend import BACKGROUND, Backend, white_tile
 from histoscope.slide._cache import TileCache
 from histoscope.slide._levels import LevelStore, level_array
 
@@ -57,6 +57,9 @@ def _run_shared(fn: Callable[[Any], None], items: list) -> None:
     helpers = [_pool().submit(drain) for _ in range(max(n_help, 1))]
     try:
         drain()
+    except BaseException:
+        queue.clear()  # helpers stop at their next item
+        raise
     finally:
         for f in helpers:
             if not f.cancel():
@@ -219,7 +222,8 @@ class Slide:
         if block is not None:
             return block
         th, tw = self._backend.levels[level].tile
-        out = np.empty((max(y1 - y0, 0), max(x1 - x0, 0), 3), dtype=np.uint8)
+        # White, not np.empty: a tile that decodes short must not leave garbage.
+        out = np.full((max(y1 - y0, 0), max(x1 - x0, 0), 3), BACKGROUND, dtype=np.uint8)
         tiles = [
             (ty, tx) for ty in range(y0 // th, -(-y1 // th)) for tx in range(x0 // tw, -(-x1 // tw))
         ]
