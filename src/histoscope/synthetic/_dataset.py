@@ -119,7 +119,19 @@ def write_dataset(
         wr.writerows(rows)
     if kind == "ihc":
         _merge_hpa(out, rows)
+    if extras:
+        _merge_reports(out, rows)
     return out / "manifest.json"
+
+
+def _merge_reports(out: Path, rows: list[dict]) -> None:
+    """HistGen/R2Gen-style ``reports.json``: ``{split: [{id, report, image_path}]}``."""
+    merged: dict[str, list] = {sp: [] for sp in SPLITS}
+    for r in rows:
+        rep = json.loads((out / r["report"]).read_text())
+        merged[r["split"]].append({"id": r["name"], "report": rep["report"],
+                                   "image_path": r["slide"], "split": r["split"]})  # fmt: skip
+    (out / "reports.json").write_text(json.dumps(merged, indent=1))
 
 
 def _merge_hpa(out: Path, rows: list[dict]) -> None:

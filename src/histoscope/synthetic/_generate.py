@@ -142,7 +142,7 @@ def generate(
     if extras:
         from histoscope.synthetic._extras import write_extras
 
-        more = write_extras(ctx, cells, out, stem)
+        more = write_extras(ctx, cells, slide, out, stem)
         files.update({k: v.name for k, v in more.items()})
     label = slide_label(ctx, cells, files)
     paths["label"].write_text(json.dumps(label, indent=1))
