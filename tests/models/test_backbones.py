@@ -41,6 +41,12 @@ def test_timm_architecture_by_name_without_download():
     assert bb.input_spec.mean == pytest.approx((0.485, 0.456, 0.406))
 
 
+def test_timm_tag_selects_its_pretrained_config():
+    bb = create_backbone("test_vit.r160_in1k")
+    assert bb.input_spec.tile_size == 160
+    assert bb.input_spec.mean == (0.5, 0.5, 0.5)
+
+
 def test_tile_size_and_mpp_override_reach_spec_and_vit():
     bb = create_backbone("test_vit", tile_size=48, mpp=1.0)
     assert bb.input_spec == InputSpec(48, 1.0, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))

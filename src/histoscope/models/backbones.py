@@ -376,7 +376,9 @@ def create_backbone(
     name
         A registered name (``hs_cnn_small``, ``test_cnn``, ``test_resnet``,
         ``test_vit``), ``open_clip:<model>``, ``hf-hub:<repo>`` or a timm
-        architecture name.
+        architecture name; ``arch.tag`` selects that pretrained config's input
+        size and normalisation (``vit_large_patch14_clip_336.openai`` gets
+        CLIP's mean/std) while still building with random weights.
     weights
         Local weights file or directory (see :func:`read_state_dict`).
     online
