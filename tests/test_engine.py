@@ -238,3 +238,27 @@ def test_checkpoint_to_heatmap_layers_end_to_end(half_tissue, tmp_path):
     saved = json.loads(files[1].read_text())
     assert saved["tile_grid"]["n_tiles"] == len(grid)
     assert saved["checkpoint_sha256"] == card.sha256
+
+
+def test_generator_form_yields_progress_and_stops_on_false(slide, grid, backbone):
+    from histoscope.engine import iter_tiles
+
+    gen = iter_tiles(backbone.module, slide, grid, backbone.input_spec, PARAMS)
+    assert next(gen) == (16, 216)
+    assert gen.send(None) == (32, 216)
+    with pytest.raises(StopIteration) as stop:
+        gen.send(False)
+    out = stop.value.value
+    assert out.cancelled and out.done.sum() == 32
+
+
+def test_closing_the_generator_releases_reader_threads(slide, grid, backbone):
+    from histoscope.engine import iter_tiles
+
+    before = {t.name for t in threading.enumerate()}
+    gen = iter_tiles(backbone.module, slide, grid, backbone.input_spec, PARAMS)
+    next(gen)
+    assert any(t.name.startswith("histoscope-read") for t in threading.enumerate())
+    gen.close()
+    after = {t.name for t in threading.enumerate() if t.name.startswith("histoscope-read")}
+    assert not (after - before)

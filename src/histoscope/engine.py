@@ -6,7 +6,9 @@ batches in flight, so memory does not grow with the slide), moves each batch
 to the chosen device (pinned memory and non-blocking copies on CUDA),
 normalises it there, runs the model under ``inference_mode`` (and autocast on
 GPU) and collects the outputs with their level-0 coordinates. It reports
-``progress(done, total)`` and stops early on cancellation.
+``progress(done, total)`` and stops early on cancellation. :func:`iter_tiles`
+is the same run as a generator yielding ``(done, total)`` and returning the
+outputs, the form a napari ``thread_worker`` drives.
 
 :class:`Result` is the base of what tasks return: it carries its
 :class:`Provenance` and turns into napari ``LayerDataTuple`` s placed in µm.
@@ -20,7 +22,7 @@ import os
 import sys
 import threading
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Generator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -195,6 +197,33 @@ def run_tiles(
     TileOutputs
         Outputs in grid order; on cancellation, the tiles done so far.
     """
+    gen = iter_tiles(model, slide, grid, spec, params, cancel=cancel, near=near, on_batch=on_batch)
+    reply: bool | None = None
+    while True:
+        try:
+            done, total = gen.send(reply)
+        except StopIteration as stop:
+            return stop.value
+        reply = False if progress is not None and progress(done, total) is False else None
+
+
+def iter_tiles(
+    model: torch.nn.Module,
+    slide: Slide,
+    grid: TileGrid,
+    spec: InputSpec,
+    params: EngineParams | None = None,
+    *,
+    cancel: Cancel | None = None,
+    near: tuple[float, float] | None = None,
+    on_batch: Callable[[np.ndarray, Any], None] | None = None,
+) -> Generator[tuple[int, int], bool | None, TileOutputs]:
+    """:func:`run_tiles` as a generator: yields ``(done, total)``, returns :class:`TileOutputs`.
+
+    This is the form a napari ``thread_worker`` wants. Sending ``False``
+    stops it and returns the partial outputs (``StopIteration.value``);
+    ``close()`` stops it and releases the reader threads.
+    """
     import torch
 
     p = params or EngineParams()
@@ -254,7 +283,7 @@ def run_tiles(
                 count += len(idx)
                 if on_batch is not None:
                     on_batch(idx, arrays if is_dict else arrays[""])
-                if progress is not None and progress(count, n) is False:
+                if (yield count, n) is False:
                     cancelled = count < n
                     break
         finally:
