@@ -46,6 +46,7 @@ Builder = Callable[[Mapping[str, Any]], "nn.Module"]
 _FAMILIES: dict[str, Builder | str] = {
     "backbone": "histoscope.models.backbones:build_backbone_from_config",
     "tile_classifier": "histoscope.models.tile_classifier:TileClassifier.from_config",
+    "isight": "histoscope.models.isight:ISight.from_config",
 }
 
 

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 #: Dock widgets shown by the demo, as named in napari.yaml.
-DEMO_WIDGETS = ("Slide", "IHC measurement")
+DEMO_WIDGETS = ("Slide", "IHC measurement", "IHC co-assessment (iSight)")
 
 
 def show_slide(slide_path: Path, screenshot: Path | None = None, settle_s: float = 3.0) -> None:

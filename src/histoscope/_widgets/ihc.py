@@ -24,6 +24,20 @@ if TYPE_CHECKING:
 _SUMMARY = ("n_cells", "percent_positive", "h_score", "allred", "intensity", "quantity", "location")
 
 
+def visible_region(viewer, slide, layer) -> tuple[int, int, int, int]:
+    """Level-0 ``(x, y, w, h)`` of the canvas area over ``layer``, clipped to the slide."""
+    camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera
+    cy, cx = camera.center[-2:]
+    zoom = camera.zoom
+    ch, cw = viewer.canvas.size
+    y0, x0, y1, x1 = cy - ch / 2 / zoom, cx - cw / 2 / zoom, cy + ch / 2 / zoom, cx + cw / 2 / zoom
+    sy, sx = layer.scale[-2], layer.scale[-1]
+    w, h = slide.dimensions
+    px0, py0 = max(0, int(x0 / sx)), max(0, int(y0 / sy))
+    px1, py1 = min(w, int(x1 / sx) + 1), min(h, int(y1 / sy) + 1)
+    return px0, py0, max(px1 - px0, 1), max(py1 - py0, 1)
+
+
 class IHCWidget(QWidget):
     """Measure DAB per cell in the visible region (or the whole image) and show the numbers."""
 
@@ -96,21 +110,6 @@ class IHCWidget(QWidget):
             thresholds=tuple(s.value() for s in self.thresholds),
         )
 
-    def _visible_region(self, slide, layer) -> tuple[int, int, int, int]:
-        """Level-0 ``(x, y, w, h)`` of the canvas area, clipped to the slide."""
-        (y0, x0), (y1, x1) = self._world_view()
-        sy, sx = layer.scale[-2], layer.scale[-1]
-        w, h = slide.dimensions
-        px0, py0 = max(0, int(x0 / sx)), max(0, int(y0 / sy))
-        px1, py1 = min(w, int(x1 / sx) + 1), min(h, int(y1 / sy) + 1)
-        return px0, py0, max(px1 - px0, 1), max(py1 - py0, 1)
-
-    def _world_view(self):
-        cy, cx = self.viewer.camera.center[-2:]
-        zoom = self.viewer.camera.zoom
-        ch, cw = self.viewer.canvas.size
-        return (cy - ch / 2 / zoom, cx - cw / 2 / zoom), (cy + ch / 2 / zoom, cx + cw / 2 / zoom)
-
     def run(self):
         """Start the measurement in a worker thread; returns the worker (or None)."""
         from napari.qt.threading import create_worker
@@ -126,7 +125,11 @@ class IHCWidget(QWidget):
         try:
             params = self.params()
             slide = layer_slide(layer.data, layer.metadata, layer.scale, name)
-            region = self._visible_region(slide, layer) if self.scope.currentIndex() == 0 else None
+            region = (
+                visible_region(self.viewer, slide, layer)
+                if self.scope.currentIndex() == 0
+                else None
+            )
         except ValueError as exc:
             self.status.setText(str(exc))
             return None

@@ -27,15 +27,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from histoscope.labels import INTENSITY, ISIGHT_TASKS, LOCATION, MALIGNANCY, QUANTITY
 from histoscope.models.attention import GatedAttention, masked_softmax
 from histoscope.models.backbones import create_backbone
 
-INTENSITY = ("negative", "weak", "moderate", "strong")
-LOCATION = ("none", "cytoplasmic/membranous", "nuclear", "cytoplasmic/membranous+nuclear")
-QUANTITY = ("none", "<25%", "25-75%", ">75%")
-MALIGNANCY = ("normal", "cancer")
-#: The five tasks in output order; ``tissue`` classes come from the checkpoint.
-TASKS = ("intensity", "location", "quantity", "tissue", "malignancy")
+TASKS = ISIGHT_TASKS
 
 _WORD = re.compile(r"[a-z0-9]+")
 

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from histoscope import __version__
+from histoscope.labels import INTENSITY, LOCATION, QUANTITY
 from histoscope.stains import HDAB, deconvolve
 
 
@@ -30,12 +31,12 @@ class Compartment(str, Enum):
     CYTOPLASM = "cytoplasm"
     MEMBRANE = "membrane"
     CELL = "cell"
+    #: Follow the stain: nucleus, cytoplasm/membrane or both, by :meth:`IHCMeasurement.location`.
+    AUTO = "auto"
 
 
-#: iSight's location classes, in its order.
-LOCATIONS = ("none", "cytoplasmic/membranous", "nuclear", "cytoplasmic/membranous+nuclear")
-INTENSITIES = ("negative", "weak", "moderate", "strong")
-QUANTITIES = ("none", "<25%", "25-75%", ">75%")
+#: iSight's classes, which the measurement's estimates use too.
+LOCATIONS, INTENSITIES, QUANTITIES = LOCATION, INTENSITY, QUANTITY
 SCORE_NAMES = ("0", "1+", "2+", "3+")
 #: RGBA colours of 0 / 1+ / 2+ / 3+ points (QuPath's blue, yellow, orange, red).
 SCORE_COLORS = ((0.44, 0.44, 1.0, 1.0), (1.0, 0.86, 0.0, 1.0), (1.0, 0.55, 0.0, 1.0),
@@ -46,7 +47,7 @@ SCORE_COLORS = ((0.44, 0.44, 1.0, 1.0), (1.0, 0.86, 0.0, 1.0), (1.0, 0.55, 0.0, 
 class IHCParams:
     """Parameters of positive-cell detection (lengths in µm, densities in OD)."""
 
-    compartment: Compartment = Compartment.NUCLEUS
+    compartment: Compartment = Compartment.AUTO
     thresholds: tuple[float, float, float] = (0.2, 0.4, 0.6)
     detection: str = "hematoxylin"  # as QuPath; "od_sum" also finds nuclei hidden under DAB
     nucleus_threshold: float = 0.1
@@ -119,6 +120,26 @@ class IHCMeasurement:
             "quantity": quantity_class(positive),
             "location": self.location(),
         }
+
+    def compartment_values(self) -> np.ndarray:
+        """Per-cell DAB OD in the compartment the scores use (``auto`` follows :meth:`location`)."""
+        c, comp = self.cells, self.params.compartment
+        if comp == Compartment.AUTO:
+            loc = self.location()
+            outer = np.maximum(c["dab_cytoplasm"], c["dab_membrane"])
+            if loc == LOCATIONS[2]:
+                return c["dab_nucleus"]
+            return outer if loc == LOCATIONS[1] else np.maximum(outer, c["dab_nucleus"])
+        key = {Compartment.NUCLEUS: "dab_nucleus", Compartment.CYTOPLASM: "dab_cytoplasm",
+               Compartment.MEMBRANE: "dab_membrane", Compartment.CELL: "dab_cell"}[comp]  # fmt: skip
+        return c[key]
+
+    def scored(self) -> IHCMeasurement:
+        """This measurement with 0 / 1+ / 2+ / 3+ recomputed from the cells' DAB."""
+        values = self.compartment_values()
+        score = np.searchsorted(np.asarray(self.params.thresholds), values, side="right")
+        cells = {**self.cells, "score": score.astype(np.int64)}
+        return IHCMeasurement(cells, self.params, self.mpp, self.origin_um, self.provenance)
 
     def location(self) -> str:
         """The compartment where DAB sits among DAB-positive cells (iSight's classes).
@@ -266,9 +287,6 @@ def measure_region(
     dab_cell = mean_in(dab, cells)
     hema_nuc = mean_in(hema, labels)
     cy, cx = np.asarray(ndi.center_of_mass(np.ones_like(labels), labels, idx)).T
-    chosen = {Compartment.NUCLEUS: dab_nuc, Compartment.CYTOPLASM: dab_cyto,
-              Compartment.MEMBRANE: dab_mem, Compartment.CELL: dab_cell}[params.compartment]  # fmt: skip
-    score = np.searchsorted(np.asarray(params.thresholds), chosen, side="right").astype(np.int64)
     data = {
         "x_um": origin_um[1] + (cx + 0.5) * mpp,
         "y_um": origin_um[0] + (cy + 0.5) * mpp,
@@ -278,9 +296,9 @@ def measure_region(
         "dab_membrane": dab_mem,
         "dab_cell": dab_cell,
         "hematoxylin_nucleus": hema_nuc,
-        "score": score,
+        "score": np.zeros(n, np.int64),
     }
-    return IHCMeasurement(cells=data, params=params, mpp=mpp, origin_um=tuple(origin_um))
+    return IHCMeasurement(cells=data, params=params, mpp=mpp, origin_um=tuple(origin_um)).scored()
 
 
 def _empty(params: IHCParams, mpp: float, origin_um) -> IHCMeasurement:
@@ -288,7 +306,9 @@ def _empty(params: IHCParams, mpp: float, origin_um) -> IHCMeasurement:
     return IHCMeasurement(cells=cells, params=params, mpp=mpp, origin_um=tuple(origin_um))
 
 
-def measure_slide(slide, params: IHCParams | None = None, *, progress=None, **kwargs) -> IHCMeasurement:
+def measure_slide(
+    slide, params: IHCParams | None = None, *, progress=None, **kwargs
+) -> IHCMeasurement:
     """Measure a slide tile by tile; see :func:`iter_measure_slide` for the parameters.
 
     ``progress(done, total)`` is called after each tile.
@@ -351,4 +371,4 @@ def iter_measure_slide(
     cells["score"] = cells["score"].astype(np.int64)
     prov = {"slide": str(slide.path), "mpp": mpp, "region": [x0, y0, w0, h0], "tile": tile,
             "software": f"histoscope {__version__}"}  # fmt: skip
-    return IHCMeasurement(cells=cells, params=params, mpp=mpp, provenance=prov)
+    return IHCMeasurement(cells=cells, params=params, mpp=mpp, provenance=prov).scored()

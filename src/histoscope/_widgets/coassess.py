@@ -1,0 +1,306 @@
+"""iSight co-assessment dock widget: the model's calls, the measurement, the final word."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from qtpy.QtWidgets import (
+    QComboBox,
+    QFileDialog,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QLineEdit,
+    QProgressBar,
+    QPushButton,
+    QScrollArea,
+    QVBoxLayout,
+    QWidget,
+)
+
+from histoscope._widgets._task_row import TaskRow
+from histoscope.coassess import Call, Session
+from histoscope.labels import INTENSITY, LOCATION, MALIGNANCY, QUANTITY
+
+#: Rows shown before a checkpoint names its tissue classes.
+_ROWS = {"intensity": INTENSITY, "location": LOCATION, "quantity": QUANTITY,
+         "tissue": (), "malignancy": MALIGNANCY}  # fmt: skip
+
+if TYPE_CHECKING:
+    import napari
+
+DEFAULT_CHECKPOINT = "isight_default.safetensors"
+SCOPES = ("whole slide", "visible region", "selected shape")
+
+
+def _assess(slide, checkpoint: str, metadata: str, region):
+    """Worker generator: the model's calls (if a checkpoint is given), then the measurement.
+
+    Yields ``(phase, done, total)``; returns ``(calls or None, measurement)``.
+    """
+    from histoscope.tasks.ihc_measure import iter_measure_slide
+
+    calls = None
+    if checkpoint:
+        from histoscope.checkpoints import load_checkpoint
+        from histoscope.tasks.isight import iter_isight
+
+        model, card = load_checkpoint(checkpoint, family="isight")
+        gen = iter_isight(slide, model, card, metadata=metadata or None, region=region)
+        calls = yield from _tagged("model", gen)
+    mpp = max(slide.mpp or 0.5, 0.5)
+    measurement = yield from _tagged(
+        "measurement", iter_measure_slide(slide, mpp=mpp, region=region)
+    )
+    return calls, measurement
+
+
+def _tagged(phase: str, gen):
+    """Re-yield ``(done, total)`` progress as ``(phase, done, total)``; return ``gen``'s value."""
+    while True:
+        try:
+            done, total = next(gen)
+        except StopIteration as stop:
+            return stop.value
+        yield phase, done, total
+
+
+class CoAssessWidget(QWidget):
+    """Five iSight tasks: model probabilities, measurement estimates, pathologist's calls."""
+
+    def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
+        super().__init__()
+        from histoscope._data import sample_data_path
+
+        self.viewer = napari_viewer
+        self.worker = None
+        self.session: Session | None = None
+        self.region_id = "slide"
+
+        self.layer_combo = QComboBox()
+        default = sample_data_path(DEFAULT_CHECKPOINT)
+        self.checkpoint = QLineEdit(str(default) if default else "")
+        self.checkpoint.setPlaceholderText(
+            "iSight checkpoint (.safetensors); empty: measurement only"
+        )
+        browse = QPushButton("…")
+        browse.clicked.connect(self._browse)
+        ck_row = QHBoxLayout()
+        ck_row.addWidget(self.checkpoint)
+        ck_row.addWidget(browse)
+        self.metadata = QLineEdit()
+        self.metadata.setPlaceholderText("Tissue: breast. SNOMED: T-04000. Antibody: HER2.")
+        self.scope = QComboBox()
+        self.scope.addItems(SCOPES)
+        form = QFormLayout()
+        form.addRow("Slide", self.layer_combo)
+        form.addRow("Checkpoint", ck_row)
+        form.addRow("Clinical text", self.metadata)
+        form.addRow("Assess", self.scope)
+
+        self.run_button = QPushButton("Assess")
+        self.run_button.clicked.connect(self.run)
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        self.cancel_button.clicked.connect(self.cancel)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.run_button)
+        buttons.addWidget(self.cancel_button)
+        self.progress = QProgressBar()
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
+
+        self.rows: dict[str, TaskRow] = {}
+        rows_box = QWidget()
+        self._rows_layout = QVBoxLayout(rows_box)
+        for task, classes in _ROWS.items():
+            self._set_row(task, classes)
+        scroll = QScrollArea()
+        scroll.setWidgetResizable(True)
+        scroll.setWidget(rows_box)
+        self.comment = QLineEdit()
+        self.comment.setPlaceholderText("comment saved with the next call")
+        self.agreement = QLabel("")
+        self.agreement.setWordWrap(True)
+        export = QPushButton("Export calls (CSV + JSON)…")
+        export.clicked.connect(self._export)
+
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addLayout(buttons)
+        layout.addWidget(self.progress)
+        layout.addWidget(self.status)
+        layout.addWidget(scroll, stretch=1)
+        layout.addWidget(self.comment)
+        layout.addWidget(self.agreement)
+        layout.addWidget(export)
+        for event in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
+            event.connect(self._refresh_layers)
+        self._refresh_layers()
+
+    def _set_row(self, task: str, classes) -> TaskRow:
+        """Create (or replace, when the classes change) the row of one task."""
+        old = self.rows.get(task)
+        if old is not None and old.classes == tuple(classes):
+            return old
+        row = TaskRow(task, classes)
+        row.called.connect(self.record_call)
+        if old is None:
+            self._rows_layout.addWidget(row)
+        else:
+            self._rows_layout.replaceWidget(old, row)
+            old.deleteLater()
+        self.rows[task] = row
+        return row
+
+    # ------------------------------------------------------------------ inputs
+    def _refresh_layers(self, *_: object) -> None:
+        current = self.layer_combo.currentText()
+        self.layer_combo.clear()
+        self.layer_combo.addItems(
+            [ly.name for ly in self.viewer.layers if getattr(ly, "rgb", False)]
+        )
+        self.layer_combo.setCurrentIndex(max(self.layer_combo.findText(current), 0))
+
+    def _browse(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(
+            self, "iSight checkpoint", "", "Checkpoints (*.safetensors)"
+        )
+        if path:
+            self.checkpoint.setText(path)
+
+    def _region(self, slide, layer):
+        """Level-0 ``(x, y, w, h)`` and an id for the chosen scope (``None``: whole slide)."""
+        from histoscope._widgets.ihc import visible_region
+
+        scope = self.scope.currentIndex()
+        if scope == 0:
+            return None, "slide"
+        if scope == 1:
+            region = visible_region(self.viewer, slide, layer)
+        else:
+            shapes = [ly for ly in self.viewer.layers.selection if ly._type_string == "shapes"]
+            if not shapes or not len(shapes[0].data):
+                raise ValueError("select a shapes layer with the region drawn on it")
+            pts = shapes[0].data[-1][:, -2:] / layer.scale[-2:]
+            (y0, x0), (y1, x1) = pts.min(axis=0), pts.max(axis=0)
+            region = (int(x0), int(y0), max(int(x1 - x0), 1), max(int(y1 - y0), 1))
+        return region, "region {}:{}:{}:{}".format(*region)
+
+    # --------------------------------------------------------------------- run
+    def run(self):
+        """Assess the chosen slide or region in a worker; returns the worker (or None)."""
+        from napari.qt.threading import create_worker
+
+        from histoscope.layers import layer_slide
+
+        name = self.layer_combo.currentText()
+        if name not in self.viewer.layers:
+            self.status.setText("Open an IHC slide first.")
+            return None
+        layer = self.viewer.layers[name]
+        try:
+            slide = layer_slide(layer.data, layer.metadata, layer.scale, name)
+            region, self.region_id = self._region(slide, layer)
+        except ValueError as exc:
+            self.status.setText(str(exc))
+            return None
+        self.session = Session.for_slide(slide.path)
+        for row in self.rows.values():
+            row.reset_call()
+            row.set_model(None)
+        connect = {"yielded": self._progress, "returned": self._show, "errored": self._failed,
+                   "finished": self._done}  # fmt: skip
+        ckpt = self.checkpoint.text().strip()
+        self.worker = create_worker(_assess, slide, ckpt, self.metadata.text(), region,
+                                    _connect=connect, _start_thread=False)  # fmt: skip
+        self.run_button.setEnabled(False)
+        self.cancel_button.setEnabled(True)
+        self.status.setText("Assessing…")
+        self.worker.start()
+        return self.worker
+
+    def cancel(self) -> None:
+        if self.worker is not None:
+            self.worker.quit()
+            self.status.setText("Cancelled; calls made so far are saved.")
+
+    def _progress(self, value) -> None:
+        phase, done, total = value
+        self.progress.setRange(0, total)
+        self.progress.setValue(done)
+        self.progress.setFormat(f"{phase} %v/%m")
+
+    def _show(self, result) -> None:
+        calls, measurement = result
+        summary = measurement.summary()
+        if calls is not None:
+            self._set_row("tissue", tuple(calls.probabilities["tissue"]))
+        for task, row in self.rows.items():
+            row.set_model(calls.probabilities.get(task) if calls is not None else None)
+            row.set_measurement(
+                summary.get(task) if task in ("intensity", "quantity", "location") else None
+            )
+        if calls is not None:
+            data, kwargs, _ = calls.to_layers()[0]
+            if kwargs["name"] in self.viewer.layers:
+                self.viewer.layers.remove(kwargs["name"])
+            self.viewer.add_image(data, **kwargs)
+        note = "" if calls is not None else " (no checkpoint: measurement only)"
+        self.status.setText(f"{summary['n_cells']} cells measured{note}. Make your calls below.")
+        self._show_agreement()
+
+    def _failed(self, exc: Exception) -> None:
+        self.status.setText(f"<span style='color:#e05050'>{exc}</span>")
+
+    def _done(self) -> None:
+        self.run_button.setEnabled(True)
+        self.cancel_button.setEnabled(False)
+        self.worker = None
+
+    # ------------------------------------------------------------------- calls
+    def record_call(self, task: str, value: str) -> Call | None:
+        """Save the pathologist's call at once (append-only session file)."""
+        if self.session is None:
+            self.status.setText("Assess a slide before making calls.")
+            return None
+        row = self.rows[task]
+        call = Call(
+            slide=str(self.session.path.name.removesuffix(".histoscope-calls.jsonl")),
+            task=task, call=value, region=self.region_id, model=row.model_call,
+            model_confidence=row.model_confidence(), model_probabilities=row.model_probabilities(),
+            measurement=row.measurement, comment=self.comment.text(),
+        )  # fmt: skip
+        try:
+            self.session.record(call)
+        except OSError as exc:
+            self.status.setText(f"<span style='color:#e05050'>Call NOT saved: {exc}</span>")
+            return None
+        self.status.setText(f"Saved {task}: {value} → {self.session.path.name}")
+        self._show_agreement()
+        return call
+
+    def _show_agreement(self) -> None:
+        if self.session is None or not self.session.calls:
+            self.agreement.setText("")
+            return
+        lines = []
+        for task, row in self.session.agreement().items():
+            parts = [f"{task} (n={row['n']})"]
+            for other in ("model", "measurement"):
+                s = row[other]
+                if s["n"]:
+                    k = "–" if s["kappa"] is None else f"{s['kappa']:.2f}"
+                    parts.append(f"{other}: acc {s['accuracy']:.2f}, κ {k}")
+            lines.append("; ".join(parts))
+        n_dis = len(self.session.disagreements())
+        self.agreement.setText("<br>".join(lines) + f"<br>{n_dis} disagreement(s) to revisit")
+
+    def _export(self) -> None:
+        if self.session is None:
+            return
+        folder = QFileDialog.getExistingDirectory(self, "Export calls to")
+        if folder:
+            files = self.session.export(Path(folder))
+            self.status.setText("Exported " + ", ".join(str(p) for p in files.values()))

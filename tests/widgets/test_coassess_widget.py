@@ -1,0 +1,91 @@
+"""Co-assessment panel: model bars, measurement, calls saved as they are made."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def ihc_slide(tmp_path_factory):
+    from histoscope.synthetic import generate
+
+    return generate(tmp_path_factory.mktemp("ihc"), kind="ihc", size=(1024, 1024), seed=5).slide
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    import torch
+
+    from histoscope.checkpoints import save_checkpoint
+    from histoscope.models.isight import ISight
+
+    torch.manual_seed(0)
+    model = ISight("test_cnn", ("breast", "colon", "stomach"), dim=16, hidden=8,
+                   backbone_kwargs={"tile_size": 64, "mpp": 2.0})  # fmt: skip
+    card = {"family": "isight", "config": model.config, "input_spec": model.input_spec.to_dict()}
+    return save_checkpoint(tmp_path_factory.mktemp("ck") / "tiny", model, card)
+
+
+@pytest.fixture
+def widget(make_napari_viewer, ihc_slide, checkpoint):
+    from histoscope._widgets.coassess import CoAssessWidget
+
+    viewer = make_napari_viewer()
+    viewer.open(str(ihc_slide), plugin="napari-histoscope")
+    w = CoAssessWidget(viewer)
+    w.checkpoint.setText(str(checkpoint))
+    return w
+
+
+def _assess(widget, qtbot):
+    worker = widget.run()
+    assert worker is not None, widget.status.text()
+    with qtbot.waitSignal(worker.finished, timeout=120_000):
+        pass
+
+
+def test_assess_shows_probabilities_measurement_and_attention(widget, qtbot):
+    _assess(widget, qtbot)
+    rows = widget.rows
+    assert rows["tissue"].classes == ("breast", "colon", "stomach")
+    total = sum(bar.value() for bar in rows["intensity"].bars.values())
+    assert abs(total - 1000) <= 4  # probabilities sum to 1 (per-mille bars, rounded)
+    assert rows["intensity"].measurement in ("negative", "weak", "moderate", "strong")
+    assert rows["tissue"].measurement is None  # the measurement has no tissue estimate
+    assert all(r.call_box.currentIndex() == 0 for r in rows.values())  # never pre-filled
+    assert "iSight attention" in widget.viewer.layers
+
+
+def test_calls_are_saved_as_made_and_agreement_shown(widget, qtbot, ihc_slide):
+    from histoscope.coassess import session_path
+
+    _assess(widget, qtbot)
+    row = widget.rows["intensity"]
+    widget.comment.setText("DAB faint at the edge")
+    row.call_box.setCurrentIndex(2)
+    row.call_box.activated.emit(2)
+    lines = session_path(ihc_slide).read_text().splitlines()
+    saved = json.loads(lines[-1])
+    assert saved["task"] == "intensity" and saved["call"] == row.classes[1]
+    assert saved["model"] == row.model_call and saved["comment"] == "DAB faint at the edge"
+    assert "intensity (n=1)" in widget.agreement.text()
+
+
+def test_wrong_checkpoint_is_reported_and_nothing_is_lost(widget, qtbot, tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x00" * 64)
+    widget.checkpoint.setText(str(bad))
+    _assess(widget, qtbot)
+    assert "bad.safetensors" in widget.status.text()
+    assert widget.run_button.isEnabled()
+    assert len(widget.viewer.layers) == 1  # the slide is still there
+
+
+def test_measurement_only_without_checkpoint(widget, qtbot):
+    widget.checkpoint.setText("")
+    widget.scope.setCurrentIndex(1)  # visible region
+    _assess(widget, qtbot)
+    assert "measurement only" in widget.status.text()
+    assert widget.rows["location"].measurement is not None
