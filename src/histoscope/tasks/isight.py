@@ -121,7 +121,7 @@ def iter_isight(
     """
     import torch
 
-    from histoscope.engine import EngineParams, run_tiles
+    from histoscope.engine import EngineParams, iter_tiles
     from histoscope.models.isight import encode_metadata
 
     spec = model.input_spec
@@ -136,15 +136,11 @@ def iter_isight(
             return self.model.encode_tiles(x[:, None])[:, 0]
 
     encoder = _Encoder().eval()
-    feats = []
-    for start in range(0, len(grid), batch):
-        part = _subset(grid, np.arange(start, min(start + batch, len(grid))))
-        out = run_tiles(encoder, slide, part, spec, EngineParams(batch_size=batch, device="cpu"))
-        feats.append(torch.from_numpy(np.asarray(out.outputs)))
-        yield min(start + batch, len(grid)), len(grid)
+    params = EngineParams(batch_size=batch, device="cpu")
+    out = yield from iter_tiles(encoder, slide, grid, spec, params)
     model.eval()
     with torch.no_grad():
-        h = torch.cat(feats)[None].float()
+        h = torch.from_numpy(np.asarray(out.outputs))[None].float()
         meta = encode_metadata([metadata]) if metadata else None
         out = model.classify(h, None, meta)
     probs = {}
