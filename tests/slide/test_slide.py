@@ -260,3 +260,14 @@ def test_changing_a_read_never_changes_the_slide(request, fixture):
         out[...] = 0
     np.testing.assert_array_equal(slide.read_region(0, 0, 64, 48), before)
     assert (before != 0).any()
+
+
+@pytest.mark.parametrize(
+    ("x", "y", "mpp", "level"),
+    [(0, 0, None, None), (3, 5, 1.5 * MPP, None), (-40, -40, None, None), (10, 10, None, 1),
+     (0, 0, 4 * MPP, None), (7, 9, MPP / 2, None)],
+)  # fmt: skip
+def test_reads_are_writable_arrays(zslide, x, y, mpp, level):
+    out = zslide.read_region(x, y, 64, 48, mpp=mpp, level=level)
+    assert out.flags.writeable and out.shape == (48, 64, 3)
+    assert zslide.thumbnail(200).flags.writeable

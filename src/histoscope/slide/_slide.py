@@ -305,7 +305,7 @@ class Slide:
         box = (lx0 - ix0, ly0 - iy0, lx1 - ix0, ly1 - iy0)
         resample = Image.Resampling.BOX if scale > 1 else Image.Resampling.BILINEAR
         img = Image.fromarray(region).resize((w, h), resample=resample, box=box)
-        return np.asarray(img)
+        return np.array(img)  # writable, like every other read
 
     def _padded(self, level: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         lh, lw = self._backend.levels[level].shape
@@ -333,7 +333,7 @@ class Slide:
             return region
         from PIL import Image
 
-        return np.asarray(Image.fromarray(region).resize((w, h), Image.Resampling.BOX))
+        return np.array(Image.fromarray(region).resize((w, h), Image.Resampling.BOX))
 
     # ---------------------------------------------------------------- lifetime
     def close(self) -> None:
