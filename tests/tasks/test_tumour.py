@@ -1,0 +1,107 @@
+"""Tumour heatmap: placement, background masking, viewport-first order, Grad-CAM of a tile."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from histoscope.models.backbones import InputSpec
+from histoscope.tasks.tumour import HeatmapJob, find_tissue, tile_gradcam, tumour_index
+
+MPP = 0.5
+
+
+class RedIsTumour(nn.Module):
+    """Logits (normal, tumour) = (0, 20 * (mean red - mean blue)); has a conv block for Grad-CAM."""
+
+    input_spec = InputSpec(tile_size=32, mpp=2.0, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 1, 1), nn.Identity())
+        with torch.no_grad():
+            self.features[0].weight.copy_(torch.tensor([1.0, 0, -1])[None, :, None, None])
+            self.features[0].bias.zero_()
+
+    def forward(self, x):
+        t = 20 * self.features(x).mean(dim=(1, 2, 3))
+        return torch.stack([torch.zeros_like(t), t], dim=1)
+
+
+@pytest.fixture(scope="module")
+def slide(tmp_path_factory):
+    import histoscope as hs
+    from histoscope.slide import write_pyramidal_tiff
+
+    rng = np.random.default_rng(0)
+    img = np.full((1024, 1536, 3), 245, np.uint8)  # glass
+    img[256:, :768] = (90, 90, 200)  # "normal" tissue: blue, left
+    img[256:, 768:] = (200, 80, 90)  # "tumour" tissue: red, right
+    img[256:] = np.clip(img[256:] + rng.normal(0, 8, img[256:].shape), 0, 255).astype(np.uint8)
+    path = write_pyramidal_tiff(tmp_path_factory.mktemp("t") / "t.tif", img, mpp=MPP, quality=95)
+    return hs.open_slide(path)
+
+
+def test_heatmap_values_land_on_their_tiles_and_background_is_nan(slide):
+    job = HeatmapJob(slide, RedIsTumour())
+    gen = job.run()
+    with pytest.raises(StopIteration) as stop:
+        while True:
+            next(gen)
+    heat = stop.value.value.values
+    s = job.grid.stride * MPP  # tile edge in µm: 32 px at 2 µm = 64 µm
+    assert s == pytest.approx(64)
+    rows_glass = int(256 * MPP // s)  # the glass strip is 128 µm high: 2 tile rows
+    assert np.isnan(heat[:rows_glass]).all()
+    left, right = (
+        heat[rows_glass + 1 :, : int(768 * MPP // s) - 1],
+        heat[rows_glass + 1 :, int(768 * MPP // s) + 1 :],
+    )
+    assert np.nanmax(left) < 0.1 and np.nanmin(right) > 0.9
+    data, kwargs, kind = job.layer()
+    assert kind == "image" and kwargs["contrast_limits"] == (0.0, 1.0)
+    assert kwargs["scale"] == (pytest.approx(s), pytest.approx(s))
+
+
+def test_viewport_first_scores_tiles_near_the_view_first(slide):
+    from histoscope.engine import EngineParams
+
+    job = HeatmapJob(slide, RedIsTumour())
+    near = (1500.0, 1000.0)  # level-0 px, bottom right
+    gen = job.run(near=near, params=EngineParams(batch_size=4, workers=1, prefetch=1))
+    next(gen)
+    with pytest.raises(StopIteration):
+        gen.send(False)  # cancel after the first batch
+    done = np.argwhere(np.isfinite(job.values))
+    assert 1 <= len(done) <= 8
+    rows, cols = job.grid.shape
+    assert (done[:, 0] >= rows - 2).all() and (done[:, 1] >= cols - 3).all()
+
+
+def test_tissue_layer_aligns_with_slide(slide):
+    res = find_tissue(slide)
+    [(mask, kwargs, kind)] = res.to_layers()
+    assert kind == "labels" and mask.dtype == np.uint8
+    # glass rows (top 128 µm) are background, tissue below
+    px = kwargs["scale"][0]
+    assert mask[: int(100 / px)].sum() == 0 and mask[int(200 / px) :].mean() > 0.9
+
+
+def test_gradcam_of_clicked_tile_lands_on_the_tile(slide):
+    job = HeatmapJob(slide, RedIsTumour())
+    cam, (x0, y0) = tile_gradcam(slide, job.model, job.spec, x_um=700.0, y_um=400.0, grid=job.grid)
+    stride = job.grid.stride
+    assert cam.shape == (32, 32)
+    assert x0 % stride == 0 and y0 % stride == 0
+    assert x0 * MPP <= 700 < (x0 + stride) * MPP and y0 * MPP <= 400 < (y0 + stride) * MPP
+    assert cam.max() == pytest.approx(1.0)  # red tile: evidence everywhere
+
+
+def test_tumour_index_from_card_classes():
+    assert tumour_index(("normal", "tumour")) == 1
+    assert tumour_index(("Tumor", "stroma", "fat")) == 0
+    assert tumour_index(()) == 1
+    with pytest.raises(ValueError, match="no tumour class"):
+        tumour_index(("a", "b", "c"))
