@@ -20,6 +20,8 @@ COMMANDS = {
     "demo": "histoscope._cli_demo",
     "analyze": "histoscope._cli_analyze",
     "synth": "histoscope.synthetic.cli",
+    "train": "histoscope._cli_train",
+    "evaluate": "histoscope._cli_evaluate",
 }
 
 

@@ -1,0 +1,237 @@
+"""Family ``tile_classifier``: tile labels, stain changes, training, checkpoint, evaluation."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+
+from histoscope.cli import main
+from histoscope.errors import CheckpointError
+from histoscope.training import RecipeError
+from histoscope.training import run as run_recipe
+from histoscope.training._stain_aug import RGB_FROM_HED, hed_jitter, stain_shift
+from histoscope.training._tiles import load_split, tile_labels
+
+
+@pytest.fixture(scope="session")
+def dataset(tmp_path_factory):
+    """Three small H&E slides (one per split), each with tumour and normal tissue."""
+    from histoscope.synthetic._dataset import write_dataset
+
+    out = tmp_path_factory.mktemp("tumour_data")
+    write_dataset(out, kind="he", size=(768, 768), seed=1016, count=3, mpp=0.5)
+    return out
+
+
+def _recipe(data, out, **train) -> dict:
+    return {
+        "family": "tile_classifier",
+        "data": {"path": str(data), "mpp": 2.0, "tile_size": 32},
+        "model": {"backbone": "test_cnn", "dropout": 0.1},
+        "augment": {"flips": True, "hed_sigma": 0.05, "hed_bias": 0.05},
+        "train": {
+            "epochs": 2,
+            "batch": 8,
+            "lr": 0.01,
+            "seed": 3,
+            "samples_per_epoch": 32,
+            **train,
+        },  # fmt: skip
+        "out": str(out),
+    }
+
+
+@pytest.fixture(scope="session")
+def trained(dataset, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tumour_run")
+    export = out / "export" / "default.safetensors"
+    result = run_recipe({**_recipe(dataset, out), "export": str(export)})
+    return out, result, export
+
+
+# ------------------------------------------------------------------- labels
+@dataclass(frozen=True)
+class LabelCase:
+    id: str
+    tile_um: float
+
+
+LABEL_CASES = [LabelCase("aligned", 32.0), LabelCase("fractional", 24.0)]
+
+
+@pytest.mark.parametrize("case", LABEL_CASES, ids=[c.id for c in LABEL_CASES])
+def test_tile_labels_match_brute_force(case):
+    rng = np.random.default_rng(0)
+    tumour = rng.random((12, 12)) < 0.3
+    tumour[:6, :6] = True
+    tissue = tumour | (rng.random((12, 12)) < 0.7)
+    mask_um = 16.0
+    labels, frac = tile_labels(tumour, tissue, mask_um, (192.0, 192.0), case.tile_um)
+    # brute force: upsample the masks to 1 µm pixels and average each tile
+    up_t = np.kron(tumour, np.ones((16, 16)))
+    up_s = np.kron(tissue, np.ones((16, 16)))
+    t = int(case.tile_um)
+    n = -(-192 // t)
+    for r in range(n):
+        for c in range(n):
+            ft = up_t[r * t : (r + 1) * t, c * t : (c + 1) * t].sum() / t**2
+            fs = up_s[r * t : (r + 1) * t, c * t : (c + 1) * t].sum() / t**2
+            assert frac[r, c] == pytest.approx(ft, abs=1e-6)
+            want = -1 if fs <= 0.5 else (1 if ft >= 0.5 else (0 if ft == 0 else -1))
+            assert labels[r, c] == want, (r, c, ft, fs)
+    assert (labels == 1).any() and (labels == -1).any()
+
+
+def test_load_split_reads_the_tiles_it_labels(dataset):
+    from histoscope.slide import open_slide
+
+    tiles = load_split(dataset, "train", mpp=2.0, tile_size=32)
+    assert tiles.counts()["normal"] > 0 and tiles.counts()["tumour"] > 0
+    assert np.all(tiles.tumour_fraction[tiles.labels == 1] >= 0.5)
+    assert np.all(tiles.tumour_fraction[tiles.labels == 0] == 0)
+    assert tiles.stains[0] is not None and tiles.stains[0].shape == (3, 3)
+    (name,) = tiles.names
+    with open_slide(dataset / "slides" / f"{name}.tif") as slide:
+        for i in (0, len(tiles) // 2, len(tiles) - 1):
+            x, y = tiles.coords[i]
+            np.testing.assert_array_equal(tiles.images[i], slide.read_region(x, y, 32, 32, mpp=2.0))
+    capped = load_split(dataset, "train", mpp=2.0, tile_size=32, max_per_slide=2)
+    assert capped.counts() == {"normal": 2, "tumour": 2}
+
+
+def test_missing_data_and_split_are_named(tmp_path, dataset):
+    with pytest.raises(RecipeError, match="data folder .*nowhere does not exist"):
+        load_split(tmp_path / "nowhere", "train", mpp=2.0, tile_size=32)
+    with pytest.raises(RecipeError, match="has no manifest.json"):
+        load_split(tmp_path, "train", mpp=2.0, tile_size=32)
+    with pytest.raises(RecipeError, match="no slides in split 'holdout'"):
+        load_split(dataset, "holdout", mpp=2.0, tile_size=32)
+
+
+# ------------------------------------------------------------------- stains
+def test_hed_jitter_scales_and_shifts_stain_amounts():
+    conc = torch.tensor([0.4, 0.2, 0.05]).view(1, 3, 1, 1).expand(2, 3, 4, 4)
+    od = torch.einsum("bdhw,dc->bchw", conc, torch.as_tensor(RGB_FROM_HED, dtype=torch.float32))
+    x = 255.0 * torch.pow(10.0, -od)
+    assert torch.equal(hed_jitter(x, torch.Generator().manual_seed(0), 0.0, 0.0), x)
+    y = hed_jitter(x, torch.Generator().manual_seed(5), 0.2, 0.03)
+    gen = torch.Generator().manual_seed(5)
+    alpha = 1 + (torch.rand((2, 3, 1, 1), generator=gen) * 2 - 1) * 0.2
+    beta = (torch.rand((2, 3, 1, 1), generator=gen) * 2 - 1) * 0.03
+    inv = torch.linalg.inv(torch.as_tensor(RGB_FROM_HED, dtype=torch.float32))
+    got = torch.einsum("bchw,cd->bdhw", -torch.log10(y / 255.0), inv)
+    torch.testing.assert_close(got, conc * alpha + beta, atol=2e-4, rtol=1e-3)
+    assert not torch.allclose(y[0], y[1])  # per-image draws
+
+
+def test_stain_shift_changes_hue_keeps_glass_and_is_reproducible():
+    rng = np.random.default_rng(1)
+    conc = np.stack([rng.uniform(0, 0.8, (8, 8)), rng.uniform(0, 0.5, (8, 8)),
+                     np.zeros((8, 8))], -1)  # fmt: skip
+    img = np.clip(255 * 10 ** -(conc @ RGB_FROM_HED), 0, 255).round().astype(np.uint8)
+    img[0, 0] = 255
+    tiles = img[None]
+    same = stain_shift(tiles, None, np.random.default_rng(0), degrees=0.0, amount=(1.0, 1.0))
+    assert np.abs(same.astype(int) - tiles).max() <= 1
+    a = stain_shift(tiles, None, np.random.default_rng(7))
+    b = stain_shift(tiles, None, np.random.default_rng(7))
+    np.testing.assert_array_equal(a, b)
+    assert tuple(a[0, 0, 0]) == (255, 255, 255)
+    assert np.abs(a.astype(float).mean((0, 1, 2)) - tiles.astype(float).mean((0, 1, 2))).max() > 5
+
+
+# ------------------------------------------------------------------ training
+def test_training_writes_a_loadable_checkpoint_with_held_out_metrics(trained):
+    from histoscope.checkpoints import load_checkpoint
+
+    out, result, export = trained
+    model, card = load_checkpoint(result["checkpoint"], family="tile_classifier")
+    assert card.classes == ("normal", "tumour")
+    assert card.input_spec["mpp"] == 2.0 and card.input_spec["tile_size"] == 32
+    assert set(card.metrics) >= {"best_epoch", "val", "test", "test_stain_shifted"}
+    assert card.metrics["test"]["n"]["tumour"] > 0 and card.metrics["test"]["n"]["normal"] > 0
+    assert 0.0 <= card.metrics["test"]["auc"] <= 1.0
+    assert card.recipe["family"] == "tile_classifier"
+    log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2] and all("val_auc" in r for r in log)
+    assert export.read_bytes() == open(result["checkpoint"], "rb").read()
+    with torch.no_grad():
+        logits = model(torch.zeros(3, 3, 32, 32))
+    assert logits.shape == (3, 2)
+    assert (out / "tiles.csv").exists() and (out / "roc.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_interrupted_training_resumes_to_the_same_checkpoint(dataset, trained, tmp_path):
+    from histoscope.checkpoints import read_card
+
+    _, result, _ = trained
+
+    class Stop(Exception):
+        pass
+
+    def crash(step: int, total: int) -> None:
+        if step == 6:  # second epoch
+            raise Stop
+
+    recipe = _recipe(dataset, tmp_path)
+    with pytest.raises(Stop):
+        run_recipe(recipe, progress=crash)
+    resumed = run_recipe(recipe)
+    assert read_card(resumed["checkpoint"]).sha256 == read_card(result["checkpoint"]).sha256
+    assert resumed["metrics"]["test"] == result["metrics"]["test"]
+
+
+def test_evaluate_command_reproduces_the_card_metrics(trained, dataset, tmp_path, capsys):
+    _, result, _ = trained
+    assert main(["evaluate", result["checkpoint"], "--data", str(dataset), "--out",
+                 str(tmp_path)]) == 0  # fmt: skip
+    doc = json.loads((tmp_path / "metrics.json").read_text())
+    assert doc["family"] == "tile_classifier" and doc["split"] == "test"
+    for key in ("test", "test_stain_shifted"):
+        assert doc[key]["auc"] == pytest.approx(result["metrics"][key]["auc"])
+        assert doc[key]["confusion"] == result["metrics"][key]["confusion"]
+    rows = (tmp_path / "tiles.csv").read_text().splitlines()
+    assert rows[0].split(",")[-2:] == ["p_tumour_test", "p_tumour_test_stain_shifted"]
+    assert len(rows) - 1 == sum(doc["test"]["n"].values())
+
+
+def test_cli_train_with_overrides(dataset, tmp_path, capsys):
+    import yaml
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(_recipe(dataset, tmp_path / "run")))
+    rc = main(["train", str(path), "-o", "train.epochs=1", "-o", "name=tiny"])
+    assert rc == 0, capsys.readouterr().err
+    assert json.loads(capsys.readouterr().out)["checkpoint"].endswith("tiny.safetensors")
+    log = (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()
+    assert len(log) == 1
+
+
+def test_evaluate_refuses_another_family(tmp_path, dataset):
+    from histoscope.checkpoints import save_checkpoint
+    from histoscope.models import create_backbone
+    from histoscope.training.tile_classifier import evaluate
+
+    bb = create_backbone("test_cnn")
+    ckpt = save_checkpoint(tmp_path / "bb", bb.module, {"family": "backbone", "config": {
+        "name": "test_cnn", **bb.config}})  # fmt: skip
+    with pytest.raises(CheckpointError, match="family 'backbone', expected 'tile_classifier'"):
+        evaluate(ckpt, dataset, tmp_path / "ev")
+
+
+BAD = [
+    ("unknown-data-key", {"data": {"path": "x", "tile_sze": 3}}, "data.tile_sze"),
+    ("unknown-augment-key", {"augment": {"hed": 0.1}}, "augment.hed"),
+    ("no-data-path", {"data": {"mpp": 1.0}}, "data.path is required"),
+    ("missing-folder", {"data": {"path": "/nonexistent/tumour"}}, "/nonexistent/tumour does not"),
+]
+
+
+@pytest.mark.parametrize(("change", "message"), [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+def test_bad_family_recipes_name_the_problem(dataset, tmp_path, change, message):
+    with pytest.raises(RecipeError, match=message):
+        run_recipe({**_recipe(dataset, tmp_path), **change})
