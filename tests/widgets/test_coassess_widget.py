@@ -42,8 +42,7 @@ def widget(make_napari_viewer, ihc_slide, checkpoint):
 def _assess(widget, qtbot):
     worker = widget.run()
     assert worker is not None, widget.status.text()
-    with qtbot.waitSignal(worker.finished, timeout=120_000):
-        pass
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=120_000)  # set by the finished slot
 
 
 def test_assess_shows_probabilities_measurement_and_attention(widget, qtbot):

@@ -19,9 +19,8 @@ def test_measures_whole_image_into_points_and_numbers(viewer, qtbot):
     widget = IHCWidget(viewer)
     widget.compartment.setCurrentText("membrane")
     widget.scope.setCurrentIndex(1)
-    worker = widget.run()
-    with qtbot.waitSignal(worker.finished, timeout=120_000):
-        pass
+    assert widget.run() is not None
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=120_000)  # set by the finished slot
     points = viewer.layers["IHC cells (IHC (scikit-image))"]
     assert len(points.data) > 150
     assert set(np.unique(points.features["score"])) <= {0, 1, 2, 3}
@@ -36,9 +35,8 @@ def test_visible_region_measures_only_what_is_in_view(viewer, qtbot):
     camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera
     camera.center = (64, 64)
     camera.zoom = camera.zoom * 4
-    worker = widget.run()
-    with qtbot.waitSignal(worker.finished, timeout=120_000):
-        pass
+    assert widget.run() is not None
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=120_000)  # set by the finished slot
     region = widget.result.provenance["region"]
     assert region[2] < 512 and region[3] < 512
 
@@ -56,9 +54,8 @@ def test_cancel_stops_and_keeps_layers(viewer, qtbot):
     widget = IHCWidget(viewer)
     widget.layer_combo.setCurrentText("big")
     widget.scope.setCurrentIndex(1)
-    worker = widget.run()
+    assert widget.run() is not None
     widget.cancel()
-    with qtbot.waitSignal(worker.finished, timeout=120_000):
-        pass
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=120_000)  # set by the finished slot
     assert widget.run_button.isEnabled()
     assert [ly.name for ly in viewer.layers] == ["IHC (scikit-image)", "big"]

@@ -25,9 +25,8 @@ def test_viewer_opens_slide_through_plugin(viewer, pyramid_tiff):
 
 def test_widget_opens_slide_in_worker_and_shows_metadata(viewer, qtbot, pyramid_tiff):
     widget = SlideWidget(viewer)
-    worker = widget.open_path(str(pyramid_tiff))
-    with qtbot.waitSignal(worker.finished, timeout=120_000):
-        pass
+    assert widget.open_path(str(pyramid_tiff)) is not None
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=120_000)  # set by the finished slot
     assert len(widget.slide_layers()) == 1
     assert widget.info["mpp"].text() == "0.5 µm/px"
     assert "2304×1536" in widget.info["levels"].text()
@@ -41,9 +40,8 @@ def test_widget_shows_error_for_corrupt_file_and_keeps_layers(
     viewer.add_points([[1, 1]], name="my annotations")
     bad = tmp_path / "garbage.ndpi"
     bad.write_bytes(np.random.default_rng(0).bytes(4096))
-    worker = widget.open_path(str(bad))
-    with qtbot.waitSignal(worker.finished, timeout=120_000):
-        pass
+    assert widget.open_path(str(bad)) is not None
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=120_000)  # set by the finished slot
     assert "garbage.ndpi" in widget.status.text()
     assert [ly.name for ly in viewer.layers] == ["my annotations"]
     assert widget.open_button.isEnabled()

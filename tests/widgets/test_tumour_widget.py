@@ -1,0 +1,82 @@
+"""Tumour map widget: tissue labels, live heatmap, cancel, Grad-CAM on a tile, bad checkpoint."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+
+@pytest.fixture(scope="module")
+def slide_path(tmp_path_factory):
+    from histoscope.slide import write_pyramidal_tiff
+
+    rng = np.random.default_rng(1)
+    img = np.full((1024, 1024, 3), 245, np.uint8)
+    img[384:, 128:900] = (180, 90, 160)
+    img[384:] = np.clip(img[384:] + rng.normal(0, 10, img[384:].shape), 0, 255).astype(np.uint8)
+    return write_pyramidal_tiff(tmp_path_factory.mktemp("s") / "he.tif", img, mpp=0.5, min_size=256)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    import torch
+
+    from histoscope.checkpoints import save_checkpoint
+    from histoscope.models import TileClassifier
+
+    torch.manual_seed(0)
+    model = TileClassifier("test_cnn", 2, backbone_kwargs={"tile_size": 32, "mpp": 4.0})
+    card = {"family": "tile_classifier", "config": model.config, "classes": ["normal", "tumour"],
+            "input_spec": model.input_spec.to_dict()}  # fmt: skip
+    return save_checkpoint(tmp_path_factory.mktemp("ck") / "tiny", model, card)
+
+
+@pytest.fixture
+def widget(make_napari_viewer, slide_path, checkpoint):
+    from histoscope._widgets.tumour import TumourWidget
+
+    viewer = make_napari_viewer()
+    viewer.open(str(slide_path), plugin="napari-histoscope")
+    w = TumourWidget(viewer)
+    w.checkpoint.setText(str(checkpoint))
+    return w
+
+
+def _wait(qtbot, widget, worker):
+    assert worker is not None, widget.status.text()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=120_000)  # set by the finished slot
+
+
+def test_tissue_mask_layer(widget, qtbot):
+    _wait(qtbot, widget, widget.run_tissue())
+    tissue = widget.viewer.layers["tissue"]
+    assert tissue._type_string == "labels" and tissue.data.any() and not tissue.data.all()
+
+
+def test_heatmap_fills_tissue_only_then_gradcam_on_click(widget, qtbot):
+    _wait(qtbot, widget, widget.run())
+    heat = widget.viewer.layers["tumour probability"]
+    vals = heat.data
+    assert np.isfinite(vals).any() and np.isnan(vals).any()  # glass stays transparent
+    assert np.nanmin(vals) >= 0 and np.nanmax(vals) <= 1
+    assert widget.gradcam_at(y_um=400.0, x_um=250.0) is not None  # inside the tissue
+    qtbot.waitUntil(lambda: "Grad-CAM" in widget.viewer.layers, timeout=120_000)
+    cam = widget.viewer.layers["Grad-CAM"]
+    assert cam.data.shape == (32, 32)
+    np.testing.assert_allclose(cam.scale, (4.0, 4.0))
+
+
+def test_cancel_keeps_what_was_scored(widget, qtbot):
+    worker = widget.run()
+    widget.cancel()
+    _wait(qtbot, widget, worker)
+    assert widget.run_button.isEnabled() and "Cancelled" in widget.status.text()
+
+
+def test_wrong_checkpoint_is_reported(widget, qtbot, tmp_path):
+    bad = tmp_path / "model.pt"
+    bad.write_bytes(b"PK\x03\x04 not really a zip")
+    widget.checkpoint.setText(str(bad))
+    _wait(qtbot, widget, widget.run())
+    assert "model.pt" in widget.status.text()
+    assert len(widget.viewer.layers) == 1
