@@ -436,6 +436,7 @@ class TileHeatmap(Result):
             "name": self.name,
             "scale": scale,
             "translate": translate,
+            "units": ("um", "um"),
             "metadata": meta,
             "colormap": "inferno",
             "opacity": 0.6,

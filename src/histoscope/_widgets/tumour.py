@@ -235,6 +235,6 @@ class TumourWidget(QWidget):
         off = (mpp - smpp) / 2
         if "Grad-CAM" in self.viewer.layers:
             self.viewer.layers.remove("Grad-CAM")
-        self.viewer.add_image(cam, name="Grad-CAM", scale=(mpp, mpp), colormap="turbo",
+        self.viewer.add_image(cam, name="Grad-CAM", scale=(mpp, mpp), colormap="turbo", units=("um", "um"),
                               translate=(y0 * smpp + off, x0 * smpp + off), opacity=0.5,
                               contrast_limits=(0, 1))  # fmt: skip

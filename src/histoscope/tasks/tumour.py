@@ -42,7 +42,7 @@ class TissueResult(Result):
     def to_layers(self) -> list:
         m = self.mask
         off = (m.mpp - self.slide_mpp) / 2  # mask pixel centres over level-0 pixel centres
-        kwargs = {"name": "tissue", "scale": (m.mpp, m.mpp), "translate": (off, off),
+        kwargs = {"name": "tissue", "scale": (m.mpp, m.mpp), "translate": (off, off), "units": ("um", "um"),
                   "opacity": 0.3, "metadata": {"histoscope": self.provenance.to_dict()}}  # fmt: skip
         return [(m.mask.astype(np.uint8), kwargs, "labels")]
 
