@@ -122,6 +122,7 @@ class SlideContext:
     fibre: Texture  # stroma fibres
     grain: Texture  # fine chromatin / speckle
     coarse: Texture  # coarse chromatin, granularity
+    chrom: Texture  # chromatin: fine and coarse grain mixed, one look-up per pixel
 
     @property
     def seed(self) -> int:
@@ -412,11 +413,15 @@ def make_context(params: SlideParams) -> SlideContext:
     from histoscope.synthetic._layout import build_layout
 
     rng = np.random.default_rng([params.seed, 0x7E7])
+    grain, coarse = Texture(rng, 256, 0.8), Texture(rng, 256, 2.0)
+    i = np.arange(256)
+    chrom = 0.5 * grain.data + 0.5 * coarse.data[(2 * i[:, None]) & 255, (2 * i[None, :]) & 255]
     return SlideContext(
         params=params,
         layout=build_layout(params),
         nest=Texture(rng, 1024, params.um(22.0)),
         fibre=Texture(rng, 512, 1.5, aniso=12.0),
-        grain=Texture(rng, 256, 0.8),
-        coarse=Texture(rng, 256, 2.0),
+        grain=grain,
+        coarse=coarse,
+        chrom=Texture.from_array(chrom),
     )

@@ -55,7 +55,8 @@ class Layout:
     warp_amp: float  # level-0 px
     tumour_mask: np.ndarray  # (mh, mw) bool: tumour bed incl. necrosis
 
-    def _map_index(self, yy: np.ndarray, xx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def map_index(self, yy: np.ndarray, xx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Map pixel indices ``(my, mx)`` under level-0 coordinates, after the warp."""
         wy = (self.warp.sample(yy, xx) - 0.5) * self.warp_amp
         wx = (self.warp.sample(xx + 97, yy + 31) - 0.5) * self.warp_amp
         my = np.clip(((yy + wy) / self.map_px).astype(np.int64), 0, self.types.shape[0] - 1)
@@ -64,12 +65,12 @@ class Layout:
 
     def type_at(self, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
         """Tissue type at level-0 pixel coordinates (broadcast together)."""
-        my, mx = self._map_index(yy, xx)
+        my, mx = self.map_index(yy, xx)
         return self.types[my, mx]
 
     def field_at(self, field: np.ndarray, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
         """A smooth map field (inflammation, angle) at level-0 coordinates."""
-        my, mx = self._map_index(yy, xx)
+        my, mx = self.map_index(yy, xx)
         return field[my, mx]
 
     @property

@@ -104,7 +104,22 @@ class Texture:
         self.data = (1.0 / (1.0 + np.exp(-1.7 * img))).astype(np.float32)
         self.n = n
 
+    @classmethod
+    def from_array(cls, data: np.ndarray) -> Texture:
+        """A texture holding ``data`` (square, power-of-two side)."""
+        n = data.shape[0]
+        if data.shape != (n, n) or n & (n - 1):
+            raise ValueError(f"data must be square with a power-of-two side, got {data.shape}")
+        tex = cls.__new__(cls)
+        tex.data, tex.n = data.astype(np.float32), n
+        return tex
+
     def sample(self, yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
         """Values at integer coordinates ``yy``, ``xx`` (any broadcastable shapes)."""
         m = self.n - 1
-        return self.data[np.asarray(yy, np.int64) & m, np.asarray(xx, np.int64) & m]
+        yy, xx = np.asarray(yy), np.asarray(xx)
+        if yy.dtype.kind != "i":
+            yy = yy.astype(np.int64)  # floor for the non-negative coordinates used here
+        if xx.dtype.kind != "i":
+            xx = xx.astype(np.int64)
+        return self.data[yy & m, xx & m]

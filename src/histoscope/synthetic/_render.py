@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage as ndi
 
-from histoscope.synthetic._cells import SlideContext, boundary, cells_in_window, wobble
+from histoscope.synthetic._cells import SlideContext, cells_in_window, wobble
 from histoscope.synthetic._constants import (
     FAT,
     LYMPHOID,
@@ -22,7 +22,7 @@ from histoscope.synthetic._constants import (
 )
 from histoscope.synthetic._noise import hash_uniform
 
-_BUCKETS = (6, 9, 13, 18, 25, 34, 46, 62)
+_BUCKETS = (5, 6, 7, 8, 9, 10, 11, 12, 14, 16, 18, 20, 23, 26, 30, 35, 40, 46, 54, 62)
 _H_SCALE, _E_SCALE = 0.6, 0.55  # overall densities of the two stains
 _SOFT = 0.7  # px of edge softness of nuclei before the optical blur
 
@@ -30,13 +30,14 @@ _SOFT = 0.7  # px of edge softness of nuclei before the optical blur
 def _background(ctx: SlideContext, yy: np.ndarray, xx: np.ndarray):
     """Haematoxylin and eosin optical density of the extracellular tissue."""
     lay = ctx.layout
-    t = lay.type_at(yy, xx)
+    my, mx = lay.map_index(yy, xx)  # one domain-warped look-up serves every map field
+    t = lay.types[my, mx]
     shape = t.shape
     hod = np.zeros(shape, np.float32)
     eod = np.zeros(shape, np.float32)
     if not (t != 0).any():
         return t, hod, eod
-    ang = lay.field_at(lay.angle, yy, xx)
+    ang = lay.angle[my, mx]
     fib = _oriented(ctx, yy, xx, ang + 0.7)
     grain = ctx.coarse.sample(yy, xx)
     stroma = t == STROMA
@@ -134,47 +135,66 @@ def _objects_od(ctx, objs: dict, gland: bool, y0, x0, hod, eod) -> None:
             es[lumen], hs[lumen] = 0.06, 0.0
 
 
-def _splat(ctx, c: dict, sel: np.ndarray, half: int, y0, x0, shape, acc) -> None:
-    """Add nuclei, cytoplasm and DAB of the cells ``sel`` (stamp ``2*half+1``)."""
+def _splat(ctx, c: dict, sel: np.ndarray, half: int, y0, x0, shape) -> tuple:
+    """Nuclei, cytoplasm and DAB of the cells ``sel`` drawn in ``2*half+1`` px stamps.
+
+    Returns flat pixel indices into the region and the H, E and DAB optical
+    density to add there (DAB ``None`` when there is none).
+    """
     p = ctx.params
     h, w = shape
     cy, cx = c["y"][sel], c["x"][sel]
+    iy, ix = np.round(cy).astype(np.int64), np.round(cx).astype(np.int64)
     off = np.arange(-half, half + 1)
-    py = (np.round(cy).astype(np.int64)[:, None, None] + off[None, :, None]).astype(np.int64)
-    px = (np.round(cx).astype(np.int64)[:, None, None] + off[None, None, :]).astype(np.int64)
-    py, px = np.broadcast_arrays(py, px)
-    dy = (py - cy[:, None, None]).astype(np.float32)
-    dx = (px - cx[:, None, None]).astype(np.float32)
-    keys = ("theta", "a", "b", "contrast", "hdens", "ves", "nucleolus", "cf", "cf_asp", "ecc",
-            "edens", "dab")  # fmt: skip
-    col = {k: c[k][sel].astype(np.float32)[:, None, None] for k in keys}
-    ct, st = np.cos(col["theta"]), np.sin(col["theta"])
-    u = dy * st + dx * ct
+    py = iy[:, None, None] + off[None, :, None]
+    px = ix[:, None, None] + off[None, None, :]
+    dy = (iy - cy).astype(np.float32)[:, None, None] + off.astype(np.float32)[None, :, None]
+    dx = (ix - cx).astype(np.float32)[:, None, None] + off.astype(np.float32)[None, None, :]
+
+    def col(k):
+        return c[k][sel].astype(np.float32)[:, None, None]
+
+    theta, a, b = col("theta"), col("a"), col("b")
+    ct, st = np.cos(theta), np.sin(theta)
+    u = dy * st + dx * ct  # along the long axis
     v = dx * st - dy * ct
-    un, vn = u / col["a"], v / col["b"]
+    un, vn = u / a, v / b
     rho = np.sqrt(un * un + vn * vn)
-    phi = np.arctan2(vn, un)
-    sub = {k: c[k][sel].astype(np.float32) for k in ("amp2", "ph2", "amp3", "ph3")}
-    rb = boundary(sub, phi.reshape(len(cy), -1)).reshape(rho.shape)
-    nuc = np.clip((rb - rho) * col["b"] / _SOFT + 0.5, 0, 1)
-    tex = 0.5 * ctx.grain.sample(py, px) + 0.5 * ctx.coarse.sample(py * 2, px * 2)
-    tex = 1 - col["contrast"] + 2 * col["contrast"] * tex
+    # boundary harmonics cos(k phi + ph) from cos/sin of the elliptic angle, no arctan
+    inv = 1.0 / np.maximum(rho, 1e-6)
+    cs, sn = un * inv, vn * inv
+    ph2, ph3, amp2, amp3 = col("ph2"), col("ph3"), col("amp2"), col("amp3")
+    rb = (
+        1.0
+        + (amp2 * np.cos(ph2)) * (cs * cs - sn * sn)
+        - (amp2 * np.sin(ph2)) * (2 * cs * sn)
+        + (amp3 * np.cos(ph3)) * (cs * (4 * cs * cs - 3))
+        - (amp3 * np.sin(ph3)) * (sn * (3 - 4 * sn * sn))
+    )
+    nuc = np.clip((rb - rho) * (b / _SOFT) + 0.5, 0, 1)
+    contrast = col("contrast")
+    tex = (1 - contrast) + (2 * contrast) * ctx.chrom.sample(py, px)
     rr = np.minimum(rho / np.maximum(rb, 0.3), 1)
-    hn = col["hdens"] * nuc * tex * (1 - col["ves"] * (1 - rr * rr))
-    nucleolus = np.exp(-((rho / 0.22) ** 2)) * col["nucleolus"]
-    ca, cb = col["a"] * col["cf"] * col["cf_asp"], col["b"] * col["cf"]
-    shift = col["ecc"] * (ca - col["a"])
+    hn = (col("hdens") * nuc) * tex * (1 - col("ves") * (1 - rr * rr))
+    en = None
+    if (c["nucleolus"][sel] > 0).any():
+        nucleolus = np.exp(-((rho * (1 / 0.22)) ** 2)) * col("nucleolus")
+        hn += 0.5 * nucleolus
+        en = 0.35 * nucleolus
+    cf = col("cf")
+    ca, cb = a * cf * col("cf_asp"), b * cf
+    shift = col("ecc") * (ca - a)
     rhoc = np.sqrt(((u + shift) / ca) ** 2 + (v / cb) ** 2)
-    cyto = np.clip((1 - rhoc) * cb / _SOFT + 0.5, 0, 1) * (col["cf"] > 1.01)
-    rbc = col["hdens"] == 0  # red cells: the whole disc is eosin
-    ecell = col["edens"] * np.where(rbc, nuc, cyto * (0.75 + 0.5 * tex / 2))
+    cyto = np.clip((1 - rhoc) * (cb / _SOFT) + 0.5, 0, 1) * (cf > 1.01)
+    rbc = col("hdens") == 0  # red cells: the whole disc is eosin
+    ecell = col("edens") * (cyto * (0.75 + 0.25 * tex) * ~rbc + nuc * rbc)
+    if en is not None:
+        ecell += en
     valid = (py >= y0) & (py < y0 + h) & (px >= x0) & (px < x0 + w)
     idx = ((py - y0) * w + (px - x0))[valid]
-    n = h * w
-    acc[0] += np.bincount(idx, (hn + 0.5 * nucleolus)[valid], n).reshape(h, w)
-    acc[1] += np.bincount(idx, (ecell + 0.35 * nucleolus)[valid], n).reshape(h, w)
-    if p.kind == "ihc" and p.positive_fraction > 0:
-        dab = col["dab"] * (0.85 + 0.3 * tex / 2)
+    dw = None
+    if p.kind == "ihc" and p.positive_fraction > 0 and (c["dab"][sel] > 0).any():
+        dab = col("dab") * (0.85 + 0.15 * tex)
         comp = p.compartment
         d = np.zeros_like(nuc)
         if "nuclear" in comp:
@@ -184,7 +204,40 @@ def _splat(ctx, c: dict, sel: np.ndarray, half: int, y0, x0, shape, acc) -> None
         if comp == "membranous":
             memb = np.exp(-(((rhoc - 0.95) * cb / p.um(0.8)) ** 2))
             d += 1.6 * memb * (1 - nuc)
-        acc[2] += np.bincount(idx, (dab * d)[valid], n).reshape(h, w)
+        dw = (dab * d)[valid]
+    return idx, hn[valid], ecell[valid], dw
+
+
+class _Accumulator:
+    """Sums stamp contributions per pixel, a few million stamp pixels at a time."""
+
+    def __init__(self, maps: list[np.ndarray], limit: int = 3_000_000) -> None:
+        self.maps, self.limit = maps, limit
+        self.parts: list[tuple] = []
+        self.size = 0
+
+    def add(self, part: tuple) -> None:
+        self.parts.append(part)
+        self.size += len(part[0])
+        if self.size >= self.limit:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.parts:
+            return
+        n = self.maps[0].size
+        idx = np.concatenate([q[0] for q in self.parts])
+        for ch in range(3):
+            ws = [q[1 + ch] for q in self.parts if q[1 + ch] is not None]
+            if not ws:
+                continue
+            ii = (
+                idx
+                if len(ws) == len(self.parts)
+                else np.concatenate([q[0] for q in self.parts if q[1 + ch] is not None])
+            )
+            self.maps[ch] += np.bincount(ii, np.concatenate(ws), n).reshape(self.maps[ch].shape)
+        self.parts, self.size = [], 0
 
 
 def render_region(ctx: SlideContext, y: int, x: int, h: int, w: int) -> np.ndarray:
@@ -216,24 +269,29 @@ def render_region(ctx: SlideContext, y: int, x: int, h: int, w: int) -> np.ndarr
         extent = np.maximum(
             c["a"] * (1 + c["amp2"] + c["amp3"]), c["a"] * c["cf"] * c["cf_asp"] * (1 + c["ecc"])
         )
-        need = np.ceil(extent).astype(np.int64) + 2
+        need = np.ceil(extent + 1.0).astype(np.int64)
         bucket = np.searchsorted(_BUCKETS, need)
-        acc = [hod, eod, dod]
+        acc = _Accumulator([hod, eod, dod])
         for b in np.unique(bucket):
             sel = np.flatnonzero(bucket == b)
             half = _BUCKETS[min(b, len(_BUCKETS) - 1)]
             for chunk in np.array_split(sel, max(1, len(sel) * (2 * half + 1) ** 2 // 400_000)):
-                _splat(ctx, c, chunk, half, y0, x0, (hh, ww), acc)
+                acc.add(_splat(ctx, c, chunk, half, y0, x0, (hh, ww)))
+        acc.flush()
     if p.kind == "ihc":  # the counterstain tints stroma and cytoplasm faintly
         hod += 0.15 * eod
-    stains = np.asarray(p.stains, np.float32)
-    od = (
-        np.minimum(hod * _H_SCALE, 3.0)[..., None] * (p.h_strength * stains[0])
-        + np.minimum(eod * _E_SCALE, 3.0)[..., None] * (p.e_strength * stains[1])
-        + np.minimum(dod, 3.0)[..., None] * stains[2]
-    )
-    img = np.asarray(p.background, np.float32) * np.power(np.float32(10.0), -od)
-    img += p.noise * (ctx.grain.sample(yy * 7 + 3, xx * 5 + 1)[..., None] - 0.5) * 2
-    img = ndi.gaussian_filter(img, (p.blur_sigma, p.blur_sigma, 0), mode="nearest")
-    img = img[pad : pad + h, pad : pad + w]
-    return np.clip(img + 0.5, 0, 255).astype(np.uint8)
+    # Beer-Lambert: I = I0 * 10^-(sum of concentration x stain OD vector)
+    stains = -np.log(10.0) * np.asarray(p.stains, np.float32)
+    hc = np.minimum(hod * _H_SCALE, 3.0) * np.float32(p.h_strength)
+    ec = np.minimum(eod * _E_SCALE, 3.0) * np.float32(p.e_strength)
+    dc = np.minimum(dod, 3.0) if p.kind == "ihc" else None
+    noise = (2 * p.noise) * (ctx.grain.sample(yy * 7 + 3, xx * 5 + 1) - np.float32(0.5))
+    out = np.empty((h, w, 3), np.uint8)
+    for ch in range(3):
+        log_t = hc * stains[0, ch] + ec * stains[1, ch]
+        if dc is not None:
+            log_t += dc * stains[2, ch]
+        img = np.float32(p.background[ch]) * np.exp(log_t) + noise
+        img = ndi.gaussian_filter(img, p.blur_sigma, mode="nearest")
+        out[..., ch] = np.clip(img[pad : pad + h, pad : pad + w] + 0.5, 0, 255)
+    return out
