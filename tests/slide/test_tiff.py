@@ -135,7 +135,7 @@ def test_closed_slide_cannot_be_read(tiled_tiff):
         slide.read_region(0, 0, 10, 10)
 
 
-def test_tile_cache_is_not_needed_for_correct_edges(tiled_tiff, image0):
+def test_edge_tiles_are_cropped_to_the_level(tiled_tiff, image0):
     slide = hs.open_slide(tiled_tiff)
     edge = slide.levels[0][-5:, -7:].compute()
     assert edge.shape == (5, 7, 3)
