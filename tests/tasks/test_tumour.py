@@ -37,8 +37,8 @@ def slide(tmp_path_factory):
 
     rng = np.random.default_rng(0)
     img = np.full((1024, 1536, 3), 245, np.uint8)  # glass
-    img[256:, :768] = (90, 90, 200)  # "normal" tissue: blue, left
-    img[256:, 768:] = (200, 80, 90)  # "tumour" tissue: red, right
+    img[256:, :768] = (110, 80, 170)  # "normal" tissue: bluish, left
+    img[256:, 768:] = (170, 60, 120)  # "tumour" tissue: reddish, right
     img[256:] = np.clip(img[256:] + rng.normal(0, 8, img[256:].shape), 0, 255).astype(np.uint8)
     path = write_pyramidal_tiff(tmp_path_factory.mktemp("t") / "t.tif", img, mpp=MPP, quality=95)
     return hs.open_slide(path)
@@ -105,3 +105,30 @@ def test_tumour_index_from_card_classes():
     assert tumour_index(()) == 1
     with pytest.raises(ValueError, match="no tumour class"):
         tumour_index(("a", "b", "c"))
+
+
+def test_stain_normalised_model_sees_normalised_tiles(slide):
+    from histoscope.stains import MacenkoNormalizer
+    from histoscope.tasks.tumour import StainNormalized
+
+    rgb = slide.read_region(0, 600, 64, 64, mpp=1.0)
+    norm = MacenkoNormalizer.fit(slide.read_region(0, 512, 512, 256, mpp=1.0))
+    model = RedIsTumour()
+    spec = model.input_spec
+
+    def tensor(a):
+        return torch.from_numpy(a).permute(2, 0, 1)[None].float() / 255
+
+    direct = model(tensor(norm.transform(rgb)))
+    wrapped = StainNormalized(model, spec, norm)(tensor(rgb))
+    torch.testing.assert_close(wrapped, direct, atol=0.05, rtol=0.02)
+
+
+def test_heatmap_with_stain_normalisation_runs_and_records_it(slide):
+    job = HeatmapJob(slide, RedIsTumour(), stain_norm=True)
+    gen = job.run()
+    with pytest.raises(StopIteration):
+        while True:
+            next(gen)
+    assert np.isfinite(job.values).sum() == len(job.grid)
+    assert job.provenance.params["stain_norm"] == "macenko"

@@ -26,13 +26,13 @@ DEFAULT_CHECKPOINT = "tumour_patch_default.safetensors"
 HEATMAP_NAME = "tumour probability"
 
 
-def _heatmap_work(slide, checkpoint: str, near):
+def _heatmap_work(slide, checkpoint: str, near, stain_norm: bool = False):
     """Worker generator: yields the job once (to show its live layer), then progress."""
     from histoscope.checkpoints import load_checkpoint
     from histoscope.tasks.tumour import HeatmapJob
 
     model, card = load_checkpoint(checkpoint)
-    job = HeatmapJob(slide, model, card)
+    job = HeatmapJob(slide, model, card, stain_norm=stain_norm)
     yield job
     return (yield from job.run(near=near))
 
@@ -70,6 +70,8 @@ class TumourWidget(QWidget):
         buttons = QHBoxLayout()
         for b in (self.tissue_button, self.run_button, self.cancel_button):
             buttons.addWidget(b)
+        self.stain_box = QCheckBox("Stain normalisation (Macenko)")
+        self.stain_box.setToolTip("Map this slide's H&E colours onto a reference before scoring")
         self.gradcam_box = QCheckBox("Grad-CAM of the tile I click")
         self.gradcam_box.toggled.connect(self._toggle_click)
         self.progress = QProgressBar()
@@ -79,6 +81,7 @@ class TumourWidget(QWidget):
         layout = QVBoxLayout(self)
         layout.addLayout(form)
         layout.addLayout(buttons)
+        layout.addWidget(self.stain_box)
         layout.addWidget(self.gradcam_box)
         layout.addWidget(self.progress)
         layout.addWidget(self.status)
@@ -155,7 +158,8 @@ class TumourWidget(QWidget):
             return None
         x, y, w, h = visible_region(self.viewer, slide, layer)
         connect = self._connect(yielded=self._yielded, returned=self._finished_heatmap)
-        worker = create_worker(_heatmap_work, slide, ckpt, (x + w / 2, y + h / 2),
+        near = (x + w / 2, y + h / 2)
+        worker = create_worker(_heatmap_work, slide, ckpt, near, self.stain_box.isChecked(),
                                _connect=connect, _start_thread=False)  # fmt: skip
         return self._start(worker, "Scoring tiles in view first…")
 

@@ -88,20 +88,25 @@ class HeatmapJob:
         A precomputed :class:`TissueMask` (computed here if ``None``).
     min_tissue
         Tiles with at most this tissue fraction are skipped (stay NaN).
+    stain_norm
+        Map the slide's stains onto Macenko's reference H&E before the model
+        (fitted once on a 4 µm/px read of the slide's tissue).
     """
 
     def __init__(self, slide, model, card=None, *, tissue: TissueMask | None = None,
-                 min_tissue: float = 0.5) -> None:  # fmt: skip
+                 min_tissue: float = 0.5, stain_norm: bool = False) -> None:  # fmt: skip
         self.slide, self.model, self.card = slide, model, card
         self.spec = model.input_spec
         self.tissue = tissue if tissue is not None else tissue_mask(slide)
         self.grid = tile_grid(slide, self.tissue, self.spec.mpp, self.spec.tile_size, min_tissue)
         self.target = tumour_index(getattr(card, "classes", ()))
         self.values = np.full(self.grid.shape, np.nan, np.float32)
+        self.normalizer = fit_slide_stains(slide, self.tissue) if stain_norm else None
         self.provenance = Provenance(
             task="tumour_heatmap", slide=str(slide.path),
             checkpoint_sha256=getattr(card, "sha256", "") or "",
-            params={"min_tissue": min_tissue, "target_class": self.target},
+            params={"min_tissue": min_tissue, "target_class": self.target,
+                    "stain_norm": "macenko" if stain_norm else None},
             mpp=self.spec.mpp, tile_grid=self.grid.to_dict(),
         )  # fmt: skip
 
@@ -126,6 +131,12 @@ class HeatmapJob:
 
         target, values, index = self.target, self.values, self.grid.index
 
+        net = (
+            self.model
+            if self.normalizer is None
+            else StainNormalized(self.model, self.spec, self.normalizer)
+        )
+
         class _Prob(torch.nn.Module):
             def __init__(self, net) -> None:
                 super().__init__()
@@ -137,9 +148,49 @@ class HeatmapJob:
         def on_batch(idx: np.ndarray, probs) -> None:
             values[index[idx, 0], index[idx, 1]] = np.asarray(probs, np.float32)
 
-        yield from iter_tiles(_Prob(self.model), self.slide, self.grid, self.spec, params,
+        yield from iter_tiles(_Prob(net), self.slide, self.grid, self.spec, params,
                               near=near, on_batch=on_batch)  # fmt: skip
         return self.heatmap()
+
+
+def fit_slide_stains(slide, tissue: TissueMask, mpp: float = 4.0):
+    """Macenko normaliser fitted on a low-resolution read of the slide's tissue."""
+    from histoscope.stains import MacenkoNormalizer
+
+    h0, w0 = slide.shape
+    f = mpp / slide.mpp
+    rgb = slide.read_region(0, 0, max(1, int(w0 / f)), max(1, int(h0 / f)), mpp=mpp)
+    from PIL import Image
+
+    mask = np.asarray(
+        Image.fromarray(tissue.mask).resize(rgb.shape[1::-1], Image.Resampling.NEAREST)
+    )
+    pixels = rgb[mask] if mask.any() else rgb.reshape(-1, 3)
+    try:
+        return MacenkoNormalizer.fit(pixels[None])
+    except ValueError as exc:
+        raise ValueError(f"{slide.path}: stain normalisation failed: {exc}") from exc
+
+
+def StainNormalized(model, spec, normalizer):  # noqa: N802 - a module factory
+    """Wrap ``model`` so normalised input tiles are stain-normalised first (on any device)."""
+    import torch
+
+    class _Wrapped(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+            self.register_buffer("mean", torch.tensor(spec.mean).view(1, 3, 1, 1))
+            self.register_buffer("std", torch.tensor(spec.std).view(1, 3, 1, 1))
+            self.register_buffer("od", torch.from_numpy(normalizer.od_matrix))
+
+        def forward(self, x):
+            rgb = (x * self.std + self.mean).clamp(1 / 255, 1.0)
+            od = -torch.log10(rgb)
+            rgb = torch.pow(10.0, -torch.einsum("bchw,cd->bdhw", od, self.od)).clamp(0, 1)
+            return self.model((rgb - self.mean) / self.std)
+
+    return _Wrapped()
 
 
 def tile_gradcam(slide, model, spec, x_um: float, y_um: float, grid=None, target: int = 1):
