@@ -43,3 +43,40 @@ def test_missing_slide_is_a_clear_error(tmp_path, capsys):
 def test_unknown_task_is_refused(pyramid_tiff, tmp_path):
     with pytest.raises(SystemExit, match="unknown task"):
         main(["analyze", str(pyramid_tiff), "--tasks", "magic", "--out", str(tmp_path)])
+
+
+def test_analyze_tumour_writes_aligned_heatmap_tiles_and_overview(tmp_path, capsys):
+    import numpy as np
+    import tifffile
+    import torch
+    from PIL import Image
+
+    from histoscope.checkpoints import save_checkpoint
+    from histoscope.models import TileClassifier
+    from histoscope.slide import write_pyramidal_tiff
+    from tests.conftest import make_rgb
+
+    img = np.full((1024, 1024, 3), 245, np.uint8)
+    img[256:, 256:] = make_rgb(768, 768)
+    slide = write_pyramidal_tiff(tmp_path / "s.tif", img, mpp=0.5, min_size=256)
+    torch.manual_seed(0)
+    model = TileClassifier("test_cnn", 2, backbone_kwargs={"tile_size": 32, "mpp": 4.0})
+    card = {"family": "tile_classifier", "config": model.config, "classes": ["normal", "tumour"],
+            "input_spec": model.input_spec.to_dict()}  # fmt: skip
+    ckpt = save_checkpoint(tmp_path / "tiny", model, card)
+    out = tmp_path / "out"
+    rc = main(["analyze", str(slide), "--tasks", "tissue,tumour", "--tumour-checkpoint", str(ckpt),
+               "--out", str(out)])  # fmt: skip
+    assert rc == 0
+    with tifffile.TiffFile(out / "tumour_heatmap.tif") as tif:
+        heat = tif.asarray()
+        xres = tif.pages[0].tags["XResolution"].value
+    assert heat.shape == (4, 4)  # 512 µm / (32 px * 4 µm)
+    assert 1e4 / (xres[0] / xres[1]) == pytest.approx(128.0)  # µm per heatmap pixel
+    assert np.isnan(heat[0, 0]) and np.isfinite(heat[3, 3])  # glass corner vs tissue
+    with open(out / "tumour_heatmap_tiles.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == int(np.isfinite(heat).sum())
+    assert Image.open(out / "tumour_heatmap_overview.png").size[0] > 0
+    meta = json.loads((out / "tumour_heatmap.json").read_text())
+    assert meta["provenance"]["checkpoint_sha256"]

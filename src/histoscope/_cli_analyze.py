@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 #: Tasks ``analyze`` can run, in the order they run.
-TASKS = ("tissue", "ihc")
+TASKS = ("tissue", "tumour", "ihc")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -16,14 +16,30 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tasks", default="tissue", help=f"comma-separated, from: {', '.join(TASKS)}")
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--mpp", type=float, default=None, help="µm/px for images that carry none")
-    p.add_argument("--compartment", default="nucleus", help="IHC: nucleus|cytoplasm|membrane|cell")
+    p.add_argument("--tumour-checkpoint", default=None,
+                   help="tile classifier (default: the embedded tumour_patch_default)")  # fmt: skip
+    p.add_argument("--stain-norm", action="store_true", help="tumour: Macenko normalisation")
+    p.add_argument("--compartment", default="auto",
+                   help="IHC: auto|nucleus|cytoplasm|membrane|cell")  # fmt: skip
     p.add_argument("--ihc-mpp", type=float, default=0.5, help="IHC: µm/px cells are measured at")
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
+def _drive(gen, desc: str):
+    """Run a progress generator to the end under a tqdm bar; return its value."""
     from tqdm import tqdm
 
+    with tqdm(desc=desc, unit="tile") as bar:
+        while True:
+            try:
+                done, total = next(gen)
+            except StopIteration as stop:
+                return stop.value
+            bar.total = total
+            bar.update(done - bar.n)
+
+
+def run(args: argparse.Namespace) -> int:
     from histoscope.slide import open_slide
 
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
@@ -32,25 +48,23 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"histoscope analyze: unknown task(s) {unknown}; choose from {TASKS}")
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
     with open_slide(args.slide, mpp=args.mpp) as slide:
-        written: list[Path] = []
-        if "tissue" in tasks:
-            written += _tissue(slide, out)
+        tissue = None
+        if "tissue" in tasks or "tumour" in tasks:
+            from histoscope.tasks.tumour import find_tissue
+
+            tissue = find_tissue(slide)
+            if "tissue" in tasks:
+                written += _save_tissue(tissue, out)
+        if "tumour" in tasks:
+            written += _tumour(slide, tissue.mask, args, out)
         if "ihc" in tasks:
             from histoscope.tasks.ihc_measure import IHCParams, iter_measure_slide
 
-            gen = iter_measure_slide(
-                slide, IHCParams(compartment=args.compartment), mpp=max(args.ihc_mpp, slide.mpp)
-            )
-            with tqdm(desc="IHC cells", unit="tile") as bar:
-                while True:
-                    try:
-                        done, total = next(gen)
-                    except StopIteration as stop:
-                        result = stop.value
-                        break
-                    bar.total = total
-                    bar.update(done - bar.n)
+            params = IHCParams(compartment=args.compartment)
+            gen = iter_measure_slide(slide, params, mpp=max(args.ihc_mpp, slide.mpp))
+            result = _drive(gen, "IHC cells")
             written += list(result.save(out).values())
             print(json.dumps(result.summary(), indent=2))
     for path in written:
@@ -58,24 +72,33 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _tissue(slide, out: Path) -> list[Path]:
-    import tifffile
+def _save_tissue(tissue, out: Path) -> list[Path]:
     from PIL import Image
 
     from histoscope.export import atomic_write_text
-    from histoscope.tissue import tissue_mask
 
-    mask = tissue_mask(slide)
+    files = tissue.save(out)
     png = out / "tissue_mask.png"
-    Image.fromarray(mask.mask.astype("uint8") * 255).save(png)
-    tif = out / "tissue_mask.tif"
-    res = 1e4 / mask.mpp  # pixels per cm, so the mask carries its µm/px
-    part = tif.with_suffix(".tif.part")
-    tifffile.imwrite(
-        part, mask.mask.astype("uint8"), resolution=(res, res), resolutionunit="CENTIMETER"
+    Image.fromarray(tissue.mask.mask.astype("uint8") * 255).save(png)
+    m = tissue.mask
+    doc = {"mask_mpp": m.mpp, "threshold": m.threshold, "tissue_fraction": m.fraction,
+           "shape": list(m.mask.shape), "provenance": tissue.provenance.to_dict()}  # fmt: skip
+    return [*files, png, atomic_write_text(out / "tissue.json", json.dumps(doc, indent=2) + "\n")]
+
+
+def _tumour(slide, mask, args, out: Path) -> list[Path]:
+    from histoscope._data import sample_data_path
+    from histoscope.checkpoints import load_checkpoint
+    from histoscope.errors import CheckpointError
+    from histoscope.export.heatmap import write_heatmap_outputs
+    from histoscope.tasks.tumour import HeatmapJob
+
+    ckpt = args.tumour_checkpoint or sample_data_path("tumour_patch_default.safetensors")
+    if ckpt is None:
+        raise CheckpointError("no tumour checkpoint: pass --tumour-checkpoint PATH")
+    model, card = load_checkpoint(ckpt)
+    job = HeatmapJob(slide, model, card, tissue=mask, stain_norm=args.stain_norm)
+    heat = _drive(job.run(), "tumour tiles")
+    return write_heatmap_outputs(
+        heat, slide, out, stem="tumour_heatmap", value="tumour_probability"
     )
-    part.replace(tif)
-    doc = {"slide": str(slide.path), "mask_mpp": mask.mpp, "threshold": mask.threshold,
-           "tissue_fraction": mask.fraction, "shape": list(mask.mask.shape)}  # fmt: skip
-    js = atomic_write_text(out / "tissue.json", json.dumps(doc, indent=2) + "\n")
-    return [png, tif, js]
