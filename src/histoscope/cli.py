@@ -22,6 +22,7 @@ COMMANDS = {
     "synth": "histoscope.synthetic.cli",
     "train": "histoscope._cli_train",
     "evaluate": "histoscope._cli_evaluate",
+    "cohort": "histoscope._cli_cohort",
 }
 
 
