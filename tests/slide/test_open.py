@@ -134,7 +134,7 @@ BAD = [
     BadCase("tiff-header-only", "stub.tif", _write(TIFF_HEAD_ONLY), "tiff"),
     BadCase("truncated-half", "cut.tif", _truncate(0.5), "truncated"),
     BadCase("truncated-tail", "cut.svs", _truncate(0.995), "truncated"),
-    BadCase("truncated-header", "cut.tiff", _truncate(0.0001), "tiff"),
+    BadCase("truncated-header", "cut.tiff", _truncate(0.0001), "truncated"),
     BadCase("czi", "scan.czi", _random(256), "unsupported format"),
     BadCase("txt", "scan.txt", _write(b"hello"), "unsupported format"),
     BadCase("no-extension-text", "scan", _write(b"hello"), "unsupported format"),
@@ -164,7 +164,7 @@ def test_bad_input_raises_slide_error_with_path_and_reason(case, tmp_path, tiled
         slide.levels[0].compute()  # when opening succeeds, the first read must fail
     msg = str(info.value)
     assert str(target) in msg
-    assert case.reason in msg.lower()
+    assert case.reason in msg.replace(str(target), "").lower()
 
 
 def test_directory_that_is_not_a_slide(tmp_path):

@@ -141,3 +141,47 @@ def test_edge_tiles_are_cropped_to_the_level(tiled_tiff, image0):
     assert edge.shape == (5, 7, 3)
     assert np.abs(edge.astype(np.int16) - image0[-5:, -7:]).mean() < 4
     assert slide.mpp == pytest.approx(MPP)
+
+
+# --------------------------------------------------------- lazy directories
+@pytest.mark.parametrize("fixture", ["tiled_tiff", "ome_tiff", "svs"])
+def test_open_reads_directories_only_and_matches_full_parse(request, fixture, monkeypatch):
+    from histoscope.slide import _tiff
+
+    path = request.getfixturevalue(fixture)
+    lazy = hs.open_slide(path)
+    assert lazy._backend._handles["tif"] is None  # tifffile (and every tile table) untouched
+    monkeypatch.setattr(_tiff.TiffBackend, "_init_lazy", lambda self: False)
+    full = hs.open_slide(path)
+    assert full._backend._handles["tif"] is not None
+    assert lazy._backend.levels == full._backend.levels
+    assert lazy.metadata == full.metadata and lazy.properties == full.properties
+    for level in (len(full.levels) - 1, 0):
+        np.testing.assert_array_equal(lazy.levels[level].compute(), full.levels[level].compute())
+    assert set(lazy.associated_images) == set(full.associated_images)
+
+
+def test_unknown_layouts_use_the_full_parse(tmp_path):
+    import tifffile
+
+    path = tmp_path / "two-pages.tif"  # two full-size pages: not a pyramid the scanner knows
+    img = texture(0, 0, 128, 128)
+    tifffile.imwrite(path, np.stack([img, img]), photometric="rgb", tile=(64, 64), metadata=None)
+    with pytest.raises(hs.SlideError, match="2 planes"):
+        hs.open_slide(path)
+
+
+def test_bigtiff_pyramid_opens_lazily(tmp_path):
+    import tifffile
+
+    path = tmp_path / "big.tif"
+    img = texture(0, 0, 300, 500)
+    with tifffile.TiffWriter(path, bigtiff=True) as tw:
+        tw.write(img, tile=(128, 128), photometric="rgb", resolution=(2e4, 2e4),
+                 resolutionunit="CENTIMETER", metadata=None)  # fmt: skip
+        tw.write(img[::2, ::2], tile=(128, 128), photometric="rgb", subfiletype=1, metadata=None)
+    slide = hs.open_slide(path)
+    assert slide._backend._handles["tif"] is None and len(slide.levels) == 2
+    assert slide.mpp == pytest.approx(0.5)
+    np.testing.assert_array_equal(slide.levels[0].compute(), img)
+    np.testing.assert_array_equal(slide.levels[1].compute(), img[::2, ::2])
