@@ -47,6 +47,7 @@ _FAMILIES: dict[str, Builder | str] = {
     "backbone": "histoscope.models.backbones:build_backbone_from_config",
     "tile_classifier": "histoscope.models.tile_classifier:TileClassifier.from_config",
     "isight": "histoscope.models.isight:ISight.from_config",
+    "clam": "histoscope.models.clam:build_mil",
 }
 
 
