@@ -70,9 +70,9 @@ DEFAULTS: dict[str, dict[str, Any]] = {
               "backbone_kwargs": {"tile_size": 64, "mpp": 2.0, "blocks": 1,
                                   "widths": [16, 32, 64, 128]},
               "tissue_classes": None, "dim": 128, "hidden": 64, "pooling": "tile",
-              "meta_buckets": 2048, "dropout": 0.25, "meta_dropout": 0.5,
+              "meta_buckets": 4096, "dropout": 0.25, "meta_dropout": 0.5,
               "loss_weights": {"tissue": 0.5, "malignancy": 0.5}},
-    "augment": {"tiles_per_bag": 8, "flips": True},
+    "augment": {"tiles_per_bag": 6, "flips": True},
     "eval": {"split": "test", "measure": True},
 }  # fmt: skip
 GENERATE_KEYS = ("count", "size", "seed", "mpp")

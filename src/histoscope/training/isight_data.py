@@ -300,8 +300,10 @@ def collate(
     spec
         Input spec giving the normalisation.
     n_tiles
-        In training, draw at most this many tiles per bag at random (tile
-        order carries no label information). ``None`` keeps every tile as is.
+        In training, draw exactly this many tiles per bag at random (tile
+        order carries no label information); a smaller bag is filled up by
+        drawing its tiles again, so no padding tile passes the backbone's
+        batch norm in training. ``None`` keeps every tile as is.
     generator
         ``torch.Generator`` for the random choices.
     flips
@@ -313,8 +315,11 @@ def collate(
     picked = []
     for bag in bags:
         t = torch.from_numpy(bag)
-        if n_tiles is not None and len(t) > n_tiles:
+        if n_tiles is not None and len(t) >= n_tiles:
             t = t[torch.randperm(len(t), generator=generator)[:n_tiles]]
+        elif n_tiles is not None and len(t):  # fill up by drawing again: no padding tiles
+            extra = torch.randint(0, len(t), (n_tiles - len(t),), generator=generator)
+            t = torch.cat([t, t[extra]])
         if n_tiles is not None and flips:
             k = int(torch.randint(0, 4, (1,), generator=generator))
             t = torch.rot90(t, k, dims=(1, 2))

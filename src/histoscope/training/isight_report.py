@@ -111,7 +111,8 @@ def evaluate(
     out_dir
         Output folder (see the module docstring for the files).
     split
-        Rows of this split; ``None`` (or a table without a split column) uses all rows.
+        Rows of this split; ``None`` or ``"all"`` (or a table without a split
+        column) uses every row.
     measure
         Also run :func:`histoscope.tasks.ihc_measure.measure_slide` on each
         image and score its intensity / quantity / location estimates.
@@ -130,6 +131,7 @@ def evaluate(
     from histoscope.checkpoints import load_checkpoint
 
     model, card = load_checkpoint(checkpoint_path, family="isight")
+    split = None if split == "all" else split
     try:
         samples = read_table(data_path, split=split)
     except ValueError as exc:
