@@ -80,3 +80,11 @@ def test_wrong_checkpoint_is_reported(widget, qtbot, tmp_path):
     _wait(qtbot, widget, widget.run())
     assert "model.pt" in widget.status.text()
     assert len(widget.viewer.layers) == 1
+
+
+def test_tissue_parameters_come_from_the_form(widget, qtbot):
+    widget.channel.setCurrentText("grey")
+    widget.min_area.setValue(1e6)  # larger than the whole tissue piece: nothing is kept
+    _wait(qtbot, widget, widget.run_tissue())
+    assert not widget.viewer.layers["tissue"].data.any()
+    assert widget.tissue_params().channel == "grey"

@@ -8,6 +8,7 @@ import numpy as np
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
+    QDoubleSpinBox,
     QFileDialog,
     QFormLayout,
     QHBoxLayout,
@@ -19,6 +20,8 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from histoscope.tissue import TissueParams
+
 if TYPE_CHECKING:
     import napari
 
@@ -26,13 +29,15 @@ DEFAULT_CHECKPOINT = "tumour_patch_default.safetensors"
 HEATMAP_NAME = "tumour probability"
 
 
-def _heatmap_work(slide, checkpoint: str, near, stain_norm: bool = False):
+def _heatmap_work(slide, checkpoint: str, near, stain_norm: bool = False, tissue_params=None):
     """Worker generator: yields the job once (to show its live layer), then progress."""
     from histoscope.checkpoints import load_checkpoint
     from histoscope.tasks.tumour import HeatmapJob
+    from histoscope.tissue import tissue_mask
 
     model, card = load_checkpoint(checkpoint)
-    job = HeatmapJob(slide, model, card, stain_norm=stain_norm)
+    tissue = tissue_mask(slide, tissue_params)
+    job = HeatmapJob(slide, model, card, tissue=tissue, stain_norm=stain_norm)
     yield job
     return (yield from job.run(near=near))
 
@@ -56,9 +61,23 @@ class TumourWidget(QWidget):
         row = QHBoxLayout()
         row.addWidget(self.checkpoint)
         row.addWidget(browse)
+        self.channel = QComboBox()
+        self.channel.addItems(["saturation", "grey"])
+        self.blur = QDoubleSpinBox()
+        self.blur.setRange(0, 200)
+        self.blur.setValue(TissueParams().blur_um)
+        self.blur.setSuffix(" µm")
+        self.min_area = QDoubleSpinBox()
+        self.min_area.setRange(0, 1e7)
+        self.min_area.setDecimals(0)
+        self.min_area.setValue(TissueParams().min_area_um2)
+        self.min_area.setSuffix(" µm²")
         form = QFormLayout()
         form.addRow("Slide", self.layer_combo)
         form.addRow("Checkpoint", row)
+        form.addRow("Tissue channel", self.channel)
+        form.addRow("Tissue blur", self.blur)
+        form.addRow("Smallest tissue piece", self.min_area)
 
         self.tissue_button = QPushButton("Tissue mask")
         self.tissue_button.clicked.connect(self.run_tissue)
@@ -113,6 +132,11 @@ class TumourWidget(QWidget):
         layer = self.viewer.layers[name]
         return layer_slide(layer.data, layer.metadata, layer.scale, name), layer
 
+    def tissue_params(self) -> TissueParams:
+        """Tissue detection settings from the form."""
+        return TissueParams(channel=self.channel.currentText(), blur_um=self.blur.value(),
+                            min_area_um2=self.min_area.value())  # fmt: skip
+
     def _start(self, worker, text: str):
         self.worker = worker
         for b in (self.run_button, self.tissue_button):
@@ -137,7 +161,8 @@ class TumourWidget(QWidget):
         except ValueError as exc:
             self.status.setText(str(exc))
             return None
-        w = create_worker(find_tissue, slide, _connect=self._connect(returned=self._add_result),
+        w = create_worker(find_tissue, slide, self.tissue_params(),
+                          _connect=self._connect(returned=self._add_result),
                           _start_thread=False)  # fmt: skip
         return self._start(w, "Finding tissue…")
 
@@ -160,6 +185,7 @@ class TumourWidget(QWidget):
         connect = self._connect(yielded=self._yielded, returned=self._finished_heatmap)
         near = (x + w / 2, y + h / 2)
         worker = create_worker(_heatmap_work, slide, ckpt, near, self.stain_box.isChecked(),
+                               self.tissue_params(),
                                _connect=connect, _start_thread=False)  # fmt: skip
         return self._start(worker, "Scoring tiles in view first…")
 

@@ -1,7 +1,7 @@
 """Pyramid levels as dask arrays chunked at the native tile size.
 
 A level is an ordinary dask array: each chunk is one native tile, so lazy
-reductions, ``map_blocks`` and napari's per-chunk caching work as usual.
+reductions, ``map_blocks``, ``blocks`` and pickling work as usual.
 
 Small windows are the common case (napari asks for the visible part of one
 level, models ask for one patch), and for them dask's per-task cost (building,
@@ -10,7 +10,9 @@ the cost of decoding the tiles. So slicing a level with plain step-1 slices,
 up to :data:`FAST_SLICE_PIXELS` pixels, returns a dask array of *one* task that
 reads the window straight from the slide (decoding its tiles in parallel).
 Anything else - larger slices, steps, fancy indexing, every other dask
-operation - goes through dask unchanged.
+operation - goes through dask unchanged. Such windows bypass dask callbacks,
+napari's opportunistic dask cache included; the slide's own decoded-tile cache
+(:mod:`._cache`) is what saves work when napari pans over tiles it has shown.
 """
 
 from __future__ import annotations
