@@ -21,9 +21,9 @@ def run(args: argparse.Namespace) -> int:
 
     slide_path = args.slide
     if slide_path is None:
-        from histoscope.synthetic import generate
-
         from tqdm import tqdm
+
+        from histoscope.synthetic import generate
 
         args.out.mkdir(parents=True, exist_ok=True)
         with tqdm(desc="synthetic H&E slide", unit="tile") as bar:
