@@ -15,6 +15,16 @@ from histoscope.training import RecipeError, apply_overrides, evaluate, load_rec
 from histoscope.training import run as run_recipe
 from histoscope.training._loop import STATE_FILE, TrainSettings, fit, lr_at
 
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one torch thread avoids OpenMP waits on a busy shared CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 BASE = {"family": "tile_classifier", "data": {"path": "x"}, "model": {}, "train": {}, "out": "o"}
 
 

@@ -17,6 +17,15 @@ from histoscope.training._stain_aug import RGB_FROM_HED, hed_jitter, stain_shift
 from histoscope.training._tiles import load_split, tile_labels
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models: one torch thread avoids OpenMP waits on a busy shared CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def dataset(tmp_path_factory):
     """Three small H&E slides (one per split), each with tumour and normal tissue."""
@@ -39,6 +48,7 @@ def _recipe(data, out, **train) -> dict:
             "lr": 0.01,
             "seed": 3,
             "samples_per_epoch": 32,
+            "num_threads": 1,
             **train,
         },  # fmt: skip
         "out": str(out),
@@ -235,3 +245,35 @@ BAD = [
 def test_bad_family_recipes_name_the_problem(dataset, tmp_path, change, message):
     with pytest.raises(RecipeError, match=message):
         run_recipe({**_recipe(dataset, tmp_path), **change})
+
+
+def test_trained_checkpoint_drives_the_tumour_heatmap(trained, dataset):
+    """Recipe -> checkpoint -> task: layers in µm with provenance, same scores as training's."""
+    from histoscope.checkpoints import load_checkpoint
+    from histoscope.slide import open_slide
+    from histoscope.tasks.tumour import HeatmapJob
+    from histoscope.training.tile_classifier import predict
+
+    _, result, _ = trained
+    model, card = load_checkpoint(result["checkpoint"], family="tile_classifier")
+    manifest = json.loads((dataset / "manifest.json").read_text())
+    row = next(r for r in manifest["slides"] if r["split"] == "test")
+    with open_slide(dataset / row["slide"]) as slide:
+        job = HeatmapJob(slide, model, card)
+        gen = job.run()
+        while True:
+            try:
+                next(gen)
+            except StopIteration as stop:
+                heat = stop.value
+                break
+    data, kw, kind = heat.to_layers()[0]
+    assert kind == "image" and kw["scale"] == (64.0, 64.0)  # 32 px at 2 µm/px
+    assert kw["metadata"]["histoscope"]["checkpoint_sha256"] == card.sha256
+    tiles = load_split(dataset, "test", mpp=2.0, tile_size=32)
+    stride = job.grid.stride
+    rc = np.rint(tiles.coords[:, ::-1] / stride).astype(int)
+    shared = np.isfinite(data[rc[:, 0], rc[:, 1]])
+    assert shared.sum() >= len(tiles) // 2
+    ours = predict(model, tiles.images[shared], card.input_spec)
+    np.testing.assert_allclose(data[rc[shared, 0], rc[shared, 1]], ours, atol=1e-4)

@@ -212,15 +212,14 @@ def fit(
     resume: bool = True,
     progress: Progress | None = None,
     fingerprint: str = "",
-    device: torch.device | str = "cpu",
 ) -> FitResult:
     """Train ``model`` for ``settings.epochs`` epochs, resuming from ``out_dir/last_state.pt``.
 
     Parameters
     ----------
     model
-        The module to train (already on ``device``); on return it holds the best
-        (or last) epoch's weights.
+        The module to train, on its device (``loss_fn`` moves batches there);
+        on return it holds the best (or last) epoch's weights.
     batches
         ``batches(epoch, generator)`` yields one epoch's batches; draw all
         randomness (order, augmentation) from ``generator`` for determinism.
@@ -241,8 +240,6 @@ def fit(
         ``progress(step, total_steps)`` after each step.
     fingerprint
         Identifies the recipe; a saved state with another fingerprint is refused.
-    device
-        Where the model lives (batches are moved by ``loss_fn``).
 
     Returns
     -------
@@ -254,13 +251,24 @@ def fit(
         If the saved state belongs to another recipe, or ``monitor`` names a
         metric ``validate`` does not return.
     """
-    from tqdm import tqdm
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    state_path, log_path = out / STATE_FILE, out / LOG_FILE
+    threads = torch.get_num_threads()
     if settings.num_threads:
         torch.set_num_threads(int(settings.num_threads))
+    try:
+        return _fit(model, batches, loss_fn, settings, out, steps_per_epoch, validate, resume,
+                    progress, fingerprint)  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fit(model, batches, loss_fn, settings, out, steps_per_epoch, validate, resume, progress,
+         fingerprint) -> FitResult:  # fmt: skip
+    from tqdm import tqdm
+
+    state_path, log_path = out / STATE_FILE, out / LOG_FILE
     seed_everything(settings.seed)
     opt = make_optimiser(model.parameters(), settings)
     result = FitResult()

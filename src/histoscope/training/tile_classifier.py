@@ -255,8 +255,7 @@ def train(
     if ts.monitor is None:
         ts = replace(ts, monitor="val_auc")
     fitted = fit(model, batches, loss_fn, ts, out, steps_per_epoch=steps, validate=validate,
-                 resume=resume, progress=progress, fingerprint=fingerprint(recipe),
-                 device=device)  # fmt: skip
+                 resume=resume, progress=progress, fingerprint=fingerprint(recipe))  # fmt: skip
     model.cpu().eval()
     test = evaluate_tiles(model, spec, _load(root, "test", data), cfg["eval"], out)
     val = metrics_for(val_set.labels, predict(model, val_set.images, spec))
