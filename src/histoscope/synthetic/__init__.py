@@ -4,7 +4,9 @@
 next to it: cells as CSV and QuPath GeoJSON, tumour mask, tissue map, slide
 label, and for IHC an HPA-style row with the five iSight labels. Rendering is
 tile-local (hashed cells on lattices, periodic textures), so slides of any
-size are drawn tile by tile in bounded memory. See ``docs/synthetic.md``.
+size are drawn tile by tile in bounded memory. ``write_dataset`` (the
+``histoscope synth`` command) writes many slides with train/val/test splits.
+See ``docs/synthetic.md``.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from histoscope.synthetic._constants import (
     REFERENCE_STAINS,
     TISSUE_TYPES,
 )
+from histoscope.synthetic._dataset import write_dataset
 from histoscope.synthetic._generate import SyntheticSlide, generate
 
 __all__ = [
@@ -40,4 +43,5 @@ __all__ = [
     "TISSUE_TYPES",
     "SyntheticSlide",
     "generate",
+    "write_dataset",
 ]

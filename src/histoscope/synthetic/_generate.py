@@ -100,8 +100,8 @@ def generate(
     name
         File stem; defaults to ``"{kind}_{seed:05d}"``.
     extras
-        Also write expression, NuClass patches and a report
-        (:func:`histoscope.synthetic.write_extras`).
+        Also write 2 µm expression (Visium HD layout), the NuClass patch trio
+        and a report; their paths are in ``SyntheticSlide.extras``.
     progress
         ``progress(done, total)`` over the slide's tiles.
     workers

@@ -107,24 +107,29 @@ def write_cells(cells: dict, mpp: float, csv_path: Path, geojson_path: Path) -> 
                          f"{y * mpp:.2f}", int(cells["cls"][k]), CELL_CLASSES[cells["cls"][k]],
                          TISSUE_TYPES[cells["tissue"][k]], f"{area[k]:.2f}",
                          f"{cells['dab'][k]:.4f}"])  # fmt: skip
-    features = []
     polys = np.round(cells["polygon"], 2)
-    for k in range(len(cells["uid"])):
-        ring = polys[k].tolist()
-        ring.append(ring[0])
-        name = CELL_CLASSES[cells["cls"][k]]
-        features.append({
-            "type": "Feature",
-            "id": str(int(cells["uid"][k])),
-            "geometry": {"type": "Polygon", "coordinates": [ring]},
-            "properties": {
-                "objectType": "detection",
-                "classification": {"name": name, "color": CLASS_COLORS[name]},
-                "measurements": {"DAB OD mean": round(float(cells["dab"][k]), 4)},
-            },
-        })  # fmt: skip
-    text = json.dumps({"type": "FeatureCollection", "features": features}, separators=(",", ":"))
-    Path(geojson_path).write_text(text)  # dumps, not dump: the C encoder is ~10x faster
+    # streamed in chunks: a slide's worth of feature dicts never sits in memory at once
+    with open(geojson_path, "w") as fh:
+        fh.write('{"type":"FeatureCollection","features":[')
+        for start in range(0, len(polys), 5000):
+            chunk = []
+            for k in range(start, min(start + 5000, len(polys))):
+                ring = polys[k].tolist()
+                ring.append(ring[0])
+                name = CELL_CLASSES[cells["cls"][k]]
+                chunk.append({
+                    "type": "Feature",
+                    "id": str(int(cells["uid"][k])),
+                    "geometry": {"type": "Polygon", "coordinates": [ring]},
+                    "properties": {
+                        "objectType": "detection",
+                        "classification": {"name": name, "color": CLASS_COLORS[name]},
+                        "measurements": {"DAB OD mean": round(float(cells["dab"][k]), 4)},
+                    },
+                })  # fmt: skip
+            text = json.dumps(chunk, separators=(",", ":"))[1:-1]  # C encoder, ~10x json.dump
+            fh.write(("," if start else "") + text)
+        fh.write("]}")
 
 
 def write_masks(ctx: SlideContext, tumour_path: Path, tissue_path: Path) -> None:
