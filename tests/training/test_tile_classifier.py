@@ -39,7 +39,7 @@ def dataset(tmp_path_factory):
 def _recipe(data, out, **train) -> dict:
     return {
         "family": "tile_classifier",
-        "data": {"path": str(data), "mpp": 2.0, "tile_size": 32},
+        "data": {"path": str(data), "mpp": 2.0, "tile_size": 32, "max_per_slide": 6},
         "model": {"backbone": "test_cnn", "dropout": 0.1},
         "augment": {"flips": True, "hed_sigma": 0.05, "hed_bias": 0.05},
         "train": {

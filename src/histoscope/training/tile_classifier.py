@@ -7,7 +7,8 @@ Recipe sections (defaults in :data:`DEFAULTS`):
     the dataset with :func:`histoscope.synthetic._dataset.write_dataset` when the
     folder is missing), ``mpp`` and ``tile_size`` (tiles read), ``min_tissue``,
     ``tumour_min``, ``normal_max`` (labelling, see :mod:`._tiles`),
-    ``max_per_slide`` (cap per class and slide).
+    ``max_per_slide`` (cap per class and slide on the train and val splits; the
+    test split is always read whole, as ``histoscope evaluate`` reads it).
 ``model``
     ``backbone``, ``backbone_kwargs``, ``dropout`` of
     :class:`histoscope.models.TileClassifier`.
@@ -257,7 +258,9 @@ def train(
     fitted = fit(model, batches, loss_fn, ts, out, steps_per_epoch=steps, validate=validate,
                  resume=resume, progress=progress, fingerprint=fingerprint(recipe))  # fmt: skip
     model.cpu().eval()
-    test = evaluate_tiles(model, spec, _load(root, "test", data), cfg["eval"], out)
+    # every test tile, as `histoscope evaluate` reads them (the cap only balances training)
+    test_set = _load(root, "test", {**data, "max_per_slide": None})
+    test = evaluate_tiles(model, spec, test_set, cfg["eval"], out)
     val = metrics_for(val_set.labels, predict(model, val_set.images, spec))
     card_metrics = {"best_epoch": fitted.best_epoch, "val": val, **test}
     card = ModelCard(
