@@ -1,0 +1,305 @@
+"""Data for the ``clam`` family: synthetic slides, cached tile features, bags.
+
+Tile features are extracted once per slide with a frozen backbone, through
+the same engine and tile grid as inference (tissue mask, then tiles with
+more than ``min_tissue`` tissue), and cached as HDF5 in the CLAM/TRIDENT
+layout: a ``features`` dataset ``(N, D)`` float32 and a ``coords`` dataset
+``(N, 2)`` int64 of level-0 ``(x, y)`` tile corners, with the tile size,
+µm/px and backbone identity as attributes. Real-data readers of that format
+(CLAM's ``Generic_MIL_Dataset``, TRIDENT outputs) read these files as they are,
+and :func:`read_features` reads theirs.
+
+A bag is one slide's features with its label and, for synthetic slides, each
+tile's true tumour fraction (from the tumour mask PNG at
+``label["mask_um_per_px"]``), used to score attention against the mask.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from histoscope.training._recipe import RecipeError
+
+FEATURES_KEY, COORDS_KEY = "features", "coords"
+
+
+# ---------------------------------------------------------------- data sets
+def write_foci_dataset(
+    out_dir: str | os.PathLike,
+    size: tuple[int, int],
+    seed: int,
+    count: int,
+    mpp: float,
+    *,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> Path:
+    """A held-out set of benign slides and slides with one small tumour focus.
+
+    Seeds from ``seed`` upwards are drawn in order and kept when the
+    generator's parameters give a ``"focus"`` slide (tumour 1-4.5 % of the
+    tissue) or a benign one, until ``count // 2`` focus and ``count - count // 2``
+    benign slides are found. Every slide is in split ``"test"``; the manifest
+    has the rows of ``histoscope synth``.
+
+    Returns
+    -------
+    pathlib.Path
+        The ``manifest.json`` written.
+    """
+    from histoscope.synthetic import generate
+    from histoscope.synthetic._params import sample_params
+
+    want = {"focus": count // 2, "none": count - count // 2}
+    seeds: list[int] = []
+    s = int(seed)
+    while sum(want.values()) > 0:
+        extent = sample_params("he", s, tuple(size), mpp).tumour_extent
+        if want.get(extent, 0) > 0:
+            want[extent] -= 1
+            seeds.append(s)
+        s += 1
+        if s - seed > 100 * count:
+            raise RuntimeError(f"no {want} slides among seeds {seed}..{s}")
+    out = Path(out_dir)
+    rows = []
+    for k, sd in enumerate(seeds):
+        sl = generate(out / "slides", "he", tuple(size), sd, mpp)
+        label = sl.read_label()
+        rows.append({
+            "name": sl.slide.stem, "split": "test", "kind": "he", "seed": sd,
+            "slide": str(sl.slide.relative_to(out)), "label_json": str(sl.label.relative_to(out)),
+            "tumour_mask": str(sl.tumour_mask.relative_to(out)), "label": label["label"],
+            "organ": label["organ"], "tumour_extent": label["tumour_extent"],
+            "tumour_fraction": round(label["tumour_fraction"], 5), "mpp": mpp,
+        })  # fmt: skip
+        if progress is not None:
+            progress(k + 1, len(seeds), sl.slide.stem)
+    manifest = {"kind": "he", "size": [int(v) for v in size], "mpp": mpp, "first_seed": seed,
+                "count": count, "splits": {"train": [], "val": [],
+                                           "test": [r["name"] for r in rows]},
+                "slides": rows}  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return out / "manifest.json"
+
+
+def ensure_dataset(path: str | os.PathLike, generate: Mapping[str, Any] | None, *,
+                   foci: bool = False) -> Path:  # fmt: skip
+    """The dataset folder, generated with ``generate`` settings when its manifest is missing.
+
+    Parameters
+    ----------
+    path
+        Dataset folder.
+    generate
+        ``{count, size, seed, mpp, fractions}`` or ``None`` (then the folder must exist).
+    foci
+        Generate with :func:`write_foci_dataset` instead of ``write_dataset``.
+    """
+    root = Path(path)
+    if (root / "manifest.json").is_file() or generate is None:
+        return root
+    g = dict(generate)
+    size = tuple(int(v) for v in g.get("size", (2048, 2048)))
+    seed, count, mpp = int(g.get("seed", 0)), int(g.get("count", 10)), float(g.get("mpp", 1.0))
+    if foci:
+        write_foci_dataset(root, size, seed, count, mpp)
+    else:
+        from histoscope.synthetic._dataset import write_dataset
+
+        fr = tuple(g.get("fractions", (0.7, 0.15, 0.15)))
+        write_dataset(root, kind="he", size=size, seed=seed, count=count, mpp=mpp, fractions=fr)
+    return root
+
+
+# ---------------------------------------------------------------- features
+def write_features(path: str | os.PathLike, features: np.ndarray, coords: np.ndarray,
+                   attrs: Mapping[str, Any] | None = None) -> Path:  # fmt: skip
+    """Write a CLAM/TRIDENT feature file (``features`` N x D, ``coords`` N x 2) atomically.
+
+    Parameters
+    ----------
+    path
+        ``.h5`` file to write.
+    features
+        ``(N, D)`` tile features.
+    coords
+        ``(N, 2)`` level-0 ``(x, y)`` tile corners.
+    attrs
+        Stored on the ``coords`` dataset (``patch_size``, ``patch_size_level0``,
+        ``mpp``, ...), as TRIDENT does; nested values as JSON strings.
+
+    Returns
+    -------
+    pathlib.Path
+    """
+    import h5py
+
+    feats = np.asarray(features, np.float32)
+    xy = np.asarray(coords, np.int64)
+    if feats.ndim != 2 or xy.shape != (len(feats), 2):
+        raise ValueError(f"features {feats.shape} and coords {xy.shape} must be (N, D) and (N, 2)")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    part = path.with_name(path.name + ".part")
+    with h5py.File(part, "w") as f:
+        f.create_dataset(FEATURES_KEY, data=feats)
+        ds = f.create_dataset(COORDS_KEY, data=xy)
+        for k, v in (attrs or {}).items():
+            ds.attrs[k] = json.dumps(v) if isinstance(v, dict | list | tuple) or v is None else v
+    os.replace(part, path)
+    return path
+
+
+def read_features(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """Read a CLAM/TRIDENT ``.h5`` feature file: ``features``, ``coords`` and the coords' attrs.
+
+    Files that store features as ``(1, N, D)`` (some TRIDENT encoders) are squeezed.
+
+    Raises
+    ------
+    RecipeError
+        If the file is missing or lacks a ``features`` or ``coords`` dataset.
+    """
+    import h5py
+
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"feature file {path} does not exist")
+    with h5py.File(path, "r") as f:
+        missing = [k for k in (FEATURES_KEY, COORDS_KEY) if k not in f]
+        if missing:
+            raise RecipeError(f"feature file {path} has no {' or '.join(missing)} dataset "
+                              f"(has {sorted(f)})")  # fmt: skip
+        feats = np.asarray(f[FEATURES_KEY], np.float32)
+        xy = np.asarray(f[COORDS_KEY]).astype(np.int64)
+        attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in f[COORDS_KEY].attrs.items()}
+    if feats.ndim == 3 and feats.shape[0] == 1:
+        feats = feats[0]
+    if feats.ndim != 2 or len(feats) != len(xy):
+        raise RecipeError(f"feature file {path}: features {feats.shape} do not match coords "
+                          f"{xy.shape}")  # fmt: skip
+    return feats, xy.reshape(-1, 2), attrs
+
+
+@dataclass(frozen=True)
+class Bag:
+    """One slide as a MIL bag.
+
+    Attributes
+    ----------
+    name
+        Slide name.
+    features
+        ``(N, D)`` float32 tile features.
+    coords
+        ``(N, 2)`` level-0 ``(x, y)`` tile corners.
+    label
+        Slide class index (1: tumour present).
+    tumour_fraction
+        ``(N,)`` true tumour fraction of each tile.
+    extent
+        The generator's tumour extent (``none``, ``focus``, ``moderate``, ``extensive``).
+    slide_tumour_fraction
+        Tumour share of the slide's tissue.
+    """
+
+    name: str
+    features: np.ndarray
+    coords: np.ndarray
+    label: int
+    tumour_fraction: np.ndarray
+    extent: str
+    slide_tumour_fraction: float
+
+
+def tile_tumour_fraction(mask: np.ndarray, mask_um: float, coords: np.ndarray,
+                         tile_level0: float, slide_mpp: float) -> np.ndarray:  # fmt: skip
+    """Mean of a boolean ``mask`` (at ``mask_um`` µm/px) over each tile's footprint."""
+    m = np.asarray(mask, np.float64)
+    integral = np.zeros((m.shape[0] + 1, m.shape[1] + 1))
+    integral[1:, 1:] = m.cumsum(0).cumsum(1)
+    scale = slide_mpp / mask_um
+    x0 = np.clip(np.rint(coords[:, 0] * scale).astype(int), 0, m.shape[1])
+    y0 = np.clip(np.rint(coords[:, 1] * scale).astype(int), 0, m.shape[0])
+    x1 = np.clip(np.rint((coords[:, 0] + tile_level0) * scale).astype(int), 0, m.shape[1])
+    y1 = np.clip(np.rint((coords[:, 1] + tile_level0) * scale).astype(int), 0, m.shape[0])
+    area = np.maximum((x1 - x0) * (y1 - y0), 1)
+    s = integral[y1, x1] - integral[y0, x1] - integral[y1, x0] + integral[y0, x0]
+    return (s / area).astype(np.float32)
+
+
+def slide_features(slide_path: str | os.PathLike, fm, cache: Path, *,
+                   min_tissue: float = 0.5) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:  # fmt: skip
+    """Features of one slide's tissue tiles, from ``cache`` or computed and cached there.
+
+    The cache file is ``cache/<weights hash[:12]>/<slide stem>.h5``, so features
+    of other weights or settings never mix.
+    """
+    from histoscope.engine import EngineParams
+    from histoscope.slide import open_slide
+    from histoscope.tasks.mil import iter_features, tile_grid_for
+
+    slide_path = Path(slide_path)
+    key = f"{fm.descriptor['weights_sha256'][:12]}_t{min_tissue:g}"
+    path = Path(cache) / key / f"{slide_path.stem}.h5"
+    if path.is_file():
+        return read_features(path)
+    with open_slide(slide_path) as slide:
+        grid = tile_grid_for(slide, fm.spec, min_tissue=min_tissue)
+        gen = iter_features(slide, fm, grid, EngineParams(batch_size=64, workers=1, prefetch=2))
+        while True:
+            try:
+                next(gen)
+            except StopIteration as stop:
+                out = stop.value
+                break
+        attrs = {"patch_size": int(grid.tile_size), "patch_size_level0": float(grid.stride),
+                 "patch_level": 0, "mpp": float(grid.mpp), "slide_mpp": float(grid.slide_mpp),
+                 "min_tissue": float(min_tissue), "encoder": fm.descriptor["backbone"],
+                 "encoder_checkpoint": fm.descriptor.get("checkpoint") or "",
+                 "encoder_sha256": fm.descriptor["weights_sha256"], "name": slide_path.stem}  # fmt: skip
+        write_features(path, out.outputs, grid.coords, attrs)
+    return read_features(path)
+
+
+def load_bags(root: str | os.PathLike, split: str, fm, cache: str | os.PathLike, *,
+              min_tissue: float = 0.5,
+              progress: Callable[[int, int, str], None] | None = None) -> list[Bag]:  # fmt: skip
+    """Every slide of one split as a :class:`Bag` (features cached, truth from the masks).
+
+    Raises
+    ------
+    RecipeError
+        If the folder, its manifest or the split is missing, or a slide has no tissue tiles.
+    """
+    from PIL import Image
+
+    from histoscope.training._tiles import read_manifest
+
+    root = Path(root)
+    rows = [r for r in read_manifest(root)["slides"] if split == "all" or r.get("split") == split]
+    if not rows:
+        raise RecipeError(f"data folder {root} has no slides in split {split!r}")
+    bags = []
+    for k, row in enumerate(rows):
+        feats, xy, attrs = slide_features(root / row["slide"], fm, Path(cache),
+                                          min_tissue=min_tissue)  # fmt: skip
+        if len(feats) == 0:
+            raise RecipeError(f"slide {row['slide']} in {root} has no tissue tiles")
+        label = json.loads((root / row["label_json"]).read_text())
+        mask = np.asarray(Image.open(root / row["tumour_mask"])) > 0
+        frac = tile_tumour_fraction(mask, float(label["mask_um_per_px"]), xy,
+                                    float(attrs["patch_size_level0"]), float(attrs["slide_mpp"]))  # fmt: skip
+        bags.append(Bag(row["name"], feats, xy, int(row["label"]), frac, row["tumour_extent"],
+                        float(row["tumour_fraction"])))  # fmt: skip
+        if progress is not None:
+            progress(k + 1, len(rows), row["name"])
+    return bags

@@ -1,0 +1,151 @@
+"""Family ``clam``: HDF5 feature files, bags with truth, training with resume, evaluation."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from histoscope.training import RecipeError
+from histoscope.training.clam import attention_auc, settings
+from histoscope.training.clam_data import (
+    Bag,
+    read_features,
+    tile_tumour_fraction,
+    write_features,
+)
+
+FEATURES = {"backbone": "test_cnn", "backbone_kwargs": {"tile_size": 32, "mpp": 4.0}, "seed": 0}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    """Six 640 x 640 slides at 1 µm/px: benign, focus and extensive tumours."""
+    from histoscope.synthetic._dataset import write_dataset
+
+    root = tmp_path_factory.mktemp("clam_data")
+    write_dataset(root, size=(640, 640), seed=0, count=6, mpp=1.0)
+    return root
+
+
+def recipe(dataset, out, **train):
+    return {
+        "family": "clam",
+        "data": {"path": str(dataset), "cache": str(out / "cache")},
+        "model": {"hidden": 8, "attn_hidden": 4, "k_sample": 2, "features": FEATURES},
+        "train": {"epochs": 2, "lr": 1e-3, "optimiser": "adam", **train},
+        "out": str(out),
+    }
+
+
+def test_feature_files_round_trip_in_the_clam_layout(tmp_path):
+    import h5py
+
+    feats = np.random.default_rng(0).normal(size=(5, 3)).astype(np.float32)
+    xy = np.arange(10).reshape(5, 2) * 128
+    path = write_features(tmp_path / "s.h5", feats, xy, {"patch_size": 128, "mpp": 1.0})
+    with h5py.File(path) as f:  # what CLAM's and TRIDENT's readers open
+        assert f["features"].shape == (5, 3) and f["coords"].shape == (5, 2)
+        assert f["coords"].attrs["patch_size"] == 128
+    f2, xy2, attrs = read_features(path)
+    np.testing.assert_array_equal(f2, feats)
+    np.testing.assert_array_equal(xy2, xy)
+    assert attrs["mpp"] == 1.0
+    # a TRIDENT-style (1, N, D) file, and a file without coords
+    with h5py.File(tmp_path / "t.h5", "w") as f:
+        f["features"] = feats[None]
+        f["coords"] = xy
+    assert read_features(tmp_path / "t.h5")[0].shape == (5, 3)
+    with h5py.File(tmp_path / "u.h5", "w") as f:
+        f["features"] = feats
+    with pytest.raises(RecipeError, match="no coords"):
+        read_features(tmp_path / "u.h5")
+    with pytest.raises(ValueError, match="coords"):
+        write_features(tmp_path / "v.h5", feats, xy[:3])
+
+
+def test_tile_tumour_fraction_reads_the_mask_under_each_tile():
+    mask = np.zeros((16, 16), bool)  # 16 µm/px -> 256 µm
+    mask[0:8, 8:16] = True  # top-right quarter
+    coords = np.array([[0, 0], [128, 0], [128, 64], [0, 128]])  # level-0 px at 1 µm/px
+    frac = tile_tumour_fraction(mask, 16.0, coords, 128.0, 1.0)
+    np.testing.assert_allclose(frac, [0.0, 1.0, 0.5, 0.0])
+
+
+def test_attention_auc_scores_tiles_against_the_mask():
+    def bag(name, label, frac):
+        frac = np.asarray(frac, np.float32)
+        return Bag(name, np.zeros((len(frac), 2), np.float32), np.zeros((len(frac), 2)), label,
+                   frac, "x", 0.1)  # fmt: skip
+
+    bags = [bag("a", 1, [1, 0, 0, 0.6]), bag("b", 1, [0, 1, 0, 0]), bag("c", 0, [0, 0, 0, 0])]
+    atts = [np.array([[0.4, 0.1, 0.2, 0.3]]), np.array([[0.4, 0.1, 0.2, 0.3]]),
+            np.array([[0.25] * 4])]  # fmt: skip
+    res = attention_auc(bags, atts, tumour_min=0.5)
+    assert res["n_slides"] == 2  # the benign bag has no tumour tiles to rank
+    # a: tumour tiles 0 and 3 hold the two highest weights; b: its tumour tile the lowest
+    assert res["per_slide"] == {"a": pytest.approx(1.0), "b": pytest.approx(0.0)}
+    assert res["mean"] == pytest.approx(0.5) and res["min"] == pytest.approx(0.0)
+
+
+def test_recipe_keys_are_checked(tmp_path):
+    r = recipe(tmp_path, tmp_path)
+    settings(r)
+    with pytest.raises(RecipeError, match="model.featurs"):
+        settings({**r, "model": {"featurs": {}}})
+    with pytest.raises(RecipeError, match="model.features.weights"):
+        settings({**r, "model": {"features": {"weights": "x"}}})
+    with pytest.raises(RecipeError, match="model.variant"):
+        settings({**r, "model": {"variant": "max"}})
+    with pytest.raises(RecipeError, match="data.path"):
+        settings({**r, "data": {}})
+
+
+def test_train_caches_features_resumes_and_evaluates(tmp_path, dataset):
+    from histoscope.checkpoints import load_checkpoint, read_card
+    from histoscope.training import evaluate, run
+
+    out = tmp_path / "run"
+    res = run(recipe(dataset, out))
+    card = read_card(res["checkpoint"])
+    assert card.family == "clam" and card.classes == ("normal", "tumour")
+    feats = card.data["features"]
+    assert feats["backbone"] == "test_cnn" and feats["checkpoint"] is None
+    assert len(feats["weights_sha256"]) == 64 and card.input_spec["tile_size"] == 32
+    assert set(card.metrics) >= {"best_epoch", "val", "test", "mean_pool"}
+    assert "attention_auc" in card.metrics["test"]
+    assert (out / "last_state.pt").is_file() and (out / "mean_pool" / "last_state.pt").is_file()
+    assert (out / f"{'clam'}_mean_pool.safetensors").is_file()
+    # one CLAM/TRIDENT feature file per slide
+    h5 = sorted((out / "cache").rglob("*.h5"))
+    assert len(h5) == 6
+    f, xy, attrs = read_features(h5[0])
+    assert f.shape[1] == 16 and attrs["encoder"] == "test_cnn"
+    # resuming with more epochs continues from epoch 2 instead of starting over
+    mtime = h5[0].stat().st_mtime_ns
+    res3 = run(recipe(dataset, out, epochs=3))
+    assert [r["epoch"] for r in res3["history"]] == [1, 2, 3]
+    log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2, 3]
+    assert h5[0].stat().st_mtime_ns == mtime  # features were read from the cache
+    # evaluation on the dataset, with the baseline, writes its tables
+    m = evaluate(res3["checkpoint"], dataset, tmp_path / "ev", split="all",
+                 baseline=out / "clam_mean_pool.safetensors", cache=out / "cache")  # fmt: skip
+    assert m["n"]["normal"] + m["n"]["tumour"] == 6 and 0 <= m["auc"] <= 1
+    assert "mean_pool" in m and m["attention_auc"]["n_slides"] >= 1
+    doc = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert doc["family"] == "clam" and doc["auc"] == m["auc"]
+    rows = (tmp_path / "ev" / "slides.csv").read_text().splitlines()
+    assert len(rows) == 1 + 12
+    model, _ = load_checkpoint(res3["checkpoint"], family="clam")
+    assert model.config["k_sample"] == 2
