@@ -81,3 +81,9 @@ def test_measured_ihc_labels_follow_the_design():
         if checked == 4:
             break
     assert checked == 4
+
+
+@pytest.mark.parametrize("shape", [(512, 50_000), (50_000, 768), (2048, 2048)], ids=str)
+def test_any_aspect_ratio_holds_tissue_and_glass(shape):
+    lay = build_layout(sample_params("he", 7, shape, 0.5))
+    assert 0.1 < (lay.types != 0).mean() < 0.9

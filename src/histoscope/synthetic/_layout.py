@@ -86,9 +86,9 @@ def _tissue_outline(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndar
     yy = np.linspace(-1, 1, mh)[:, None]
     xx = np.linspace(-1, 1, mw)[None, :]
     field = field - 2.2 * (yy**2 + xx**2) ** 1.5
-    border = max(2, int(0.03 * max(mh, mw)))
-    field[:border] = field[-border:] = -9
-    field[:, :border] = field[:, -border:] = -9
+    by, bx = max(1, int(0.03 * mh)), max(1, int(0.03 * mw))  # glass margin on each side
+    field[:by] = field[-by:] = -9
+    field[:, :bx] = field[:, -bx:] = -9
     frac = rng.uniform(0.35, 0.7)
     mask = field > np.quantile(field, 1 - frac)
     mask = ndi.binary_fill_holes(ndi.binary_opening(mask, iterations=1))
