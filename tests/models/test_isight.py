@@ -12,7 +12,9 @@ TISSUES = ("breast", "colon", "liver")
 
 def make(pooling: str = "tile", **kw) -> ISight:
     torch.manual_seed(0)
-    return ISight("test_cnn", TISSUES, dim=32, hidden=16, pooling=pooling, n_cell_types=4, **kw).eval()
+    return ISight(
+        "test_cnn", TISSUES, dim=32, hidden=16, pooling=pooling, n_cell_types=4, **kw
+    ).eval()
 
 
 def tiles(b: int = 2, n: int = 5, size: int = 32) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""The napari side of ``histoscope demo``: a slide with every HistoScope widget docked."""
+"""The napari side of ``histoscope demo``: a slide, every HistoScope widget, the main job run."""
 
 from __future__ import annotations
 
@@ -6,33 +6,49 @@ import time
 from pathlib import Path
 
 #: Dock widgets shown by the demo, as named in napari.yaml.
-DEMO_WIDGETS = ("Slide", "IHC measurement", "IHC co-assessment (iSight)")
+DEMO_WIDGETS = ("Slide", "Tumour map")  # the IHC widgets are under Plugins > HistoScope
+
+
+def _settle(seconds: float) -> None:
+    from qtpy.QtWidgets import QApplication
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        QApplication.processEvents()
+        time.sleep(0.05)
 
 
 def show_slide(slide_path: Path, screenshot: Path | None = None, settle_s: float = 3.0) -> None:
-    """Open ``slide_path`` in napari with the HistoScope widgets docked.
+    """Open ``slide_path`` in napari with the HistoScope widgets docked and its tumour map run.
 
-    With ``screenshot`` the window is rendered to that PNG and closed;
-    otherwise napari's event loop runs until the user closes the window.
+    The tumour heatmap runs on the embedded default checkpoint (tiles in view
+    first). With ``screenshot`` the window is rendered to that PNG once the
+    map is complete and then closed; otherwise napari's event loop runs until
+    the user closes the window.
     """
     import napari
-    from qtpy.QtWidgets import QApplication
 
     viewer = napari.Viewer(title="HistoScope demo", show=True)
     viewer.window._qt_window.resize(1600, 1000)
     viewer.open(str(slide_path), plugin="napari-histoscope")
+    docks = {}
     for name in DEMO_WIDGETS:
-        viewer.window.add_plugin_dock_widget("napari-histoscope", name)
+        _, docks[name] = viewer.window.add_plugin_dock_widget("napari-histoscope", name)
     viewer.scale_bar.visible = True
     viewer.reset_view()
+    tumour = docks["Tumour map"]
+    if tumour.checkpoint.text():
+        tumour.run()
+    else:
+        print("no embedded tumour checkpoint: showing the slide only")
     if screenshot is None:
         napari.run()
         return
-    deadline = time.monotonic() + settle_s
-    while time.monotonic() < deadline:  # let the pyramid tiles arrive
-        QApplication.processEvents()
-        time.sleep(0.05)
+    deadline = time.monotonic() + 600
+    while tumour.worker is not None and time.monotonic() < deadline:
+        _settle(0.2)
+    _settle(settle_s)  # let the pyramid tiles arrive
     screenshot.parent.mkdir(parents=True, exist_ok=True)
     viewer.screenshot(str(screenshot), canvas_only=False)
+    print(f"{tumour.status.text()}\nscreenshot: {screenshot}")
     viewer.close()
-    print(f"screenshot: {screenshot}")

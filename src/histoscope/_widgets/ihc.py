@@ -50,6 +50,7 @@ class IHCWidget(QWidget):
         self.layer_combo = QComboBox()
         self.compartment = QComboBox()
         self.compartment.addItems([c.value for c in Compartment])
+        self.compartment.setCurrentText(IHCParams().compartment.value)
         self.thresholds = []
         for value in IHCParams().thresholds:
             spin = QDoubleSpinBox()
