@@ -207,6 +207,13 @@ def test_evaluate_command_reproduces_the_card_metrics(trained, dataset, tmp_path
     rows = (tmp_path / "tiles.csv").read_text().splitlines()
     assert rows[0].split(",")[-2:] == ["p_tumour_test", "p_tumour_test_stain_shifted"]
     assert len(rows) - 1 == sum(doc["test"]["n"].values())
+    per_slide = (tmp_path / "per_slide.csv").read_text().splitlines()
+    assert per_slide[0] == "slide,set,n_normal,n_tumour,auc,accuracy"
+    (test_slide,) = {r.split(",")[0] for r in rows[1:]}  # one test slide
+    first = per_slide[1].split(",")
+    assert first[:4] == [test_slide, "test", str(doc["test"]["n"]["normal"]),
+                         str(doc["test"]["n"]["tumour"])]  # fmt: skip
+    assert float(first[4]) == pytest.approx(doc["test"]["auc"], abs=1e-4)
 
 
 def test_cli_train_with_overrides(dataset, tmp_path, capsys):

@@ -52,13 +52,32 @@ def roc_png(curves: Mapping[str, tuple[np.ndarray, np.ndarray, float | None]], s
     return buf.getvalue()
 
 
+def per_slide_table(tiles: TileSet, probs: Mapping[str, np.ndarray]) -> str:
+    """CSV text: per slide and set, tile counts, AUC (empty with one class) and accuracy at 0.5."""
+    from histoscope.training.metrics import roc_auc
+
+    buf = io.StringIO()
+    wr = csv.writer(buf, lineterminator="\n")
+    wr.writerow(["slide", "set", "n_normal", "n_tumour", "auc", "accuracy"])
+    for k, name in enumerate(tiles.names):
+        sel = tiles.slide == k
+        y = tiles.labels[sel]
+        for set_name, p in probs.items():
+            auc = f"{roc_auc(y, p[sel]):.4f}" if len(np.unique(y)) == 2 else ""
+            acc = float(((p[sel] >= 0.5) == (y == 1)).mean()) if sel.any() else float("nan")
+            wr.writerow(
+                [name, set_name, int((y == 0).sum()), int((y == 1).sum()), auc, f"{acc:.4f}"]
+            )
+    return buf.getvalue()
+
+
 def write_report(
     out: Path,
     tiles: TileSet,
     probs: Mapping[str, np.ndarray],
     metrics: Mapping[str, Mapping[str, Any]],
 ) -> list[Path]:
-    """Write ``tiles.csv`` (truth and one probability column per set) and ``roc.png``.
+    """Write ``tiles.csv`` (truth and one probability column per set), ``per_slide.csv``, ``roc.png``.
 
     Parameters
     ----------
@@ -87,6 +106,7 @@ def write_report(
                      CLASSES[tiles.labels[i]], f"{tiles.tumour_fraction[i]:.4f}",
                      *[f"{p[i]:.5f}" for p in probs.values()]])  # fmt: skip
     paths = [atomic_write_text(out / "tiles.csv", buf.getvalue())]
+    paths.append(atomic_write_text(out / "per_slide.csv", per_slide_table(tiles, probs)))
     curves = {k: (*roc_curve(tiles.labels, p), metrics[k].get("auc")) for k, p in probs.items()}
     paths.append(atomic_write_bytes(out / "roc.png", roc_png(curves)))
     return paths
