@@ -125,10 +125,11 @@ def test_train_caches_features_resumes_and_evaluates(tmp_path, dataset):
     assert set(card.metrics) >= {"best_epoch", "val", "test", "mean_pool"}
     assert "attention_auc" in card.metrics["test"]
     assert (out / "last_state.pt").is_file() and (out / "mean_pool" / "last_state.pt").is_file()
-    assert (out / f"{'clam'}_mean_pool.safetensors").is_file()
-    # one CLAM/TRIDENT feature file per slide
-    h5 = sorted((out / "cache").rglob("*.h5"))
-    assert len(h5) == 6
+    assert (out / "clam_mean_pool.safetensors").is_file()
+    assert "auc" in card.metrics["test_stain_shifted"]
+    # one CLAM/TRIDENT feature file per slide, and the restained test slide's apart
+    h5 = sorted((out / "cache").glob("*_t0.5/*.h5"))
+    assert len(h5) == 6 and len(list((out / "cache").glob("*_shift*/*.h5"))) == 1
     f, xy, attrs = read_features(h5[0])
     assert f.shape[1] == 16 and attrs["encoder"] == "test_cnn"
     # resuming with more epochs continues from epoch 2 instead of starting over
@@ -149,3 +150,19 @@ def test_train_caches_features_resumes_and_evaluates(tmp_path, dataset):
     assert len(rows) == 1 + 12
     model, _ = load_checkpoint(res3["checkpoint"], family="clam")
     assert model.config["k_sample"] == 2
+
+
+def test_stain_shifted_bags_restain_the_tiles_once_per_slide(tmp_path, dataset):
+    from histoscope.training.clam import feature_model
+    from histoscope.training.clam_data import load_bags
+
+    fm = feature_model(FEATURES)
+    ev = {"shift_degrees": 12.0, "shift_amount": [1.45, 1.7], "seed": 0}
+    plain = load_bags(dataset, "val", fm, tmp_path)
+    shifted = load_bags(dataset, "val", fm, tmp_path, shift=ev)
+    again = load_bags(dataset, "val", fm, tmp_path / "other", shift=ev)
+    for a, b, c in zip(plain, shifted, again, strict=True):
+        np.testing.assert_array_equal(a.coords, b.coords)
+        assert np.abs(a.features - b.features).max() > 1e-3  # the stain changed the features
+        np.testing.assert_allclose(b.features, c.features, rtol=1e-5, atol=1e-6)  # same shift
+    assert len({p.parent.name for p in tmp_path.glob("*/*.h5")}) == 2

@@ -20,12 +20,16 @@ Recipe sections (defaults in :data:`DEFAULTS`):
 ``eval``
     ``baseline`` (also train :class:`~histoscope.models.clam.MeanPoolMIL` with
     the same settings and compare), ``tumour_min`` (a tile "lies in the
-    tumour mask" when at least this fraction of it does).
+    tumour mask" when at least this fraction of it does), ``stain_shift``
+    with ``shift_degrees``, ``shift_amount`` and ``seed``: also evaluate on
+    the test slides restained outside the generator's stain range (as the
+    ``tile_classifier`` family does), features re-extracted from the
+    restained tiles.
 
 Bags are one slide each (``train.batch`` bags per step, padded and masked);
 the epoch with the lowest validation bag loss is kept. Held-out metrics:
-slide ROC AUC, accuracy and balanced accuracy on the test split and on the
-foci set, the per-slide ROC AUC of tile attention against the tumour mask,
+slide ROC AUC, accuracy and balanced accuracy on the test split, on its
+stain-shifted copy and on the foci set, the per-slide ROC AUC of tile attention against the tumour mask,
 and the same slide metrics for the mean-pooling baseline.
 """
 
@@ -55,7 +59,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
     "model": {"variant": "sb", "hidden": 512, "attn_hidden": 256, "dropout": 0.25,
               "k_sample": 8, "instance_loss": "svm", "bag_weight": 0.7, "subtyping": False,
               "features": {}},
-    "eval": {"baseline": True, "tumour_min": 0.5},
+    "eval": {"baseline": True, "tumour_min": 0.5, "stain_shift": True, "shift_degrees": 12.0,
+             "shift_amount": [1.45, 1.7], "seed": 0},
 }  # fmt: skip
 FEATURE_KEYS = ("checkpoint", "backbone", "backbone_kwargs", "seed")
 GENERATE_KEYS = ("count", "size", "seed", "mpp", "fractions")
@@ -179,11 +184,22 @@ def attention_auc(bags: Sequence[Bag], atts: Sequence[np.ndarray], tumour_min: f
     return {**stats, "n_slides": len(per), "per_slide": per}
 
 
+def by_extent(bags: Sequence[Bag], prob: np.ndarray) -> dict[str, dict[str, Any]]:
+    """Per tumour extent: slide count, mean and minimum tumour probability, share called tumour."""
+    out = {}
+    for extent in sorted({b.extent for b in bags}):
+        p = np.array([q[1] for b, q in zip(bags, prob, strict=True) if b.extent == extent])
+        out[extent] = {"n": len(p), "mean_p_tumour": float(p.mean()), "min_p_tumour": float(p.min()),
+                       "called_tumour": float((p >= 0.5).mean())}  # fmt: skip
+    return out
+
+
 def evaluate_bags(model: nn.Module, bags: Sequence[Bag], tumour_min: float) -> dict[str, Any]:
     """Slide metrics, attention-vs-mask AUC and per-slide rows for one model on ``bags``."""
     prob, atts = predict(model, bags)
     branch = 1 if getattr(model, "multi_branch", False) else 0
     res = slide_metrics(bags, prob)
+    res["by_extent"] = by_extent(bags, prob)
     if getattr(model, "variant", "") != "mean":
         res["attention_auc"] = attention_auc(bags, atts, tumour_min, branch)
     res["slides"] = [{"name": b.name, "label": b.label, "extent": b.extent,
@@ -279,6 +295,8 @@ def train(
     cache = Path(data["cache"] or out / "features")
     mt = float(data["min_tissue"])
     splits = {s: load_bags(root, s, fm, cache, min_tissue=mt) for s in ("train", "val", "test")}
+    if ev["stain_shift"]:
+        splits["test_stain_shifted"] = load_bags(root, "test", fm, cache, min_tissue=mt, shift=ev)
     if foci is not None:
         splits["foci"] = load_bags(foci, "test", fm, cache, min_tissue=mt)
     if len({b.label for b in splits["train"]}) < 2:

@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from histoscope.training._recipe import RecipeError
 
@@ -236,22 +237,68 @@ def tile_tumour_fraction(mask: np.ndarray, mask_um: float, coords: np.ndarray,
     return (s / area).astype(np.float32)
 
 
-def slide_features(slide_path: str | os.PathLike, fm, cache: Path, *,
-                   min_tissue: float = 0.5) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:  # fmt: skip
+class _Restained(torch.nn.Module):
+    """Feature module seeing tiles restained by :func:`~._stain_aug.stain_shift` first.
+
+    The same shift (one ``rng`` seed) is applied to every batch of the slide.
+    """
+
+    def __init__(self, module: torch.nn.Module, spec, stains, seed: Sequence[int],
+                 degrees: float, amount: tuple[float, float]) -> None:  # fmt: skip
+        super().__init__()
+        self.module, self.spec, self.stains = module, spec, stains
+        self.seed, self.degrees, self.amount = list(seed), float(degrees), tuple(amount)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from histoscope.training._stain_aug import stain_shift
+
+        mean = torch.tensor(self.spec.mean, dtype=x.dtype).view(1, 3, 1, 1) * 255
+        std = torch.tensor(self.spec.std, dtype=x.dtype).view(1, 3, 1, 1) * 255
+        rgb = (x * std + mean).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        rng = np.random.default_rng(self.seed)
+        out = stain_shift(rgb, self.stains, rng, self.degrees, self.amount)
+        y = torch.from_numpy(out).permute(0, 3, 1, 2).to(x.dtype)
+        return self.module((y - mean) / std)
+
+
+def slide_features(slide_path: str | os.PathLike, fm, cache: Path, *, min_tissue: float = 0.5,
+                   shift: Mapping[str, Any] | None = None,
+                   ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:  # fmt: skip
     """Features of one slide's tissue tiles, from ``cache`` or computed and cached there.
 
-    The cache file is ``cache/<weights hash[:12]>/<slide stem>.h5``, so features
-    of other weights or settings never mix.
+    The cache file is ``cache/<weights hash[:12]>_t<min_tissue>[_shift...]/<slide stem>.h5``,
+    so features of other weights or settings never mix.
+
+    Parameters
+    ----------
+    slide_path
+        The slide.
+    fm
+        :class:`histoscope.tasks.mil.FeatureModel`.
+    cache
+        Cache folder.
+    min_tissue
+        Tissue fraction a tile needs.
+    shift
+        ``{"stains", "seed", "degrees", "amount"}``: restain every tile with
+        :func:`~histoscope.training._stain_aug.stain_shift` before encoding
+        (the held-out stain-shifted evaluation).
     """
     from histoscope.engine import EngineParams
     from histoscope.slide import open_slide
-    from histoscope.tasks.mil import iter_features, tile_grid_for
+    from histoscope.tasks.mil import FeatureModel, iter_features, tile_grid_for
 
     slide_path = Path(slide_path)
     key = f"{fm.descriptor['weights_sha256'][:12]}_t{min_tissue:g}"
+    if shift is not None:
+        key += f"_shift{shift['degrees']:g}-{shift['amount'][0]:g}-{shift['amount'][1]:g}-{shift['seed'][0]}"
     path = Path(cache) / key / f"{slide_path.stem}.h5"
     if path.is_file():
         return read_features(path)
+    if shift is not None:
+        mod = _Restained(fm.module, fm.spec, shift["stains"], shift["seed"], shift["degrees"],
+                         shift["amount"])  # fmt: skip
+        fm = FeatureModel(mod, fm.spec, fm.descriptor)
     with open_slide(slide_path) as slide:
         grid = tile_grid_for(slide, fm.spec, min_tissue=min_tissue)
         gen = iter_features(slide, fm, grid, EngineParams(batch_size=64, workers=1, prefetch=2))
@@ -271,9 +318,14 @@ def slide_features(slide_path: str | os.PathLike, fm, cache: Path, *,
 
 
 def load_bags(root: str | os.PathLike, split: str, fm, cache: str | os.PathLike, *,
-              min_tissue: float = 0.5,
+              min_tissue: float = 0.5, shift: Mapping[str, Any] | None = None,
               progress: Callable[[int, int, str], None] | None = None) -> list[Bag]:  # fmt: skip
     """Every slide of one split as a :class:`Bag` (features cached, truth from the masks).
+
+    ``shift`` (``{"shift_degrees", "shift_amount", "seed"}``, as the
+    ``tile_classifier`` family's ``eval`` section) restains each slide's tiles
+    out of the generator's stain range before encoding; slide ``k`` of the
+    split gets the shift drawn from ``[seed, k, 0x57A1]``.
 
     Raises
     ------
@@ -290,11 +342,17 @@ def load_bags(root: str | os.PathLike, split: str, fm, cache: str | os.PathLike,
         raise RecipeError(f"data folder {root} has no slides in split {split!r}")
     bags = []
     for k, row in enumerate(rows):
+        label = json.loads((root / row["label_json"]).read_text())
+        sh = None
+        if shift is not None:
+            stains = label.get("params", {}).get("stains")
+            sh = {"stains": None if stains is None else np.asarray(stains, np.float64),
+                  "seed": [int(shift["seed"]), k, 0x57A1], "degrees": float(shift["shift_degrees"]),
+                  "amount": tuple(float(v) for v in shift["shift_amount"])}  # fmt: skip
         feats, xy, attrs = slide_features(root / row["slide"], fm, Path(cache),
-                                          min_tissue=min_tissue)  # fmt: skip
+                                          min_tissue=min_tissue, shift=sh)  # fmt: skip
         if len(feats) == 0:
             raise RecipeError(f"slide {row['slide']} in {root} has no tissue tiles")
-        label = json.loads((root / row["label_json"]).read_text())
         mask = np.asarray(Image.open(root / row["tumour_mask"])) > 0
         frac = tile_tumour_fraction(mask, float(label["mask_um_per_px"]), xy,
                                     float(attrs["patch_size_level0"]), float(attrs["slide_mpp"]))  # fmt: skip
