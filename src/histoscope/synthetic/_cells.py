@@ -25,7 +25,9 @@ from histoscope.synthetic._constants import (
     C_PLASMA,
     C_SMOOTH_MUSCLE,
     C_TUMOUR,
+    CELL_CLASSES,
     FAT,
+    IMMUNE_MIX,
     LYMPHOID,
     MUCOSA,
     MUSCLE,
@@ -265,8 +267,7 @@ def _inside(y: np.ndarray, x: np.ndarray, objs: list[dict], pad: float) -> np.nd
 
 
 def _immune_classes(u: np.ndarray) -> np.ndarray:
-    from histoscope.synthetic._constants import CELL_CLASSES, IMMUNE_MIX
-
+    """Class ids for inflammatory sites from uniforms ``u``: the same mix everywhere."""
     names = list(IMMUNE_MIX)
     cum = np.cumsum([IMMUNE_MIX[n] for n in names])
     idx = np.searchsorted(cum / cum[-1], u, side="right")
