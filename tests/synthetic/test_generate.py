@@ -181,3 +181,18 @@ def test_bad_parameters_name_themselves(tmp_path, kwargs, word):
     args = {"kind": "he", "size": (512, 512), "seed": 0, **kwargs}
     with pytest.raises(ValueError, match=word):
         generate(tmp_path, **args)
+
+
+def test_sample_slide_is_generated_once_into_the_cache(tmp_path):
+    from histoscope.synthetic import sample_slide
+
+    calls = []
+    first = sample_slide("ihc", (512, 512), root=tmp_path, progress=lambda d, t: calls.append(d))
+    assert calls and first.slide.is_file() and first.hpa_csv.is_file()
+    mtime = first.slide.stat().st_mtime_ns
+    again = sample_slide("ihc", (512, 512), root=tmp_path, progress=lambda d, t: calls.append(-1))
+    assert again == first and -1 not in calls
+    assert again.slide.stat().st_mtime_ns == mtime
+    assert [p.name for p in tmp_path.iterdir()] == [first.slide.parent.name]  # no temp left
+    with pytest.raises(ValueError, match="kind"):
+        sample_slide("pas", root=tmp_path)

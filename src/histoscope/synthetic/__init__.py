@@ -5,12 +5,14 @@ next to it: cells as CSV and QuPath GeoJSON, tumour mask, tissue map, slide
 label, and for IHC an HPA-style row with the five iSight labels. Rendering is
 tile-local (hashed cells on lattices, periodic textures), so slides of any
 size are drawn tile by tile in bounded memory. ``write_dataset`` (the
-``histoscope synth`` command) writes many slides with train/val/test splits.
+``histoscope synth`` command) writes many slides with train/val/test splits;
+``sample_slide`` returns a slide generated once into a cache folder.
 See ``docs/synthetic.md``.
 """
 
 from __future__ import annotations
 
+from histoscope.synthetic._cache import sample_slide
 from histoscope.synthetic._constants import (
     CELL_CLASSES,
     CLASS_COLORS,
@@ -43,5 +45,6 @@ __all__ = [
     "TISSUE_TYPES",
     "SyntheticSlide",
     "generate",
+    "sample_slide",
     "write_dataset",
 ]
