@@ -85,8 +85,9 @@ def test_windows_partition_the_cells():
     assert set(all_cells["uid"].tolist()) == set(whole["uid"][whole["cls"] >= 0].tolist())
 
 
-def test_tiles_join_without_seams():
-    ctx = make_context(sample_params("he", 5, (2048, 2048), 0.5))
+@pytest.mark.parametrize("mpp", [0.25, 0.5, 1.0])
+def test_tiles_join_without_seams(mpp):
+    ctx = make_context(sample_params("he", 5, (2048, 2048), mpp))
     ys, xs = np.nonzero(ctx.layout.types != 0)
     y0 = int(ys.mean() * ctx.layout.map_px) // 256 * 256
     x0 = int(xs.mean() * ctx.layout.map_px) // 256 * 256

@@ -24,7 +24,8 @@ from histoscope.synthetic._noise import hash_uniform
 
 _BUCKETS = (5, 6, 7, 8, 9, 10, 11, 12, 14, 16, 18, 20, 23, 26, 30, 35, 40, 46, 54, 62)
 _H_SCALE, _E_SCALE = 0.6, 0.55  # overall densities of the two stains
-_SOFT = 0.7  # px of edge softness of nuclei before the optical blur
+_SOFT = 0.7
+_MAX_CELL_UM = 30.0  # largest cell extent from its centre (a macrophage's cytoplasm)  # px of edge softness of nuclei before the optical blur
 
 
 def _background(ctx: SlideContext, yy: np.ndarray, xx: np.ndarray):
@@ -262,7 +263,7 @@ def render_region(ctx: SlideContext, y: int, x: int, h: int, w: int) -> np.ndarr
     t, hod, eod = _background(ctx, yy, xx)
     dod = np.zeros_like(hod)
     if (t != 0).any():
-        margin = _BUCKETS[-1] + 8
+        margin = int(np.ceil(max(_BUCKETS[-1], p.um(_MAX_CELL_UM)))) + 8
         c = cells_in_window(ctx, y0 - margin, x0 - margin, y0 + hh + margin, x0 + ww + margin)
         _objects_od(ctx, c["glands"], True, y0, x0, hod, eod)
         _objects_od(ctx, c["vessels"], False, y0, x0, hod, eod)
@@ -270,11 +271,17 @@ def render_region(ctx: SlideContext, y: int, x: int, h: int, w: int) -> np.ndarr
             c["a"] * (1 + c["amp2"] + c["amp3"]), c["a"] * c["cf"] * c["cf_asp"] * (1 + c["ecc"])
         )
         need = np.ceil(extent + 1.0).astype(np.int64)
-        bucket = np.searchsorted(_BUCKETS, need)
+        buckets = np.asarray(_BUCKETS)
+        # stamp half-sizes: the nearest bucket, or multiples of 8 for big cells at fine µm/px
+        halves = np.where(
+            need <= buckets[-1],
+            buckets[np.minimum(np.searchsorted(buckets, need), len(buckets) - 1)],
+            -(-need // 8) * 8,
+        )
         acc = _Accumulator([hod, eod, dod])
-        for b in np.unique(bucket):
-            sel = np.flatnonzero(bucket == b)
-            half = _BUCKETS[min(b, len(_BUCKETS) - 1)]
+        for half in np.unique(halves):
+            sel = np.flatnonzero(halves == half)
+            half = int(half)
             for chunk in np.array_split(sel, max(1, len(sel) * (2 * half + 1) ** 2 // 400_000)):
                 acc.add(_splat(ctx, c, chunk, half, y0, x0, (hh, ww)))
         acc.flush()
