@@ -193,3 +193,28 @@ def test_no_tissue_is_a_clear_error(tmp_path, slide):
     assert len(tile_grid_for(slide, fm.spec, min_tissue=1.0)) == 0
     with pytest.raises(ValueError, match="no tissue tiles"):
         run_mil(slide, model, card, min_tissue=1.0)
+
+
+@pytest.mark.parametrize(
+    ("seed", "label"), [(20, "tumour"), (24, "normal")], ids=["tumour", "benign"]
+)
+def test_default_checkpoint_on_a_generated_slide(tmp_path, seed, label):
+    """The committed CLAM default rebuilds its feature backbone and finds the tumour."""
+    from PIL import Image
+
+    from histoscope._data import sample_data_path
+    from histoscope.slide import open_slide
+    from histoscope.synthetic import generate
+
+    model, card = load_checkpoint(sample_data_path("clam_default.safetensors"), family="clam")
+    assert card.data["features"]["checkpoint"] == "tumour_patch_default.safetensors"
+    s = generate(tmp_path, "he", (1024, 1024), seed=seed, mpp=1.0)  # 20: moderate, 24: none
+    with open_slide(s.slide) as slide:
+        res = run_mil(slide, model, card, top_k=3)
+    assert res.label == label and res.probability.max() > 0.9
+    if label == "tumour":
+        mask = np.asarray(Image.open(s.tumour_mask)) > 0
+        um = s.read_label()["mask_um_per_px"]
+        half = res.attention.grid.stride / 2
+        for t in res.top_tiles:  # the most attended tiles are centred on tumour
+            assert mask[int((t["y"] + half) / um), int((t["x"] + half) / um)]
