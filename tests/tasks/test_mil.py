@@ -218,3 +218,21 @@ def test_default_checkpoint_on_a_generated_slide(tmp_path, seed, label):
         half = res.attention.grid.stride / 2
         for t in res.top_tiles:  # the most attended tiles are centred on tumour
             assert mask[int((t["y"] + half) / um), int((t["x"] + half) / um)]
+
+
+def test_cancelling_keeps_the_tiles_encoded_so_far(tmp_path, slide):
+    from histoscope.engine import EngineParams
+
+    fm = registry_features("test_cnn", FEATURES, seed=3)
+    model, card = clam_checkpoint(tmp_path, fm)
+    gen = iter_mil(slide, model, card, params=EngineParams(batch_size=8, workers=1))
+    done, total = next(gen)
+    assert (done, total) == (8, total) and total > 8
+    try:
+        gen.send(False)
+    except StopIteration as stop:
+        res = stop.value
+    assert res.provenance.params["cancelled"] is True
+    assert np.isfinite(res.tile_attention).sum() == 8
+    assert np.nansum(res.tile_attention) == pytest.approx(1.0, rel=1e-5)
+    assert np.isfinite(res.attention.values).sum() == 8
