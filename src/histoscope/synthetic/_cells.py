@@ -180,8 +180,8 @@ def _objects(ctx: SlideContext, kind: int, y0, x0, y1, x1) -> dict[str, np.ndarr
     i, j, y, x = i[keep], j[keep], y[keep], x[keep]
     u = hash_uniform(seed, kind * 64 + 4, i, j)
     if kind == P_GLAND:
-        ro = p.um(20 + 12 * u)
-        rl = ro * (0.3 + 0.2 * hash_uniform(seed, kind * 64 + 5, i, j))
+        ro = p.um(18 + 11 * u)
+        rl = ro * (0.22 + 0.3 * hash_uniform(seed, kind * 64 + 5, i, j))
     else:
         ro = p.um(5 + 11 * u**1.5)
         rl = ro
@@ -192,14 +192,18 @@ def _objects(ctx: SlideContext, kind: int, y0, x0, y1, x1) -> dict[str, np.ndarr
         "x": x,
         "ro": ro,
         "rl": rl,
-        "g2": 0.12 * hash_uniform(seed, kind * 64 + 6, i, j),
+        "g2": (0.25 if kind == P_GLAND else 0.12) * hash_uniform(seed, kind * 64 + 6, i, j),
         "psi": np.pi * hash_uniform(seed, kind * 64 + 7, i, j),
+        "g3": (0.08 if kind == P_GLAND else 0.0) * hash_uniform(seed, kind * 64 + 8, i, j),
+        "psi3": 2 * np.pi * hash_uniform(seed, kind * 64 + 9, i, j),
     }
 
 
 def wobble(obj: dict, phi: np.ndarray) -> np.ndarray:
-    """Radius multiplier of a gland/vessel outline at polar angle ``phi``."""
-    return 1.0 + obj["g2"] * np.cos(2 * (phi - obj["psi"]))
+    """Radius multiplier of a gland/vessel outline at polar angle ``phi`` (elongation + lobes)."""
+    return (
+        1.0 + obj["g2"] * np.cos(2 * (phi - obj["psi"])) + obj["g3"] * np.cos(3 * phi - obj["psi3"])
+    )
 
 
 def _rim_cells(ctx: SlideContext, obj: dict, pop: int) -> dict[str, np.ndarray]:
@@ -216,7 +220,7 @@ def _rim_cells(ctx: SlideContext, obj: dict, pop: int) -> dict[str, np.ndarray]:
     k = np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)
     phase = 2 * np.pi * hash_uniform(seed, pop * 64 + 8, obj["i"], obj["j"])
     phi = 2 * np.pi * k / n[g] + phase[g]
-    w = 1.0 + obj["g2"][g] * np.cos(2 * (phi - obj["psi"][g]))
+    w = wobble({k: obj[k][g] for k in ("g2", "psi", "g3", "psi3")}, phi)
     r = rc[g] * w
     cls = C_EPITHELIAL if pop == P_GLAND_CELL else C_ENDOTHELIAL
     theta = phi if pop == P_GLAND_CELL else phi + np.pi / 2
@@ -262,7 +266,7 @@ def _inside(y: np.ndarray, x: np.ndarray, objs: list[dict], pad: float) -> np.nd
         if len(o["y"]) == 0 or len(y) == 0:
             continue
         d2 = (y[:, None] - o["y"][None]) ** 2 + (x[:, None] - o["x"][None]) ** 2
-        out |= (d2 < ((o["ro"] * (1 + o["g2"]))[None] + pad) ** 2).any(axis=1)
+        out |= (d2 < ((o["ro"] * (1 + o["g2"] + o["g3"]))[None] + pad) ** 2).any(axis=1)
     return out
 
 

@@ -115,7 +115,7 @@ def _objects_od(ctx, objs: dict, gland: bool, y0, x0, hod, eod) -> None:
     wall = p.um(2.0)
     for n in range(len(objs["y"])):
         o = {k: v[n] for k, v in objs.items()}
-        r = o["ro"] * (1 + o["g2"]) + wall + 2
+        r = o["ro"] * (1 + o["g2"] + o["g3"]) + wall + 2
         ya, yb = max(0, int(o["y"] - r - y0)), min(h, int(o["y"] + r - y0) + 1)
         xa, xb = max(0, int(o["x"] - r - x0)), min(w, int(o["x"] + r - x0) + 1)
         if ya >= yb or xa >= xb:
