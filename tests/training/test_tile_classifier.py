@@ -284,3 +284,31 @@ def test_trained_checkpoint_drives_the_tumour_heatmap(trained, dataset):
     assert shared.sum() >= len(tiles) // 2
     ours = predict(model, tiles.images[shared], card.input_spec)
     np.testing.assert_allclose(data[rc[shared, 0], rc[shared, 1]], ours, atol=1e-4)
+
+
+def test_patch_folder_in_the_seeds_layout_trains_and_evaluates(dataset, tmp_path):
+    """``<split>/<class>/*.png`` patches (benign/malignant names, another size) work end to end."""
+    from PIL import Image
+
+    from histoscope.training import evaluate
+
+    folder = tmp_path / "patches"
+    for split in ("train", "val", "test"):
+        tiles = load_split(dataset, split, mpp=2.0, tile_size=40)
+        for i, (img, lab) in enumerate(zip(tiles.images, tiles.labels, strict=True)):
+            sub = folder / split / ("malignant" if lab else "benign")
+            sub.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img).save(sub / f"{i:03d}.png")
+    (folder / "test" / "benign" / "notes.txt").write_text("not an image")
+    recipe = _recipe(folder, tmp_path / "run", epochs=1)
+    result = run_recipe(recipe)
+    metrics = evaluate(result["checkpoint"], folder, tmp_path / "ev")
+    n_benign = len(list((folder / "test" / "benign").glob("*.png")))
+    n_malignant = len(list((folder / "test" / "malignant").glob("*.png")))
+    assert metrics["test"]["n"] == {"normal": n_benign, "tumour": n_malignant}
+    (tn, fp), (fn, tp) = metrics["test"]["confusion"]
+    assert metrics["test"]["sensitivity"] == pytest.approx(tp / (tp + fn))
+    assert metrics["test"]["specificity"] == pytest.approx(tn / (tn + fp))
+    assert metrics["test"] == result["metrics"]["test"]
+    with pytest.raises(RecipeError, match="no images under holdout/<class>/"):
+        evaluate(result["checkpoint"], folder, tmp_path / "ev2", split="holdout")

@@ -21,6 +21,12 @@ import numpy as np
 from histoscope.training._recipe import RecipeError
 
 CLASSES = ("normal", "tumour")
+#: Folder names read as each class in a patch folder (``split/class/*.png``).
+CLASS_FOLDERS = {
+    "normal": ("normal", "benign", "non_tumour", "non-tumour", "nontumour", "non_tumor", "0"),
+    "tumour": ("tumour", "tumor", "malignant", "cancer", "1"),
+}
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
 
 @dataclass(frozen=True)
@@ -62,6 +68,66 @@ class TileSet:
         return {c: int((self.labels == i).sum()) for i, c in enumerate(CLASSES)}
 
 
+def is_patch_folder(data: str | Path) -> bool:
+    """Whether ``data`` holds ``<split>/<class>/`` image folders (torchvision ImageFolder style)."""
+    root = Path(data)
+    return root.is_dir() and any(
+        (root / sp / name).is_dir()
+        for sp in ("train", "val", "test")
+        for names in CLASS_FOLDERS.values()
+        for name in names
+    )
+
+
+def load_patch_folder(data: str | Path, split: str, *, tile_size: int) -> TileSet:
+    """Patches from ``<data>/<split>/<class>/*.png`` (the seed's holdout-patch layout).
+
+    Class folders are matched by name (:data:`CLASS_FOLDERS`, case-insensitive);
+    patches of another size are resized to ``tile_size`` (bilinear). Patch files
+    carry no µm/px: they are taken to be at the checkpoint's. ``split="all"``
+    reads every split folder.
+
+    Raises
+    ------
+    RecipeError
+        If the split has no class folder or no images.
+    """
+    from PIL import Image
+
+    root = Path(data)
+    splits = ("train", "val", "test") if split == "all" else (split,)
+    lookup = {n.lower(): i for i, c in enumerate(CLASSES) for n in CLASS_FOLDERS[c]}
+    files: list[tuple[Path, int]] = []
+    for sp in splits:
+        base = root / sp
+        for sub in sorted(p for p in base.iterdir() if p.is_dir()) if base.is_dir() else []:
+            if sub.name.lower() in lookup:
+                files += [(f, lookup[sub.name.lower()]) for f in sorted(sub.rglob("*"))
+                          if f.suffix.lower() in IMAGE_SUFFIXES]  # fmt: skip
+    if not files:
+        raise RecipeError(
+            f"patch folder {root}: no images under {'/'.join(splits)}/<class>/ for split "
+            f"{split!r}; class folders are named {CLASS_FOLDERS}"
+        )
+    images = np.empty((len(files), tile_size, tile_size, 3), np.uint8)
+    for i, (f, _) in enumerate(files):
+        with Image.open(f) as im:
+            im = im.convert("RGB")
+            if im.size != (tile_size, tile_size):
+                im = im.resize((tile_size, tile_size), Image.BILINEAR)
+            images[i] = np.asarray(im)
+    labels = np.array([c for _, c in files], np.int64)
+    return TileSet(
+        images=images,
+        labels=labels,
+        slide=np.zeros(len(files), np.int64),
+        coords=np.zeros((len(files), 2), np.int64),
+        tumour_fraction=labels.astype(np.float32),
+        names=(f"{root.name}/{split}",),
+        stains=(None,),
+    )
+
+
 def read_manifest(data: str | Path) -> dict:
     """The ``manifest.json`` of a dataset folder written by ``histoscope synth``.
 
@@ -77,7 +143,7 @@ def read_manifest(data: str | Path) -> dict:
     if not path.is_file():
         raise RecipeError(
             f"data folder {root} has no manifest.json; expected a folder written by "
-            "`histoscope synth OUT --kind he`"
+            "`histoscope synth OUT --kind he`, or patches in <split>/<class>/ folders"
         )
     try:
         manifest = json.loads(path.read_text())

@@ -1,9 +1,11 @@
-"""Family ``tile_classifier``: tumour vs normal patches from ``histoscope synth --kind he`` slides.
+"""Family ``tile_classifier``: tumour vs normal patches, from synthetic slides or patch folders.
 
 Recipe sections (defaults in :data:`DEFAULTS`):
 
 ``data``
-    ``path`` (dataset folder), ``generate`` (``{count, size, seed, mpp}``: make
+    ``path``: a ``histoscope synth --kind he`` folder, or a patch folder in the
+    seed's layout (``<split>/<class>/*.png``, classes ``normal``/``tumour`` or
+    ``benign``/``malignant``; see :func:`._tiles.load_patch_folder`), ``generate`` (``{count, size, seed, mpp}``: make
     the dataset with :func:`histoscope.synthetic._dataset.write_dataset` when the
     folder is missing), ``mpp`` and ``tile_size`` (tiles read), ``min_tissue``,
     ``tumour_min``, ``normal_max`` (labelling, see :mod:`._tiles`),
@@ -42,7 +44,13 @@ from torch import nn
 from histoscope.training._loop import TrainSettings, fit
 from histoscope.training._recipe import RecipeError, check_keys, fingerprint
 from histoscope.training._stain_aug import hed_jitter, stain_shift
-from histoscope.training._tiles import CLASSES, TileSet, load_split
+from histoscope.training._tiles import (
+    CLASSES,
+    TileSet,
+    is_patch_folder,
+    load_patch_folder,
+    load_split,
+)
 
 FAMILY = "tile_classifier"
 DEFAULTS: dict[str, dict[str, Any]] = {
@@ -79,7 +87,7 @@ def settings(recipe: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
 
 def _ensure_data(data: Mapping[str, Any]) -> Path:
     path = Path(data["path"])
-    if (path / "manifest.json").is_file() or data["generate"] is None:
+    if (path / "manifest.json").is_file() or is_patch_folder(path) or data["generate"] is None:
         return path  # load_split names a missing folder or manifest
     from histoscope.synthetic._dataset import write_dataset
 
@@ -91,6 +99,8 @@ def _ensure_data(data: Mapping[str, Any]) -> Path:
 
 
 def _load(path: Path, split: str, data: Mapping[str, Any], seed: int = 0) -> TileSet:
+    if is_patch_folder(path):
+        return load_patch_folder(path, split, tile_size=int(data["tile_size"]))
     kw = {k: data[k] for k in LABEL_KEYS}
     return load_split(path, split, max_per_slide=data.get("max_per_slide"), seed=seed, **kw)
 
@@ -147,15 +157,18 @@ def predict(
 
 
 def metrics_for(labels: np.ndarray, prob: np.ndarray) -> dict[str, Any]:
-    """Patch ROC AUC, accuracy and balanced accuracy at 0.5, confusion matrix, counts."""
+    """Patch ROC AUC; accuracy, balanced accuracy, sensitivity, specificity at 0.5; confusion; counts."""
     from histoscope.training.metrics import accuracy, balanced_accuracy, confusion_matrix, roc_auc
 
     pred = (prob >= 0.5).astype(np.int64)
     both = len(np.unique(labels)) == 2
+    pos, neg = labels == 1, labels == 0
     return {
         "auc": roc_auc(labels, prob) if both else None,
         "accuracy": accuracy(labels, pred),
         "balanced_accuracy": balanced_accuracy(labels, pred),
+        "sensitivity": float(pred[pos].mean()) if pos.any() else None,
+        "specificity": float(1 - pred[neg].mean()) if neg.any() else None,
         "confusion": np.asarray(confusion_matrix(labels, pred, n_classes=2)).tolist(),
         "n": {c: int((labels == i).sum()) for i, c in enumerate(CLASSES)},
     }
