@@ -9,16 +9,15 @@ from qtpy.QtWidgets import (
     QComboBox,
     QFileDialog,
     QFormLayout,
-    QHBoxLayout,
     QLabel,
     QLineEdit,
-    QProgressBar,
     QPushButton,
     QScrollArea,
     QVBoxLayout,
     QWidget,
 )
 
+from histoscope._widgets._common import CheckpointPicker, RGBLayerCombo, TaskWidget, visible_region
 from histoscope._widgets._task_row import TaskRow
 from histoscope.coassess import Call, Session
 from histoscope.labels import INTENSITY, LOCATION, MALIGNANCY, QUANTITY
@@ -66,50 +65,29 @@ def _tagged(phase: str, gen):
         yield phase, done, total
 
 
-class CoAssessWidget(QWidget):
+class CoAssessWidget(TaskWidget):
     """Five iSight tasks: model probabilities, measurement estimates, pathologist's calls."""
 
-    def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
-        super().__init__()
-        from histoscope._data import sample_data_path
+    cancel_text = "Cancelled; calls made so far are saved."
 
-        self.viewer = napari_viewer
-        self.worker = None
+    def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
+        super().__init__(napari_viewer, "Assess")
         self.session: Session | None = None
         self.region_id = "slide"
-
-        self.layer_combo = QComboBox()
-        default = sample_data_path(DEFAULT_CHECKPOINT)
-        self.checkpoint = QLineEdit(str(default) if default else "")
-        self.checkpoint.setPlaceholderText(
-            "iSight checkpoint (.safetensors); empty: measurement only"
+        self.layer_combo = RGBLayerCombo(napari_viewer)
+        self.picker = CheckpointPicker(
+            DEFAULT_CHECKPOINT, "iSight checkpoint (.safetensors); empty: measurement only"
         )
-        browse = QPushButton("…")
-        browse.clicked.connect(self._browse)
-        ck_row = QHBoxLayout()
-        ck_row.addWidget(self.checkpoint)
-        ck_row.addWidget(browse)
+        self.checkpoint = self.picker.edit
         self.metadata = QLineEdit()
         self.metadata.setPlaceholderText("Tissue: breast. SNOMED: T-04000. Antibody: HER2.")
         self.scope = QComboBox()
         self.scope.addItems(SCOPES)
         form = QFormLayout()
         form.addRow("Slide", self.layer_combo)
-        form.addRow("Checkpoint", ck_row)
+        form.addRow("Checkpoint", self.picker)
         form.addRow("Clinical text", self.metadata)
         form.addRow("Assess", self.scope)
-
-        self.run_button = QPushButton("Assess")
-        self.run_button.clicked.connect(self.run)
-        self.cancel_button = QPushButton("Cancel")
-        self.cancel_button.setEnabled(False)
-        self.cancel_button.clicked.connect(self.cancel)
-        buttons = QHBoxLayout()
-        buttons.addWidget(self.run_button)
-        buttons.addWidget(self.cancel_button)
-        self.progress = QProgressBar()
-        self.status = QLabel("")
-        self.status.setWordWrap(True)
 
         self.rows: dict[str, TaskRow] = {}
         rows_box = QWidget()
@@ -128,16 +106,11 @@ class CoAssessWidget(QWidget):
 
         layout = QVBoxLayout(self)
         layout.addLayout(form)
-        layout.addLayout(buttons)
-        layout.addWidget(self.progress)
-        layout.addWidget(self.status)
+        layout.addWidget(self.controls)
         layout.addWidget(scroll, stretch=1)
         layout.addWidget(self.comment)
         layout.addWidget(self.agreement)
         layout.addWidget(export)
-        for event in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
-            event.connect(self._refresh_layers)
-        self._refresh_layers()
 
     def _set_row(self, task: str, classes) -> TaskRow:
         """Create (or replace, when the classes change) the row of one task."""
@@ -155,25 +128,8 @@ class CoAssessWidget(QWidget):
         return row
 
     # ------------------------------------------------------------------ inputs
-    def _refresh_layers(self, *_: object) -> None:
-        current = self.layer_combo.currentText()
-        self.layer_combo.clear()
-        self.layer_combo.addItems(
-            [ly.name for ly in self.viewer.layers if getattr(ly, "rgb", False)]
-        )
-        self.layer_combo.setCurrentIndex(max(self.layer_combo.findText(current), 0))
-
-    def _browse(self) -> None:
-        path, _ = QFileDialog.getOpenFileName(
-            self, "iSight checkpoint", "", "Checkpoints (*.safetensors)"
-        )
-        if path:
-            self.checkpoint.setText(path)
-
     def _region(self, slide, layer):
         """Level-0 ``(x, y, w, h)`` and an id for the chosen scope (``None``: whole slide)."""
-        from histoscope._widgets.ihc import visible_region
-
         scope = self.scope.currentIndex()
         if scope == 0:
             return None, "slide"
@@ -191,17 +147,8 @@ class CoAssessWidget(QWidget):
     # --------------------------------------------------------------------- run
     def run(self):
         """Assess the chosen slide or region in a worker; returns the worker (or None)."""
-        from napari.qt.threading import create_worker
-
-        from histoscope.layers import layer_slide
-
-        name = self.layer_combo.currentText()
-        if name not in self.viewer.layers:
-            self.status.setText("Open an IHC slide first.")
-            return None
-        layer = self.viewer.layers[name]
         try:
-            slide = layer_slide(layer.data, layer.metadata, layer.scale, name)
+            slide, layer = self.chosen_slide(self.layer_combo)
             region, self.region_id = self._region(slide, layer)
         except ValueError as exc:
             self.status.setText(str(exc))
@@ -210,27 +157,12 @@ class CoAssessWidget(QWidget):
         for row in self.rows.values():
             row.reset_call()
             row.set_model(None)
-        connect = {"yielded": self._progress, "returned": self._show, "errored": self._failed,
-                   "finished": self._done}  # fmt: skip
-        ckpt = self.checkpoint.text().strip()
-        self.worker = create_worker(_assess, slide, ckpt, self.metadata.text(), region,
-                                    _connect=connect, _start_thread=False)  # fmt: skip
-        self.run_button.setEnabled(False)
-        self.cancel_button.setEnabled(True)
-        self.status.setText("Assessing…")
-        self.worker.start()
-        return self.worker
-
-    def cancel(self) -> None:
-        if self.worker is not None:
-            self.worker.quit()
-            self.status.setText("Cancelled; calls made so far are saved.")
+        return self.start(_assess, slide, self.picker.path(), self.metadata.text(), region,
+                          text="Assessing…", yielded=self._progress, returned=self._show)  # fmt: skip
 
     def _progress(self, value) -> None:
         phase, done, total = value
-        self.progress.setRange(0, total)
-        self.progress.setValue(done)
-        self.progress.setFormat(f"{phase} %v/%m")
+        self.controls.set_progress(done, total, f"{phase} %v/%m")
 
     def _show(self, result) -> None:
         calls, measurement = result
@@ -243,21 +175,10 @@ class CoAssessWidget(QWidget):
                 summary.get(task) if task in ("intensity", "quantity", "location") else None
             )
         if calls is not None:
-            data, kwargs, _ = calls.to_layers()[0]
-            if kwargs["name"] in self.viewer.layers:
-                self.viewer.layers.remove(kwargs["name"])
-            self.viewer.add_image(data, **kwargs)
+            self.replace_layer(*calls.to_layers()[0])
         note = "" if calls is not None else " (no checkpoint: measurement only)"
         self.status.setText(f"{summary['n_cells']} cells measured{note}. Make your calls below.")
         self._show_agreement()
-
-    def _failed(self, exc: Exception) -> None:
-        self.status.setText(f"<span style='color:#e05050'>{exc}</span>")
-
-    def _done(self) -> None:
-        self.run_button.setEnabled(True)
-        self.cancel_button.setEnabled(False)
-        self.worker = None
 
     # ------------------------------------------------------------------- calls
     def record_call(self, task: str, value: str) -> Call | None:
@@ -275,7 +196,7 @@ class CoAssessWidget(QWidget):
         try:
             self.session.record(call)
         except OSError as exc:
-            self.status.setText(f"<span style='color:#e05050'>Call NOT saved: {exc}</span>")
+            self.controls.error(f"Call NOT saved: {exc}")
             return None
         self.status.setText(f"Saved {task}: {value} → {self.session.path.name}")
         self._show_agreement()
