@@ -80,3 +80,17 @@ def test_analyze_tumour_writes_aligned_heatmap_tiles_and_overview(tmp_path, caps
     assert Image.open(out / "tumour_heatmap_overview.png").size[0] > 0
     meta = json.loads((out / "tumour_heatmap.json").read_text())
     assert meta["provenance"]["checkpoint_sha256"]
+
+
+def test_analyze_mil_with_embedded_default(tmp_path):
+    from histoscope._data import sample_data_path
+    from histoscope.synthetic import generate
+
+    if sample_data_path("clam_default.safetensors") is None:
+        pytest.skip("embedded CLAM default missing")
+    slide = generate(tmp_path / "s", kind="he", size=(1024, 1024), seed=4).slide
+    assert main(["analyze", str(slide), "--tasks", "tissue,mil", "--out", str(tmp_path / "o")]) == 0
+    doc = json.loads((tmp_path / "o" / "mil.json").read_text())
+    assert doc["prediction"] in doc["probability"]
+    assert sum(doc["probability"].values()) == pytest.approx(1.0, abs=1e-5)
+    assert doc["provenance"]["checkpoint_sha256"]

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 #: Tasks ``analyze`` can run, in the order they run.
-TASKS = ("tissue", "tumour", "ihc")
+TASKS = ("tissue", "tumour", "mil", "ihc")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -19,6 +19,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tumour-checkpoint", default=None,
                    help="tile classifier (default: the embedded tumour_patch_default)")  # fmt: skip
     p.add_argument("--stain-norm", action="store_true", help="tumour: Macenko normalisation")
+    p.add_argument("--mil-checkpoint", default=None,
+                   help="CLAM model (default: the embedded clam_default)")  # fmt: skip
     p.add_argument("--compartment", default="auto",
                    help="IHC: auto|nucleus|cytoplasm|membrane|cell")  # fmt: skip
     p.add_argument("--ihc-mpp", type=float, default=0.5, help="IHC: µm/px cells are measured at")
@@ -59,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
                 written += _save_tissue(tissue, out)
         if "tumour" in tasks:
             written += _tumour(slide, tissue.mask, args, out)
+        if "mil" in tasks:
+            written += _mil(slide, tissue.mask if tissue is not None else None, args, out)
         if "ihc" in tasks:
             from histoscope.tasks.ihc_measure import IHCParams, iter_measure_slide
 
@@ -102,3 +106,18 @@ def _tumour(slide, mask, args, out: Path) -> list[Path]:
     return write_heatmap_outputs(
         heat, slide, out, stem="tumour_heatmap", value="tumour_probability"
     )
+
+
+def _mil(slide, mask, args, out: Path) -> list[Path]:
+    from histoscope._data import sample_data_path
+    from histoscope.checkpoints import load_checkpoint
+    from histoscope.errors import CheckpointError
+    from histoscope.tasks.mil import iter_mil
+
+    ckpt = args.mil_checkpoint or sample_data_path("clam_default.safetensors")
+    if ckpt is None:
+        raise CheckpointError("no CLAM checkpoint: pass --mil-checkpoint PATH")
+    model, card = load_checkpoint(ckpt, family="clam")
+    result = _drive(iter_mil(slide, model, card, tissue=mask), "MIL tiles")
+    print(json.dumps({k: v for k, v in result.summary().items() if k != "top_tiles"}, indent=2))
+    return result.save(out)

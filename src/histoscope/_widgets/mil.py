@@ -1,0 +1,98 @@
+"""Attention MIL dock widget (CLAM): slide prediction, attention heatmap, top tiles to visit."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from qtpy.QtWidgets import QFormLayout, QLabel, QListWidget, QVBoxLayout
+
+from histoscope._widgets._common import CheckpointPicker, RGBLayerCombo, TaskWidget, visible_region
+
+if TYPE_CHECKING:
+    import napari
+
+DEFAULT_CHECKPOINT = "clam_default.safetensors"
+
+
+def _mil_work(slide, checkpoint: str, near):
+    """Worker generator: load the CLAM checkpoint, then encode tiles (yielding progress)."""
+    from histoscope.checkpoints import load_checkpoint
+    from histoscope.tasks.mil import iter_mil
+
+    model, card = load_checkpoint(checkpoint, family="clam")
+    return (yield from iter_mil(slide, model, card, near=near))
+
+
+class MILWidget(TaskWidget):
+    """Whole-slide attention MIL: what the slide is, and which tiles made the call."""
+
+    cancel_text = "Cancelled: no slide call without all tiles."
+
+    def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
+        super().__init__(napari_viewer, "Classify slide")
+        self.result = None
+        self.layer_combo = RGBLayerCombo(napari_viewer)
+        self.picker = CheckpointPicker(DEFAULT_CHECKPOINT, "CLAM checkpoint (.safetensors)")
+        self.checkpoint = self.picker.edit
+        form = QFormLayout()
+        form.addRow("Slide", self.layer_combo)
+        form.addRow("Checkpoint", self.picker)
+        self.prediction = QLabel("–")
+        self.prediction.setWordWrap(True)
+        self.top_list = QListWidget()
+        self.top_list.currentRowChanged.connect(self.go_to_tile)
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addWidget(self.controls)
+        layout.addWidget(QLabel("Slide call"))
+        layout.addWidget(self.prediction)
+        layout.addWidget(QLabel("Most attended tiles (select to go there)"))
+        layout.addWidget(self.top_list, stretch=1)
+
+    def run(self):
+        """Classify the chosen slide in a worker; returns the worker or None."""
+        ckpt = self.picker.path()
+        if not ckpt:
+            self.status.setText("Choose a CLAM checkpoint.")
+            return None
+        try:
+            slide, layer = self.chosen_slide(self.layer_combo)
+        except ValueError as exc:
+            self.status.setText(str(exc))
+            return None
+        x, y, w, h = visible_region(self.viewer, slide, layer)
+        self.top_list.clear()
+        self.prediction.setText("–")
+        return self.start(_mil_work, slide, ckpt, (x + w / 2, y + h / 2),
+                          text="Encoding tissue tiles…", yielded=self._progress,
+                          returned=self._show)  # fmt: skip
+
+    def _progress(self, value) -> None:
+        self.controls.set_progress(*value)
+
+    def _show(self, result) -> None:
+        self.result = result
+        probs = ", ".join(
+            f"{c}: {p:.2f}" for c, p in zip(result.classes, result.probability, strict=True)
+        )
+        self.prediction.setText(f"<b>{result.label}</b> ({probs})")
+        for data, kwargs, kind in result.to_layers():
+            self.replace_layer(data, kwargs, kind)
+        mpp = result.attention.grid.slide_mpp
+        for t in result.top_tiles:
+            self.top_list.addItem(
+                f"#{t['rank']}  x={t['x'] * mpp:.0f} µm, y={t['y'] * mpp:.0f} µm, "
+                f"attention {t['attention']:.3f}"
+            )
+        self.status.setText(f"{len(result.tile_attention)} tiles attended.")
+
+    def go_to_tile(self, row: int) -> None:
+        """Centre the view on the ``row``-th most attended tile, zoomed to see it."""
+        if self.result is None or not 0 <= row < len(self.result.top_tiles):
+            return
+        t = self.result.top_tiles[row]
+        g = self.result.attention.grid
+        half = g.stride / 2
+        camera = self.viewer.scene.camera if hasattr(self.viewer, "scene") else self.viewer.camera
+        camera.center = ((t["y"] + half) * g.slide_mpp, (t["x"] + half) * g.slide_mpp)
+        camera.zoom = min(self.viewer.canvas.size) / (4 * g.stride * g.slide_mpp)

@@ -1,0 +1,53 @@
+"""Attention MIL widget with the embedded CLAM default on a small synthetic slide."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from histoscope._data import sample_data_path
+
+pytestmark = pytest.mark.skipif(
+    sample_data_path("clam_default.safetensors") is None, reason="embedded CLAM default missing"
+)
+
+
+@pytest.fixture(scope="module")
+def he_slide(tmp_path_factory):
+    from histoscope.synthetic import generate
+
+    return generate(tmp_path_factory.mktemp("he"), kind="he", size=(1536, 1536), seed=3).slide
+
+
+@pytest.fixture
+def widget(make_napari_viewer, he_slide):
+    from histoscope._widgets.mil import MILWidget
+
+    viewer = make_napari_viewer()
+    viewer.open(str(he_slide), plugin="napari-histoscope")
+    return MILWidget(viewer)
+
+
+def test_slide_call_attention_and_top_tiles(widget, qtbot):
+    assert widget.run() is not None
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=180_000)
+    assert widget.result is not None, widget.status.text()
+    assert widget.result.label in widget.prediction.text()
+    att = widget.viewer.layers["MIL attention"].data
+    assert np.isfinite(att).any()
+    assert widget.top_list.count() == len(widget.result.top_tiles) > 0
+    camera = widget.viewer.scene.camera if hasattr(widget.viewer, "scene") else widget.viewer.camera
+    before = tuple(camera.center)
+    widget.top_list.setCurrentRow(0)
+    t = widget.result.top_tiles[0]
+    g = widget.result.attention.grid
+    assert tuple(camera.center) != before
+    assert camera.center[-1] == pytest.approx((t["x"] + g.stride / 2) * g.slide_mpp)
+
+
+def test_checkpoint_of_another_family_is_reported(widget, qtbot):
+    widget.checkpoint.setText(str(sample_data_path("tumour_patch_default.safetensors")))
+    assert widget.run() is not None
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
+    assert "clam" in widget.status.text() and widget.result is None
+    assert len(widget.viewer.layers) == 1
