@@ -216,16 +216,20 @@ def test_evaluate_command_reproduces_the_card_metrics(trained, dataset, tmp_path
     assert float(first[4]) == pytest.approx(doc["test"]["auc"], abs=1e-4)
 
 
-def test_cli_train_with_overrides(dataset, tmp_path, capsys):
+def test_cli_train_generates_missing_data_and_takes_overrides(dataset, tmp_path, capsys):
     import yaml
 
+    recipe = _recipe(tmp_path / "made", tmp_path / "run")
+    recipe["data"]["generate"] = {"count": 3, "size": [768, 768], "seed": 1016, "mpp": 0.5}
     path = tmp_path / "r.yaml"
-    path.write_text(yaml.safe_dump(_recipe(dataset, tmp_path / "run")))
+    path.write_text(yaml.safe_dump(recipe))
     rc = main(["train", str(path), "-o", "train.epochs=1", "-o", "name=tiny"])
     assert rc == 0, capsys.readouterr().err
     assert json.loads(capsys.readouterr().out)["checkpoint"].endswith("tiny.safetensors")
     log = (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()
     assert len(log) == 1
+    made = json.loads((tmp_path / "made" / "manifest.json").read_text())
+    assert made["slides"] == json.loads((dataset / "manifest.json").read_text())["slides"]
 
 
 def test_evaluate_refuses_another_family(tmp_path, dataset):
