@@ -94,3 +94,21 @@ def test_analyze_mil_with_embedded_default(tmp_path):
     assert doc["prediction"] in doc["probability"]
     assert sum(doc["probability"].values()) == pytest.approx(1.0, abs=1e-5)
     assert doc["provenance"]["checkpoint_sha256"]
+
+
+def test_analyze_ihc_writes_model_calls_beside_the_measurement(tmp_path):
+    from histoscope._data import sample_data_path
+    from histoscope.synthetic import generate
+
+    if sample_data_path("isight_default.safetensors") is None:
+        pytest.skip("embedded iSight default missing")
+    slide = generate(tmp_path / "s", kind="ihc", size=(1024, 1024), seed=8).slide
+    rc = main(["analyze", str(slide), "--tasks", "ihc", "--metadata", "Tissue: colon.",
+               "--out", str(tmp_path / "o")])  # fmt: skip
+    assert rc == 0
+    doc = json.loads((tmp_path / "o" / "ihc.json").read_text())
+    assert set(doc["calls"]) == {"intensity", "location", "quantity", "tissue", "malignancy"}
+    for task in doc["calls"].values():
+        assert sum(task["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+    assert doc["measurement"]["n_cells"] > 0 and "h_score" in doc["measurement"]
+    assert (tmp_path / "o" / "isight_attention.npy").exists()

@@ -24,6 +24,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--compartment", default="auto",
                    help="IHC: auto|nucleus|cytoplasm|membrane|cell")  # fmt: skip
     p.add_argument("--ihc-mpp", type=float, default=0.5, help="IHC: µm/px cells are measured at")
+    p.add_argument(
+        "--isight-checkpoint",
+        default=None,
+        help="IHC: iSight model (default: the embedded isight_default; 'none' skips it)",
+    )
+    p.add_argument(
+        "--metadata",
+        default=None,
+        help="IHC: clinical text for iSight, e.g. 'Tissue: breast. Antibody: HER2.'",
+    )
     p.set_defaults(func=run)
 
 
@@ -64,13 +74,7 @@ def run(args: argparse.Namespace) -> int:
         if "mil" in tasks:
             written += _mil(slide, tissue.mask if tissue is not None else None, args, out)
         if "ihc" in tasks:
-            from histoscope.tasks.ihc_measure import IHCParams, iter_measure_slide
-
-            params = IHCParams(compartment=args.compartment)
-            gen = iter_measure_slide(slide, params, mpp=max(args.ihc_mpp, slide.mpp))
-            result = _drive(gen, "IHC cells")
-            written += list(result.save(out).values())
-            print(json.dumps(result.summary(), indent=2))
+            written += _ihc(slide, args, out)
     for path in written:
         print(f"wrote {path}")
     return 0
@@ -121,3 +125,30 @@ def _mil(slide, mask, args, out: Path) -> list[Path]:
     result = _drive(iter_mil(slide, model, card, tissue=mask), "MIL tiles")
     print(json.dumps({k: v for k, v in result.summary().items() if k != "top_tiles"}, indent=2))
     return result.save(out)
+
+
+def _ihc(slide, args, out: Path) -> list[Path]:
+    """Measurement (cells CSV + summary) and, with a checkpoint, iSight's five calls in ihc.json."""
+    from histoscope._data import sample_data_path
+    from histoscope.tasks.ihc_measure import IHCParams, iter_measure_slide
+
+    params = IHCParams(compartment=args.compartment)
+    measured = _drive(
+        iter_measure_slide(slide, params, mpp=max(args.ihc_mpp, slide.mpp)), "IHC cells"
+    )
+    files = list(measured.save(out).values())
+    summary = measured.summary()
+    ckpt = args.isight_checkpoint or sample_data_path("isight_default.safetensors")
+    if ckpt and str(ckpt).lower() != "none":
+        from histoscope.checkpoints import load_checkpoint
+        from histoscope.tasks.isight import iter_isight
+
+        model, card = load_checkpoint(ckpt, family="isight")
+        calls = _drive(iter_isight(slide, model, card, metadata=args.metadata), "iSight tiles")
+        files += calls.save(out, measurement=summary)
+        summary = {
+            "model": {t: c["call"] for t, c in calls.calls().items()},
+            "measurement": summary,
+        }
+    print(json.dumps(summary, indent=2))
+    return files

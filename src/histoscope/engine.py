@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import threading
 from collections import deque
@@ -454,6 +455,7 @@ class TileHeatmap(Result):
         out = Path(out_dir)
         buf = io.BytesIO()
         np.save(buf, self.values)
-        files = [_atomic_write(out / f"{self.name}.npy", buf.getvalue())]
+        stem = re.sub(r"[^a-z0-9_.-]+", "_", self.name.lower()).strip("_") or "heatmap"
+        files = [_atomic_write(out / f"{stem}.npy", buf.getvalue())]
         files.append(self._write_provenance(out))
         return files

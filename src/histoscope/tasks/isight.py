@@ -53,11 +53,13 @@ class ISightCalls(Result):
         kwargs["metadata"]["calls"] = self.calls()
         return [(data, kwargs, kind)]
 
-    def save(self, out_dir) -> list[Path]:
+    def save(self, out_dir, measurement: dict[str, Any] | None = None) -> list[Path]:
+        """Write ``ihc.json`` (calls, and the measurement's summary when given) and attention."""
         from histoscope.export import atomic_write_text
 
         out = Path(out_dir)
-        doc = {"calls": self.calls(), "provenance": self.provenance.to_dict()}
+        doc = {"calls": self.calls(), "measurement": measurement,
+               "provenance": self.provenance.to_dict()}  # fmt: skip
         files = [atomic_write_text(out / "ihc.json", json.dumps(doc, indent=2) + "\n")]
         return files + self.attention.save(out)
 
