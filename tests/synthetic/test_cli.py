@@ -43,3 +43,17 @@ def test_splits_are_deterministic_and_cover_every_slide():
     assert (a.count("train"), a.count("val"), a.count("test")) == (14, 3, 3)
     with pytest.raises(ValueError, match="count"):
         assign_splits(0, seed=1)
+
+
+def test_dataset_with_extras_has_reports_by_split(tmp_path):
+    from histoscope.synthetic import write_dataset
+
+    manifest = write_dataset(tmp_path, "he", (384, 384), seed=50, count=3, extras=True)
+    rows = json.loads(manifest.read_text())["slides"]
+    reports = json.loads((tmp_path / "reports.json").read_text())
+    assert set(reports) == {"train", "val", "test"}
+    for r in rows:
+        (entry,) = [e for e in reports[r["split"]] if e["id"] == r["name"]]
+        assert entry["image_path"] == r["slide"] and entry["report"]
+        assert (tmp_path / r["visium_matrix"]).is_file()
+        assert (tmp_path / r["nuclass_patches_224"]).is_file()
