@@ -16,13 +16,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True, help="output folder")
     p.add_argument("--split", default=None,
                    help="which slides of the dataset (family default, usually 'test'; 'all')")  # fmt: skip
+    p.add_argument("-O", "--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="option of the family's evaluate, e.g. -O stain_norm=true (repeatable)")  # fmt: skip
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from histoscope.training import evaluate
+    from histoscope.training import apply_overrides, evaluate
 
-    kw = {"split": args.split} if args.split else {}
+    kw = apply_overrides({}, args.option)  # YAML values; keys must be plain names
+    nested = [k for k, v in kw.items() if isinstance(v, dict)]
+    if nested:
+        raise SystemExit(f"histoscope evaluate: -O takes plain names, got {nested}")
+    if args.split:
+        kw["split"] = args.split
     metrics = evaluate(args.checkpoint, args.data, args.out, **kw)
     print(json.dumps(metrics, indent=2, default=str))
     print(f"wrote {args.out / 'metrics.json'}")

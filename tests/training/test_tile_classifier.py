@@ -316,3 +316,20 @@ def test_patch_folder_in_the_seeds_layout_trains_and_evaluates(dataset, tmp_path
     assert metrics["test"] == result["metrics"]["test"]
     with pytest.raises(RecipeError, match="no images under holdout/<class>/"):
         evaluate(result["checkpoint"], folder, tmp_path / "ev2", split="holdout")
+
+
+def test_evaluate_options_add_macenko_sets_and_refuse_unknown_ones(
+    trained, dataset, tmp_path, capsys
+):
+    _, result, _ = trained
+    argv = ["evaluate", result["checkpoint"], "--data", str(dataset), "--out", str(tmp_path)]
+    assert main([*argv, "-O", "stain_norm=true"]) == 0
+    doc = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(doc) >= {"test", "test_stain_shifted", "test_macenko", "test_stain_shifted_macenko"}
+    assert doc["test_macenko"]["n"] == doc["test"]["n"]
+    header = (tmp_path / "tiles.csv").read_text().splitlines()[0]
+    assert header.endswith("p_tumour_test_macenko,p_tumour_test_stain_shifted_macenko")
+    capsys.readouterr()
+    assert main([*argv, "-O", "stain_nrom=true"]) == 2
+    err = capsys.readouterr().err
+    assert "no option(s) ['stain_nrom']" in err and "stain_norm" in err

@@ -145,6 +145,20 @@ def run(
     return result
 
 
+def _check_options(mod: ModuleType, options: Mapping[str, Any]) -> None:
+    """Refuse options the family's ``evaluate`` does not take, naming those it does."""
+    import inspect
+
+    params = inspect.signature(mod.evaluate).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return
+    takes = [n for n, p in params.items() if p.kind is p.KEYWORD_ONLY]
+    unknown = sorted(set(options) - set(takes))
+    if unknown:
+        raise RecipeError(f"{mod.__name__}.evaluate takes no option(s) {unknown}; "
+                          f"it takes: {', '.join(takes) or 'none'}")  # fmt: skip
+
+
 def evaluate(
     checkpoint: str | os.PathLike, data: str | os.PathLike, out: str | os.PathLike, **options: Any
 ) -> dict[str, Any]:
@@ -178,6 +192,7 @@ def evaluate(
 
     card = read_card(checkpoint)
     mod = family_module(card.family)
+    _check_options(mod, options)
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics = dict(mod.evaluate(Path(checkpoint), Path(data), out_dir, **options))

@@ -303,13 +303,37 @@ def train(
 
 
 # ----------------------------------------------------------------- evaluate
+def macenko(tiles: TileSet) -> TileSet:
+    """Tiles stain-normalised per slide (Macenko, fitted on that slide's tiles, to its reference)."""
+    from histoscope.stains import MacenkoNormalizer
+
+    imgs = tiles.images.copy()
+    for k in range(len(tiles.names)):
+        sel = tiles.slide == k
+        if sel.any():
+            imgs[sel] = MacenkoNormalizer.fit(tiles.images[sel]).transform(tiles.images[sel])
+    return replace(tiles, images=imgs)
+
+
 def evaluate_tiles(
-    model: nn.Module, spec: Mapping[str, Any], tiles: TileSet, ev: Mapping[str, Any], out: Path
+    model: nn.Module,
+    spec: Mapping[str, Any],
+    tiles: TileSet,
+    ev: Mapping[str, Any],
+    out: Path,
+    *,
+    stain_norm: bool = False,
 ) -> dict[str, Any]:
-    """Metrics on ``tiles`` and on their stain-shifted copy; writes ``tiles.csv`` and ``roc.png``."""
+    """Metrics on ``tiles`` and their stain-shifted copy; writes ``tiles.csv``, ``roc.png``.
+
+    With ``stain_norm``, both sets are also scored after Macenko normalisation
+    (``*_macenko``), as the tumour heatmap's ``stain_norm`` option does at inference.
+    """
     from histoscope.training._tile_report import write_report
 
     sets = {"test": tiles, "test_stain_shifted": shifted(tiles, ev)}
+    if stain_norm:
+        sets.update({f"{k}_macenko": macenko(t) for k, t in list(sets.items())})
     probs = {k: predict(model, t.images, spec) for k, t in sets.items()}
     result = {k: metrics_for(tiles.labels, p) for k, p in probs.items()}
     write_report(out, tiles, probs, result)
@@ -322,8 +346,9 @@ def evaluate(
     out_dir: str | os.PathLike,
     *,
     split: str = "test",
+    stain_norm: bool = False,
 ) -> dict[str, Any]:
-    """Patch metrics of a checkpoint on a labelled ``histoscope synth --kind he`` folder.
+    """Patch metrics of a checkpoint on a labelled synth folder or patch folder.
 
     Parameters
     ----------
@@ -335,12 +360,15 @@ def evaluate(
         Receives ``tiles.csv`` (per-tile truth and probabilities) and ``roc.png``.
     split
         Which slides: ``"test"`` (default), ``"val"``, ``"train"`` or ``"all"``.
+    stain_norm
+        Also score every set after per-slide Macenko normalisation.
 
     Returns
     -------
     dict
-        ``{"test": {...}, "test_stain_shifted": {...}}`` with ``auc``,
-        ``accuracy``, ``balanced_accuracy``, ``confusion``, ``n``.
+        ``{"split", "test": {...}, "test_stain_shifted": {...}}`` (and the
+        ``*_macenko`` sets) with ``auc``, ``accuracy``, ``balanced_accuracy``,
+        ``sensitivity``, ``specificity``, ``confusion``, ``n``.
 
     Raises
     ------
@@ -358,4 +386,5 @@ def evaluate(
     data["mpp"], data["tile_size"] = card.input_spec["mpp"], card.input_spec["tile_size"]
     ev = {**DEFAULTS["eval"], **(card.recipe.get("eval") or {})}
     tiles = _load(Path(data_path), split, data)
-    return {"split": split, **evaluate_tiles(model, card.input_spec, tiles, ev, Path(out_dir))}
+    res = evaluate_tiles(model, card.input_spec, tiles, ev, Path(out_dir), stain_norm=stain_norm)
+    return {"split": split, **res}
