@@ -333,3 +333,24 @@ def test_evaluate_options_add_macenko_sets_and_refuse_unknown_ones(
     assert main([*argv, "-O", "stain_nrom=true"]) == 2
     err = capsys.readouterr().err
     assert "no option(s) ['stain_nrom']" in err and "stain_norm" in err
+
+
+def test_macenko_trained_model_is_evaluated_on_normalised_tiles(dataset, tmp_path):
+    from histoscope.checkpoints import load_checkpoint
+    from histoscope.training import evaluate
+    from histoscope.training.tile_classifier import macenko, metrics_for, predict
+
+    recipe = _recipe(dataset, tmp_path / "run", epochs=1)
+    recipe["data"]["stain_norm"] = "macenko"
+    result = run_recipe(recipe)
+    model, card = load_checkpoint(result["checkpoint"], family="tile_classifier")
+    assert card.input_spec["stain_norm"] == "macenko"
+    test = load_split(dataset, "test", mpp=2.0, tile_size=32)
+    want = metrics_for(test.labels, predict(model, macenko(test).images, card.input_spec))
+    got = evaluate(result["checkpoint"], dataset, tmp_path / "ev")
+    assert got["test"] == result["metrics"]["test"]
+    assert got["test"]["auc"] == pytest.approx(want["auc"])
+    assert got["test"]["confusion"] == want["confusion"]
+    recipe["data"]["stain_norm"] = "vahadane"
+    with pytest.raises(RecipeError, match="data.stain_norm must be null or 'macenko'"):
+        run_recipe(recipe)

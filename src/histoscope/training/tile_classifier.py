@@ -10,7 +10,9 @@ Recipe sections (defaults in :data:`DEFAULTS`):
     folder is missing), ``mpp`` and ``tile_size`` (tiles read), ``min_tissue``,
     ``tumour_min``, ``normal_max`` (labelling, see :mod:`._tiles`),
     ``max_per_slide`` (cap per class and slide on the train and val splits; the
-    test split is always read whole, as ``histoscope evaluate`` reads it).
+    test split is always read whole, as ``histoscope evaluate`` reads it),
+    ``stain_norm`` (``null`` or ``"macenko"``: every tile is Macenko-normalised
+    per slide, in training and evaluation alike; the card's ``input_spec`` says so).
 ``model``
     ``backbone``, ``backbone_kwargs``, ``dropout`` of
     :class:`histoscope.models.TileClassifier`.
@@ -55,7 +57,7 @@ from histoscope.training._tiles import (
 FAMILY = "tile_classifier"
 DEFAULTS: dict[str, dict[str, Any]] = {
     "data": {"path": None, "generate": None, "mpp": 1.0, "tile_size": 128, "min_tissue": 0.5,
-             "tumour_min": 0.5, "normal_max": 0.0, "max_per_slide": None},
+             "tumour_min": 0.5, "normal_max": 0.0, "max_per_slide": None, "stain_norm": None},
     "model": {"backbone": "hs_cnn_small", "backbone_kwargs": {}, "dropout": 0.0},
     "augment": {"flips": True, "hed_sigma": 0.0, "hed_bias": 0.0},
     "eval": {"shift_degrees": 12.0, "shift_amount": [1.45, 1.7], "seed": 0},
@@ -79,6 +81,9 @@ def settings(recipe: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
         out[section] = {**defaults, **given}
     if not out["data"]["path"]:
         raise RecipeError("recipe key data.path is required (a `histoscope synth` folder)")
+    if out["data"]["stain_norm"] not in (None, "macenko"):
+        raise RecipeError(f"recipe key data.stain_norm must be null or 'macenko', "
+                          f"got {out['data']['stain_norm']!r}")  # fmt: skip
     gen = out["data"]["generate"]
     if gen is not None:
         check_keys(gen, GENERATE_KEYS, "data.generate")
@@ -235,6 +240,9 @@ def train(
     torch.manual_seed(ts.seed)
     model = TileClassifier(cfg["model"]["backbone"], len(CLASSES), cfg["model"]["dropout"], bkw)
     spec = model.input_spec.to_dict()
+    if data["stain_norm"]:
+        spec["stain_norm"] = data["stain_norm"]
+        train_set, val_set = macenko(train_set), macenko(val_set)
     model.to(device)
 
     images = torch.from_numpy(train_set.images)  # (N, T, T, 3) uint8, shared memory
@@ -311,7 +319,11 @@ def macenko(tiles: TileSet) -> TileSet:
     for k in range(len(tiles.names)):
         sel = tiles.slide == k
         if sel.any():
-            imgs[sel] = MacenkoNormalizer.fit(tiles.images[sel]).transform(tiles.images[sel])
+            try:
+                norm = MacenkoNormalizer.fit(tiles.images[sel])
+            except ValueError as exc:
+                raise RecipeError(f"slide {tiles.names[k]}: Macenko fit failed ({exc})") from None
+            imgs[sel] = norm.transform(tiles.images[sel])
     return replace(tiles, images=imgs)
 
 
@@ -328,11 +340,15 @@ def evaluate_tiles(
 
     With ``stain_norm``, both sets are also scored after Macenko normalisation
     (``*_macenko``), as the tumour heatmap's ``stain_norm`` option does at inference.
+    A model whose ``spec`` says ``stain_norm: macenko`` was trained on normalised
+    tiles, so every set is normalised before it is scored (after the shift).
     """
     from histoscope.training._tile_report import write_report
 
     sets = {"test": tiles, "test_stain_shifted": shifted(tiles, ev)}
-    if stain_norm:
+    if spec.get("stain_norm") == "macenko":
+        sets = {k: macenko(t) for k, t in sets.items()}
+    elif stain_norm:
         sets.update({f"{k}_macenko": macenko(t) for k, t in list(sets.items())})
     probs = {k: predict(model, t.images, spec) for k, t in sets.items()}
     result = {k: metrics_for(tiles.labels, p) for k, p in probs.items()}
