@@ -1,4 +1,5 @@
-"""napari sample data: real IHC tissue from scikit-image."""
+"""napari sample data: synthetic H&E and IHC slides (generated once, then cached) and
+scikit-image's real IHC image."""
 
 from __future__ import annotations
 
@@ -23,3 +24,37 @@ def skimage_ihc() -> list[LayerDataTuple]:
         "metadata": meta,
     }
     return [(img, kwargs, "image")]
+
+
+def _synthetic(kind: str, label: str) -> list[LayerDataTuple]:
+    """A cached synthetic slide as a layer; generating it shows napari's progress bar."""
+    from napari.utils import progress
+
+    from histoscope.layers import slide_layer
+    from histoscope.slide import open_slide
+    from histoscope.synthetic import sample_slide
+
+    bar = None
+
+    def on_tile(done: int, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = progress(total=total, desc=f"Generating the synthetic {label} slide")
+        bar.update(done - bar.n)
+
+    try:
+        sample = sample_slide(kind, progress=on_tile)
+    finally:
+        if bar is not None:
+            bar.close()
+    return [slide_layer(open_slide(sample.slide), name=f"synthetic {label}")]
+
+
+def synthetic_he() -> list[LayerDataTuple]:
+    """A synthetic H&E slide with known ground truth (see docs/synthetic.md)."""
+    return _synthetic("he", "H&E")
+
+
+def synthetic_ihc() -> list[LayerDataTuple]:
+    """A synthetic IHC (haematoxylin + DAB) slide with known staining labels."""
+    return _synthetic("ihc", "IHC")
