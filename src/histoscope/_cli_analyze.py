@@ -18,7 +18,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mpp", type=float, default=None, help="µm/px for images that carry none")
     p.add_argument("--tumour-checkpoint", default=None,
                    help="tile classifier (default: the embedded tumour_patch_default)")  # fmt: skip
-    p.add_argument("--stain-norm", action="store_true", help="tumour: Macenko normalisation")
+    p.add_argument(
+        "--stain-norm",
+        action="store_true",
+        default=None,
+        help="tumour: force Macenko normalisation (default: as the checkpoint was trained)",
+    )
     p.add_argument("--mil-checkpoint", default=None,
                    help="CLAM model (default: the embedded clam_default)")  # fmt: skip
     p.add_argument("--compartment", default="auto",

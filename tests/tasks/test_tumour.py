@@ -132,3 +132,14 @@ def test_heatmap_with_stain_normalisation_runs_and_records_it(slide):
             next(gen)
     assert np.isfinite(job.values).sum() == len(job.grid)
     assert job.provenance.params["stain_norm"] == "macenko"
+
+
+def test_stain_normalisation_follows_the_checkpoint_card(slide):
+    from types import SimpleNamespace
+
+    trained_normalised = SimpleNamespace(classes=("normal", "tumour"), sha256="x",
+                                         input_spec={"stain_norm": "macenko"})  # fmt: skip
+    plain = SimpleNamespace(classes=("normal", "tumour"), sha256="y", input_spec={})
+    assert HeatmapJob(slide, RedIsTumour(), trained_normalised).normalizer is not None
+    assert HeatmapJob(slide, RedIsTumour(), plain).normalizer is None
+    assert HeatmapJob(slide, RedIsTumour(), plain, stain_norm=True).normalizer is not None

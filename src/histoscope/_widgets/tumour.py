@@ -17,7 +17,7 @@ DEFAULT_CHECKPOINT = "tumour_patch_default.safetensors"
 HEATMAP_NAME = "tumour probability"
 
 
-def _heatmap_work(slide, checkpoint: str, near, stain_norm: bool = False, tissue_params=None):
+def _heatmap_work(slide, checkpoint: str, near, stain_norm: bool | None = None, tissue_params=None):
     """Worker generator: yields the job once (to show its live layer), then progress."""
     from histoscope.checkpoints import load_checkpoint
     from histoscope.tasks.tumour import HeatmapJob
@@ -62,8 +62,12 @@ class TumourWidget(TaskWidget):
         form.addRow("Smallest tissue piece", self.min_area)
 
         self.tissue_button = self.controls.add_run_button("Tissue mask", self.run_tissue)
-        self.stain_box = QCheckBox("Stain normalisation (Macenko)")
-        self.stain_box.setToolTip("Map this slide's H&E colours onto a reference before scoring")
+        self.stain_box = QCheckBox("Force Macenko stain normalisation")
+        self.stain_box.setToolTip(
+            "Off: normalise only if the checkpoint was trained on normalised tiles.\n"
+            "On: always map this slide's H&E colours onto Macenko's reference first\n"
+            "(hurts models trained without it, such as the embedded default)."
+        )
         self.gradcam_box = QCheckBox("Grad-CAM of the tile I click")
         self.gradcam_box.toggled.connect(self._toggle_click)
         layout = QVBoxLayout(self)
@@ -104,7 +108,7 @@ class TumourWidget(TaskWidget):
             return None
         x, y, w, h = visible_region(self.viewer, slide, layer)
         return self.start(
-            _heatmap_work, slide, ckpt, (x + w / 2, y + h / 2), self.stain_box.isChecked(),
+            _heatmap_work, slide, ckpt, (x + w / 2, y + h / 2), self.stain_box.isChecked() or None,
             self.tissue_params(), text="Scoring tiles in view first…", yielded=self._yielded,
             returned=self._finished_heatmap,
         )  # fmt: skip

@@ -90,17 +90,23 @@ class HeatmapJob:
         Tiles with at most this tissue fraction are skipped (stay NaN).
     stain_norm
         Map the slide's stains onto Macenko's reference H&E before the model
-        (fitted once on a 4 µm/px read of the slide's tissue).
+        (fitted once on a 4 µm/px read of the slide's tissue). ``None`` (the
+        default) follows the checkpoint: on when its card's ``input_spec``
+        says it was trained on Macenko-normalised tiles. Forcing it on for a
+        model trained without it changes its inputs and usually hurts.
     """
 
     def __init__(self, slide, model, card=None, *, tissue: TissueMask | None = None,
-                 min_tissue: float = 0.5, stain_norm: bool = False) -> None:  # fmt: skip
+                 min_tissue: float = 0.5, stain_norm: bool | None = None) -> None:  # fmt: skip
         self.slide, self.model, self.card = slide, model, card
         self.spec = model.input_spec
         self.tissue = tissue if tissue is not None else tissue_mask(slide)
         self.grid = tile_grid(slide, self.tissue, self.spec.mpp, self.spec.tile_size, min_tissue)
         self.target = tumour_index(getattr(card, "classes", ()))
         self.values = np.full(self.grid.shape, np.nan, np.float32)
+        if stain_norm is None:
+            trained_on = (getattr(card, "input_spec", None) or {}).get("stain_norm")
+            stain_norm = trained_on == "macenko"
         self.normalizer = fit_slide_stains(slide, self.tissue) if stain_norm else None
         self.provenance = Provenance(
             task="tumour_heatmap", slide=str(slide.path),
