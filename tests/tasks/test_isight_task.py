@@ -47,3 +47,13 @@ def test_region_limits_tiles(pyramid_tiff, model):
     res = run_isight(slide, model, region=(0, 0, 300, 300), max_tiles=64)
     coords = res.attention.grid.coords
     assert len(coords) >= 1 and (coords < 300).all()
+
+
+def test_metadata_uses_the_checkpoints_own_hash_buckets(pyramid_tiff):
+    import histoscope as hs
+
+    torch.manual_seed(0)
+    small = ISight("test_cnn", ("breast", "colon"), dim=16, hidden=8, meta_buckets=64,
+                   backbone_kwargs={"tile_size": 64, "mpp": 2.0}).eval()  # fmt: skip
+    res = run_isight(hs.open_slide(pyramid_tiff), small, metadata="breast HER2", max_tiles=4)
+    assert res.provenance.params["metadata"] == "breast HER2"

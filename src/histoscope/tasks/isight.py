@@ -143,7 +143,8 @@ def iter_isight(
     model.eval()
     with torch.no_grad():
         h = torch.from_numpy(np.asarray(out.outputs))[None].float()
-        meta = encode_metadata([metadata]) if metadata else None
+        buckets = int(model.config.get("meta_buckets") or 0)
+        meta = encode_metadata([metadata], buckets=buckets) if metadata and buckets else None
         out = model.classify(h, None, meta)
     probs = {}
     for task, classes in model.classes.items():
