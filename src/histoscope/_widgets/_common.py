@@ -158,6 +158,18 @@ class TaskWidget(QWidget):
             raise ValueError("Open a slide or image first.")
         return layer_slide(layer.data, layer.metadata, layer.scale, layer.name), layer
 
+    def model_inputs(self, picker: CheckpointPicker, combo: RGBLayerCombo, what: str):
+        """``(checkpoint, slide, view centre)`` for a model run; ValueError names what is missing.
+
+        The view centre is the level-0 ``(x, y)`` the run should start from.
+        """
+        ckpt = picker.path()
+        if not ckpt:
+            raise ValueError(f"Choose a {what} checkpoint.")
+        slide, layer = self.chosen_slide(combo)
+        x, y, w, h = visible_region(self.viewer, slide, layer)
+        return ckpt, slide, (x + w / 2, y + h / 2)
+
     def start(self, fn, *args, text: str, yielded=None, returned=None, **kwargs):
         """Run ``fn(*args, **kwargs)`` (a function or generator) in a worker; return it."""
         from napari.qt.threading import create_worker

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING
 
 from qtpy.QtWidgets import QFormLayout, QLabel, QListWidget, QVBoxLayout
 
-from histoscope._widgets._common import CheckpointPicker, RGBLayerCombo, TaskWidget, visible_region
+from histoscope._widgets._common import CheckpointPicker, RGBLayerCombo, TaskWidget
 
 if TYPE_CHECKING:
     import napari
@@ -51,19 +51,14 @@ class MILWidget(TaskWidget):
 
     def run(self):
         """Classify the chosen slide in a worker; returns the worker or None."""
-        ckpt = self.picker.path()
-        if not ckpt:
-            self.status.setText("Choose a CLAM checkpoint.")
-            return None
         try:
-            slide, layer = self.chosen_slide(self.layer_combo)
+            ckpt, slide, centre = self.model_inputs(self.picker, self.layer_combo, "CLAM")
         except ValueError as exc:
             self.status.setText(str(exc))
             return None
-        x, y, w, h = visible_region(self.viewer, slide, layer)
         self.top_list.clear()
         self.prediction.setText("–")
-        return self.start(_mil_work, slide, ckpt, (x + w / 2, y + h / 2),
+        return self.start(_mil_work, slide, ckpt, centre,
                           text="Encoding tissue tiles…", yielded=self._progress,
                           returned=self._show)  # fmt: skip
 

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from qtpy.QtWidgets import QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QVBoxLayout
 
-from histoscope._widgets._common import CheckpointPicker, RGBLayerCombo, TaskWidget, visible_region
+from histoscope._widgets._common import CheckpointPicker, RGBLayerCombo, TaskWidget
 from histoscope.tissue import TissueParams
 
 if TYPE_CHECKING:
@@ -97,18 +97,15 @@ class TumourWidget(TaskWidget):
 
     def run(self):
         """Tumour heatmap, tiles in view first (in a worker); returns the worker or None."""
-        ckpt = self.picker.path()
-        if not ckpt:
-            self.status.setText("Choose a tile-classifier checkpoint.")
-            return None
         try:
-            slide, layer = self.chosen_slide(self.layer_combo)
+            ckpt, slide, centre = self.model_inputs(
+                self.picker, self.layer_combo, "tile-classifier"
+            )
         except ValueError as exc:
             self.status.setText(str(exc))
             return None
-        x, y, w, h = visible_region(self.viewer, slide, layer)
         return self.start(
-            _heatmap_work, slide, ckpt, (x + w / 2, y + h / 2), self.stain_box.isChecked() or None,
+            _heatmap_work, slide, ckpt, centre, self.stain_box.isChecked() or None,
             self.tissue_params(), text="Scoring tiles in view first…", yielded=self._yielded,
             returned=self._finished_heatmap,
         )  # fmt: skip
