@@ -135,3 +135,20 @@ def test_weights_directory_and_missing_path(tmp_path):
     create_backbone("test_cnn", weights=tmp_path)  # finds model.safetensors
     with pytest.raises(CheckpointError, match="does not exist"):
         create_backbone("test_cnn", weights=tmp_path / "nope.safetensors")
+
+
+def test_cnn_avgmax_pool_adds_the_maximum_beside_the_mean():
+    torch.manual_seed(0)
+    avg = create_backbone("test_cnn")
+    both = create_backbone("test_cnn", pool="avgmax")
+    assert both.feature_dim == 2 * avg.feature_dim
+    assert both.config["pool"] == "avgmax" and "pool" not in avg.config
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        fmap = both.module.forward_features(x)
+        out = both.module(x)
+    c = avg.feature_dim
+    torch.testing.assert_close(out[:, :c], fmap.mean(dim=(2, 3)))
+    torch.testing.assert_close(out[:, c:], fmap.amax(dim=(2, 3)))
+    with pytest.raises(ValueError, match="pool"):
+        create_backbone("test_cnn", pool="median")

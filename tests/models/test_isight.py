@@ -71,3 +71,31 @@ def test_bad_configuration_is_named():
         ISight("test_cnn", TISSUES, pooling="max")
     with pytest.raises(ValueError, match="tissue_classes"):
         ISight("test_cnn", ())
+    with pytest.raises(ValueError, match="input_space"):
+        ISight("test_cnn", TISSUES, input_space="hsv")
+    with pytest.raises(ValueError, match="token"):
+        ISight("test_cnn", TISSUES, pooling="token", backbone_kwargs={"pool": "avgmax"})
+
+
+def test_optical_density_input_is_what_the_backbone_sees():
+    model = make(input_space="od", backbone_kwargs={"pool": "avgmax"})
+    assert model.config["input_space"] == "od"
+    assert model.config["backbone_kwargs"]["pool"] == "avgmax"
+    spec = model.input_spec
+    mean = torch.tensor(spec.mean).view(3, 1, 1)
+    std = torch.tensor(spec.std).view(3, 1, 1)
+    rgb = torch.rand(1, 3, 3, 32, 32, generator=torch.Generator().manual_seed(2)) * 0.9 + 0.05
+    rgb[0, 0] = 1.0  # a tile of white glass
+    x = (rgb - mean) / std
+    with torch.no_grad():
+        got = model.encode_tiles(x)
+        od = -torch.log10(rgb[0])
+        want = model.proj(model.backbone(od))
+    torch.testing.assert_close(got[0], want, atol=1e-5, rtol=1e-4)
+    assert torch.count_nonzero(od[0]) == 0  # white is no stain
+    # and rebuilt from its config, with the weights, it computes the same
+    twin = ISight.from_config(model.config).eval()
+    twin.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(twin.encode_tiles(x), got)
+    assert "input_space" not in ISight("test_cnn", TISSUES).config  # RGB, as older cards

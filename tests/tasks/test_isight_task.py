@@ -57,3 +57,19 @@ def test_metadata_uses_the_checkpoints_own_hash_buckets(pyramid_tiff):
                    backbone_kwargs={"tile_size": 64, "mpp": 2.0}).eval()  # fmt: skip
     res = run_isight(hs.open_slide(pyramid_tiff), small, metadata="breast HER2", max_tiles=4)
     assert res.provenance.params["metadata"] == "breast HER2"
+
+
+def test_panel_and_evaluation_paths_agree_on_an_optical_density_model(pyramid_tiff):
+    import histoscope as hs
+    from histoscope.training.isight import predict
+    from histoscope.training.isight_data import read_bag
+
+    torch.manual_seed(0)
+    od = ISight("test_cnn", ("breast", "colon"), dim=16, hidden=8, input_space="od",
+                backbone_kwargs={"tile_size": 64, "mpp": 2.0, "pool": "avgmax"}).eval()  # fmt: skip
+    res = run_isight(hs.open_slide(pyramid_tiff), od, metadata="breast HER2", max_tiles=6)
+    logits = predict(od, [read_bag(pyramid_tiff, od.input_spec, max_tiles=6)], ["breast HER2"])
+    for task in TASKS:
+        want = torch.softmax(torch.from_numpy(logits[task][0]), dim=0).numpy()
+        got = np.array(list(res.probabilities[task].values()))
+        np.testing.assert_allclose(got, want, atol=1e-5)

@@ -138,8 +138,12 @@ def list_backbones(pattern: str = "*") -> list[str]:
 
 
 # --------------------------------------------------------------- built-in CNNs
+#: Global pooling of :class:`SimpleCNN`'s last feature map.
+CNN_POOLS = ("avg", "avgmax")
+
+
 class SimpleCNN(nn.Module):
-    """Conv-BN-ReLU stages, each halving resolution, then global average pooling.
+    """Conv-BN-ReLU stages, each halving resolution, then global pooling.
 
     Parameters
     ----------
@@ -147,10 +151,19 @@ class SimpleCNN(nn.Module):
         Output channels of each stage.
     blocks
         Convolutions per stage (the first one strides by 2).
+    pool
+        ``"avg"``: global average pooling (``widths[-1]`` features).
+        ``"avgmax"``: average and maximum side by side (twice as many), so a
+        feature can report the strongest spot of a tile as well as its mean,
+        e.g. the stain of the few positive cells in a mostly negative tile.
     """
 
-    def __init__(self, widths: tuple[int, ...] = (32, 64, 128, 256), blocks: int = 1) -> None:
+    def __init__(
+        self, widths: tuple[int, ...] = (32, 64, 128, 256), blocks: int = 1, pool: str = "avg"
+    ) -> None:
         super().__init__()
+        if pool not in CNN_POOLS:
+            raise ValueError(f"pool must be one of {CNN_POOLS}, not {pool!r}")
         layers: list[nn.Module] = []
         cin = 3
         for cout in widths:
@@ -163,20 +176,29 @@ class SimpleCNN(nn.Module):
                 ]
                 cin = cout
         self.features = nn.Sequential(*layers)
-        self.num_features = cin
+        self.pool = pool
+        self.num_features = cin * (2 if pool == "avgmax" else 1)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Feature map ``(B, C, h, w)`` of the last stage (the Grad-CAM target)."""
         return self.features(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_features(x).mean(dim=(2, 3))
+        fmap = self.forward_features(x)
+        avg = fmap.mean(dim=(2, 3))
+        if self.pool == "avg":
+            return avg
+        return torch.cat([avg, fmap.amax(dim=(2, 3))], dim=1)
 
 
-def _cnn(name: str, widths: tuple[int, ...], blocks: int, tile: int, mpp: float) -> Backbone:
-    module = SimpleCNN(tuple(widths), blocks)
+def _cnn(
+    name: str, widths: tuple[int, ...], blocks: int, tile: int, mpp: float, pool: str = "avg"
+) -> Backbone:
+    module = SimpleCNN(tuple(widths), blocks, pool)
     spec = InputSpec(tile_size=tile, mpp=mpp)
     cfg = {"widths": list(widths), "blocks": blocks, "tile_size": tile, "mpp": mpp}
+    if pool != "avg":  # older cards have no key and mean average pooling
+        cfg["pool"] = pool
     return Backbone(name, module, module.num_features, spec, cfg)
 
 
@@ -186,17 +208,25 @@ def hs_cnn_small(
     blocks: int = 2,
     tile_size: int = 224,
     mpp: float = DEFAULT_MPP,
+    pool: str = "avg",
 ) -> Backbone:
-    """The embedded default: a ~1.2 M-parameter CNN trained from scratch (256-d)."""
-    return _cnn("hs_cnn_small", widths, blocks, tile_size, mpp)
+    """The embedded default: a ~1.2 M-parameter CNN trained from scratch (256-d).
+
+    ``pool="avgmax"`` doubles the features with global max pooling (see :class:`SimpleCNN`).
+    """
+    return _cnn("hs_cnn_small", widths, blocks, tile_size, mpp, pool)
 
 
 @register_backbone
 def test_cnn(
-    widths: tuple[int, ...] = (8, 16), blocks: int = 1, tile_size: int = 32, mpp: float = 2.0
+    widths: tuple[int, ...] = (8, 16),
+    blocks: int = 1,
+    tile_size: int = 32,
+    mpp: float = 2.0,
+    pool: str = "avg",
 ) -> Backbone:
-    """Tiny CNN for tests (16-d features, 32 px tiles)."""
-    return _cnn("test_cnn", widths, blocks, tile_size, mpp)
+    """Tiny CNN for tests (16-d features, 32 px tiles; 32 with ``pool="avgmax"``)."""
+    return _cnn("test_cnn", widths, blocks, tile_size, mpp, pool)
 
 
 def _timm_test(arch: str, default_tile: int) -> BackboneFn:

@@ -12,15 +12,24 @@ Two pooling modes, named in the checkpoint card:
   the softmax over tiles runs separately at every token position, and the
   pooled vectors are averaged over tokens.
 
+Two input spaces, also named in the card:
+
+- ``"rgb"``: the backbone sees the normalised RGB tiles.
+- ``"od"``: the tiles are turned into optical density first,
+  ``OD = -log10(I / 255)`` per channel (Beer-Lambert: linear in the amount of
+  each stain, so DAB and haematoxylin add instead of multiplying), which is what
+  colour deconvolution and a QuPath-style measurement work on. The first
+  convolution can then learn the deconvolution as a linear map.
+
 Metadata text (tissue, SNOMED, antibody) is encoded by a small trained
-hashed bag-of-words encoder, so no tokenizer or weights need downloading.
-In training it is dropped with probability ``meta_dropout`` per sample.
+hashed bag-of-words encoder by default, so no tokenizer or weights need
+downloading, or by a frozen CLIP text tower (``meta_encoder="open_clip:..."``,
+see :mod:`histoscope.models.text`). In training it is dropped with
+probability ``meta_dropout`` per sample.
 """
 
 from __future__ import annotations
 
-import re
-import zlib
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -30,27 +39,19 @@ from torch import nn
 from histoscope.labels import INTENSITY, ISIGHT_TASKS, LOCATION, MALIGNANCY, QUANTITY
 from histoscope.models.attention import GatedAttention, masked_softmax
 from histoscope.models.backbones import create_backbone
+from histoscope.models.text import create_text_encoder, encode_metadata
+
+__all__ = ["INPUT_SPACES", "TASKS", "ISight", "encode_metadata", "to_optical_density"]
 
 TASKS = ISIGHT_TASKS
 
-_WORD = re.compile(r"[a-z0-9]+")
+#: What the backbone is given: normalised RGB or optical density.
+INPUT_SPACES = ("rgb", "od")
 
 
-def encode_metadata(
-    texts: Sequence[str | None], buckets: int = 4096, max_tokens: int = 32
-) -> torch.Tensor:
-    """Hash words (and word pairs) of each text into ``[1, buckets)``; 0 pads.
-
-    Returns ``(B, max_tokens)`` int64, one row per text (``None`` -> all padding).
-    """
-    rows = torch.zeros(len(texts), max_tokens, dtype=torch.long)
-    for i, text in enumerate(texts):
-        words = _WORD.findall((text or "").lower())
-        grams = words + [f"{a}_{b}" for a, b in zip(words, words[1:], strict=False)]
-        ids = [1 + zlib.crc32(g.encode()) % (buckets - 1) for g in grams][:max_tokens]
-        if ids:
-            rows[i, : len(ids)] = torch.tensor(ids)
-    return rows
+def to_optical_density(rgb: torch.Tensor) -> torch.Tensor:
+    """``-log10`` of intensities in [0, 1]: 0 on white glass, 2.4 on black (1/255)."""
+    return -torch.log10(rgb.clamp(1.0 / 255.0, 1.0))
 
 
 class ISight(nn.Module):
@@ -69,11 +70,19 @@ class ISight(nn.Module):
     pooling
         ``"tile"`` or ``"token"``.
     meta_buckets
-        Hash buckets of the metadata encoder (0 disables metadata).
+        Hash buckets of the hashed metadata encoder (0 disables metadata).
+    meta_encoder
+        ``"hashed"`` or ``"open_clip:<model>"`` (:mod:`histoscope.models.text`).
+    meta_weights
+        Local open_clip weights for that text tower (read once, at construction;
+        a saved checkpoint carries the tower's tensors itself, so the card does
+        not need the file).
     n_cell_types
         Size of the optional cell-type embedding (0 disables it).
     dropout, meta_dropout
         Attention dropout; probability of dropping metadata per sample in training.
+    input_space
+        ``"rgb"`` or ``"od"`` (optical density; see the module docstring).
     """
 
     def __init__(
@@ -88,10 +97,17 @@ class ISight(nn.Module):
         dropout: float = 0.25,
         meta_dropout: float = 0.5,
         backbone_kwargs: Mapping[str, Any] | None = None,
+        input_space: str = "rgb",
+        meta_encoder: str = "hashed",
+        meta_weights: str | None = None,
     ) -> None:
         super().__init__()
         if pooling not in ("tile", "token"):
             raise ValueError(f"pooling must be 'tile' or 'token', not {pooling!r}")
+        if input_space not in INPUT_SPACES:
+            raise ValueError(f"input_space must be one of {INPUT_SPACES}, not {input_space!r}")
+        if pooling == "token" and (backbone_kwargs or {}).get("pool", "avg") != "avg":
+            raise ValueError("pooling='token' keeps the feature map; use the backbone's pool='avg'")
         if not tissue_classes:
             raise ValueError("tissue_classes must name at least one class")
         kw = {k: tuple(v) if isinstance(v, list) else v for k, v in (backbone_kwargs or {}).items()}
@@ -107,11 +123,18 @@ class ISight(nn.Module):
             "n_cell_types": n_cell_types, "dropout": dropout, "meta_dropout": meta_dropout,
             "backbone_kwargs": dict(bb.config),
         }  # fmt: skip
+        self.input_space = input_space
+        if input_space != "rgb":  # older cards have no key and mean RGB
+            self.config["input_space"] = input_space
+        if meta_encoder != "hashed":  # older cards: hashed
+            self.config["meta_encoder"] = meta_encoder
+        spec = self.input_spec
+        self.register_buffer("_mean", torch.tensor(spec.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("_std", torch.tensor(spec.std).view(1, 3, 1, 1), persistent=False)
         self.proj = nn.Sequential(nn.Linear(bb.feature_dim, dim), nn.ReLU())
         self.attention = GatedAttention(dim, hidden, dropout)
-        self.meta = (
-            nn.EmbeddingBag(meta_buckets, dim, mode="mean", padding_idx=0) if meta_buckets else None
-        )
+        self.meta = create_text_encoder(meta_encoder, dim, buckets=meta_buckets,
+                                        weights=meta_weights)  # fmt: skip
         self.cell_type = nn.Embedding(n_cell_types, dim) if n_cell_types else None
         self.meta_dropout = meta_dropout
         self.heads = nn.ModuleDict({t: nn.Linear(dim, len(c)) for t, c in self.classes.items()})
@@ -123,10 +146,18 @@ class ISight(nn.Module):
         return cls(**dict(config))
 
     # ------------------------------------------------------------------ parts
+    def tokenize(self, texts: Sequence[str | None]) -> torch.Tensor | None:
+        """Metadata token ids for this model's text encoder; ``None`` without any text."""
+        if self.meta is None or not any(texts):
+            return None
+        return self.meta.tokenize(list(texts))
+
     def encode_tiles(self, tiles: torch.Tensor) -> torch.Tensor:
         """``(B, N, 3, S, S)`` normalised tiles -> ``(B, N, L)`` or ``(B, N, T, L)``."""
         b, n = tiles.shape[:2]
         flat = tiles.flatten(0, 1)
+        if self.input_space == "od":
+            flat = to_optical_density(flat * self._std + self._mean)
         if self.pooling == "token":
             fmap = self.backbone.forward_features(flat)
             if fmap.ndim == 4:  # CNN: (BN, C, h, w) -> (BN, hw, C)
@@ -162,7 +193,7 @@ class ISight(nn.Module):
         mask
             ``(B, N)`` bool, True for real tiles.
         meta_tokens
-            ``(B, T)`` from :func:`encode_metadata`, one row per sample.
+            ``(B, T)`` from :meth:`tokenize`, one row per sample.
         cell_type
             ``(B,)`` int cell-type ids, one per sample.
         """

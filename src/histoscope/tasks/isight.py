@@ -124,7 +124,6 @@ def iter_isight(
     import torch
 
     from histoscope.engine import EngineParams, iter_tiles
-    from histoscope.models.isight import encode_metadata
 
     spec = model.input_spec
     grid = isight_grid(slide, spec, region=region, max_tiles=max_tiles)
@@ -143,9 +142,7 @@ def iter_isight(
     model.eval()
     with torch.no_grad():
         h = torch.from_numpy(np.asarray(out.outputs))[None].float()
-        buckets = int(model.config.get("meta_buckets") or 0)
-        meta = encode_metadata([metadata], buckets=buckets) if metadata and buckets else None
-        out = model.classify(h, None, meta)
+        out = model.classify(h, None, model.tokenize([metadata]))
     probs = {}
     for task, classes in model.classes.items():
         p = torch.softmax(out[task][0], dim=0).tolist()

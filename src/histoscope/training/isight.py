@@ -63,7 +63,8 @@ __all__ = ["DEFAULTS", "FAMILY", "evaluate", "meta_tokens", "predict", "settings
 
 FAMILY = "isight"
 MODEL_KEYS = ("backbone", "backbone_kwargs", "tissue_classes", "dim", "hidden", "pooling",
-              "meta_buckets", "n_cell_types", "dropout", "meta_dropout", "loss_weights")  # fmt: skip
+              "meta_buckets", "n_cell_types", "dropout", "meta_dropout", "loss_weights",
+              "input_space", "meta_encoder", "meta_weights")  # fmt: skip
 DEFAULTS: dict[str, dict[str, Any]] = {
     "data": {"path": None, "generate": None, "max_tiles": 64},
     "model": {"backbone": "hs_cnn_small",
@@ -115,13 +116,8 @@ def _ensure_data(data: Mapping[str, Any]) -> Path:
 
 
 def meta_tokens(model, texts: Sequence[str | None]):
-    """Metadata token ids for ``model`` (its own hash buckets); ``None`` without any text."""
-    from histoscope.models.isight import encode_metadata
-
-    buckets = int(model.config.get("meta_buckets", 0))
-    if not buckets or not any(texts):
-        return None
-    return encode_metadata(list(texts), buckets=buckets)
+    """Metadata token ids for ``model``'s own text encoder; ``None`` without any text."""
+    return model.tokenize(list(texts))
 
 
 def predict(
