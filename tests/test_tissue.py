@@ -109,3 +109,19 @@ def test_coverage_is_exact_for_fractional_tiles():
     frac = np.zeros((4, 4))
     frac[grid.index[:, 0], grid.index[:, 1]] = grid.tissue
     np.testing.assert_allclose(frac, brute, atol=1e-6)
+
+
+def test_background_margin_keeps_pale_tissue_when_glass_is_scarce():
+    # 4 % glass, then pale (counterstain-only) and dense tissue: Otsu splits the two tissues
+    rgb = np.full((100, 100, 3), 246, np.uint8)
+    rgb[:, 4:50] = (222, 216, 230)
+    rgb[:, 50:] = (120, 90, 140)
+    otsu = mask_from_rgb(rgb, 8.0, TissueParams(channel="grey", blur_um=0, min_area_um2=0))
+    capped = mask_from_rgb(
+        rgb, 8.0, TissueParams(channel="grey", blur_um=0, min_area_um2=0, background_margin=0.08)
+    )
+    assert not otsu.mask[:, 4:50].any() and otsu.mask[:, 50:].all()
+    assert capped.mask[:, 4:].all() and not capped.mask[:, :4].any()
+    assert capped.threshold < otsu.threshold
+    with pytest.raises(ValueError, match="background_margin"):
+        TissueParams(background_margin=1.5)

@@ -41,6 +41,12 @@ class TissueParams:
         Fill enclosed holes (lumens, fat) inside tissue.
     min_area_um2
         Remove tissue pieces smaller than this.
+    background_margin
+        When set, the threshold is at most the glass level (the 2nd
+        percentile of the blurred channel) plus this margin. Otsu splits the
+        two largest populations; on a slide that is mostly tissue those are
+        dense and pale tissue, and the pale half (counterstain-only IHC
+        stroma, say) would be dropped. ``None`` keeps Otsu alone.
     """
 
     mpp: float = 8.0
@@ -49,12 +55,15 @@ class TissueParams:
     min_threshold: float = 0.05
     fill_holes: bool = True
     min_area_um2: float = 20_000.0
+    background_margin: float | None = None
 
     def __post_init__(self) -> None:
         if not self.mpp > 0:
             raise ValueError(f"mpp must be positive, got {self.mpp}")
         if self.channel not in ("saturation", "grey"):
             raise ValueError(f"channel must be 'saturation' or 'grey', got {self.channel!r}")
+        if self.background_margin is not None and not 0 < self.background_margin < 1:
+            raise ValueError(f"background_margin must be in (0, 1), got {self.background_margin}")
 
 
 @dataclass(frozen=True)
@@ -102,6 +111,8 @@ def mask_from_rgb(rgb: np.ndarray, mpp: float, params: TissueParams | None = Non
     if sigma > 0:
         img = ndimage.gaussian_filter(img, sigma)
     thr = float(threshold_otsu(img)) if np.ptp(img) > 0 else 1.0
+    if p.background_margin is not None:
+        thr = min(thr, float(np.percentile(img, 2)) + p.background_margin)
     thr = max(thr, p.min_threshold)
     mask = img > thr
     if p.fill_holes:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from dataclasses import FrozenInstanceError
 
 import pytest
@@ -70,10 +71,25 @@ def test_unknown_name_and_hub_id_offline_are_refused():
         create_backbone("hf-hub:MahmoodLab/UNI")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("open_clip") is not None, reason="open_clip present")
-def test_open_clip_name_without_open_clip_says_what_to_install():
+def test_open_clip_name_without_open_clip_says_what_to_install(monkeypatch):
+    from histoscope.models.text import create_text_encoder
+
+    monkeypatch.setitem(sys.modules, "open_clip", None)  # as if not installed
     with pytest.raises(ImportError, match="open_clip_torch"):
         create_backbone("open_clip:ViT-B-32")
+    with pytest.raises(ImportError, match="open_clip_torch"):
+        create_text_encoder("open_clip:ViT-B-32", 16)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("open_clip") is None, reason="needs open_clip")
+def test_open_clip_image_tower_with_clip_normalisation():
+    bb = create_backbone("open_clip:ViT-S-32-alt", tile_size=64, mpp=1.0)
+    assert bb.input_spec.tile_size == 64 and bb.input_spec.mean[0] == pytest.approx(
+        0.4815, abs=1e-3
+    )
+    with torch.inference_mode():
+        out = bb.module(torch.randn(1, 3, 64, 64))
+    assert out.shape == (1, bb.feature_dim)
 
 
 def test_duplicate_registration_is_refused():

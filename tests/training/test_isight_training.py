@@ -127,6 +127,30 @@ def test_recipe_keys_are_checked(dataset, tmp_path):
     bad["model"]["loss_weight"] = {}
     with pytest.raises(RecipeError, match="model.loss_weight"):
         train(bad, tmp_path)
+    bad = _recipe(dataset)
+    bad["data"]["tissue"] = {"chanel": "grey"}
+    with pytest.raises(RecipeError, match="data.tissue.chanel"):
+        train(bad, tmp_path)
+    bad["data"]["tissue"] = {"background_margin": 2.0}
+    with pytest.raises(RecipeError, match="background_margin"):
+        train(bad, tmp_path)
+
+
+def test_tissue_detection_is_recorded_and_reused(dataset, tmp_path):
+    from histoscope.tasks.isight import LEGACY_TISSUE, card_tissue, iter_isight, run_isight
+    from histoscope.tissue import TissueParams
+
+    recipe = _recipe(dataset, epochs=1)
+    recipe["data"]["tissue"] = {"channel": "grey", "background_margin": 0.08}
+    recipe["eval"] = {"split": None}
+    res = train(recipe, tmp_path / "t")
+    model, card = histoscope.load_checkpoint(res["checkpoint"])
+    assert card_tissue(card) == TissueParams(channel="grey", background_margin=0.08)
+    assert card_tissue(None) == LEGACY_TISSUE
+    slide = histoscope.open_slide(read_table(dataset)[0].image)
+    calls = run_isight(slide, model, card)
+    assert calls.provenance.params["tissue"]["background_margin"] == 0.08
+    assert iter_isight  # the widget and the CLI drive the same generator
 
 
 def test_collate_pads_masks_and_normalises():

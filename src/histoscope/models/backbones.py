@@ -278,14 +278,36 @@ def _create_timm(
     return Backbone(arch, module, int(module.num_features), spec, config)
 
 
-def _create_open_clip(model_name: str, tile_size: int | None, mpp: float, **kw: Any) -> Backbone:
+def open_clip_model(model_name: str, what: str, **kw: Any):
+    """``open_clip.create_model(model_name)`` with random weights, offline and quiet.
+
+    ``what`` names the recipe key in the message when open_clip is missing.
+    Weights come from a local file afterwards (or from a checkpoint), so
+    open_clip's "no pretrained weights loaded" warning is held back.
+    """
+    import logging
+
     try:
         import open_clip
     except ImportError as exc:
         raise ImportError(
-            f"backbone 'open_clip:{model_name}' needs open_clip: pip install open_clip_torch"
+            f"{what} 'open_clip:{model_name}' needs open_clip: pip install open_clip_torch"
         ) from exc
-    model = open_clip.create_model(model_name, pretrained=None, **kw)
+    root = logging.getLogger()  # open_clip warns on the root logger
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        return open_clip.create_model(model_name, pretrained=None, pretrained_text=False, **kw)
+    finally:
+        root.setLevel(level)
+
+
+def _create_open_clip(model_name: str, tile_size: int | None, mpp: float, **kw: Any) -> Backbone:
+    if tile_size is not None:  # resize the ViT's position embedding to the tile
+        kw.setdefault("force_image_size", int(tile_size))
+    model = open_clip_model(model_name, "backbone", **kw)  # says what to install if missing
+    import open_clip
+
     visual = model.visual
     size = visual.image_size
     size = tile_size or (size[0] if isinstance(size, tuple | list) else int(size))
@@ -376,19 +398,32 @@ def load_backbone_weights(module: nn.Module, path: str | os.PathLike) -> None:
     CheckpointError
         A backbone tensor is missing from the file or has the wrong shape.
     """
-    sd = read_state_dict(path)
+    load_matching(module, read_state_dict(path), path, "backbone")
+
+
+def load_matching(
+    module: nn.Module, tensors: Mapping[str, torch.Tensor], path: str | os.PathLike, what: str
+) -> None:
+    """Load every tensor of ``module`` from ``tensors`` (extra entries are ignored).
+
+    Raises
+    ------
+    CheckpointError
+        Naming ``path`` and the first missing or mis-shaped ``what`` tensor.
+    """
     own = module.state_dict()
-    missing = [k for k in own if k not in sd]
+    missing = [k for k in own if k not in tensors]
     if missing:
         raise CheckpointError(
-            f"{path}: {len(missing)} backbone tensor(s) missing, e.g. {missing[:3]}"
+            f"{path}: {len(missing)} {what} tensor(s) missing, e.g. {missing[:3]}"
         )
     for k, v in own.items():
-        if tuple(sd[k].shape) != tuple(v.shape):
+        if tuple(tensors[k].shape) != tuple(v.shape):
             raise CheckpointError(
-                f"{path}: tensor {k!r} has shape {tuple(sd[k].shape)}, expected {tuple(v.shape)}"
+                f"{path}: tensor {k!r} has shape {tuple(tensors[k].shape)}, "
+                f"expected {tuple(v.shape)}"
             )
-    module.load_state_dict({k: sd[k] for k in own}, strict=True)
+    module.load_state_dict({k: tensors[k] for k in own}, strict=True)
 
 
 # ---------------------------------------------------------------------- create

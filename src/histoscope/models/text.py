@@ -17,7 +17,6 @@ Both expose ``tokenize(texts) -> (B, T) int64`` and ``forward(tokens) -> (B, dim
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 import zlib
@@ -25,8 +24,6 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-
-from histoscope.errors import CheckpointError
 
 _WORD = re.compile(r"[a-z0-9]+")
 
@@ -76,19 +73,11 @@ class ClipTextEncoder(nn.Module):
 
     def __init__(self, model_name: str, dim: int, weights: str | os.PathLike | None = None) -> None:
         super().__init__()
-        try:
-            import open_clip
-        except ImportError as exc:
-            raise ImportError(
-                f"meta_encoder 'open_clip:{model_name}' needs open_clip: pip install open_clip_torch"
-            ) from exc
-        quiet = logging.getLogger()  # open_clip warns on the root logger that no weights
-        level = quiet.level  # were loaded: they come from ``weights`` or a checkpoint
-        quiet.setLevel(logging.ERROR)
-        try:
-            clip = open_clip.create_model(model_name, pretrained=None, pretrained_text=False)
-        finally:
-            quiet.setLevel(level)
+        from histoscope.models.backbones import open_clip_model
+
+        clip = open_clip_model(model_name, "meta_encoder")  # says what to install if missing
+        import open_clip
+
         clip.visual = nn.Identity()  # only the text tower is kept (and saved)
         self.clip = clip
         self._tokenizer = open_clip.get_tokenizer(model_name)
@@ -125,7 +114,7 @@ def load_text_weights(clip: nn.Module, path: str | os.PathLike) -> None:
     CheckpointError
         Naming the file and a missing or mis-shaped text tensor.
     """
-    from histoscope.models.backbones import read_state_dict
+    from histoscope.models.backbones import load_matching, read_state_dict
 
     sd = {}
     for k, v in read_state_dict(path, strip_prefixes=False).items():
@@ -134,18 +123,7 @@ def load_text_weights(clip: nn.Module, path: str | os.PathLike) -> None:
                 k = k[len(prefix) :]
         if not k.startswith("visual."):
             sd[k] = v
-    own = clip.state_dict()
-    missing = [k for k in own if k not in sd]
-    if missing:
-        raise CheckpointError(
-            f"{path}: {len(missing)} text-tower tensor(s) missing, e.g. {missing[:3]}"
-        )
-    for k, v in own.items():
-        if tuple(sd[k].shape) != tuple(v.shape):
-            raise CheckpointError(
-                f"{path}: tensor {k!r} has shape {tuple(sd[k].shape)}, expected {tuple(v.shape)}"
-            )
-    clip.load_state_dict({k: sd[k] for k in own}, strict=True)
+    load_matching(clip, sd, path, "text-tower")
 
 
 def create_text_encoder(

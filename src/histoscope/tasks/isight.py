@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Generator
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -68,16 +68,28 @@ def _subset(grid: TileGrid, keep: np.ndarray) -> TileGrid:
     return replace(grid, coords=grid.coords[keep], index=grid.index[keep], tissue=grid.tissue[keep])
 
 
+#: Tissue detection of checkpoints whose card names none (Otsu on inverted grey).
+LEGACY_TISSUE = TissueParams(channel="grey")
+
+
+def card_tissue(card) -> TissueParams:
+    """The tissue detection a checkpoint's bags were made with (``card.data["tissue"]``)."""
+    given = ((card.data or {}) if card is not None else {}).get("tissue")
+    return TissueParams(**given) if given else LEGACY_TISSUE
+
+
 def isight_grid(
     slide, spec, *, region: tuple[int, int, int, int] | None = None, max_tiles: int = 64,
-    min_tissue: float = 0.25,
+    min_tissue: float = 0.25, tissue: TissueParams | None = None,
 ) -> TileGrid:  # fmt: skip
     """Tissue tiles at the model's input spec, inside ``region``, at most ``max_tiles``.
 
     When there are more, an evenly spaced subset (in raster order) is kept, so
-    the whole extent is represented and the choice is deterministic.
+    the whole extent is represented and the choice is deterministic. ``tissue``
+    is the detection to use (default :data:`LEGACY_TISSUE`; a checkpoint's own
+    is :func:`card_tissue`).
     """
-    mask = tissue_mask(slide, TissueParams(channel="grey"))
+    mask = tissue_mask(slide, tissue or LEGACY_TISSUE)
     grid = tile_grid(slide, mask, spec.mpp, spec.tile_size, min_tissue=min_tissue)
     if len(grid) == 0:  # faint or small tissue: fall back to every tile
         grid = tile_grid(slide, None, spec.mpp, spec.tile_size)
@@ -126,7 +138,8 @@ def iter_isight(
     from histoscope.engine import EngineParams, iter_tiles
 
     spec = model.input_spec
-    grid = isight_grid(slide, spec, region=region, max_tiles=max_tiles)
+    tissue = card_tissue(card)
+    grid = isight_grid(slide, spec, region=region, max_tiles=max_tiles, tissue=tissue)
 
     class _Encoder(torch.nn.Module):
         def __init__(self) -> None:
@@ -155,7 +168,7 @@ def iter_isight(
         task="isight", slide=str(slide.path),
         checkpoint_sha256=getattr(card, "sha256", "") if card is not None else "",
         params={"metadata": metadata, "region": list(region) if region else None,
-                "max_tiles": max_tiles},
+                "max_tiles": max_tiles, "tissue": asdict(tissue)},
         mpp=spec.mpp, tile_grid=grid.to_dict(),
     )  # fmt: skip
     heat = TileHeatmap(provenance=prov, values=img, grid=grid, name="iSight attention")

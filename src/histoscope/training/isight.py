@@ -6,7 +6,10 @@ Recipe sections (defaults in :data:`DEFAULTS`; unknown keys are refused):
     ``path``: the HPA-style table or the dataset folder holding ``hpa.csv``
     (see :mod:`histoscope.training.isight_data`); ``generate``
     (``{count, size, seed, mpp}``): make a ``histoscope synth --kind ihc``
-    dataset there when it is missing; ``max_tiles``: tissue tiles kept per image.
+    dataset there when it is missing; ``max_tiles``: tissue tiles kept per image;
+    ``tissue``: :class:`~histoscope.tissue.TissueParams` fields of the tissue
+    detection (``null``: Otsu on inverted grey), recorded in the card so the
+    panel and ``evaluate`` tile slides the same way.
 ``model``
     Keyword arguments of :class:`histoscope.models.isight.ISight`
     (``tissue_classes: null`` takes the tissue names of the train and val rows),
@@ -40,13 +43,14 @@ import json
 import os
 import shutil
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from histoscope.models.isight import TASKS
+from histoscope.tissue import TissueParams
 from histoscope.training import metrics as M
 from histoscope.training._recipe import RecipeError, check_keys, fingerprint
 from histoscope.training.isight_data import (
@@ -66,7 +70,7 @@ MODEL_KEYS = ("backbone", "backbone_kwargs", "tissue_classes", "dim", "hidden", 
               "meta_buckets", "n_cell_types", "dropout", "meta_dropout", "loss_weights",
               "input_space", "meta_encoder", "meta_weights")  # fmt: skip
 DEFAULTS: dict[str, dict[str, Any]] = {
-    "data": {"path": None, "generate": None, "max_tiles": 64},
+    "data": {"path": None, "generate": None, "max_tiles": 64, "tissue": None},
     "model": {"backbone": "hs_cnn_small",
               "backbone_kwargs": {"tile_size": 64, "mpp": 2.0, "blocks": 1,
                                   "widths": [16, 32, 64, 128]},
@@ -98,6 +102,12 @@ def settings(recipe: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
         raise RecipeError("recipe key data.path is required (an HPA-style table or its folder)")
     if out["data"]["generate"] is not None:
         check_keys(out["data"]["generate"], GENERATE_KEYS, "data.generate")
+    if out["data"]["tissue"] is not None:
+        check_keys(out["data"]["tissue"], TissueParams.__dataclass_fields__, "data.tissue")
+        try:
+            TissueParams(**out["data"]["tissue"])
+        except ValueError as exc:
+            raise RecipeError(f"data.tissue: {exc}") from exc
     return out
 
 
@@ -226,7 +236,8 @@ def train(
     spec = model.input_spec
     y_train = torch.from_numpy(encode_labels(train_s, model.classes))
     y_val = encode_labels(val_s, model.classes)
-    cache = BagCache(spec, int(data["max_tiles"]), out / "cache")
+    tissue = TissueParams(**data["tissue"]) if data["tissue"] else None
+    cache = BagCache(spec, int(data["max_tiles"]), out / "cache", tissue=tissue)
     cache.fill(train_s + val_s)
     train_bags = [cache.get(s) for s in train_s]
     val_bags = [cache.get(s) for s in val_s]
@@ -312,6 +323,8 @@ def _describe_data(table: Path, data: Mapping[str, Any], train_s, val_s) -> dict
                             "n_train": len(train_s), "n_val": len(val_s)}  # fmt: skip
     if data.get("generate"):
         desc["generate"] = dict(data["generate"])
+    if data.get("tissue"):
+        desc["tissue"] = asdict(TissueParams(**data["tissue"]))
     if (root / "manifest.json").exists():
         m = json.loads((root / "manifest.json").read_text())
         desc["manifest"] = {

@@ -28,7 +28,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -192,15 +192,16 @@ def encode_labels(
 
 
 # --------------------------------------------------------------------- bags
-def _cache_key(sample: ISightSample, spec, max_tiles: int) -> str:
+def _cache_key(sample: ISightSample, spec, max_tiles: int, tissue=None) -> str:
     st = sample.image.stat()
-    ident = json.dumps(
-        [str(sample.image.resolve()), st.st_size, st.st_mtime_ns, spec.to_dict(), max_tiles]
-    )
+    key = [str(sample.image.resolve()), st.st_size, st.st_mtime_ns, spec.to_dict(), max_tiles]
+    if tissue is not None:  # bags of the default detection keep their older names
+        key.append(asdict(tissue))
+    ident = json.dumps(key)
     return hashlib.sha1(ident.encode()).hexdigest()[:20]
 
 
-def read_bag(image: str | os.PathLike, spec, max_tiles: int = 64) -> np.ndarray:
+def read_bag(image: str | os.PathLike, spec, max_tiles: int = 64, tissue=None) -> np.ndarray:
     """Tissue tiles of one image at ``spec``: ``(N, S, S, 3)`` uint8, raster order.
 
     Parameters
@@ -212,13 +213,16 @@ def read_bag(image: str | os.PathLike, spec, max_tiles: int = 64) -> np.ndarray:
     max_tiles
         At most this many tiles (evenly spaced), as in
         :func:`~histoscope.tasks.isight.isight_grid`.
+    tissue
+        :class:`~histoscope.tissue.TissueParams` of the tissue detection
+        (``None``: :data:`~histoscope.tasks.isight.LEGACY_TISSUE`).
     """
     from histoscope.slide import open_slide
     from histoscope.tasks.isight import isight_grid
 
     slide = open_slide(image)
     try:
-        grid = isight_grid(slide, spec, max_tiles=max_tiles)
+        grid = isight_grid(slide, spec, max_tiles=max_tiles, tissue=tissue)
         t = grid.tile_size
         bag = np.empty((len(grid), t, t, 3), np.uint8)
         for k, (x, y) in enumerate(grid.coords):
@@ -241,12 +245,21 @@ class BagCache:
         Tiles kept per image.
     cache_dir
         Folder for ``.npy`` copies of the bags (``None``: memory only). The
-        file name hashes the image path, size, mtime, spec and ``max_tiles``,
-        so a changed slide or spec is read again.
+        file name hashes the image path, size, mtime, spec, ``max_tiles`` and
+        tissue detection, so a changed slide or setting is read again.
+    tissue
+        Tissue detection (see :func:`read_bag`).
     """
 
-    def __init__(self, spec, max_tiles: int = 64, cache_dir: str | os.PathLike | None = None):
+    def __init__(
+        self,
+        spec,
+        max_tiles: int = 64,
+        cache_dir: str | os.PathLike | None = None,
+        tissue=None,
+    ):
         self.spec = spec
+        self.tissue = tissue
         self.max_tiles = int(max_tiles)
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self._bags: dict[Path, np.ndarray] = {}
@@ -258,11 +271,12 @@ class BagCache:
             return bag
         file = None
         if self.cache_dir is not None:
-            file = self.cache_dir / f"{_cache_key(sample, self.spec, self.max_tiles)}.npy"
+            key = _cache_key(sample, self.spec, self.max_tiles, self.tissue)
+            file = self.cache_dir / f"{key}.npy"
             if file.exists():
                 bag = np.load(file)
         if bag is None:
-            bag = read_bag(sample.image, self.spec, self.max_tiles)
+            bag = read_bag(sample.image, self.spec, self.max_tiles, self.tissue)
             if file is not None:
                 file.parent.mkdir(parents=True, exist_ok=True)
                 part = file.with_name(file.name + ".part.npy")

@@ -141,7 +141,9 @@ def evaluate(
     y = encode_labels(samples, model.classes)
     if max_tiles is None:
         max_tiles = int(card.data.get("max_tiles", 64))
-    cache = BagCache(model.input_spec, max_tiles)
+    from histoscope.tasks.isight import card_tissue
+
+    cache = BagCache(model.input_spec, max_tiles, tissue=card_tissue(card))
     cache.fill(samples, progress)
     bags = [cache.get(s) for s in samples]
 
