@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -151,6 +152,8 @@ def test_tissue_detection_is_recorded_and_reused(dataset, tmp_path):
     calls = run_isight(slide, model, card)
     assert calls.provenance.params["tissue"]["background_margin"] == 0.08
     assert iter_isight  # the widget and the CLI drive the same generator
+    with pytest.raises(histoscope.CheckpointError, match="data.tissue"):
+        card_tissue(replace(card, data={**card.data, "tissue": {"channel": "hue"}}))
 
 
 def test_collate_pads_masks_and_normalises():

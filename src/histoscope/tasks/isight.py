@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from histoscope.engine import Provenance, Result, TileHeatmap
+from histoscope.errors import CheckpointError
 from histoscope.tissue import TileGrid, TissueParams, tile_grid, tissue_mask
 
 
@@ -75,7 +76,14 @@ LEGACY_TISSUE = TissueParams(channel="grey")
 def card_tissue(card) -> TissueParams:
     """The tissue detection a checkpoint's bags were made with (``card.data["tissue"]``)."""
     given = ((card.data or {}) if card is not None else {}).get("tissue")
-    return TissueParams(**given) if given else LEGACY_TISSUE
+    if not given:
+        return LEGACY_TISSUE
+    try:
+        return TissueParams(**given)
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(
+            f"the iSight card's data.tissue {given!r} is not valid: {exc}"
+        ) from exc
 
 
 def isight_grid(
