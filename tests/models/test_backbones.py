@@ -168,3 +168,22 @@ def test_cnn_avgmax_pool_adds_the_maximum_beside_the_mean():
     torch.testing.assert_close(out[:, c:], fmap.amax(dim=(2, 3)))
     with pytest.raises(ValueError, match="pool"):
         create_backbone("test_cnn", pool="median")
+
+
+def test_whole_clip_file_gives_the_image_towers_tensors(tmp_path):
+    from histoscope.models.backbones import read_state_dict
+
+    clip = {
+        "transformer.resblocks.0.attn.in_proj_weight": torch.zeros(6, 2),  # text tower first
+        "visual.transformer.resblocks.0.attn.in_proj_weight": torch.ones(12, 4),
+        "visual.conv1.weight": torch.ones(4, 3, 2, 2),
+        "token_embedding.weight": torch.zeros(10, 2),
+    }
+    save_file(clip, tmp_path / "clip.safetensors")
+    sd = read_state_dict(tmp_path / "clip.safetensors")
+    assert sd["transformer.resblocks.0.attn.in_proj_weight"].shape == (12, 4)
+    assert sd["conv1.weight"].shape == (4, 3, 2, 2) and "token_embedding.weight" in sd
+    # a torch file keeps its order: the text tower's tensor comes after the image tower's
+    torch.save(dict(reversed(list(clip.items()))), tmp_path / "clip.pt")
+    sd = read_state_dict(tmp_path / "clip.pt")
+    assert sd["transformer.resblocks.0.attn.in_proj_weight"].shape == (12, 4)

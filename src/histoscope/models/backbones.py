@@ -337,7 +337,9 @@ def read_state_dict(
 
     strip_prefixes
         Drop wrapper prefixes (``module.``, ``model.``, ``backbone.``,
-        ``visual.``) so a fine-tuned model's backbone tensors match.
+        ``visual.``) so a fine-tuned model's backbone tensors match. Where a
+        name then occurs twice (a whole CLIP's image and text transformers),
+        the image tower's (``visual.``) tensor is kept.
 
     Returns
     -------
@@ -381,12 +383,21 @@ def read_state_dict(
         raise CheckpointError(f"{p}: does not hold a mapping of tensor names to tensors")
     if not strip_prefixes:
         return dict(sd)
-    out = {}
+    out: dict[str, torch.Tensor] = {}
+    visual: set[str] = set()
     for k, v in sd.items():
+        name, from_visual = k, False
         for prefix in ("module.", "model.", "backbone.", "visual."):
-            if k.startswith(prefix):
-                k = k[len(prefix) :]
-        out[k] = v
+            if name.startswith(prefix):
+                name = name[len(prefix) :]
+                from_visual |= prefix == "visual."
+        # a whole CLIP holds visual.transformer.* and the text tower's transformer.*:
+        # the image tower's tensor wins the bare name
+        if name in visual and not from_visual:
+            continue
+        out[name] = v
+        if from_visual:
+            visual.add(name)
     return out
 
 
