@@ -98,6 +98,8 @@ def wide_slide(width: int) -> Path:
     import imagecodecs
     import tifffile
 
+    from histoscope.atomic import atomic_path
+
     path = DATA / f"wide_{width}.tif"
     if path.exists():
         return path
@@ -109,11 +111,10 @@ def wide_slide(width: int) -> Path:
         for y in (0, 256)
         for x in (0, 256)
     ]
-    part = path.with_name(path.name + ".part")
     shapes = [(width // 4, width)]
     while max(shapes[-1]) > 1024:
         shapes.append((shapes[-1][0] // 2, shapes[-1][1] // 2))
-    with tifffile.TiffWriter(part, bigtiff=True) as tw:
+    with atomic_path(path, suffix=".tif") as part, tifffile.TiffWriter(part, bigtiff=True) as tw:
         for level, (h, w) in enumerate(shapes):
             n = -(-h // 256) * -(-w // 256)
             tw.write(
@@ -122,7 +123,6 @@ def wide_slide(width: int) -> Path:
                 resolution=(4e4 / 2**level, 4e4 / 2**level), resolutionunit="CENTIMETER",
                 subfiletype=1 if level else 0, metadata=None,
             )  # fmt: skip
-    os.replace(part, path)
     return path
 
 

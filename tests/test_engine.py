@@ -10,16 +10,10 @@ import pytest
 import torch
 
 import histoscope as hs
-from histoscope.engine import (
-    EngineParams,
-    Provenance,
-    TileHeatmap,
-    pick_device,
-    run_tiles,
-    tile_order,
-)
+from histoscope.engine import EngineParams, pick_device, run_tiles, tile_order
 from histoscope.errors import SlideError
 from histoscope.models import TileClassifier, create_backbone
+from histoscope.results import Provenance, TileHeatmap
 from histoscope.slide import open_slide, write_pyramidal_tiff
 from histoscope.tissue import TissueParams, tile_grid, tissue_mask
 

@@ -15,21 +15,29 @@ __all__ = [
     "CheckpointError",
     "HistoScopeError",
     "HistoScopeWarning",
+    "ParamError",
     "Slide",
     "SlideError",
     "__version__",
+    "Session",
     "load_checkpoint",
+    "open_session",
     "open_slide",
     "save_checkpoint",
+    "tasks",
 ]
 
-_LAZY = {"load_checkpoint": "histoscope.checkpoints", "save_checkpoint": "histoscope.checkpoints"}
+_LAZY = {"load_checkpoint": "histoscope.checkpoints", "save_checkpoint": "histoscope.checkpoints",
+         "open_session": "histoscope.session", "Session": "histoscope.session",
+         "ParamError": "histoscope.params"}  # fmt: skip
 
 
 def __getattr__(name: str):
-    """Import the checkpoint API on first use, so ``import histoscope`` stays light."""
-    if name in _LAZY:
-        import importlib
+    """Import the session, task and checkpoint API on first use (``import histoscope`` stays light)."""
+    import importlib
 
+    if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
+    if name == "tasks":
+        return importlib.import_module("histoscope.tasks")
     raise AttributeError(f"module 'histoscope' has no attribute {name!r}")

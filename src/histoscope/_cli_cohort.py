@@ -6,43 +6,49 @@ import argparse
 import sys
 from pathlib import Path
 
+from histoscope._cli_tasks import add_engine_options, add_task_options, engine_params, task_options
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "cohort",
-        help="run `analyze` over many slides on dask.distributed (one slide per task)",
+        help="run tasks over many slides on dask.distributed (one slide per task)",
+        description="Run the same tasks, with the same options as `analyze`, on every slide.",
     )
     p.add_argument("slides", nargs="+", help="slide files, OME-Zarr directories or images")
     p.add_argument(
         "--out", type=Path, required=True, help="output folder (one subfolder per slide)"
     )
-    p.add_argument("--tasks", default="tissue", help="comma-separated analyze tasks")
     p.add_argument("--mpp", type=float, default=None, help="µm/px for images that carry none")
     p.add_argument("--scheduler", default=None,
                    help="address of a running dask scheduler (default: a LocalCluster on 127.0.0.1)")  # fmt: skip
     p.add_argument("--workers", type=int, default=2, help="LocalCluster worker processes")
-    p.add_argument("-a", "--analyze-option", action="append", default=[], metavar="OPTION",
-                   help="extra option for analyze, e.g. -a=--compartment=membrane (repeatable)")  # fmt: skip
+    add_task_options(p)
+    add_engine_options(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from functools import partial
 
-    from histoscope.cohort import _analyze_args, analyze_slide, run_cohort
+    from histoscope.analyze import check_tasks
+    from histoscope.cohort import analyze_work, run_cohort
 
-    options = tuple(args.analyze_option)
-    try:  # refuse bad tasks/options here, before any worker starts
-        _analyze_args(args.slides[0], args.out, args.tasks, args.mpp, options)
-    except ValueError as exc:
-        print(f"histoscope cohort: error: {exc}", file=sys.stderr)
-        return 2
+    # refuse bad tasks and options here, before any worker starts
+    tasks = check_tasks(args.tasks.split(","))
+    params, checkpoints = task_options(args, tasks)
+    for name in tasks:
+        from histoscope import tasks as registry
+
+        registry.get(name).make_params(params.get(name, {}))
+    engine = engine_params(args)
 
     def progress(o, done: int, total: int) -> None:
         extra = f" ({o.error})" if o.error else ""
         print(f"[{done}/{total}] {o.name}: {o.status}{extra}", file=sys.stderr, flush=True)
 
-    work = partial(analyze_slide, tasks=args.tasks, mpp=args.mpp, options=options)
+    work = partial(analyze_work, tasks=tasks, mpp=args.mpp, params=params,
+                   checkpoints=checkpoints, engine=engine)  # fmt: skip
     outcomes = run_cohort(args.slides, args.out, work, scheduler=args.scheduler,
                           n_workers=args.workers, progress=progress)  # fmt: skip
     failed = [o for o in outcomes if o.status == "failed"]

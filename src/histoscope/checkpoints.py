@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from histoscope.atomic import atomic_path
 from histoscope.errors import CheckpointError
 
 if TYPE_CHECKING:
@@ -178,12 +179,8 @@ def save_checkpoint(
     path = Path(path)
     if path.suffix != ".safetensors":
         path = path.with_name(path.name + ".safetensors")
-    part = path.with_name(path.name + ".part")
-    try:
-        save_file(state, str(part), metadata={FORMAT_KEY: FORMAT, CARD_KEY: text})
-        os.replace(part, path)
-    finally:
-        part.unlink(missing_ok=True)
+    with atomic_path(path, suffix=".safetensors") as tmp:
+        save_file(state, str(tmp), metadata={FORMAT_KEY: FORMAT, CARD_KEY: text})
     return path
 
 

@@ -223,49 +223,12 @@ def run_cohort(
     return ordered
 
 
-def analyze_slide(
-    slide: Path, out: Path, tasks: str = "tissue", mpp: float | None = None,
-    options: tuple[str, ...] = (),
-) -> dict[str, Any]:  # fmt: skip
-    """``histoscope analyze`` on one slide into ``out``: the default cohort work.
+def analyze_work(slide: Path, out: Path, **kwargs: Any) -> dict[str, Any]:
+    """The default cohort work: :func:`histoscope.analyze.analyze_slide` into ``out``.
 
-    Its printed output goes to ``out/analyze.log``.
-
-    Raises
-    ------
-    RuntimeError
-        If ``analyze`` refuses its arguments or returns a non-zero status.
+    Returns the per-task summaries (what ``done.json`` records).
     """
-    import contextlib
-    import io
+    from histoscope.analyze import analyze_slide
 
-    args = _analyze_args(slide, out, tasks, mpp, options)
-    buf = io.StringIO()
-    try:
-        with contextlib.redirect_stdout(buf):
-            rc = args.func(args)
-    except SystemExit as exc:  # analyze's own argument errors
-        raise RuntimeError(f"histoscope analyze: {exc}") from None
-    (out / "analyze.log").write_text(buf.getvalue())
-    if rc:
-        raise RuntimeError(f"histoscope analyze exited with status {rc}")
-    return {"tasks": tasks}
-
-
-def _analyze_args(slide, out, tasks: str, mpp: float | None, options: Sequence[str]):
-    import argparse
-
-    from histoscope import _cli_analyze
-
-    parser = argparse.ArgumentParser(prog="histoscope", exit_on_error=False)
-    _cli_analyze.add_parser(parser.add_subparsers(dest="command"))
-    argv = ["analyze", str(slide), "--tasks", tasks, "--out", str(out), *options]
-    if mpp is not None:
-        argv += ["--mpp", str(mpp)]
-    unknown = sorted({t.strip() for t in tasks.split(",") if t.strip()} - set(_cli_analyze.TASKS))
-    if unknown:
-        raise ValueError(f"unknown task(s) {unknown}; choose from {_cli_analyze.TASKS}")
-    try:
-        return parser.parse_args(argv)
-    except (argparse.ArgumentError, SystemExit) as exc:
-        raise ValueError(f"bad analyze option(s) {list(options)}: {exc}") from None
+    doc = analyze_slide(slide, out, **kwargs)
+    return {"tasks": doc["tasks"], "computed": doc["computed"]}

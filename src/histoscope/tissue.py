@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 from histoscope.errors import SlideError
+from histoscope.params import check, param
 
 if TYPE_CHECKING:
     from histoscope.slide import Slide
@@ -49,19 +50,29 @@ class TissueParams:
         stroma, say) would be dropped. ``None`` keeps Otsu alone.
     """
 
-    mpp: float = 8.0
-    channel: Literal["saturation", "grey"] = "saturation"
-    blur_um: float = 16.0
-    min_threshold: float = 0.05
-    fill_holes: bool = True
-    min_area_um2: float = 20_000.0
-    background_margin: float | None = None
+    mpp: float = param(
+        8.0, "µm/px of the low-resolution read the mask is computed on", min=1e-3, max=1024.0
+    )
+    channel: Literal["saturation", "grey"] = param(
+        "saturation",
+        "saturation (H&E) or grey (inverted luminance, pale IHC)",
+        choices=("saturation", "grey"),
+    )
+    blur_um: float = param(16.0, "Gaussian blur before the threshold, in µm", min=0.0, max=1000.0)
+    min_threshold: float = param(0.05, "floor on the Otsu threshold (0-1)", min=0.0, max=1.0)
+    fill_holes: bool = param(True, "fill holes (lumens, fat) inside tissue")
+    min_area_um2: float = param(
+        20_000.0, "remove tissue pieces smaller than this (µm²)", min=0.0, max=1e12
+    )
+    background_margin: float | None = param(
+        None,
+        "cap the threshold at the glass level plus this margin (0-1); none: Otsu alone",
+        min=0.0,
+        max=1.0,
+    )
 
     def __post_init__(self) -> None:
-        if not self.mpp > 0:
-            raise ValueError(f"mpp must be positive, got {self.mpp}")
-        if self.channel not in ("saturation", "grey"):
-            raise ValueError(f"channel must be 'saturation' or 'grey', got {self.channel!r}")
+        check(self, "tissue")
         if self.background_margin is not None and not 0 < self.background_margin < 1:
             raise ValueError(f"background_margin must be in (0, 1), got {self.background_margin}")
 

@@ -141,11 +141,11 @@ def test_slide_tiles_count_each_cell_once_and_files_open(tmp_path):
                       progress=lambda d, t: progress.append((d, t)))  # fmt: skip
     assert m.n_cells == len(expected)
     assert progress[-1][0] == progress[-1][1] > 1
-    files = m.save(tmp_path / "out")
-    with open(files["cells"]) as fh:
+    files = {p.name: p for p in m.save(tmp_path / "out")}
+    with open(files["ihc_cells.csv"]) as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == len(expected) and {"x_um", "score"} <= set(rows[0])
-    doc = json.loads(files["summary"].read_text())
+    doc = json.loads(files["ihc_measure.json"].read_text())
     assert doc["summary"]["n_cells"] == len(expected) and doc["provenance"]["slide"] == str(path)
     [(coords, kwargs, kind)] = m.to_layers()
     assert kind == "points" and coords.shape == (len(expected), 2)

@@ -34,7 +34,7 @@ def test_calls_probabilities_and_attention_heatmap(pyramid_tiff, model, tmp_path
     [(data, kwargs, kind)] = res.to_layers()
     assert kind == "image" and kwargs["scale"][0] == pytest.approx(64 * 2.0)  # one pixel per tile
     files = res.save(tmp_path)
-    doc = json.loads((tmp_path / "ihc.json").read_text())
+    doc = json.loads((tmp_path / "isight.json").read_text())
     assert doc["calls"]["intensity"]["call"] in ("negative", "weak", "moderate", "strong")
     assert doc["provenance"]["tile_grid"]["n_tiles"] == len(res.attention.grid)
     assert all(f.exists() for f in files)

@@ -8,7 +8,14 @@ import torch
 from torch import nn
 
 from histoscope.models.backbones import InputSpec
-from histoscope.tasks.tumour import HeatmapJob, find_tissue, tile_gradcam, tumour_index
+from histoscope.progress import drive
+from histoscope.tasks.tumour import (
+    TumourParams,
+    find_tissue,
+    iter_heatmap,
+    tile_gradcam,
+    tumour_index,
+)
 
 MPP = 0.5
 
@@ -45,22 +52,18 @@ def slide(tmp_path_factory):
 
 
 def test_heatmap_values_land_on_their_tiles_and_background_is_nan(slide):
-    job = HeatmapJob(slide, RedIsTumour())
-    gen = job.run()
-    with pytest.raises(StopIteration) as stop:
-        while True:
-            next(gen)
-    heat = stop.value.value.values
-    s = job.grid.stride * MPP  # tile edge in µm: 32 px at 2 µm = 64 µm
+    heat = drive(iter_heatmap(slide, RedIsTumour()))
+    values = heat.values
+    s = heat.grid.stride * MPP  # tile edge in µm: 32 px at 2 µm = 64 µm
     assert s == pytest.approx(64)
     rows_glass = int(256 * MPP // s)  # the glass strip is 128 µm high: 2 tile rows
-    assert np.isnan(heat[:rows_glass]).all()
+    assert np.isnan(values[:rows_glass]).all()
     left, right = (
-        heat[rows_glass + 1 :, : int(768 * MPP // s) - 1],
-        heat[rows_glass + 1 :, int(768 * MPP // s) + 1 :],
+        values[rows_glass + 1 :, : int(768 * MPP // s) - 1],
+        values[rows_glass + 1 :, int(768 * MPP // s) + 1 :],
     )
     assert np.nanmax(left) < 0.1 and np.nanmin(right) > 0.9
-    data, kwargs, kind = job.layer()
+    [(data, kwargs, kind)] = heat.to_layers()
     assert kind == "image" and kwargs["contrast_limits"] == (0.0, 1.0)
     assert kwargs["scale"] == (pytest.approx(s), pytest.approx(s))
 
@@ -68,15 +71,19 @@ def test_heatmap_values_land_on_their_tiles_and_background_is_nan(slide):
 def test_viewport_first_scores_tiles_near_the_view_first(slide):
     from histoscope.engine import EngineParams
 
-    job = HeatmapJob(slide, RedIsTumour())
     near = (1500.0, 1000.0)  # level-0 px, bottom right
-    gen = job.run(near=near, params=EngineParams(batch_size=4, workers=1, prefetch=1))
-    next(gen)
-    with pytest.raises(StopIteration):
+    gen = iter_heatmap(slide, RedIsTumour(), near=near,
+                       engine=EngineParams(batch_size=4, workers=1, prefetch=1))  # fmt: skip
+    step = next(gen)
+    live = step.partial  # the map the layer shows, filling in place
+    with pytest.raises(StopIteration) as stop:
         gen.send(False)  # cancel after the first batch
-    done = np.argwhere(np.isfinite(job.values))
+    heat = stop.value.value
+    assert heat.cancelled and heat.summary()["cancelled"]
+    done = np.argwhere(np.isfinite(heat.values))
     assert 1 <= len(done) <= 8
-    rows, cols = job.grid.shape
+    assert np.array_equal(np.isfinite(live.values), np.isfinite(heat.values))
+    rows, cols = heat.grid.shape
     assert (done[:, 0] >= rows - 2).all() and (done[:, 1] >= cols - 3).all()
 
 
@@ -90,13 +97,27 @@ def test_tissue_layer_aligns_with_slide(slide):
 
 
 def test_gradcam_of_clicked_tile_lands_on_the_tile(slide):
-    job = HeatmapJob(slide, RedIsTumour())
-    cam, (x0, y0) = tile_gradcam(slide, job.model, job.spec, x_um=700.0, y_um=400.0, grid=job.grid)
-    stride = job.grid.stride
+    heat = drive(iter_heatmap(slide, RedIsTumour()))
+    model = RedIsTumour()
+    cam, (x0, y0) = tile_gradcam(slide, model, model.input_spec, x_um=700.0, y_um=400.0,
+                                 grid=heat.grid)  # fmt: skip
+    stride = heat.grid.stride
     assert cam.shape == (32, 32)
     assert x0 % stride == 0 and y0 % stride == 0
     assert x0 * MPP <= 700 < (x0 + stride) * MPP and y0 * MPP <= 400 < (y0 + stride) * MPP
     assert cam.max() == pytest.approx(1.0)  # red tile: evidence everywhere
+
+
+def test_gradcam_explains_the_stain_normalised_input_the_map_used(slide):
+    from histoscope.stains import MacenkoNormalizer
+
+    model = RedIsTumour()
+    spec = model.input_spec
+    norm = MacenkoNormalizer.fit(slide.read_region(0, 512, 1536, 512, mpp=1.0))
+    plain_cam, _ = tile_gradcam(slide, model, spec, 700.0, 400.0)
+    normed_cam, _ = tile_gradcam(slide, model, spec, 700.0, 400.0, normalizer=norm)
+    # the wrapper changes what the model sees, so the explanation of that input differs
+    assert not np.allclose(plain_cam, normed_cam)
 
 
 def test_tumour_index_from_card_classes():
@@ -125,21 +146,17 @@ def test_stain_normalised_model_sees_normalised_tiles(slide):
 
 
 def test_heatmap_with_stain_normalisation_runs_and_records_it(slide):
-    job = HeatmapJob(slide, RedIsTumour(), stain_norm=True)
-    gen = job.run()
-    with pytest.raises(StopIteration):
-        while True:
-            next(gen)
-    assert np.isfinite(job.values).sum() == len(job.grid)
-    assert job.provenance.params["stain_norm"] == "macenko"
+    heat = drive(iter_heatmap(slide, RedIsTumour(), params=TumourParams(stain_norm="on")))
+    assert heat.n_scored == len(heat.grid)
+    assert heat.provenance.params["stain_norm_applied"] == "macenko"
 
 
-def test_stain_normalisation_follows_the_checkpoint_card(slide):
+def test_stain_normalisation_follows_the_checkpoint_card():
     from types import SimpleNamespace
 
-    trained_normalised = SimpleNamespace(classes=("normal", "tumour"), sha256="x",
-                                         input_spec={"stain_norm": "macenko"})  # fmt: skip
-    plain = SimpleNamespace(classes=("normal", "tumour"), sha256="y", input_spec={})
-    assert HeatmapJob(slide, RedIsTumour(), trained_normalised).normalizer is not None
-    assert HeatmapJob(slide, RedIsTumour(), plain).normalizer is None
-    assert HeatmapJob(slide, RedIsTumour(), plain, stain_norm=True).normalizer is not None
+    trained_normalised = SimpleNamespace(input_spec={"stain_norm": "macenko"})
+    plain = SimpleNamespace(input_spec={})
+    assert TumourParams().normalise(trained_normalised)
+    assert not TumourParams().normalise(plain)
+    assert TumourParams(stain_norm="on").normalise(plain)
+    assert not TumourParams(stain_norm="off").normalise(trained_normalised)

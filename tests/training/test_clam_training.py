@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from histoscope.features import FeatureFileError
 from histoscope.training import RecipeError
 from histoscope.training.clam import attention_auc, settings
 from histoscope.training.clam_data import (
@@ -68,7 +69,7 @@ def test_feature_files_round_trip_in_the_clam_layout(tmp_path):
     assert read_features(tmp_path / "t.h5")[0].shape == (5, 3)
     with h5py.File(tmp_path / "u.h5", "w") as f:
         f["features"] = feats
-    with pytest.raises(RecipeError, match="no coords"):
+    with pytest.raises(FeatureFileError, match="no coords"):
         read_features(tmp_path / "u.h5")
     with pytest.raises(ValueError, match="coords"):
         write_features(tmp_path / "v.h5", feats, xy[:3])

@@ -260,29 +260,21 @@ def test_bad_family_recipes_name_the_problem(dataset, tmp_path, change, message)
 
 def test_trained_checkpoint_drives_the_tumour_heatmap(trained, dataset):
     """Recipe -> checkpoint -> task: layers in µm with provenance, same scores as training's."""
+    import histoscope as hs
     from histoscope.checkpoints import load_checkpoint
-    from histoscope.slide import open_slide
-    from histoscope.tasks.tumour import HeatmapJob
     from histoscope.training.tile_classifier import predict
 
     _, result, _ = trained
     model, card = load_checkpoint(result["checkpoint"], family="tile_classifier")
     manifest = json.loads((dataset / "manifest.json").read_text())
     row = next(r for r in manifest["slides"] if r["split"] == "test")
-    with open_slide(dataset / row["slide"]) as slide:
-        job = HeatmapJob(slide, model, card)
-        gen = job.run()
-        while True:
-            try:
-                next(gen)
-            except StopIteration as stop:
-                heat = stop.value
-                break
+    with hs.open_session(dataset / row["slide"], in_memory=True) as session:
+        heat = hs.tasks.run("tumour", session, result["checkpoint"])
     data, kw, kind = heat.to_layers()[0]
     assert kind == "image" and kw["scale"] == (64.0, 64.0)  # 32 px at 2 µm/px
     assert kw["metadata"]["histoscope"]["checkpoint_sha256"] == card.sha256
     tiles = load_split(dataset, "test", mpp=2.0, tile_size=32)
-    stride = job.grid.stride
+    stride = heat.grid.stride
     rc = np.rint(tiles.coords[:, ::-1] / stride).astype(int)
     shared = np.isfinite(data[rc[:, 0], rc[:, 1]])
     assert shared.sum() >= len(tiles) // 2

@@ -6,6 +6,8 @@ import json
 
 import pytest
 
+from tests.widgets._cancel import cancel_after_first_step
+
 
 @pytest.fixture(scope="module")
 def ihc_slide(tmp_path_factory):
@@ -88,3 +90,15 @@ def test_measurement_only_without_checkpoint(widget, qtbot):
     _assess(widget, qtbot)
     assert "measurement only" in widget.status.text()
     assert widget.rows["location"].measurement is not None
+
+
+def test_cancel_shows_no_phantom_calls_and_keeps_the_panel_usable(widget, qtbot):
+    worker = widget.run()
+    cancel_after_first_step(widget, worker)
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=120_000)
+    assert widget.run_button.isEnabled() and "Cancelled" in widget.status.text()
+    # the measurement after the model never ran: no estimate is shown for it
+    assert all(row.measurement is None for row in widget.rows.values())
+    # the model's calls are shown only if all its tiles were read (never from part of them)
+    shown = [row.model_call is not None for row in widget.rows.values()]
+    assert all(shown) == ("iSight attention" in widget.viewer.layers) and len(set(shown)) == 1

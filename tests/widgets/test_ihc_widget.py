@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from histoscope._widgets.ihc import IHCWidget
+from tests.widgets._cancel import cancel_after_first_step
 
 
 @pytest.fixture
@@ -37,7 +38,7 @@ def test_visible_region_measures_only_what_is_in_view(viewer, qtbot):
     camera.zoom = camera.zoom * 4
     assert widget.run() is not None
     qtbot.waitUntil(lambda: widget.worker is None, timeout=120_000)  # set by the finished slot
-    region = widget.result.provenance["region"]
+    region = widget.result.provenance.tile_grid["region"]
     assert region[2] < 512 and region[3] < 512
 
 
@@ -54,8 +55,14 @@ def test_cancel_stops_and_keeps_layers(viewer, qtbot):
     widget = IHCWidget(viewer)
     widget.layer_combo.setCurrentText("big")
     widget.scope.setCurrentIndex(1)
-    assert widget.run() is not None
-    widget.cancel()
+    worker = widget.run()
+    assert worker is not None
+    cancel_after_first_step(widget, worker)
     qtbot.waitUntil(lambda: widget.worker is None, timeout=120_000)  # set by the finished slot
-    assert widget.run_button.isEnabled()
-    assert [ly.name for ly in viewer.layers] == ["IHC (scikit-image)", "big"]
+    assert widget.run_button.isEnabled() and "Cancelled" in widget.status.text()
+    res = widget.result
+    done, total = res.provenance.tile_grid["tiles_done"], res.provenance.tile_grid["tiles"]
+    assert res.cancelled and 1 <= done < total  # finished tiles kept, the rest never read
+    points = viewer.layers["IHC cells (big)"]
+    assert len(points.data) == res.n_cells > 0
+    assert [ly.name for ly in viewer.layers] == ["IHC (scikit-image)", "big", "IHC cells (big)"]

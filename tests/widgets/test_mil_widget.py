@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from histoscope._data import sample_data_path
+from tests.widgets._cancel import cancel_after_first_step
 
 pytestmark = pytest.mark.skipif(
     sample_data_path("clam_default.safetensors") is None, reason="embedded CLAM default missing"
@@ -51,3 +52,25 @@ def test_checkpoint_of_another_family_is_reported(widget, qtbot):
     qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
     assert "clam" in widget.status.text() and widget.result is None
     assert len(widget.viewer.layers) == 1
+
+
+def test_cancel_keeps_the_tiles_encoded_and_marks_the_call_provisional(
+    make_napari_viewer, qtbot, tmp_path_factory
+):
+    from histoscope._widgets.mil import MILWidget
+    from histoscope.synthetic import generate
+
+    big = generate(tmp_path_factory.mktemp("big"), kind="he", size=(3072, 3072), seed=6).slide
+    viewer = make_napari_viewer()
+    viewer.open(str(big), plugin="napari-histoscope")
+    widget = MILWidget(viewer)
+    worker = widget.run()
+    cancel_after_first_step(widget, worker)
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=180_000)
+    res = widget.result
+    assert res is not None and res.cancelled, widget.status.text()
+    s = res.summary()
+    assert 32 <= s["tiles_encoded"] < s["n_tiles"] and s["tiles_encoded"] % 32 == 0
+    att = widget.viewer.layers["MIL attention"].data
+    assert int(np.isfinite(att).sum()) == s["tiles_encoded"]
+    assert "provisional" in widget.prediction.text() and "Cancelled" in widget.status.text()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from tests.widgets._cancel import cancel_after_first_step
+
 
 @pytest.fixture(scope="module")
 def slide_path(tmp_path_factory):
@@ -66,11 +68,39 @@ def test_heatmap_fills_tissue_only_then_gradcam_on_click(widget, qtbot):
     np.testing.assert_allclose(cam.scale, (4.0, 4.0))
 
 
-def test_cancel_keeps_what_was_scored(widget, qtbot):
+@pytest.fixture(scope="module")
+def big_slide(tmp_path_factory):
+    from histoscope.slide import write_pyramidal_tiff
+
+    rng = np.random.default_rng(2)
+    img = np.clip(rng.normal((180, 90, 160), 10, (3072, 3072, 3)), 0, 255).astype(np.uint8)
+    return write_pyramidal_tiff(tmp_path_factory.mktemp("b") / "big.tif", img, mpp=0.5)
+
+
+def test_cancel_keeps_the_tiles_scored_and_stops_the_rest(widget, qtbot, big_slide):
+    widget.viewer.open(str(big_slide), plugin="napari-histoscope")
+    widget.layer_combo.setCurrentText("big.tif")
     worker = widget.run()
-    widget.cancel()
+    cancel_after_first_step(widget, worker, "tumour tiles")
     _wait(qtbot, widget, worker)
     assert widget.run_button.isEnabled() and "Cancelled" in widget.status.text()
+    heat = widget.viewer.layers["tumour probability"].data
+    scored = int(np.isfinite(heat).sum())
+    total = 12 * 12  # 3072 px at 0.5 µm in 128 µm tiles, all tissue
+    assert 32 <= scored < total and scored % 32 == 0  # whole batches kept, the rest never run
+    assert widget.heatmap.cancelled and widget.heatmap.n_scored == scored
+
+
+def test_checkpoint_of_another_family_is_refused(widget, qtbot):
+    from histoscope._data import sample_data_path
+
+    clam = sample_data_path("clam_default.safetensors")
+    if clam is None:
+        pytest.skip("embedded CLAM default missing")
+    widget.checkpoint.setText(str(clam))
+    _wait(qtbot, widget, widget.run())
+    assert "expected 'tile_classifier'" in widget.status.text()
+    assert "tumour probability" not in widget.viewer.layers
 
 
 def test_wrong_checkpoint_is_reported(widget, qtbot, tmp_path):

@@ -128,18 +128,44 @@ def visible_region(viewer, slide, layer) -> tuple[int, int, int, int]:
     return px0, py0, max(px1 - px0, 1), max(py1 - py0, 1)
 
 
+def session_for(layer, slide):
+    """The :class:`~histoscope.session.Session` of an image layer, made once and kept on it.
+
+    Every panel working on the layer shares it, so the tissue mask, grids and
+    feature tables are computed once. It keeps large products beside the slide
+    (``<slide>.histoscope/``) when that folder can be written, else in memory.
+    """
+    from histoscope.session import Session, SessionError, open_session
+
+    session = layer.metadata.get("histoscope_session")
+    if isinstance(session, Session) and session.slide is slide:
+        return session
+    try:
+        session = open_session(slide)
+    except SessionError:
+        session = open_session(slide, in_memory=True)
+    layer.metadata["histoscope_session"] = session
+    return session
+
+
 class TaskWidget(QWidget):
-    """Base of the dock widgets that run one task in a worker thread.
+    """Base of the dock widgets that run registry tasks in a worker thread.
 
     Subclasses lay out their inputs, add :attr:`controls` to their layout and
-    call :meth:`start`; the worker's errors land in the status line, never in
-    a crash, and :attr:`worker` is ``None`` again once it has finished.
+    call :meth:`run_tasks`; progress fills the bar, Cancel asks the running
+    task to stop and keeps what it finished, errors land in the status line
+    (never a crash), and :attr:`worker` is ``None`` again once it has finished.
     """
 
+    cancel_text = "Cancelled."
+
     def __init__(self, viewer, run_text: str) -> None:
+        import threading
+
         super().__init__()
         self.viewer = viewer
         self.worker = None
+        self._cancel = threading.Event()
         self.controls = RunControls(run_text, self.run, self.cancel)
         self.run_button = self.controls.run_button
         self.cancel_button = self.controls.cancel_button
@@ -156,40 +182,58 @@ class TaskWidget(QWidget):
         layer = combo.layer()
         if layer is None:
             raise ValueError("Open a slide or image first.")
-        return layer_slide(layer.data, layer.metadata, layer.scale, layer.name), layer
+        slide = layer.metadata.get("slide")
+        if slide is None:  # plain RGB data: wrap it once, keep it with the layer
+            slide = layer_slide(layer.data, layer.metadata, layer.scale, layer.name)
+            layer.metadata["slide"] = slide
+        return slide, layer
 
-    def model_inputs(self, picker: CheckpointPicker, combo: RGBLayerCombo, what: str):
-        """``(checkpoint, slide, view centre)`` for a model run; ValueError names what is missing.
-
-        The view centre is the level-0 ``(x, y)`` the run should start from.
-        """
-        ckpt = picker.path()
-        if not ckpt:
-            raise ValueError(f"Choose a {what} checkpoint.")
+    def chosen_session(self, combo: RGBLayerCombo):
+        """``(session, layer)`` for the combo's layer; ValueError when there is none."""
         slide, layer = self.chosen_slide(combo)
-        x, y, w, h = visible_region(self.viewer, slide, layer)
-        return ckpt, slide, (x + w / 2, y + h / 2)
+        return session_for(layer, slide), layer
 
-    def start(self, fn, *args, text: str, yielded=None, returned=None, **kwargs):
-        """Run ``fn(*args, **kwargs)`` (a function or generator) in a worker; return it."""
+    def view_centre(self, slide, layer) -> tuple[float, float]:
+        """Level-0 ``(x, y)`` at the centre of the canvas (work there first)."""
+        x, y, w, h = visible_region(self.viewer, slide, layer)
+        return x + w / 2, y + h / 2
+
+    def run_tasks(self, jobs, *, text: str, on_result, on_partial=None):
+        """Run registry ``jobs`` (:class:`~histoscope._widgets._worker.Job`) in a worker.
+
+        ``on_result(outcome)`` gets the :class:`~histoscope._widgets._worker.Outcome`
+        (also after Cancel, with what was finished); ``on_partial(result)``
+        gets the live result a task attaches to its progress steps.
+        """
         from napari.qt.threading import create_worker
 
-        connect = {"errored": self._failed, "finished": self._done}
-        if yielded is not None:
-            connect["yielded"] = yielded
-        if returned is not None:
-            connect["returned"] = returned
-        self.worker = create_worker(fn, *args, _connect=connect, _start_thread=False, **kwargs)
+        from histoscope._widgets._worker import task_work
+
+        self._cancel.clear()
+
+        def step(value) -> None:
+            fmt = f"{value.what} %v/%m" if value.what else "%v/%m"
+            self.controls.set_progress(value.done, value.total, fmt)
+            if on_partial is not None and value.partial is not None:
+                on_partial(value.partial)
+
+        def returned(outcome) -> None:
+            on_result(outcome)
+            if outcome.cancelled:
+                self.status.setText(self.cancel_text)
+
+        self.worker = create_worker(task_work, list(jobs), self._cancel, _start_thread=False,
+                                    _connect={"yielded": step, "returned": returned,
+                                              "errored": self._failed, "finished": self._done})  # fmt: skip
         self.controls.busy(True, text)
         self.worker.start()
         return self.worker
 
     def cancel(self) -> None:
+        """Ask the running task to stop; it keeps what it has finished."""
         if self.worker is not None:
-            self.worker.quit()
-            self.status.setText(self.cancel_text)
-
-    cancel_text = "Cancelled."
+            self._cancel.set()
+            self.status.setText("Cancelling…")
 
     def replace_layer(self, data, kwargs: dict, kind: str):
         """Add a layer, replacing one of the same name (a re-run)."""

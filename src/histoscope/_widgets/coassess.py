@@ -33,42 +33,10 @@ DEFAULT_CHECKPOINT = "isight_default.safetensors"
 SCOPES = ("whole slide", "visible region", "selected shape")
 
 
-def _assess(slide, checkpoint: str, metadata: str, region):
-    """Worker generator: the model's calls (if a checkpoint is given), then the measurement.
-
-    Yields ``(phase, done, total)``; returns ``(calls or None, measurement)``.
-    """
-    from histoscope.tasks.ihc_measure import iter_measure_slide
-
-    calls = None
-    if checkpoint:
-        from histoscope.checkpoints import load_checkpoint
-        from histoscope.tasks.isight import iter_isight
-
-        model, card = load_checkpoint(checkpoint, family="isight")
-        gen = iter_isight(slide, model, card, metadata=metadata or None, region=region)
-        calls = yield from _tagged("model", gen)
-    mpp = max(slide.mpp or 0.5, 0.5)
-    measurement = yield from _tagged(
-        "measurement", iter_measure_slide(slide, mpp=mpp, region=region)
-    )
-    return calls, measurement
-
-
-def _tagged(phase: str, gen):
-    """Re-yield ``(done, total)`` progress as ``(phase, done, total)``; return ``gen``'s value."""
-    while True:
-        try:
-            done, total = next(gen)
-        except StopIteration as stop:
-            return stop.value
-        yield phase, done, total
-
-
 class CoAssessWidget(TaskWidget):
     """Five iSight tasks: model probabilities, measurement estimates, pathologist's calls."""
 
-    cancel_text = "Cancelled; calls made so far are saved."
+    cancel_text = "Cancelled; calls made so far are saved, and what was assessed is shown."
 
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
         super().__init__(napari_viewer, "Assess")
@@ -147,8 +115,12 @@ class CoAssessWidget(TaskWidget):
     # --------------------------------------------------------------------- run
     def run(self):
         """Assess the chosen slide or region in a worker; returns the worker (or None)."""
+        from histoscope._widgets._worker import Job
+        from histoscope.tasks.isight import ISightParams
+
         try:
-            slide, layer = self.chosen_slide(self.layer_combo)
+            session, layer = self.chosen_session(self.layer_combo)
+            slide = session.slide
             region, self.region_id = self._region(slide, layer)
         except ValueError as exc:
             self.status.setText(str(exc))
@@ -157,28 +129,36 @@ class CoAssessWidget(TaskWidget):
         for row in self.rows.values():
             row.reset_call()
             row.set_model(None)
-        return self.start(_assess, slide, self.picker.path(), self.metadata.text(), region,
-                          text="Assessing…", yielded=self._progress, returned=self._show)  # fmt: skip
+        jobs = []
+        if self.picker.path():
+            jobs.append(Job("isight", session, self.picker.path(), region=region,
+                            params=ISightParams(metadata=self.metadata.text().strip())))  # fmt: skip
+        jobs.append(Job("ihc", session, region=region))
+        return self.run_tasks(jobs, text="Assessing…", on_result=self._show)
 
-    def _progress(self, value) -> None:
-        phase, done, total = value
-        self.controls.set_progress(done, total, f"{phase} %v/%m")
-
-    def _show(self, result) -> None:
-        calls, measurement = result
+    def _show(self, outcome) -> None:
+        calls, measurement = outcome.get("isight"), outcome.get("ihc")
+        if measurement is None:  # cancelled before the measurement
+            if calls is not None:
+                self._show_calls(calls)
+            return
         summary = measurement.summary()
-        if calls is not None:
-            self._set_row("tissue", tuple(calls.probabilities["tissue"]))
+        self._show_calls(calls)
         for task, row in self.rows.items():
-            row.set_model(calls.probabilities.get(task) if calls is not None else None)
             row.set_measurement(
                 summary.get(task) if task in ("intensity", "quantity", "location") else None
             )
-        if calls is not None:
-            self.replace_layer(*calls.to_layers()[0])
         note = "" if calls is not None else " (no checkpoint: measurement only)"
         self.status.setText(f"{summary['n_cells']} cells measured{note}. Make your calls below.")
         self._show_agreement()
+
+    def _show_calls(self, calls) -> None:
+        """The model's bars and attention (``None``: no model run)."""
+        if calls is not None:
+            self._set_row("tissue", tuple(calls.probabilities["tissue"]))
+            self.replace_layer(*calls.to_layers()[0])
+        for task, row in self.rows.items():
+            row.set_model(calls.probabilities.get(task) if calls is not None else None)
 
     # ------------------------------------------------------------------- calls
     def record_call(self, task: str, value: str) -> Call | None:

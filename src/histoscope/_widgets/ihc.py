@@ -61,25 +61,25 @@ class IHCWidget(TaskWidget):
 
     def run(self):
         """Start the measurement in a worker thread; returns the worker (or None)."""
-        from histoscope.tasks.ihc_measure import iter_measure_slide
+        from histoscope._widgets._worker import Job
 
         try:
             params = self.params()
-            slide, layer = self.chosen_slide(self.layer_combo)
+            session, layer = self.chosen_session(self.layer_combo)
             visible = self.scope.currentIndex() == 0
-            region = visible_region(self.viewer, slide, layer) if visible else None
+            region = visible_region(self.viewer, session.slide, layer) if visible else None
         except ValueError as exc:
             self.status.setText(str(exc))
             return None
-        mpp = max(slide.mpp or 0.5, 0.5)
-        return self.start(iter_measure_slide, slide, params, mpp=mpp, region=region,
-                          text=f"Measuring {layer.name}…", yielded=self._progress,
-                          returned=self._show)  # fmt: skip
+        job = Job("ihc", session, params=params, region=region)
+        return self.run_tasks([job], text=f"Measuring {layer.name}…", on_result=self._show)
 
-    def _progress(self, value: tuple[int, int]) -> None:
-        self.controls.set_progress(*value)
+    cancel_text = "Cancelled: the cells of the finished tiles are shown."
 
-    def _show(self, result) -> None:
+    def _show(self, outcome) -> None:
+        result = outcome.get("ihc")
+        if result is None:
+            return
         self.result = result
         summary = result.summary()
         for key, label in self.numbers.items():

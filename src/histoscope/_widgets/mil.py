@@ -14,19 +14,10 @@ if TYPE_CHECKING:
 DEFAULT_CHECKPOINT = "clam_default.safetensors"
 
 
-def _mil_work(slide, checkpoint: str, near):
-    """Worker generator: load the CLAM checkpoint, then encode tiles (yielding progress)."""
-    from histoscope.checkpoints import load_checkpoint
-    from histoscope.tasks.mil import iter_mil
-
-    model, card = load_checkpoint(checkpoint, family="clam")
-    return (yield from iter_mil(slide, model, card, near=near))
-
-
 class MILWidget(TaskWidget):
     """Whole-slide attention MIL: what the slide is, and which tiles made the call."""
 
-    cancel_text = "Cancelled: no slide call without all tiles."
+    cancel_text = "Cancelled: the call shown is provisional, from the tiles encoded so far."
 
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
         super().__init__(napari_viewer, "Classify slide")
@@ -51,26 +42,34 @@ class MILWidget(TaskWidget):
 
     def run(self):
         """Classify the chosen slide in a worker; returns the worker or None."""
+        from histoscope._widgets._worker import Job
+
         try:
-            ckpt, slide, centre = self.model_inputs(self.picker, self.layer_combo, "CLAM")
+            session, layer = self.chosen_session(self.layer_combo)
+            ckpt = self.picker.path()
+            if not ckpt:
+                raise ValueError("Choose a CLAM checkpoint.")
         except ValueError as exc:
             self.status.setText(str(exc))
             return None
+        self.result = None
         self.top_list.clear()
         self.prediction.setText("–")
-        return self.start(_mil_work, slide, ckpt, centre,
-                          text="Encoding tissue tiles…", yielded=self._progress,
-                          returned=self._show)  # fmt: skip
+        job = Job("mil", session, ckpt, near=self.view_centre(session.slide, layer))
+        return self.run_tasks([job], text="Encoding tissue tiles…", on_result=self._show)
 
-    def _progress(self, value) -> None:
-        self.controls.set_progress(*value)
-
-    def _show(self, result) -> None:
+    def _show(self, outcome) -> None:
+        result = outcome.get("mil")
+        if result is None:
+            return
         self.result = result
         probs = ", ".join(
             f"{c}: {p:.2f}" for c, p in zip(result.classes, result.probability, strict=True)
         )
-        self.prediction.setText(f"<b>{result.label}</b> ({probs})")
+        s = result.summary()
+        note = (f"<br><i>provisional: {s['tiles_encoded']} of {s['n_tiles']} tiles encoded</i>"
+                if result.cancelled else "")  # fmt: skip
+        self.prediction.setText(f"<b>{result.label}</b> ({probs}){note}")
         for data, kwargs, kind in result.to_layers():
             self.replace_layer(data, kwargs, kind)
         mpp = result.attention.grid.slide_mpp
@@ -79,7 +78,7 @@ class MILWidget(TaskWidget):
                 f"#{t['rank']}  x={t['x'] * mpp:.0f} µm, y={t['y'] * mpp:.0f} µm, "
                 f"attention {t['attention']:.3f}"
             )
-        self.status.setText(f"{len(result.tile_attention)} tiles attended.")
+        self.status.setText(f"{s['tiles_encoded']} tiles attended.")
 
     def go_to_tile(self, row: int) -> None:
         """Centre the view on the ``row``-th most attended tile, zoomed to see it."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import numpy as np
 from qtpy.QtWidgets import QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QVBoxLayout
 
 from histoscope._widgets._common import CheckpointPicker, RGBLayerCombo, TaskWidget
@@ -17,19 +16,6 @@ DEFAULT_CHECKPOINT = "tumour_patch_default.safetensors"
 HEATMAP_NAME = "tumour probability"
 
 
-def _heatmap_work(slide, checkpoint: str, near, stain_norm: bool | None = None, tissue_params=None):
-    """Worker generator: yields the job once (to show its live layer), then progress."""
-    from histoscope.checkpoints import load_checkpoint
-    from histoscope.tasks.tumour import HeatmapJob
-    from histoscope.tissue import tissue_mask
-
-    model, card = load_checkpoint(checkpoint)
-    tissue = tissue_mask(slide, tissue_params)
-    job = HeatmapJob(slide, model, card, tissue=tissue, stain_norm=stain_norm)
-    yield job
-    return (yield from job.run(near=near))
-
-
 class TumourWidget(TaskWidget):
     """Score every tissue tile for tumour, the tiles in view first; click a tile for Grad-CAM."""
 
@@ -37,7 +23,7 @@ class TumourWidget(TaskWidget):
 
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
         super().__init__(napari_viewer, "Tumour heatmap")
-        self.job = None
+        self.heatmap = None
         self.layer_combo = RGBLayerCombo(napari_viewer)
         self.picker = CheckpointPicker(
             DEFAULT_CHECKPOINT, "tile classifier checkpoint (.safetensors)"
@@ -82,50 +68,68 @@ class TumourWidget(TaskWidget):
         return TissueParams(channel=self.channel.currentText(), blur_um=self.blur.value(),
                             min_area_um2=self.min_area.value())  # fmt: skip
 
+    def tumour_params(self):
+        """Tumour map settings from the form."""
+        from histoscope.tasks.tumour import TumourParams
+
+        return TumourParams(stain_norm="on" if self.stain_box.isChecked() else "auto")
+
     # ----------------------------------------------------------------- actions
     def run_tissue(self):
-        """Tissue mask as a labels layer (in a worker)."""
-        from histoscope.tasks.tumour import find_tissue
+        """Tissue mask as a labels layer (in a worker); returns the worker or None."""
+        from histoscope._widgets._worker import Job
 
         try:
-            slide, _ = self.chosen_slide(self.layer_combo)
+            session, _ = self.chosen_session(self.layer_combo)
+            params = self.tissue_params()
         except ValueError as exc:
             self.status.setText(str(exc))
             return None
-        return self.start(find_tissue, slide, self.tissue_params(), text="Finding tissue…",
-                          returned=self._add_tissue)  # fmt: skip
+        return self.run_tasks([Job("tissue", session, params=params)], text="Finding tissue…",
+                              on_result=self._add_tissue)  # fmt: skip
 
     def run(self):
         """Tumour heatmap, tiles in view first (in a worker); returns the worker or None."""
+        from histoscope._widgets._worker import Job
+
         try:
-            ckpt, slide, centre = self.model_inputs(
-                self.picker, self.layer_combo, "tile-classifier"
-            )
+            session, layer = self.chosen_session(self.layer_combo)
+            ckpt = self.picker.path()
+            if not ckpt:
+                raise ValueError("Choose a tile-classifier checkpoint.")
+            tissue, params = self.tissue_params(), self.tumour_params()
         except ValueError as exc:
             self.status.setText(str(exc))
             return None
-        return self.start(
-            _heatmap_work, slide, ckpt, centre, self.stain_box.isChecked() or None,
-            self.tissue_params(), text="Scoring tiles in view first…", yielded=self._yielded,
-            returned=self._finished_heatmap,
-        )  # fmt: skip
+        self.heatmap, self._heatmap_checkpoint = None, ckpt
+        centre = self.view_centre(session.slide, layer)
+        jobs = [Job("tissue", session, params=tissue),
+                Job("tumour", session, ckpt, params=params, near=centre)]  # fmt: skip
+        return self.run_tasks(jobs, text="Scoring tiles in view first…",
+                              on_result=self._finished_heatmap, on_partial=self._live)  # fmt: skip
 
-    def _yielded(self, value) -> None:
-        if not isinstance(value, tuple):  # the job: show its live layer
-            self.job = value
-            self.replace_layer(*value.layer())
+    def _live(self, heatmap) -> None:
+        """Show the map as it fills in (the same array, updated in place)."""
+        layer = self.viewer.layers[HEATMAP_NAME] if HEATMAP_NAME in self.viewer.layers else None
+        if layer is None or layer.data is not heatmap.values:
+            self.replace_layer(*heatmap.to_layers()[0])
+        else:
+            layer.refresh()
+
+    def _finished_heatmap(self, outcome) -> None:
+        heatmap = outcome.get("tumour")
+        if heatmap is None:
             return
-        self.controls.set_progress(*value)
-        if HEATMAP_NAME in self.viewer.layers:
-            self.viewer.layers[HEATMAP_NAME].refresh()
+        self._live(heatmap)
+        self.heatmap = heatmap
+        s = heatmap.summary()
+        self.status.setText(f"{s['scored']} of {s['tiles']} tissue tiles scored; "
+                            f"{s['tumour_tiles']} at p >= 0.5; background left transparent.")  # fmt: skip
 
-    def _finished_heatmap(self, heatmap) -> None:
-        if HEATMAP_NAME in self.viewer.layers:
-            self.viewer.layers[HEATMAP_NAME].refresh()
-        scored = int(np.isfinite(heatmap.values).sum())
-        self.status.setText(f"{scored} tissue tiles scored; background left transparent.")
-
-    def _add_tissue(self, result) -> None:
+    def _add_tissue(self, outcome) -> None:
+        result = outcome.get("tissue")
+        if result is None:
+            return
         for layer_data in result.to_layers():
             self.replace_layer(*layer_data)
         self.status.setText(f"Tissue: {100 * result.mask.fraction:.0f}% of the slide.")
@@ -143,27 +147,27 @@ class TumourWidget(TaskWidget):
             self.gradcam_at(*event.position[-2:])
 
     def gradcam_at(self, y_um: float, x_um: float):
-        """Grad-CAM of the tile under world ``(y, x)`` µm, added as a layer over that tile."""
-        from napari.qt.threading import create_worker
+        """Grad-CAM of the tile under world ``(y, x)`` µm, added as a layer over that tile.
 
-        from histoscope.tasks.tumour import tile_gradcam
+        It explains the checkpoint and the stain normalisation the heatmap used.
+        """
+        from histoscope._widgets._worker import Job
 
-        if self.job is None:
+        if self.heatmap is None or self.worker is not None:
             self.status.setText("Run the tumour heatmap first, then click a tile.")
             return None
-        job = self.job
-        worker = create_worker(
-            tile_gradcam, job.slide, job.model, job.spec, x_um, y_um, job.grid, job.target,
-            _connect={"returned": self._add_cam, "errored": self._failed}, _start_thread=False,
-        )  # fmt: skip
-        worker.start()
-        return worker
+        session, _ = self.chosen_session(self.layer_combo)
+        mpp = session.slide.mpp
+        point = (x_um / mpp, y_um / mpp)
+        params = self.heatmap.provenance.params
+        from histoscope.tasks.tumour import TumourParams
 
-    def _add_cam(self, value) -> None:
-        cam, (x0, y0) = value
-        mpp, smpp = self.job.spec.mpp, self.job.slide.mpp
-        off = (mpp - smpp) / 2
-        kwargs = {"name": "Grad-CAM", "scale": (mpp, mpp), "units": ("um", "um"), "opacity": 0.5,
-                  "translate": (y0 * smpp + off, x0 * smpp + off), "colormap": "turbo",
-                  "contrast_limits": (0, 1)}  # fmt: skip
-        self.replace_layer(cam, kwargs, "image")
+        p = TumourParams(min_tissue=params["min_tissue"], stain_norm=params["stain_norm"])
+        job = Job("gradcam", session, self._heatmap_checkpoint, params=p, near=point)
+        return self.run_tasks([job], text="Grad-CAM…", on_result=self._add_cam)
+
+    def _add_cam(self, outcome) -> None:
+        result = outcome.get("gradcam")
+        if result is not None:
+            self.replace_layer(*result.to_layers()[0])
+            self.status.setText("Grad-CAM: where the classifier found tumour evidence in the tile.")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from histoscope.export._atomic import atomic_write_bytes, atomic_write_text
+from histoscope.atomic import atomic_write_bytes, atomic_write_text
 
 
 def write_heatmap_outputs(heat, slide, out_dir, *, stem: str, value: str) -> list[Path]:

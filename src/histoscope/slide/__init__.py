@@ -7,8 +7,8 @@ directories through zarr, and plain images through Pillow.
 
 from __future__ import annotations
 
-from histoscope.slide._open import open_slide, sniff_format
-from histoscope.slide._slide import Slide, TileErrorPolicy
+from histoscope.slide._open import sniff_format
+from histoscope.slide._slide import Slide, TileErrorPolicy, open_slide
 from histoscope.slide.writer import write_pyramidal_tiff
 
 __all__ = ["Slide", "TileErrorPolicy", "open_slide", "sniff_format", "write_pyramidal_tiff"]

@@ -1,13 +1,12 @@
-"""Format detection and :func:`open_slide`."""
+"""Format detection and backend selection; :func:`open_slide` lives in ``_slide``."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from pathlib import Path
 
 from histoscope.errors import SlideError
-from histoscope.slide._slide import Slide, TileErrorPolicy
+from histoscope.slide._backend import Backend
 
 #: Extensions read by OpenSlide only.
 OPENSLIDE_EXTS = {".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".vmu", ".svslide", ".dcm", ".isyntax"}
@@ -51,29 +50,12 @@ def _is_zarr_dir(p: Path) -> bool:
     return (p / ".zattrs").is_file() or (p / "zarr.json").is_file()
 
 
-def open_slide(
-    path: str | os.PathLike,
-    *,
-    mpp: float | None = None,
-    on_tile_error: TileErrorPolicy = "raise",
-    on_warning: Callable[[str], None] | None = None,
-) -> Slide:
-    """Open a whole-slide image (or a plain image) as a :class:`Slide`.
+def open_backend(path: str | os.PathLike) -> Backend:
+    """The backend that reads ``path``, picked by content (see :func:`sniff_format`).
 
-    Parameters
-    ----------
-    path
-        SVS, NDPI, MRXS, SCN, BIF, Philips TIFF, DICOM, generic tiled TIFF,
-        OME-TIFF, an OME-Zarr directory, or a PNG/JPEG/TIFF image.
-    mpp
-        µm per level-0 pixel; overrides what the file says (needed for plain
-        images, which carry none).
-    on_tile_error
-        ``"raise"`` (default): reading a corrupt tile raises :class:`SlideError`.
-        ``"blank"``: the tile reads as white and one warning is issued.
-    on_warning
-        Called with the warning text instead of :func:`warnings.warn`
-        (napari uses this to show one notification).
+    :func:`histoscope.slide._slide.open_slide` wraps it in a :class:`Slide`;
+    this module stays below ``_slide`` so that a slide can re-open itself
+    (when unpickled) without an import cycle.
 
     Raises
     ------
@@ -92,11 +74,10 @@ def open_slide(
             f"{p}: unsupported format {p.suffix or '(no extension)'!r}; HistoScope reads "
             + ", ".join(sorted(SUPPORTED_EXTS))
         )
-    backend = _open_backend(p, fmt)
-    return Slide(backend, mpp=mpp, on_tile_error=on_tile_error, on_warning=on_warning)
+    return _open_backend(p, fmt)
 
 
-def _open_backend(p: Path, fmt: str):
+def _open_backend(p: Path, fmt: str) -> Backend:
     if fmt == "ome-zarr":
         from histoscope.slide._zarr import OmeZarrBackend
 
@@ -112,7 +93,7 @@ def _open_backend(p: Path, fmt: str):
     return _open_tiff(p)
 
 
-def _open_tiff(p: Path):
+def _open_tiff(p: Path) -> Backend:
     """Fast tifffile path first; OpenSlide for TIFF flavours it cannot take."""
     from histoscope.slide._openslide import OpenSlideBackend
     from histoscope.slide._tiff import NotASlide, TiffBackend

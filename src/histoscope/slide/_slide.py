@@ -1,4 +1,4 @@
-"""The :class:`Slide` object: a lazy dask pyramid plus physical units."""
+""":class:`Slide`, a lazy dask pyramid with physical units, and :func:`open_slide`."""
 
 from __future__ import annotations
 
@@ -14,11 +14,12 @@ from typing import Any, Literal
 
 import numpy as np
 
+import histoscope.slide._cache as _cache  # the budget is read when a slide opens
 from histoscope.errors import HistoScopeWarning, SlideError
-from histoscope.slide import _cache
 from histoscope.slide._backend import BACKGROUND, Backend, white_tile
 from histoscope.slide._cache import TileCache
 from histoscope.slide._levels import LevelStore, level_array
+from histoscope.slide._open import open_backend
 
 #: ``"raise"``: a bad tile raises :class:`SlideError`. ``"blank"``: it reads
 #: as white and one :class:`HistoScopeWarning` is issued for the slide.
@@ -354,8 +355,6 @@ class Slide:
         So level arrays can be shipped to ``dask.distributed`` workers that see
         the same file system. An ``on_warning`` callback is not carried over.
         """
-        from histoscope.slide._open import open_slide
-
         kwargs = {"mpp": self._user_mpp, "on_tile_error": self.on_tile_error}
         return (functools.partial(open_slide, **kwargs), (str(self.path),))
 
@@ -365,3 +364,37 @@ class Slide:
             f"Slide({str(self.path)!r}, {w}x{h}, levels={len(self._backend.levels)}, "
             f"mpp={self.mpp}, backend={self.backend!r})"
         )
+
+
+def open_slide(
+    path: str | os.PathLike,
+    *,
+    mpp: float | None = None,
+    on_tile_error: TileErrorPolicy = "raise",
+    on_warning: Callable[[str], None] | None = None,
+) -> Slide:
+    """Open a whole-slide image (or a plain image) as a :class:`Slide`.
+
+    Parameters
+    ----------
+    path
+        SVS, NDPI, MRXS, SCN, BIF, Philips TIFF, DICOM, generic tiled TIFF,
+        OME-TIFF, an OME-Zarr directory, or a PNG/JPEG/TIFF image.
+    mpp
+        µm per level-0 pixel; overrides what the file says (needed for plain
+        images, which carry none).
+    on_tile_error
+        ``"raise"`` (default): reading a corrupt tile raises :class:`SlideError`.
+        ``"blank"``: the tile reads as white and one warning is issued.
+    on_warning
+        Called with the warning text instead of :func:`warnings.warn`
+        (napari uses this to show one notification).
+
+    Raises
+    ------
+    SlideError
+        With the path and the reason: missing, empty, truncated, unsupported
+        or unreadable file.
+    """
+    backend = open_backend(path)
+    return Slide(backend, mpp=mpp, on_tile_error=on_tile_error, on_warning=on_warning)

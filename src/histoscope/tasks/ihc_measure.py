@@ -12,16 +12,20 @@ from __future__ import annotations
 
 import json
 from collections.abc import Generator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from histoscope import __version__
+from histoscope.atomic import atomic_write_text
 from histoscope.labels import INTENSITY, LOCATION, QUANTITY
+from histoscope.params import check, param
+from histoscope.progress import Step
+from histoscope.results import Provenance, Result, plain
 from histoscope.stains import HDAB, deconvolve
+from histoscope.tasks._registry import TaskSpec, register
 
 
 class Compartment(str, Enum):
@@ -47,18 +51,28 @@ SCORE_COLORS = ((0.44, 0.44, 1.0, 1.0), (1.0, 0.86, 0.0, 1.0), (1.0, 0.55, 0.0, 
 class IHCParams:
     """Parameters of positive-cell detection (lengths in µm, densities in OD)."""
 
-    compartment: Compartment = Compartment.AUTO
-    thresholds: tuple[float, float, float] = (0.2, 0.4, 0.6)
-    detection: str = "hematoxylin"  # as QuPath; "od_sum" also finds nuclei hidden under DAB
-    nucleus_threshold: float = 0.1
-    background_radius: float = 8.0
-    nucleus_min_area: float = 10.0
-    nucleus_max_area: float = 400.0
-    cell_expansion: float = 5.0
-    membrane_width: float = 1.0
-    smooth_sigma: float = 1.0
+    compartment: Compartment = param(Compartment.AUTO, "where a cell's DAB is measured")
+    thresholds: tuple[float, float, float] = param(
+        (0.2, 0.4, 0.6), "DAB OD thresholds of 1+, 2+ and 3+ (increasing)", min=0.0, max=3.0
+    )
+    detection: str = param("hematoxylin", "find nuclei on haematoxylin (as QuPath) or on "
+                           "haematoxylin + DAB (od_sum: also nuclei hidden under DAB)",
+                           choices=("hematoxylin", "od_sum"))  # fmt: skip
+    nucleus_threshold: float = param(0.1, "OD a nucleus must exceed its background by",
+                                     min=1e-3, max=5.0)  # fmt: skip
+    background_radius: float = param(8.0, "radius of the background subtracted under nuclei (µm)",
+                                     min=0.5, max=100.0)  # fmt: skip
+    nucleus_min_area: float = param(10.0, "smallest nucleus (µm²)", min=0.1, max=10_000.0)
+    nucleus_max_area: float = param(400.0, "largest nucleus (µm²)", min=0.1, max=10_000.0)
+    cell_expansion: float = param(5.0, "cell = nucleus grown by this (µm)", min=0.0, max=50.0)
+    membrane_width: float = param(1.0, "membrane band width (µm)", min=0.1, max=10.0)
+    smooth_sigma: float = param(1.0, "Gaussian smoothing before detection (µm)", min=0.1,
+                                max=10.0)  # fmt: skip
+    mpp: float = param(0.5, "µm/px a slide is read at (never finer than the slide's own)",
+                       min=0.1, max=4.0)  # fmt: skip
 
     def __post_init__(self) -> None:
+        check(self, "ihc")
         t = tuple(float(v) for v in self.thresholds)
         if len(t) != 3 or not (0 <= t[0] < t[1] < t[2]):
             raise ValueError(f"thresholds must be three increasing ODs >= 0, got {self.thresholds}")
@@ -86,15 +100,31 @@ CELL_COLUMNS = ("x_um", "y_um", "area_um2", "dab_nucleus", "dab_cytoplasm", "dab
                 "dab_cell", "hematoxylin_nucleus", "score")  # fmt: skip
 
 
-@dataclass
-class IHCMeasurement:
-    """Cells and slide-level IHC numbers; becomes napari layers or files."""
+def _no_provenance() -> Provenance:
+    return Provenance(task="ihc", slide="")
 
+
+@dataclass(frozen=True, kw_only=True)
+class IHCMeasurement(Result):
+    """Cells and slide-level IHC numbers; becomes napari layers or files.
+
+    Attributes
+    ----------
+    cells
+        Per-cell columns (:data:`CELL_COLUMNS`), positions in slide µm.
+    params
+        The detection and scoring parameters.
+    mpp
+        µm/px the cells were measured at.
+    origin_um
+        ``(y, x)`` of the measured image's corner (a region measured alone).
+    """
+
+    provenance: Provenance = field(default_factory=_no_provenance)
     cells: dict[str, np.ndarray]
     params: IHCParams
     mpp: float
     origin_um: tuple[float, float] = (0.0, 0.0)
-    provenance: dict[str, Any] = field(default_factory=dict)
 
     @property
     def n_cells(self) -> int:
@@ -119,6 +149,7 @@ class IHCMeasurement:
             "intensity": INTENSITIES[intensity],
             "quantity": quantity_class(positive),
             "location": self.location(),
+            "cancelled": self.cancelled,
         }
 
     def compartment_values(self) -> np.ndarray:
@@ -138,8 +169,7 @@ class IHCMeasurement:
         """This measurement with 0 / 1+ / 2+ / 3+ recomputed from the cells' DAB."""
         values = self.compartment_values()
         score = np.searchsorted(np.asarray(self.params.thresholds), values, side="right")
-        cells = {**self.cells, "score": score.astype(np.int64)}
-        return IHCMeasurement(cells, self.params, self.mpp, self.origin_um, self.provenance)
+        return replace(self, cells={**self.cells, "score": score.astype(np.int64)})
 
     def location(self) -> str:
         """The compartment where DAB sits among DAB-positive cells (iSight's classes).
@@ -166,7 +196,8 @@ class IHCMeasurement:
         coords = np.stack([c["y_um"], c["x_um"]], axis=1) if self.n_cells else np.zeros((0, 2))
         colors = np.asarray(SCORE_COLORS)[c["score"]] if self.n_cells else np.zeros((0, 4))
         features = {k: c[k] for k in CELL_COLUMNS if k not in ("x_um", "y_um")}
-        meta = {"histoscope_task": "ihc_measure", "summary": self.summary(), **self.provenance}
+        meta = {"histoscope_task": "ihc", "summary": self.summary(),
+                "histoscope": self.provenance.to_dict()}  # fmt: skip
         kwargs = {
             "name": name,
             "features": features,
@@ -178,12 +209,9 @@ class IHCMeasurement:
         }
         return [(coords, kwargs, "points")]
 
-    def save(self, out_dir: str | Path) -> dict[str, Path]:
+    def save(self, out_dir: str | Path) -> list[Path]:
         """Write ``ihc_cells.csv`` (one row per cell) and ``ihc_measure.json``."""
-        from histoscope.export import atomic_write_text
-
         out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
         rows = [",".join(CELL_COLUMNS)]
         c = self.cells
         for i in range(self.n_cells):
@@ -193,10 +221,10 @@ class IHCMeasurement:
             "summary": self.summary(),
             "params": {**asdict(self.params), "compartment": self.params.compartment.value},
             "mpp": self.mpp,
-            "provenance": self.provenance,
+            "provenance": self.provenance.to_dict(),
         }
         json_path = atomic_write_text(out / "ihc_measure.json", json.dumps(doc, indent=2) + "\n")
-        return {"cells": cells_path, "summary": json_path}
+        return [cells_path, json_path]
 
 
 def _fmt(v: Any) -> str:
@@ -313,37 +341,37 @@ def measure_slide(
 
     ``progress(done, total)`` is called after each tile.
     """
-    gen = iter_measure_slide(slide, params, **kwargs)
-    while True:
-        try:
-            done, total = next(gen)
-        except StopIteration as stop:
-            return stop.value
-        if progress is not None:
-            progress(done, total)
+    from histoscope.progress import drive
+
+    report = None if progress is None else (lambda step: progress(step.done, step.total))
+    return drive(iter_measure_slide(slide, params, **kwargs), report)
 
 
 def iter_measure_slide(
     slide,
     params: IHCParams | None = None,
     *,
-    mpp: float = 0.5,
+    mpp: float | None = None,
     region: tuple[int, int, int, int] | None = None,
     tile: int = 1024,
     margin_um: float = 20.0,
-) -> Generator[tuple[int, int], None, IHCMeasurement]:
+) -> Generator[Step, bool | None, IHCMeasurement]:
     """Measure a slide (or a level-0 ``region=(x, y, w, h)``) tile by tile.
 
-    A generator: yields ``(tiles_done, tiles_total)`` and returns the
-    :class:`IHCMeasurement`; closing it early (cancel) stops after the current
-    tile. Tiles overlap by ``margin_um``; a cell belongs to the tile whose core
-    holds its centroid, so no cell is counted twice.
+    A generator: yields :class:`~histoscope.progress.Step` s (tiles) and
+    returns the :class:`IHCMeasurement`; sending ``False`` (cancel) stops after
+    the current tile and returns the cells of the tiles finished, marked
+    ``cancelled``. Tiles overlap by ``margin_um``; a cell belongs to the tile
+    whose core holds its centroid, so no cell is counted twice. ``mpp``
+    defaults to ``params.mpp``, never finer than the slide.
     """
     params = params or IHCParams()
     if slide.mpp is None:
         from histoscope.errors import SlideError
 
-        raise SlideError(f"{slide.path}: µm/px is unknown; pass mpp= when opening the slide")
+        raise SlideError(f"{slide.path}: µm/px is unknown; pass mpp= when opening the slide "
+                         "(CLI: --mpp)")  # fmt: skip
+    mpp = max(params.mpp if mpp is None else mpp, slide.mpp)
     if not mpp > 0 or tile < 64:
         raise ValueError(f"mpp must be positive and tile >= 64 px, got mpp={mpp}, tile={tile}")
     x0, y0, w0, h0 = region if region is not None else (0, 0, *slide.dimensions)
@@ -355,6 +383,7 @@ def iter_measure_slide(
     origins = [(x0 + i * step, y0 + j * step) for j in range(int(np.ceil(h0 / step)))
                for i in range(int(np.ceil(w0 / step)))]  # fmt: skip
     parts: list[dict[str, np.ndarray]] = []
+    cancelled = False
     for k, (tx, ty) in enumerate(origins):
         rx, ry = tx - margin * f, ty - margin * f
         size = tile + 2 * margin
@@ -365,10 +394,22 @@ def iter_measure_slide(
         keep = ((m.cells["x_um"] >= core_x[0]) & (m.cells["x_um"] < core_x[1])
                 & (m.cells["y_um"] >= core_y[0]) & (m.cells["y_um"] < core_y[1]))  # fmt: skip
         parts.append({key: v[keep] for key, v in m.cells.items()})
-        yield k + 1, len(origins)
+        if (yield Step(k + 1, len(origins), "IHC tiles")) is False and k + 1 < len(origins):
+            cancelled = True
+            break
     cells = {key: np.concatenate([p[key] for p in parts]) if parts else np.zeros(0)
              for key in CELL_COLUMNS}  # fmt: skip
     cells["score"] = cells["score"].astype(np.int64)
-    prov = {"slide": str(slide.path), "mpp": mpp, "region": [x0, y0, w0, h0], "tile": tile,
-            "software": f"histoscope {__version__}"}  # fmt: skip
-    return IHCMeasurement(cells=cells, params=params, mpp=mpp, provenance=prov).scored()
+    prov = Provenance(task="ihc", slide=str(slide.path), params=plain(params), mpp=mpp,
+                      tile_grid={"tile": tile, "region": [x0, y0, w0, h0],
+                                 "tiles_done": len(parts), "tiles": len(origins)},
+                      cancelled=cancelled)  # fmt: skip
+    return IHCMeasurement(provenance=prov, cells=cells, params=params, mpp=mpp).scored()
+
+
+def _run(session, checkpoint, params: IHCParams, *, region=None, near=None, engine=None):
+    return (yield from iter_measure_slide(session.slide, params, region=region))
+
+
+SPEC = register(TaskSpec(name="ihc", title="IHC measurement", params=IHCParams, run=_run,
+                         region=True))  # fmt: skip

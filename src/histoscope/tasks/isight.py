@@ -15,9 +15,12 @@ from typing import Any
 
 import numpy as np
 
-from histoscope.engine import Provenance, Result, TileHeatmap
 from histoscope.errors import CheckpointError
-from histoscope.tissue import TileGrid, TissueParams, tile_grid, tissue_mask
+from histoscope.params import check, param
+from histoscope.progress import Cancelled, Step, tagged
+from histoscope.results import Provenance, Result, TileHeatmap
+from histoscope.tasks._registry import TaskSpec, register
+from histoscope.tissue import TileGrid, TissueMask, TissueParams, tile_grid, tissue_mask
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -54,15 +57,31 @@ class ISightCalls(Result):
         kwargs["metadata"]["calls"] = self.calls()
         return [(data, kwargs, kind)]
 
-    def save(self, out_dir, measurement: dict[str, Any] | None = None) -> list[Path]:
-        """Write ``ihc.json`` (calls, and the measurement's summary when given) and attention."""
-        from histoscope.export import atomic_write_text
+    def summary(self) -> dict[str, Any]:
+        """Per task: the call, its confidence and all probabilities."""
+        return {"calls": self.calls(), "tiles": len(self.attention.grid)}
+
+    def save(self, out_dir) -> list[Path]:
+        """Write ``isight.json`` (calls and provenance) and the attention heatmap."""
+        from histoscope.atomic import atomic_write_text
 
         out = Path(out_dir)
-        doc = {"calls": self.calls(), "measurement": measurement,
-               "provenance": self.provenance.to_dict()}  # fmt: skip
-        files = [atomic_write_text(out / "ihc.json", json.dumps(doc, indent=2) + "\n")]
+        doc = {**self.summary(), "provenance": self.provenance.to_dict()}
+        files = [atomic_write_text(out / "isight.json", json.dumps(doc, indent=2) + "\n")]
         return files + self.attention.save(out)
+
+
+@dataclass(frozen=True)
+class ISightParams:
+    """Settings of iSight's staining calls."""
+
+    metadata: str = param("", "clinical text for the metadata encoder, e.g. "
+                          "'Tissue: breast. Antibody: HER2.'")  # fmt: skip
+    max_tiles: int = param(64, "at most this many tiles (evenly spread) are read", min=1,
+                           max=4096)  # fmt: skip
+
+    def __post_init__(self) -> None:
+        check(self, "isight")
 
 
 def _subset(grid: TileGrid, keep: np.ndarray) -> TileGrid:
@@ -88,16 +107,17 @@ def card_tissue(card) -> TissueParams:
 
 def isight_grid(
     slide, spec, *, region: tuple[int, int, int, int] | None = None, max_tiles: int = 64,
-    min_tissue: float = 0.25, tissue: TissueParams | None = None,
+    min_tissue: float = 0.25, tissue: TissueParams | None = None, mask: TissueMask | None = None,
 ) -> TileGrid:  # fmt: skip
     """Tissue tiles at the model's input spec, inside ``region``, at most ``max_tiles``.
 
     When there are more, an evenly spaced subset (in raster order) is kept, so
     the whole extent is represented and the choice is deterministic. ``tissue``
     is the detection to use (default :data:`LEGACY_TISSUE`; a checkpoint's own
-    is :func:`card_tissue`).
+    is :func:`card_tissue`); ``mask``, when given, is that detection already made.
     """
-    mask = tissue_mask(slide, tissue or LEGACY_TISSUE)
+    if mask is None:
+        mask = tissue_mask(slide, tissue or LEGACY_TISSUE)
     grid = tile_grid(slide, mask, spec.mpp, spec.tile_size, min_tissue=min_tissue)
     if len(grid) == 0:  # faint or small tissue: fall back to every tile
         grid = tile_grid(slide, None, spec.mpp, spec.tile_size)
@@ -117,7 +137,7 @@ def isight_grid(
 
 
 def iter_isight(
-    slide,
+    target,
     model,
     card=None,
     *,
@@ -125,29 +145,38 @@ def iter_isight(
     region: tuple[int, int, int, int] | None = None,
     max_tiles: int = 64,
     batch: int = 16,
-) -> Generator[tuple[int, int], None, ISightCalls]:
-    """Run iSight on a slide; yields ``(tiles_done, total)``, returns :class:`ISightCalls`.
+    engine=None,
+) -> Generator[Step, bool | None, ISightCalls]:
+    """Run iSight on a slide or session; yields progress, returns :class:`ISightCalls`.
 
     Parameters
     ----------
-    slide
-        An open slide with known µm/px.
+    target
+        An open slide with known µm/px, or a :class:`~histoscope.session.Session`.
     model
         An :class:`histoscope.models.isight.ISight` (e.g. from ``load_checkpoint``).
     card
-        Its checkpoint card (for provenance).
+        Its checkpoint card (tissue detection, provenance).
     metadata
         Clinical text (tissue, SNOMED, antibody) given to the metadata encoder.
     region
         Level-0 ``(x, y, w, h)`` to assess instead of the whole slide.
+
+    Raises
+    ------
+    Cancelled
+        If stopped: calls made from part of the tiles would mislead.
     """
     import torch
 
     from histoscope.engine import EngineParams, iter_tiles
+    from histoscope.session import open_session
 
-    spec = model.input_spec
+    session = open_session(target, in_memory=True)
+    slide, spec = session.slide, model.input_spec
     tissue = card_tissue(card)
-    grid = isight_grid(slide, spec, region=region, max_tiles=max_tiles, tissue=tissue)
+    grid = isight_grid(slide, spec, region=region, max_tiles=max_tiles, tissue=tissue,
+                       mask=session.tissue(tissue))  # fmt: skip
 
     class _Encoder(torch.nn.Module):
         def __init__(self) -> None:
@@ -158,17 +187,19 @@ def iter_isight(
             return self.model.encode_tiles(x[:, None])[:, 0]
 
     encoder = _Encoder().eval()
-    params = EngineParams(batch_size=batch, device="cpu")
-    out = yield from iter_tiles(encoder, slide, grid, spec, params)
+    params = engine or EngineParams(batch_size=batch, device="cpu")
+    out = yield from tagged(iter_tiles(encoder, slide, grid, spec, params), "iSight tiles")
+    if out.cancelled:
+        raise Cancelled("iSight stopped before every tile was read; no calls made")
     model.eval()
     with torch.no_grad():
-        h = torch.from_numpy(np.asarray(out.outputs))[None].float()
-        out = model.classify(h, None, model.tokenize([metadata]))
+        h = torch.from_numpy(np.asarray(out.outputs)).to(next(model.parameters()).device)
+        out = model.classify(h[None].float(), None, model.tokenize([metadata]))
     probs = {}
     for task, classes in model.classes.items():
-        p = torch.softmax(out[task][0], dim=0).tolist()
+        p = torch.softmax(out[task][0].float(), dim=0).tolist()
         probs[task] = dict(zip(classes, p, strict=True))
-    att = out["attention"][0].numpy()
+    att = out["attention"][0].float().cpu().numpy()
     rows, cols = grid.shape
     img = np.full((rows, cols), np.nan, np.float32)
     img[grid.index[:, 0], grid.index[:, 1]] = att / max(float(att.max()), 1e-12)
@@ -185,9 +216,17 @@ def iter_isight(
 
 def run_isight(slide, model, card=None, **kwargs) -> ISightCalls:
     """:func:`iter_isight` run to the end."""
-    gen = iter_isight(slide, model, card, **kwargs)
-    while True:
-        try:
-            next(gen)
-        except StopIteration as stop:
-            return stop.value
+    from histoscope.progress import drive
+
+    return drive(iter_isight(slide, model, card, **kwargs))
+
+
+def _run(session, checkpoint, params: ISightParams, *, region=None, near=None, engine=None):
+    model, card = checkpoint
+    return (yield from iter_isight(session, model, card, metadata=params.metadata or None,
+                                   region=region, max_tiles=params.max_tiles, engine=engine))  # fmt: skip
+
+
+SPEC = register(TaskSpec(name="isight", title="iSight IHC calls", params=ISightParams, run=_run,
+                         family="isight", default_checkpoint="isight_default.safetensors",
+                         needs=("tissue",), region=True))  # fmt: skip

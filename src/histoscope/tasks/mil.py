@@ -20,189 +20,58 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Generator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Generator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from histoscope.engine import EngineParams, Provenance, Result, TileHeatmap, _atomic_write
+from histoscope.atomic import atomic_write_text
 from histoscope.errors import CheckpointError
+from histoscope.features import (  # the encoders live in histoscope.features
+    FeatureModel,
+    _resolve,
+    feature_model_for,
+    patch_classifier_features,
+    registry_features,
+)
+from histoscope.params import check, param
+from histoscope.progress import Cancelled, Step, tagged
+from histoscope.results import Provenance, Result, TileHeatmap, write_npy
+from histoscope.tasks._registry import TaskSpec, register
 
 if TYPE_CHECKING:
     import torch
 
     from histoscope.checkpoints import ModelCard
-    from histoscope.engine import LayerDataTuple, TileOutputs
+    from histoscope.engine import EngineParams, TileOutputs
     from histoscope.models.backbones import InputSpec
+    from histoscope.results import LayerDataTuple
     from histoscope.tissue import TileGrid, TissueMask
+
+__all__ = ["FeatureModel", "MILParams", "MILResult", "_resolve", "feature_model_for",
+           "iter_features", "iter_mil", "mil_predict", "patch_classifier_features",
+           "registry_features", "run_mil", "tile_grid_for"]  # fmt: skip
 
 #: Default tissue fraction a tile needs to enter the bag.
 MIN_TISSUE = 0.5
 
 
-# ------------------------------------------------------------ feature model
-@dataclass
-class FeatureModel:
-    """A frozen tile encoder and what identifies it.
+@dataclass(frozen=True)
+class MILParams:
+    """Settings of attention MIL."""
 
-    Attributes
-    ----------
-    module
-        Maps normalised ``(B, 3, T, T)`` tiles to ``(B, D)`` features.
-    spec
-        Tile size, µm/px and normalisation it expects.
-    descriptor
-        Plain data for a card (see :func:`feature_descriptor`).
-    """
+    min_tissue: float | None = param(None, "tissue fraction a tile needs to enter the bag "
+                                     "(none: the checkpoint's own)", min=0.0, max=1.0)  # fmt: skip
+    top_k: int = param(8, "how many most-attended tiles to list", min=1, max=10_000)
+    features: str = param("", "a CLAM/TRIDENT .h5 feature file of this slide to classify "
+                          "(default: encode the slide, or reuse the session's table)")  # fmt: skip
 
-    module: torch.nn.Module
-    spec: InputSpec
-    descriptor: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def feature_dim(self) -> int:
-        """Feature size ``D``."""
-        return int(self.descriptor["feature_dim"])
+    def __post_init__(self) -> None:
+        check(self, "mil")
 
 
-def _resolve(name: str) -> Path | None:
-    from histoscope._data import sample_data_path
-
-    p = Path(name)
-    if p.is_file():
-        return p
-    return sample_data_path(p.name)
-
-
-def feature_descriptor(
-    backbone: str,
-    backbone_config: Mapping[str, Any],
-    module: torch.nn.Module,
-    spec: InputSpec,
-    *,
-    checkpoint: str | None = None,
-    checkpoint_sha256: str | None = None,
-    seed: int | None = None,
-) -> dict[str, Any]:
-    """The card entry naming a feature backbone.
-
-    Parameters
-    ----------
-    backbone, backbone_config
-        Registry name and the keyword arguments that rebuild it.
-    module
-        The backbone (its weights are hashed into ``weights_sha256``).
-    spec
-        Its input spec.
-    checkpoint, checkpoint_sha256
-        The tile classifier checkpoint (file name) and its card hash, when
-        the backbone came from one.
-    seed
-        For a registry backbone with random weights, the torch seed it was
-        built under.
-
-    Returns
-    -------
-    dict
-        ``{"backbone", "backbone_config", "checkpoint", "checkpoint_sha256",
-        "seed", "weights_sha256", "feature_dim", "input_spec"}``.
-    """
-    import torch
-
-    from histoscope.checkpoints import tensor_hash
-
-    with torch.no_grad():
-        dim = int(module.eval()(torch.zeros(1, 3, spec.tile_size, spec.tile_size)).shape[1])
-    return {
-        "backbone": backbone,
-        "backbone_config": dict(backbone_config),
-        "checkpoint": checkpoint,
-        "checkpoint_sha256": checkpoint_sha256,
-        "seed": seed,
-        "weights_sha256": tensor_hash(module.state_dict()),
-        "feature_dim": dim,
-        "input_spec": spec.to_dict(),
-    }
-
-
-def patch_classifier_features(path: str | os.PathLike) -> FeatureModel:
-    """The backbone of a ``tile_classifier`` checkpoint as a frozen feature model.
-
-    Raises
-    ------
-    CheckpointError
-        If the file is missing, unreadable or of another family.
-    """
-    from histoscope.checkpoints import load_checkpoint
-
-    model, card = load_checkpoint(path, family="tile_classifier")
-    bb = model.backbone.eval()
-    for p in bb.parameters():
-        p.requires_grad_(False)
-    desc = feature_descriptor(card.config["backbone"], card.config.get("backbone_kwargs", {}), bb,
-                              model.input_spec, checkpoint=Path(path).name,
-                              checkpoint_sha256=card.sha256)  # fmt: skip
-    return FeatureModel(bb, model.input_spec, desc)
-
-
-def registry_features(name: str, config: Mapping[str, Any], seed: int = 0) -> FeatureModel:
-    """A registry backbone with the random weights torch draws under ``seed``."""
-    import torch
-
-    from histoscope.models.backbones import create_backbone
-
-    kw = {k: tuple(v) if isinstance(v, list) else v for k, v in dict(config).items()}
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(seed))
-        bb = create_backbone(name, **kw)
-    for p in bb.module.parameters():
-        p.requires_grad_(False)
-    desc = feature_descriptor(name, bb.config, bb.module, bb.input_spec, seed=int(seed))
-    return FeatureModel(bb.module.eval(), bb.input_spec, desc)
-
-
-def feature_model_for(card: ModelCard) -> FeatureModel:
-    """Rebuild the feature backbone a CLAM card names, and check its weights.
-
-    The patch classifier checkpoint is looked up as a path, then as
-    ``sample_data/<name>``; a registry backbone is rebuilt from its seed.
-
-    Raises
-    ------
-    CheckpointError
-        If the card names no backbone, the checkpoint cannot be found, or
-        the rebuilt weights differ from the hash in the card.
-    """
-    from histoscope.models.backbones import InputSpec
-
-    desc = (card.data or {}).get("features")
-    if not desc:
-        raise CheckpointError("the CLAM card names no feature backbone (card.data['features'])")
-    if desc.get("checkpoint"):
-        path = _resolve(desc["checkpoint"])
-        if path is None:
-            raise CheckpointError(
-                f"the CLAM model expects features from {desc['checkpoint']!r} "
-                f"(sha256 {str(desc.get('checkpoint_sha256'))[:12]}...), which is neither a file "
-                "nor in sample_data/; pass feature_model= explicitly"
-            )
-        fm = patch_classifier_features(path)
-    else:
-        fm = registry_features(desc["backbone"], desc.get("backbone_config", {}),
-                               int(desc.get("seed") or 0))  # fmt: skip
-    if fm.descriptor["weights_sha256"] != desc.get("weights_sha256"):
-        raise CheckpointError(
-            f"feature backbone {desc.get('checkpoint') or desc['backbone']!r} rebuilt with other "
-            f"weights (sha256 {fm.descriptor['weights_sha256'][:12]}..., card says "
-            f"{str(desc.get('weights_sha256'))[:12]}...)"
-        )
-    fm.spec = InputSpec.from_dict(desc.get("input_spec") or fm.spec.to_dict())
-    return fm
-
-
-# ------------------------------------------------------------------- features
 def tile_grid_for(
     slide, spec: InputSpec, *, tissue: TissueMask | None = None, min_tissue: float = MIN_TISSUE
 ) -> TileGrid:
@@ -295,6 +164,8 @@ class MILResult(Result):
                                                         strict=True)},
             "top_tiles": [dict(t) for t in self.top_tiles],
             "n_tiles": int(len(self.tile_attention)),
+            "tiles_encoded": int(np.isfinite(self.tile_attention).sum()),
+            "cancelled": self.cancelled,
         }  # fmt: skip
 
     def save(self, out_dir: str | os.PathLike) -> list[Path]:
@@ -306,21 +177,15 @@ class MILResult(Result):
             ``mil.json``, ``mil_attention.npy`` (the heatmap grid),
             ``mil_tile_attention.csv`` and ``provenance.json``.
         """
-        import io
-
         out = Path(out_dir)
         doc = {**self.summary(), "provenance": self.provenance.to_dict()}
-        files = [_atomic_write(out / "mil.json", (json.dumps(doc, indent=2) + "\n").encode())]
-        buf = io.BytesIO()
-        np.save(buf, self.attention.values)
-        files.append(_atomic_write(out / "mil_attention.npy", buf.getvalue()))
+        files = [atomic_write_text(out / "mil.json", json.dumps(doc, indent=2) + "\n")]
+        files.append(write_npy(out / "mil_attention.npy", self.attention.values))
         coords = self.attention.grid.coords
         rows = ["x,y,attention"] + [f"{int(x)},{int(y)},{a:.6g}" for (x, y), a
                                     in zip(coords, self.tile_attention, strict=True)]  # fmt: skip
-        files.append(
-            _atomic_write(out / "mil_tile_attention.csv", ("\n".join(rows) + "\n").encode())
-        )
-        files.append(self._write_provenance(out))
+        files.append(atomic_write_text(out / "mil_tile_attention.csv", "\n".join(rows) + "\n"))
+        files.append(self._write_provenance(out, "mil.provenance.json"))
         return files
 
 
@@ -345,23 +210,25 @@ def mil_predict(model: torch.nn.Module, features: np.ndarray) -> tuple[np.ndarra
 
 
 def iter_mil(
-    slide,
+    target,
     clam_model: torch.nn.Module,
     card: ModelCard,
     *,
     feature_model: FeatureModel | None = None,
     near: tuple[float, float] | None = None,
     params: EngineParams | None = None,
+    mil: MILParams | None = None,
     tissue: TissueMask | None = None,
     min_tissue: float | None = None,
-    top_k: int = 8,
-) -> Generator[tuple[int, int], bool | None, MILResult]:
-    """Attention MIL over ``slide``: yields ``(done, total)`` tiles encoded, returns :class:`MILResult`.
+    top_k: int | None = None,
+) -> Generator[Step, bool | None, MILResult]:
+    """Attention MIL over a slide or session: yields progress, returns :class:`MILResult`.
 
     Parameters
     ----------
-    slide
-        An open slide with known µm/px.
+    target
+        An open slide with known µm/px, or a :class:`~histoscope.session.Session`
+        (whose tissue mask and feature table are reused and kept).
     clam_model
         A ``clam`` family model (from :func:`histoscope.load_checkpoint`).
     card
@@ -372,12 +239,12 @@ def iter_mil(
         Level-0 ``(x, y)``: encode tiles nearest to it first.
     params
         Engine settings.
+    mil
+        :class:`MILParams` (``min_tissue``/``top_k`` override it).
     tissue
-        A precomputed tissue mask (computed here if ``None``).
-    min_tissue
-        Tissue fraction a tile needs (default: the card's, else 0.5).
-    top_k
-        How many most-attended tiles to list.
+        A precomputed tissue mask (default: the session's).
+    min_tissue, top_k
+        Shortcuts for the :class:`MILParams` fields.
 
     Raises
     ------
@@ -385,35 +252,97 @@ def iter_mil(
         If the slide has no tissue tiles, or the features do not fit the model.
     CheckpointError
         If the card's feature backbone cannot be rebuilt.
+    Cancelled
+        If stopped before any tile was encoded.
     """
-    fm = feature_model if feature_model is not None else feature_model_for(card)
-    if min_tissue is None:
-        min_tissue = float((card.data or {}).get("min_tissue", MIN_TISSUE))
-    grid = tile_grid_for(slide, fm.spec, tissue=tissue, min_tissue=min_tissue)
+    from histoscope.session import open_session
+
+    m = mil or MILParams()
+    min_t = min_tissue if min_tissue is not None else m.min_tissue
+    k = top_k if top_k is not None else m.top_k
+    session = open_session(target, in_memory=True)
+    slide = session.slide
+    if m.features:
+        yield Step(0, 1, "MIL features file")
+        return _mil_from_file(slide, clam_model, card, m.features, k)
+    fm = feature_model if feature_model is not None else session.product(
+        "feature_model", card.sha256, lambda: feature_model_for(card))  # fmt: skip
+    if min_t is None:
+        min_t = float((card.data or {}).get("min_tissue", MIN_TISSUE))
+    if tissue is not None:
+        grid = tile_grid_for(slide, fm.spec, tissue=tissue, min_tissue=min_t)
+    else:
+        grid = session.grid(fm.spec.mpp, fm.spec.tile_size, min_t)
     if len(grid) == 0:
-        raise ValueError(f"{slide.path}: no tissue tiles for MIL (min_tissue={min_tissue})")
+        raise ValueError(f"{slide.path}: no tissue tiles for MIL (min_tissue={min_t})")
     want = getattr(clam_model, "in_dim", None)
     if want is not None and want != fm.feature_dim:
         raise ValueError(f"feature model gives {fm.feature_dim}-d features, the MIL model "
                          f"expects {want}")  # fmt: skip
-    out = yield from iter_features(slide, fm, grid, params, near=near)
+    table = yield from tagged(session.iter_features(fm, grid, params, near=near), "MIL tiles")
+    done = table.done if table.done is not None else np.ones(len(grid), bool)
+    if not done.any():
+        raise Cancelled("MIL stopped before any tile was encoded")
+    return _mil_result(slide, clam_model, card, fm, grid, table.features, done, min_t, k)
+
+
+def _mil_from_file(slide, clam_model, card, path: str, top_k: int) -> MILResult:
+    """MIL on a feature file's rows, placed on the slide by its coordinates and patch size."""
+    from histoscope.features import FeatureModel, FeatureTable
+    from histoscope.models.backbones import InputSpec
+    from histoscope.tissue import TileGrid
+
+    table = FeatureTable.load(path)
+    a = table.attrs
+    want = (card.data or {}).get("features", {})
+    if (
+        a.get("encoder_sha256")
+        and want.get("weights_sha256")
+        and (a["encoder_sha256"] != want["weights_sha256"])
+    ):
+        raise CheckpointError(f"{path}: features from encoder {str(a['encoder_sha256'])[:12]}..., "
+                              f"the CLAM model expects {want['weights_sha256'][:12]}...")  # fmt: skip
+    in_dim = getattr(clam_model, "in_dim", None)
+    if in_dim is not None and table.features.shape[1] != in_dim:
+        raise ValueError(f"{path}: {table.features.shape[1]}-d features, the MIL model expects "
+                         f"{in_dim}")  # fmt: skip
+    spec = InputSpec.from_dict(want.get("input_spec") or {"tile_size": int(a.get("patch_size", 256)),
+                                                          "mpp": float(a.get("mpp", 0.5))})  # fmt: skip
+    size = int(a.get("patch_size", spec.tile_size))
+    mpp = float(a.get("mpp") or (float(a["patch_size_level0"]) * slide.mpp / size
+                                 if "patch_size_level0" in a else spec.mpp))  # fmt: skip
+    stride = size * mpp / slide.mpp
+    h0, w0 = slide.shape
+    index = np.floor(table.coords[:, ::-1] / stride + 1e-6).astype(np.int64)
+    grid = TileGrid(coords=table.coords, index=index,
+                    shape=(max(1, int(np.ceil(h0 / stride))), max(1, int(np.ceil(w0 / stride)))),
+                    tile_size=size, mpp=mpp, slide_mpp=float(slide.mpp),
+                    tissue=np.ones(len(table.coords), np.float32))  # fmt: skip
+    fm = FeatureModel(None, spec, {"backbone": a.get("encoder", ""), "checkpoint": str(path),
+                                   "weights_sha256": a.get("encoder_sha256", "")})  # fmt: skip
+    done = np.ones(len(grid), bool)
+    return _mil_result(slide, clam_model, card, fm, grid, table.features, done, None, top_k)
+
+
+def _mil_result(slide, clam_model, card, fm, grid, features, done, min_tissue, top_k):
+    """The slide call and attention from the encoded tiles (``done``) of ``grid``."""
+    from histoscope.engine import TileOutputs
+
     classes = tuple(card.classes) or tuple(str(i) for i in range(clam_model.n_classes))
-    done = out.done
-    prob, att = mil_predict(clam_model, out.outputs[done])
+    prob, att = mil_predict(clam_model, features[done])
     pred = int(np.argmax(prob))
     branch = att[pred if att.shape[0] > 1 else 0]
     tile_att = np.full(len(grid), np.nan, np.float32)
     tile_att[done] = branch
+    cancelled = not bool(done.all())
     prov = Provenance(
         task="mil", slide=str(slide.path), checkpoint_sha256=card.sha256 or "",
-        params={"min_tissue": min_tissue, "top_k": top_k, "cancelled": bool(out.cancelled),
+        params={"min_tissue": min_tissue, "top_k": top_k, "tiles_encoded": int(done.sum()),
                 "feature_backbone": {k: fm.descriptor.get(k) for k in
                                      ("backbone", "checkpoint", "checkpoint_sha256",
                                       "weights_sha256")}},
-        mpp=fm.spec.mpp, tile_grid=grid.to_dict(),
+        mpp=fm.spec.mpp, tile_grid=grid.to_dict(), cancelled=cancelled,
     )  # fmt: skip
-    from histoscope.engine import TileOutputs
-
     heat = TileHeatmap.from_outputs(TileOutputs(grid, tile_att[:, None], done), prov,
                                     name="MIL attention", channel=0)  # fmt: skip
     order = np.argsort(-np.nan_to_num(tile_att, nan=-1.0), kind="stable")[
@@ -426,10 +355,17 @@ def iter_mil(
 
 
 def run_mil(slide, clam_model, card, **kwargs: Any) -> MILResult:
-    """:func:`iter_mil` run to the end (for the CLI and scripts)."""
-    gen = iter_mil(slide, clam_model, card, **kwargs)
-    while True:
-        try:
-            next(gen)
-        except StopIteration as stop:
-            return stop.value
+    """:func:`iter_mil` run to the end (for scripts)."""
+    from histoscope.progress import drive
+
+    return drive(iter_mil(slide, clam_model, card, **kwargs))
+
+
+def _run(session, checkpoint, params: MILParams, *, region=None, near=None, engine=None):
+    model, card = checkpoint
+    return (yield from iter_mil(session, model, card, near=near, params=engine, mil=params))
+
+
+SPEC = register(TaskSpec(name="mil", title="Attention MIL (CLAM)", params=MILParams, run=_run,
+                         family="clam", default_checkpoint="clam_default.safetensors",
+                         needs=("tissue", "features")))  # fmt: skip

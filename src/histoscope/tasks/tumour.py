@@ -2,21 +2,32 @@
 
 The heatmap is computed viewport-first: tiles nearest a point (the centre of
 the user's view) are scored first and the array fills in as batches finish,
-so a napari layer showing :attr:`HeatmapJob.values` updates live. Background
-(no tissue) stays NaN and is drawn transparent, never as probability 0.
+so a napari layer showing the map updates live. Background (no tissue) stays
+NaN and is drawn transparent, never as probability 0. Grad-CAM of a clicked
+tile (task ``gradcam``) explains the same model on the same, equally
+normalised, input.
 """
 
 from __future__ import annotations
 
 from collections.abc import Generator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from histoscope.engine import EngineParams, Provenance, Result, TileHeatmap
-from histoscope.tissue import TissueMask, TissueParams, tile_grid, tissue_mask
+from histoscope.params import check, param
+from histoscope.progress import Step, tagged
+from histoscope.results import Provenance, Result, TileHeatmap, plain
+from histoscope.tasks._registry import TaskSpec, register
+from histoscope.tasks.tissue import TissueResult, find_tissue
+
+if TYPE_CHECKING:
+    from histoscope.engine import EngineParams
+    from histoscope.tissue import TissueMask
+
+__all__ = ["TissueResult", "TumourMap", "TumourParams", "find_tissue", "iter_heatmap"]
 
 #: Class names that count as "tumour" in a patch classifier's card.
 TUMOUR_NAMES = ("tumour", "tumor", "cancer", "malignant")
@@ -32,131 +43,126 @@ def tumour_index(classes) -> int:
     return 1
 
 
-@dataclass(frozen=True, kw_only=True)
-class TissueResult(Result):
-    """A tissue mask as a labels layer aligned over the slide."""
+@dataclass(frozen=True)
+class TumourParams:
+    """Settings of the tumour map."""
 
-    mask: TissueMask
-    slide_mpp: float
+    min_tissue: float = param(0.5, "tiles with at most this tissue fraction stay unscored",
+                              min=0.0, max=1.0)  # fmt: skip
+    stain_norm: str = param("auto", "Macenko stain normalisation: as the checkpoint was trained "
+                            "(auto), always (on) or never (off)", choices=("auto", "on", "off"))  # fmt: skip
+
+    def __post_init__(self) -> None:
+        check(self, "tumour")
+
+    def normalise(self, card) -> bool:
+        """Whether to stain-normalise for a checkpoint with ``card``."""
+        if self.stain_norm != "auto":
+            return self.stain_norm == "on"
+        trained_on = (getattr(card, "input_spec", None) or {}).get("stain_norm")
+        return trained_on == "macenko"
+
+
+@dataclass(frozen=True, kw_only=True)
+class TumourMap(TileHeatmap):
+    """Tumour probability per tissue tile (0-1; NaN on background and unscored tiles)."""
+
+    name: str = "tumour probability"
+    slide: Any = field(default=None, repr=False, compare=False)
 
     def to_layers(self) -> list:
-        m = self.mask
-        off = (m.mpp - self.slide_mpp) / 2  # mask pixel centres over level-0 pixel centres
-        kwargs = {"name": "tissue", "scale": (m.mpp, m.mpp), "translate": (off, off), "units": ("um", "um"),
-                  "opacity": 0.3, "metadata": {"histoscope": self.provenance.to_dict()}}  # fmt: skip
-        return [(m.mask.astype(np.uint8), kwargs, "labels")]
+        data, kwargs, kind = super().to_layers()[0]
+        kwargs.update(contrast_limits=(0.0, 1.0), colormap="magma", opacity=0.55)
+        return [(data, kwargs, kind)]
+
+    def summary(self) -> dict[str, Any]:
+        out = super().summary()
+        v = self.values[np.isfinite(self.values)]
+        out["tumour_tiles"] = int((v >= 0.5).sum())
+        out["tumour_fraction"] = float((v >= 0.5).mean()) if v.size else None
+        return out
 
     def save(self, out_dir) -> list[Path]:
-        import tifffile
+        """``tumour_heatmap.tif`` / ``_tiles.csv`` / ``.json`` / ``_overview.png``."""
+        from histoscope.export.heatmap import write_heatmap_outputs
 
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        res = 1e4 / self.mask.mpp
-        part = out / "tissue_mask.tif.part"
-        tifffile.imwrite(part, self.mask.mask.astype(np.uint8), resolution=(res, res),
-                         resolutionunit="CENTIMETER")  # fmt: skip
-        part.replace(out / "tissue_mask.tif")
-        return [out / "tissue_mask.tif", self._write_provenance(out)]
+        return write_heatmap_outputs(self, self.slide, out_dir, stem="tumour_heatmap",
+                                     value="tumour_probability")  # fmt: skip
 
 
-def find_tissue(slide, params: TissueParams | None = None) -> TissueResult:
-    """Tissue mask of ``slide`` as a :class:`TissueResult`."""
-    p = params or TissueParams()
-    mask = tissue_mask(slide, p)
-    prov = Provenance(task="tissue", slide=str(slide.path), params=_plain(p), mpp=p.mpp)
-    return TissueResult(provenance=prov, mask=mask, slide_mpp=float(slide.mpp))
+def _normalizer(session, params: TumourParams, card):
+    if not params.normalise(card):
+        return None
+    tp = session.tissue_params
+    return session.product("stain_fit", tp, lambda: fit_slide_stains(session.slide,
+                                                                       session.tissue(tp)))  # fmt: skip
 
 
-def _plain(obj) -> dict[str, Any]:
-    from dataclasses import asdict
+def _prob_model(model, spec, normalizer, target: int):
+    """``model`` (stain-normalised when asked) returning the tumour class's probability."""
+    import torch
 
-    return {k: (v.value if hasattr(v, "value") else v) for k, v in asdict(obj).items()}
+    net = model if normalizer is None else StainNormalized(model, spec, normalizer)
+
+    class _Prob(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            return torch.softmax(self.net(x).float(), dim=1)[:, target]
+
+    return _Prob()
 
 
-class HeatmapJob:
-    """One heatmap run: its tile grid, the live value array, and :meth:`run`.
+def iter_heatmap(
+    target, model, card=None, params: TumourParams | None = None, *,
+    near: tuple[float, float] | None = None, engine: EngineParams | None = None,
+) -> Generator[Step, bool | None, TumourMap]:  # fmt: skip
+    """Score every tissue tile of a slide or session (nearest ``near`` first).
 
-    Parameters
-    ----------
-    slide
-        An open slide with known µm/px.
-    model
-        A tile classifier (logits ``(B, C)``) with an ``input_spec``.
-    card
-        Its checkpoint card (classes, hash) or ``None``.
-    tissue
-        A precomputed :class:`TissueMask` (computed here if ``None``).
-    min_tissue
-        Tiles with at most this tissue fraction are skipped (stay NaN).
-    stain_norm
-        Map the slide's stains onto Macenko's reference H&E before the model
-        (fitted once on a 4 µm/px read of the slide's tissue). ``None`` (the
-        default) follows the checkpoint: on when its card's ``input_spec``
-        says it was trained on Macenko-normalised tiles. Forcing it on for a
-        model trained without it changes its inputs and usually hurts.
+    Yields :class:`~histoscope.progress.Step` s whose ``partial`` is the map so
+    far (its array fills in place, so a layer showing it updates live); send
+    ``False`` to stop: the map keeps the tiles scored so far.
     """
+    from histoscope.engine import iter_tiles
+    from histoscope.session import open_session
 
-    def __init__(self, slide, model, card=None, *, tissue: TissueMask | None = None,
-                 min_tissue: float = 0.5, stain_norm: bool | None = None) -> None:  # fmt: skip
-        self.slide, self.model, self.card = slide, model, card
-        self.spec = model.input_spec
-        self.tissue = tissue if tissue is not None else tissue_mask(slide)
-        self.grid = tile_grid(slide, self.tissue, self.spec.mpp, self.spec.tile_size, min_tissue)
-        self.target = tumour_index(getattr(card, "classes", ()))
-        self.values = np.full(self.grid.shape, np.nan, np.float32)
-        if stain_norm is None:
-            trained_on = (getattr(card, "input_spec", None) or {}).get("stain_norm")
-            stain_norm = trained_on == "macenko"
-        self.normalizer = fit_slide_stains(slide, self.tissue) if stain_norm else None
-        self.provenance = Provenance(
-            task="tumour_heatmap", slide=str(slide.path),
-            checkpoint_sha256=getattr(card, "sha256", "") or "",
-            params={"min_tissue": min_tissue, "target_class": self.target,
-                    "stain_norm": "macenko" if stain_norm else None},
-            mpp=self.spec.mpp, tile_grid=self.grid.to_dict(),
-        )  # fmt: skip
+    p = params or TumourParams()
+    session = open_session(target, in_memory=True)
+    slide, spec = session.slide, model.input_spec
+    grid = session.grid(spec.mpp, spec.tile_size, p.min_tissue)
+    normalizer = _normalizer(session, p, card)
+    target_class = tumour_index(getattr(card, "classes", ()))
+    prov = Provenance(
+        task="tumour", slide=str(slide.path), checkpoint_sha256=getattr(card, "sha256", "") or "",
+        params={**plain(p), "target_class": target_class,
+                "stain_norm_applied": "macenko" if normalizer is not None else None},
+        mpp=spec.mpp, tile_grid=grid.to_dict(),
+    )  # fmt: skip
+    values = np.full(grid.shape, np.nan, np.float32)
+    heat = TumourMap(provenance=prov, values=values, grid=grid, slide=slide)
 
-    def heatmap(self) -> TileHeatmap:
-        """The values so far as a :class:`TileHeatmap` (NaN where not scored)."""
-        return TileHeatmap(provenance=self.provenance, values=self.values, grid=self.grid,
-                           name="tumour probability")  # fmt: skip
+    def on_batch(idx: np.ndarray, probs) -> None:
+        values[grid.index[idx, 0], grid.index[idx, 1]] = np.asarray(probs, np.float32)
 
-    def layer(self) -> tuple:
-        """Layer data for the live heatmap: probability 0-1, transparent background."""
-        data, kwargs, kind = self.heatmap().to_layers()[0]
-        kwargs.update(contrast_limits=(0.0, 1.0), colormap="magma", opacity=0.55)
-        return data, kwargs, kind
+    net = _prob_model(model, spec, normalizer, target_class)
+    out = yield from tagged(iter_tiles(net, slide, grid, spec, engine, near=near,
+                                       on_batch=on_batch), "tumour tiles", lambda: heat)  # fmt: skip
+    if out.cancelled:
+        return replace(heat, provenance=replace(prov, cancelled=True))
+    return heat
 
-    def run(
-        self, near: tuple[float, float] | None = None, params: EngineParams | None = None
-    ) -> Generator[tuple[int, int], bool | None, TileHeatmap]:
-        """Score every tile (nearest ``near`` first); yields ``(done, total)``."""
-        import torch
 
-        from histoscope.engine import iter_tiles
+def _run(session, checkpoint, params: TumourParams, *, region=None, near=None, engine=None):
+    model, card = checkpoint
+    return (yield from iter_heatmap(session, model, card, params, near=near, engine=engine))
 
-        target, values, index = self.target, self.values, self.grid.index
 
-        net = (
-            self.model
-            if self.normalizer is None
-            else StainNormalized(self.model, self.spec, self.normalizer)
-        )
-
-        class _Prob(torch.nn.Module):
-            def __init__(self, net) -> None:
-                super().__init__()
-                self.net = net
-
-            def forward(self, x):
-                return torch.softmax(self.net(x).float(), dim=1)[:, target]
-
-        def on_batch(idx: np.ndarray, probs) -> None:
-            values[index[idx, 0], index[idx, 1]] = np.asarray(probs, np.float32)
-
-        yield from iter_tiles(_Prob(net), self.slide, self.grid, self.spec, params,
-                              near=near, on_batch=on_batch)  # fmt: skip
-        return self.heatmap()
+SPEC = register(TaskSpec(name="tumour", title="Tumour map", params=TumourParams, run=_run,
+                         family="tile_classifier",
+                         default_checkpoint="tumour_patch_default.safetensors",
+                         needs=("tissue",)))  # fmt: skip
 
 
 def fit_slide_stains(slide, tissue: TissueMask, mpp: float = 4.0):
@@ -199,8 +205,13 @@ def StainNormalized(model, spec, normalizer):  # noqa: N802 - a module factory
     return _Wrapped()
 
 
-def tile_gradcam(slide, model, spec, x_um: float, y_um: float, grid=None, target: int = 1):
+def tile_gradcam(slide, model, spec, x_um: float, y_um: float, grid=None, target: int = 1,
+                 normalizer=None):  # fmt: skip
     """Grad-CAM of the tile under the world point ``(x_um, y_um)``.
+
+    The map explains ``model`` on the input the heatmap gave it: the same tile
+    of ``grid``, stain-normalised with ``normalizer`` when the map was, and on
+    the device the model sits on.
 
     Returns ``(cam, (x0, y0))``: the ``(T, T)`` map and the tile's level-0
     top-left corner (on ``grid`` when given, else centred on the point).
@@ -218,6 +229,79 @@ def tile_gradcam(slide, model, spec, x_um: float, y_um: float, grid=None, target
     else:
         x0, y0 = int(px - t * f / 2), int(py - t * f / 2)
     rgb = slide.read_region(x0, y0, t, t, mpp=spec.mpp)
-    x = torch.from_numpy(rgb).permute(2, 0, 1)[None].float() / 255
-    x = (x - torch.tensor(spec.mean).view(1, 3, 1, 1)) / torch.tensor(spec.std).view(1, 3, 1, 1)
-    return grad_cam(model, x, target).numpy(), (x0, y0)
+    net = model if normalizer is None else StainNormalized(model, spec, normalizer)
+    dev = next(iter(model.parameters()), torch.zeros(())).device
+    net = net.to(dev)
+    x = torch.from_numpy(rgb).to(dev).permute(2, 0, 1)[None].float() / 255
+    mean = torch.tensor(spec.mean, device=dev).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std, device=dev).view(1, 3, 1, 1)
+    return grad_cam(net, (x - mean) / std, target).cpu().numpy(), (x0, y0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class GradCamResult(Result):
+    """Grad-CAM of one tile, placed over that tile.
+
+    Attributes
+    ----------
+    cam
+        ``(T, T)`` map in [0, 1].
+    origin
+        Level-0 ``(x, y)`` of the tile's top-left corner.
+    mpp, slide_mpp
+        µm per map pixel and per level-0 pixel.
+    """
+
+    cam: np.ndarray
+    origin: tuple[int, int]
+    mpp: float
+    slide_mpp: float
+
+    def to_layers(self) -> list:
+        off = (self.mpp - self.slide_mpp) / 2
+        x0, y0 = self.origin
+        kwargs = {"name": "Grad-CAM", "scale": (self.mpp, self.mpp), "units": ("um", "um"),
+                  "opacity": 0.5, "colormap": "turbo", "contrast_limits": (0, 1),
+                  "translate": (y0 * self.slide_mpp + off, x0 * self.slide_mpp + off),
+                  "metadata": {"histoscope": self.provenance.to_dict()}}  # fmt: skip
+        return [(self.cam, kwargs, "image")]
+
+    def summary(self) -> dict[str, Any]:
+        iy, ix = np.unravel_index(int(np.argmax(self.cam)), self.cam.shape)
+        f = self.mpp / self.slide_mpp
+        return {"tile_x": int(self.origin[0]), "tile_y": int(self.origin[1]),
+                "peak_x": float(self.origin[0] + (ix + 0.5) * f),
+                "peak_y": float(self.origin[1] + (iy + 0.5) * f)}  # fmt: skip
+
+    def save(self, out_dir) -> list[Path]:
+        from histoscope.results import write_npy
+
+        out = Path(out_dir)
+        return [write_npy(out / "gradcam.npy", self.cam),
+                self._write_provenance(out, "gradcam.provenance.json")]  # fmt: skip
+
+
+def _run_gradcam(session, checkpoint, params: TumourParams, *, region=None, near=None,
+                 engine=None):  # fmt: skip
+    model, card = checkpoint
+    spec, slide = model.input_spec, session.slide
+    yield Step(0, 1, "Grad-CAM")
+    grid = session.grid(spec.mpp, spec.tile_size, params.min_tissue)
+    normalizer = _normalizer(session, params, card)
+    target = tumour_index(getattr(card, "classes", ()))
+    x_um, y_um = (near[0] + 0.5) * slide.mpp, (near[1] + 0.5) * slide.mpp
+    cam, origin = tile_gradcam(slide, model, spec, x_um, y_um, grid, target, normalizer)
+    prov = Provenance(task="gradcam", slide=str(slide.path),
+                      checkpoint_sha256=getattr(card, "sha256", "") or "",
+                      params={**plain(params), "point": list(near), "target_class": target,
+                              "stain_norm_applied": "macenko" if normalizer else None},
+                      mpp=spec.mpp)  # fmt: skip
+    yield Step(1, 1, "Grad-CAM")
+    return GradCamResult(provenance=prov, cam=cam, origin=origin, mpp=spec.mpp,
+                         slide_mpp=float(slide.mpp))  # fmt: skip
+
+
+GRADCAM = register(TaskSpec(name="gradcam", title="Grad-CAM of a tile", params=TumourParams,
+                            run=_run_gradcam, family="tile_classifier",
+                            default_checkpoint="tumour_patch_default.safetensors",
+                            needs=("tissue",), needs_point=True))  # fmt: skip

@@ -187,8 +187,8 @@ def evaluate(
     RecipeError
         If no training module exists for its family or the data is missing.
     """
+    from histoscope.atomic import atomic_write_text
     from histoscope.checkpoints import read_card
-    from histoscope.export import atomic_write_text
 
     card = read_card(checkpoint)
     mod = family_module(card.family)

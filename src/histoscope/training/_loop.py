@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from histoscope.atomic import atomic_path, atomic_write_text
 from histoscope.training._recipe import TRAIN_KEYS, RecipeError
 
 STATE_FILE = "last_state.pt"
@@ -170,9 +171,8 @@ def lr_at(epoch: int, s: TrainSettings) -> float:
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
-    part = path.with_name(path.name + ".part")
-    torch.save(obj, part)
-    os.replace(part, path)
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def _copy_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -195,9 +195,7 @@ def _read_log(path: Path, upto: int) -> list[dict[str, Any]]:
 
 
 def _write_log(path: Path, records: list[dict[str, Any]]) -> None:
-    part = path.with_name(path.name + ".part")
-    part.write_text("".join(json.dumps(r) + "\n" for r in records))
-    os.replace(part, path)
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records))
 
 
 def fit(

@@ -95,7 +95,7 @@ def write_report(
     list of pathlib.Path
         The files written.
     """
-    from histoscope.export import atomic_write_bytes, atomic_write_text
+    from histoscope.atomic import atomic_write_bytes, atomic_write_text
 
     out.mkdir(parents=True, exist_ok=True)
     buf = io.StringIO()

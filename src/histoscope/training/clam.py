@@ -47,6 +47,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from histoscope.atomic import atomic_path, atomic_write_text
 from histoscope.training._loop import TrainSettings, fit
 from histoscope.training._recipe import RecipeError, check_keys, fingerprint
 from histoscope.training.clam_data import Bag, ensure_dataset, load_bags
@@ -336,11 +337,8 @@ def train(
         base_card = replace(card, config=models["mean_pool"].config, metrics={})
         save_checkpoint(out / f"{name}_mean_pool.safetensors", models["mean_pool"], base_card)
     if recipe.get("export"):
-        dst = Path(recipe["export"])
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        part = dst.with_name(dst.name + ".part")
-        shutil.copyfile(ckpt, part)
-        os.replace(part, dst)
+        with atomic_path(recipe["export"]) as tmp:
+            shutil.copyfile(ckpt, tmp)
     return {"checkpoint": str(ckpt), "metrics": metrics, "history": fits["clam"]["history"]}
 
 
@@ -358,8 +356,6 @@ def _strip_per_slide(metrics: Mapping[str, Any]) -> dict[str, Any]:
 
 def _write_report(out: Path, results: Mapping[str, Mapping[str, Any]]) -> None:
     """``metrics.json`` (everything) and ``slides.csv`` (one row per model, set and slide)."""
-    from histoscope.export import atomic_write_text
-
     rows = ["model,set,name,label,extent,tumour_fraction,n_tiles,p_tumour"]
     for model, sets in results.items():
         for s, r in sets.items():
@@ -414,7 +410,6 @@ def evaluate(
         If the data folder, its manifest or the split is missing.
     """
     from histoscope.checkpoints import load_checkpoint
-    from histoscope.export import atomic_write_text
     from histoscope.tasks.mil import feature_model_for
 
     model, card = load_checkpoint(checkpoint_path, family=FAMILY)

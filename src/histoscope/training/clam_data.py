@@ -26,9 +26,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from histoscope.features import read_features, write_features
 from histoscope.training._recipe import RecipeError
 
-FEATURES_KEY, COORDS_KEY = "features", "coords"
+__all__ = ["Bag", "ensure_dataset", "load_bags", "read_features", "slide_features",
+           "write_features", "write_foci_dataset"]  # fmt: skip
 
 
 # ---------------------------------------------------------------- data sets
@@ -121,75 +123,6 @@ def ensure_dataset(path: str | os.PathLike, generate: Mapping[str, Any] | None, 
 
 
 # ---------------------------------------------------------------- features
-def write_features(path: str | os.PathLike, features: np.ndarray, coords: np.ndarray,
-                   attrs: Mapping[str, Any] | None = None) -> Path:  # fmt: skip
-    """Write a CLAM/TRIDENT feature file (``features`` N x D, ``coords`` N x 2) atomically.
-
-    Parameters
-    ----------
-    path
-        ``.h5`` file to write.
-    features
-        ``(N, D)`` tile features.
-    coords
-        ``(N, 2)`` level-0 ``(x, y)`` tile corners.
-    attrs
-        Stored on the ``coords`` dataset (``patch_size``, ``patch_size_level0``,
-        ``mpp``, ...), as TRIDENT does; nested values as JSON strings.
-
-    Returns
-    -------
-    pathlib.Path
-    """
-    import h5py
-
-    feats = np.asarray(features, np.float32)
-    xy = np.asarray(coords, np.int64)
-    if feats.ndim != 2 or xy.shape != (len(feats), 2):
-        raise ValueError(f"features {feats.shape} and coords {xy.shape} must be (N, D) and (N, 2)")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    part = path.with_name(path.name + ".part")
-    with h5py.File(part, "w") as f:
-        f.create_dataset(FEATURES_KEY, data=feats)
-        ds = f.create_dataset(COORDS_KEY, data=xy)
-        for k, v in (attrs or {}).items():
-            ds.attrs[k] = json.dumps(v) if isinstance(v, dict | list | tuple) or v is None else v
-    os.replace(part, path)
-    return path
-
-
-def read_features(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """Read a CLAM/TRIDENT ``.h5`` feature file: ``features``, ``coords`` and the coords' attrs.
-
-    Files that store features as ``(1, N, D)`` (some TRIDENT encoders) are squeezed.
-
-    Raises
-    ------
-    RecipeError
-        If the file is missing or lacks a ``features`` or ``coords`` dataset.
-    """
-    import h5py
-
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"feature file {path} does not exist")
-    with h5py.File(path, "r") as f:
-        missing = [k for k in (FEATURES_KEY, COORDS_KEY) if k not in f]
-        if missing:
-            raise RecipeError(f"feature file {path} has no {' or '.join(missing)} dataset "
-                              f"(has {sorted(f)})")  # fmt: skip
-        feats = np.asarray(f[FEATURES_KEY], np.float32)
-        xy = np.asarray(f[COORDS_KEY]).astype(np.int64)
-        attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in f[COORDS_KEY].attrs.items()}
-    if feats.ndim == 3 and feats.shape[0] == 1:
-        feats = feats[0]
-    if feats.ndim != 2 or len(feats) != len(xy):
-        raise RecipeError(f"feature file {path}: features {feats.shape} do not match coords "
-                          f"{xy.shape}")  # fmt: skip
-    return feats, xy.reshape(-1, 2), attrs
-
-
 @dataclass(frozen=True)
 class Bag:
     """One slide as a MIL bag.

@@ -42,13 +42,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from histoscope.atomic import atomic_path
 from histoscope.models.isight import TASKS
 from histoscope.tissue import TissueParams
 from histoscope.training import metrics as M
@@ -61,7 +62,7 @@ from histoscope.training.isight_data import (
     read_table,
     tissue_classes,
 )
-from histoscope.training.isight_report import evaluate, task_metrics
+from histoscope.training.isight_report import evaluate, meta_tokens, predict, task_metrics
 
 __all__ = ["DEFAULTS", "FAMILY", "evaluate", "meta_tokens", "predict", "settings", "train"]
 
@@ -125,48 +126,6 @@ def _ensure_data(data: Mapping[str, Any]) -> Path:
     return path
 
 
-def meta_tokens(model, texts: Sequence[str | None]):
-    """Metadata token ids for ``model``'s own text encoder; ``None`` without any text."""
-    return model.tokenize(list(texts))
-
-
-def predict(
-    model, bags: Sequence[np.ndarray], metadata: Sequence[str | None], *, batch_size: int = 8
-) -> dict[str, np.ndarray]:
-    """Logits per task for whole bags (every tile), in eval mode.
-
-    Parameters
-    ----------
-    model
-        An :class:`~histoscope.models.isight.ISight`.
-    bags
-        uint8 tile arrays, one per sample.
-    metadata
-        Clinical text per sample (``None`` or "" for none).
-    batch_size
-        Bags per forward pass.
-
-    Returns
-    -------
-    dict
-        ``task -> (n_samples, n_classes)`` float64 logits: the model's output,
-        so already divided by its temperature.
-    """
-    import torch
-
-    was_training = model.training
-    model.eval()
-    out: dict[str, list] = {t: [] for t in TASKS}
-    with torch.no_grad():
-        for i in range(0, len(bags), batch_size):
-            x, mask = collate(bags[i : i + batch_size], model.input_spec)
-            res = model(x, mask, meta_tokens(model, metadata[i : i + batch_size]))
-            for t in TASKS:
-                out[t].append(res[t].double().numpy())
-    model.train(was_training)
-    return {t: np.concatenate(v) for t, v in out.items()}
-
-
 def _flat_metrics(logits: Mapping[str, np.ndarray], y: np.ndarray) -> dict[str, float]:
     rec: dict[str, float] = {}
     for j, t in enumerate(TASKS):
@@ -208,7 +167,7 @@ def train(
     """
     import torch
 
-    from histoscope.checkpoints import ModelCard, save_checkpoint
+    from histoscope.checkpoints import ModelCard
     from histoscope.models.isight import ISight
     from histoscope.training._loop import TrainSettings, fit
 
@@ -222,12 +181,7 @@ def train(
         torch.set_num_threads(int(ts.num_threads))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    table = _ensure_data(data)
-    samples = read_table(table)
-    train_s = [s for s in samples if s.split == "train"]
-    val_s = [s for s in samples if s.split == "val"]
-    if not train_s or not val_s:
-        raise RecipeError(f"{table}: need rows in both the train and the val split")
+    table, train_s, val_s = _splits(data)
     if not mcfg.get("tissue_classes"):
         mcfg["tissue_classes"] = tissue_classes(train_s + val_s)
 
@@ -268,23 +222,7 @@ def train(
         resume=resume, progress=progress, fingerprint=fingerprint(recipe),
     )  # fmt: skip
 
-    # temperature scaling per task on the validation split
-    model.temperature.fill_(1.0)
-    raw = predict(model, val_bags, val_meta)
-    temps = []
-    for j, t in enumerate(TASKS):
-        keep = y_val[:, j] != MISSING
-        temps.append(M.fit_temperature(raw[t][keep], y_val[keep, j]) if keep.any() else 1.0)
-    model.temperature.copy_(torch.tensor(temps, dtype=model.temperature.dtype))
-    val_cal = {t: task_metrics(y_val[:, j], raw[t] / temps[j]) for j, t in enumerate(TASKS)}
-    val_raw = {t: task_metrics(y_val[:, j], raw[t]) for j, t in enumerate(TASKS)}
-
-    card_metrics: dict[str, Any] = {
-        "best_epoch": fitted.best_epoch,
-        "temperature": dict(zip(TASKS, temps, strict=True)),
-        "val": val_cal,
-        "val_before_temperature": val_raw,
-    }
+    calibrated = _calibrate(model, val_bags, val_meta, y_val)
     card = ModelCard(
         family=FAMILY,
         config=model.config,
@@ -292,25 +230,69 @@ def train(
         input_spec=spec.to_dict(),
         recipe=json.loads(json.dumps(dict(recipe), default=str)),
         data=_describe_data(table, data, train_s, val_s),
-        metrics=card_metrics,
+        metrics={"best_epoch": fitted.best_epoch, **calibrated},
     )
-    name = recipe.get("name") or FAMILY
-    ckpt = save_checkpoint(out / f"{name}.safetensors", model, card)
-    ev = cfg["eval"]
-    if ev.get("split"):
-        held = evaluate(ckpt, table, out / "eval", split=ev["split"], measure=bool(ev["measure"]))
-        card_metrics[ev["split"]] = {k: held[k] for k in ("n_samples", "model", "model_image_only")}
-        if "measurement" in held:
-            card_metrics[f"{ev['split']}_measurement"] = held["measurement"]
-        # same tensors, card now with the held-out metrics
-        ckpt = save_checkpoint(ckpt, model, replace(card, metrics=card_metrics))
+    ckpt, card = _save(model, card, out / f"{recipe.get('name') or FAMILY}.safetensors", table, cfg)
     if recipe.get("export"):
-        dst = Path(recipe["export"])
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        part = dst.with_name(dst.name + ".part")
-        shutil.copyfile(ckpt, part)
-        os.replace(part, dst)
-    return {"checkpoint": str(ckpt), "metrics": card_metrics, "history": fitted.history}
+        with atomic_path(recipe["export"]) as tmp:
+            shutil.copyfile(ckpt, tmp)
+    return {"checkpoint": str(ckpt), "metrics": card.metrics, "history": fitted.history}
+
+
+def _splits(data: Mapping[str, Any]) -> tuple[Path, list, list]:
+    """The table (generated if asked and missing) and its train and val rows."""
+    table = _ensure_data(data)
+    samples = read_table(table)
+    train_s = [s for s in samples if s.split == "train"]
+    val_s = [s for s in samples if s.split == "val"]
+    if not train_s or not val_s:
+        raise RecipeError(f"{table}: need rows in both the train and the val split")
+    return table, train_s, val_s
+
+
+def _calibrate(model, val_bags, val_meta, y_val: np.ndarray) -> dict[str, Any]:
+    """Fit one temperature per task on the validation split and set the model's buffer.
+
+    Returns the card metrics: ``temperature``, ``val`` (calibrated) and
+    ``val_before_temperature``.
+    """
+    import torch
+
+    model.temperature.fill_(1.0)
+    raw = predict(model, val_bags, val_meta)
+    temps = []
+    for j, t in enumerate(TASKS):
+        keep = y_val[:, j] != MISSING
+        temps.append(M.fit_temperature(raw[t][keep], y_val[keep, j]) if keep.any() else 1.0)
+    model.temperature.copy_(torch.tensor(temps, dtype=model.temperature.dtype))
+    return {
+        "temperature": dict(zip(TASKS, temps, strict=True)),
+        "val": {t: task_metrics(y_val[:, j], raw[t] / temps[j]) for j, t in enumerate(TASKS)},
+        "val_before_temperature": {
+            t: task_metrics(y_val[:, j], raw[t]) for j, t in enumerate(TASKS)
+        },
+    }
+
+
+def _save(model, card, path: Path, table: Path, cfg: Mapping[str, Any]) -> tuple[Path, Any]:
+    """Save the checkpoint; with ``eval.split``, evaluate it and save it again with those metrics.
+
+    Returns the checkpoint path and the card it holds.
+    """
+    from histoscope.checkpoints import save_checkpoint
+
+    ckpt = save_checkpoint(path, model, card)
+    ev, metrics = cfg["eval"], dict(card.metrics)
+    if ev.get("split"):
+        held = evaluate(ckpt, table, path.parent / "eval", split=ev["split"],
+                        measure=bool(ev["measure"]))  # fmt: skip
+        metrics[ev["split"]] = {k: held[k] for k in ("n_samples", "model", "model_image_only")}
+        if "measurement" in held:
+            metrics[f"{ev['split']}_measurement"] = held["measurement"]
+        # same tensors, card now with the held-out metrics
+        card = replace(card, metrics=metrics)
+        ckpt = save_checkpoint(ckpt, model, card)
+    return ckpt, card
 
 
 def _with_monitor(ts, monitor: str):

@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from histoscope.atomic import atomic_path
 from histoscope.models.isight import INTENSITY, LOCATION, MALIGNANCY, QUANTITY, TASKS
 
 #: Label value used for a missing label (ignored by loss and metrics).
@@ -278,10 +279,8 @@ class BagCache:
         if bag is None:
             bag = read_bag(sample.image, self.spec, self.max_tiles, self.tissue)
             if file is not None:
-                file.parent.mkdir(parents=True, exist_ok=True)
-                part = file.with_name(file.name + ".part.npy")
-                np.save(part, bag)
-                os.replace(part, file)
+                with atomic_path(file, suffix=".npy") as tmp:  # np.save appends .npy otherwise
+                    np.save(tmp, bag)
         self._bags[sample.image] = bag
         return bag
 

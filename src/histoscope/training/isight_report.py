@@ -1,4 +1,8 @@
-"""Evaluate an iSight checkpoint on a labelled table, as the reference tool does.
+"""Run an iSight model over bags (:func:`predict`) and evaluate a checkpoint on a table.
+
+:func:`predict` and :func:`task_metrics` are shared with training
+(:mod:`histoscope.training.isight`), which imports this module, never the
+other way round.
 
 :func:`evaluate` writes into ``out_dir``:
 
@@ -28,7 +32,7 @@ import numpy as np
 
 from histoscope.models.isight import TASKS
 from histoscope.training import metrics as M
-from histoscope.training.isight_data import MISSING, BagCache, encode_labels, read_table
+from histoscope.training.isight_data import MISSING, BagCache, collate, encode_labels, read_table
 
 #: Tasks the classical measurement gives an estimate for.
 MEASURED = ("intensity", "location", "quantity")
@@ -69,6 +73,48 @@ def task_metrics(y: np.ndarray, logits: np.ndarray | None, pred: np.ndarray | No
         out["ece"] = M.ece(M.softmax(z), t)
         out["nll"] = M.nll(z, t)
     return out
+
+
+def meta_tokens(model, texts: Sequence[str | None]):
+    """Metadata token ids for ``model``'s own text encoder; ``None`` without any text."""
+    return model.tokenize(list(texts))
+
+
+def predict(
+    model, bags: Sequence[np.ndarray], metadata: Sequence[str | None], *, batch_size: int = 8
+) -> dict[str, np.ndarray]:
+    """Logits per task for whole bags (every tile), in eval mode.
+
+    Parameters
+    ----------
+    model
+        An :class:`~histoscope.models.isight.ISight`.
+    bags
+        uint8 tile arrays, one per sample.
+    metadata
+        Clinical text per sample (``None`` or "" for none).
+    batch_size
+        Bags per forward pass.
+
+    Returns
+    -------
+    dict
+        ``task -> (n_samples, n_classes)`` float64 logits: the model's output,
+        so already divided by its temperature.
+    """
+    import torch
+
+    was_training = model.training
+    model.eval()
+    out: dict[str, list] = {t: [] for t in TASKS}
+    with torch.no_grad():
+        for i in range(0, len(bags), batch_size):
+            x, mask = collate(bags[i : i + batch_size], model.input_spec)
+            res = model(x, mask, meta_tokens(model, metadata[i : i + batch_size]))
+            for t in TASKS:
+                out[t].append(res[t].double().numpy())
+    model.train(was_training)
+    return {t: np.concatenate(v) for t, v in out.items()}
 
 
 def _measure(samples, mpp: float, progress) -> list[dict[str, Any]]:
@@ -146,8 +192,6 @@ def evaluate(
     cache = BagCache(model.input_spec, max_tiles, tissue=card_tissue(card))
     cache.fill(samples, progress)
     bags = [cache.get(s) for s in samples]
-
-    from histoscope.training.isight import predict
 
     with_meta = predict(model, bags, [s.metadata for s in samples])
     image_only = predict(model, bags, [None] * len(samples))

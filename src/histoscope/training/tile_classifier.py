@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from histoscope.atomic import atomic_path
 from histoscope.training._loop import TrainSettings, fit
 from histoscope.training._recipe import RecipeError, check_keys, fingerprint
 from histoscope.training._stain_aug import hed_jitter, stain_shift
@@ -221,7 +222,6 @@ def train(
     """
     from histoscope.checkpoints import ModelCard, save_checkpoint
     from histoscope.engine import pick_device
-    from histoscope.models import TileClassifier
 
     cfg = settings(recipe)
     ts = TrainSettings.from_recipe(recipe["train"])
@@ -235,35 +235,11 @@ def train(
         raise RecipeError(f"data folder {root}: the train split has no tiles of some class "
                           f"({counts}); generate more slides")  # fmt: skip
     device = pick_device(None if ts.device == "auto" else ts.device)
-    bkw = {**cfg["model"]["backbone_kwargs"], "tile_size": int(data["tile_size"]),
-           "mpp": float(data["mpp"])}  # fmt: skip
-    torch.manual_seed(ts.seed)
-    model = TileClassifier(cfg["model"]["backbone"], len(CLASSES), cfg["model"]["dropout"], bkw)
-    spec = model.input_spec.to_dict()
+    model, spec = _build_model(cfg, ts.seed)
     if data["stain_norm"]:
-        spec["stain_norm"] = data["stain_norm"]
         train_set, val_set = macenko(train_set), macenko(val_set)
     model.to(device)
-
-    images = torch.from_numpy(train_set.images)  # (N, T, T, 3) uint8, shared memory
-    labels = torch.from_numpy(train_set.labels)
-    by_class = [torch.nonzero(labels == c).flatten() for c in range(len(CLASSES))]
-    n_epoch = ts.samples_per_epoch or len(labels)
-    steps = -(-n_epoch // ts.batch)
-
-    def batches(epoch: int, gen: torch.Generator):
-        cls = torch.randint(0, len(CLASSES), (n_epoch,), generator=gen)
-        idx = torch.empty(n_epoch, dtype=torch.long)
-        for c, pool in enumerate(by_class):
-            sel = cls == c
-            idx[sel] = pool[torch.randint(0, len(pool), (int(sel.sum()),), generator=gen)]
-        for i in range(0, n_epoch, ts.batch):
-            j = idx[i : i + ts.batch]
-            x = images[j].permute(0, 3, 1, 2).float()
-            if aug["flips"]:
-                x = _dihedral(x, gen)
-            x = hed_jitter(x, gen, float(aug["hed_sigma"]), float(aug["hed_bias"]))
-            yield _normalise(x, spec), labels[j]
+    batches, steps = _balanced_batches(train_set, ts, aug, spec)
 
     def loss_fn(m: nn.Module, batch) -> torch.Tensor:
         x, y = batch
@@ -302,12 +278,48 @@ def train(
     name = recipe.get("name") or FAMILY
     ckpt = save_checkpoint(out / f"{name}.safetensors", model, card)
     if recipe.get("export"):
-        dst = Path(recipe["export"])
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        part = dst.with_name(dst.name + ".part")
-        shutil.copyfile(ckpt, part)
-        os.replace(part, dst)
+        with atomic_path(recipe["export"]) as tmp:
+            shutil.copyfile(ckpt, tmp)
     return {"checkpoint": str(ckpt), "metrics": card_metrics, "history": fitted.history}
+
+
+def _build_model(cfg: Mapping[str, Any], seed: int) -> tuple[nn.Module, dict[str, Any]]:
+    """The seeded, untrained classifier and its input spec (with the stain normalisation)."""
+    from histoscope.models import TileClassifier
+
+    data = cfg["data"]
+    bkw = {**cfg["model"]["backbone_kwargs"], "tile_size": int(data["tile_size"]),
+           "mpp": float(data["mpp"])}  # fmt: skip
+    torch.manual_seed(seed)
+    model = TileClassifier(cfg["model"]["backbone"], len(CLASSES), cfg["model"]["dropout"], bkw)
+    spec = model.input_spec.to_dict()
+    if data["stain_norm"]:
+        spec["stain_norm"] = data["stain_norm"]
+    return model, spec
+
+
+def _balanced_batches(train_set: TileSet, ts: TrainSettings, aug: Mapping[str, Any], spec):
+    """``batches(epoch, generator)`` drawing each class equally often, and steps per epoch."""
+    images = torch.from_numpy(train_set.images)  # (N, T, T, 3) uint8, shared memory
+    labels = torch.from_numpy(train_set.labels)
+    by_class = [torch.nonzero(labels == c).flatten() for c in range(len(CLASSES))]
+    n_epoch = ts.samples_per_epoch or len(labels)
+
+    def batches(epoch: int, gen: torch.Generator):
+        cls = torch.randint(0, len(CLASSES), (n_epoch,), generator=gen)
+        idx = torch.empty(n_epoch, dtype=torch.long)
+        for c, pool in enumerate(by_class):
+            sel = cls == c
+            idx[sel] = pool[torch.randint(0, len(pool), (int(sel.sum()),), generator=gen)]
+        for i in range(0, n_epoch, ts.batch):
+            j = idx[i : i + ts.batch]
+            x = images[j].permute(0, 3, 1, 2).float()
+            if aug["flips"]:
+                x = _dihedral(x, gen)
+            x = hed_jitter(x, gen, float(aug["hed_sigma"]), float(aug["hed_bias"]))
+            yield _normalise(x, spec), labels[j]
+
+    return batches, -(-n_epoch // ts.batch)
 
 
 # ----------------------------------------------------------------- evaluate

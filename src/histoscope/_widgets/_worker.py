@@ -1,0 +1,66 @@
+"""The one worker every dock widget runs tasks with.
+
+:func:`task_work` is the generator a napari ``thread_worker`` drives: it runs
+one or more registry tasks in turn through :func:`histoscope.tasks.iter_run`
+(so checkpoints load, with their family checked, off the GUI thread), passes
+each :class:`~histoscope.progress.Step` up for the progress bar, and when the
+cancel event is set asks the running task to stop: the task returns what it
+finished (``result.cancelled``) and the tasks after it are skipped.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Job:
+    """One registry task to run: name, target (session or slide), checkpoint and options."""
+
+    name: str
+    target: Any
+    checkpoint: str | None = None
+    params: Any = None
+    region: tuple[int, int, int, int] | None = None
+    near: tuple[float, float] | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Outcome:
+    """What a worker run ended with: the results in job order, and whether it was cancelled."""
+
+    results: list[Any]
+    cancelled: bool = False
+
+    def get(self, name: str) -> Any:
+        """The result of the job named ``name``, or ``None``."""
+        return next((r for n, r in self.results if n == name), None)
+
+
+def task_work(jobs: list[Job], cancel: threading.Event):
+    """Run ``jobs`` in turn; yields Steps, returns an :class:`Outcome`."""
+    from histoscope.progress import Cancelled
+    from histoscope.tasks import iter_run
+
+    results: list[tuple[str, Any]] = []
+    for job in jobs:
+        if cancel.is_set():
+            break
+        gen = iter_run(job.name, job.target, job.checkpoint, params=job.params,
+                       region=job.region, near=job.near, **job.options)  # fmt: skip
+        reply = None
+        try:
+            while True:
+                try:
+                    step = gen.send(reply)
+                except StopIteration as stop:
+                    results.append((job.name, stop.value))
+                    break
+                reply = False if cancel.is_set() else None
+                yield step
+        except Cancelled:
+            break
+    return Outcome(results, cancelled=cancel.is_set())

@@ -1,0 +1,281 @@
+"""A session: one slide and every product computed on it, each computed once.
+
+Tasks never recompute what another task already made: the tissue mask, tile
+grids, feature tables, loaded checkpoints and results all live in the
+:class:`Session` of their slide, keyed by what they were computed from. Small
+products stay in memory; feature tables (large, slow to make) are also kept in
+the session folder (``<slide>.histoscope/`` beside the slide by default) in
+CLAM/TRIDENT layout, so a rerun or another tool reads them back.
+
+``hs.open_session(path_or_slide)`` makes one; a bare :class:`~histoscope.slide.Slide`
+given to :func:`histoscope.tasks.run` is wrapped in an in-memory session.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import Counter
+from collections.abc import Callable, Generator, Hashable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import numpy as np
+
+from histoscope.errors import HistoScopeError
+from histoscope.slide import Slide, open_slide
+
+if TYPE_CHECKING:
+    from histoscope.checkpoints import ModelCard
+    from histoscope.engine import EngineParams
+    from histoscope.features import FeatureModel, FeatureTable
+    from histoscope.results import Result
+    from histoscope.tissue import TileGrid, TissueMask, TissueParams
+
+T = TypeVar("T")
+
+#: Suffix of the default session folder beside a slide.
+FOLDER_SUFFIX = ".histoscope"
+
+
+class SessionError(HistoScopeError):
+    """A session folder cannot be used (read-only, not a folder, ...)."""
+
+
+def default_folder(slide_path: str | os.PathLike) -> Path:
+    """``<slide>.histoscope/`` beside the slide file or folder."""
+    p = Path(slide_path)
+    return p.with_name(p.name + FOLDER_SUFFIX)
+
+
+def _check_writable(folder: Path) -> None:
+    """Raise :class:`SessionError` naming ``folder`` when it cannot be written."""
+    if folder.exists():
+        if not folder.is_dir():
+            raise SessionError(f"session folder {folder} exists and is not a folder")
+        if os.access(folder, os.W_OK | os.X_OK):
+            return
+        raise SessionError(f"session folder {folder} is read-only; open the session with "
+                           "folder=<a folder you can write> (CLI: --session-dir DIR)")  # fmt: skip
+    parent = next((p for p in folder.parents if p.exists()), None)
+    if parent is None or not os.access(parent, os.W_OK | os.X_OK):
+        raise SessionError(f"cannot create session folder {folder}: {parent} is read-only; "
+                           "open the session with folder=<a folder you can write> "
+                           "(CLI: --session-dir DIR)")  # fmt: skip
+
+
+class Session:
+    """One slide plus everything computed on it.
+
+    Parameters
+    ----------
+    slide
+        The open slide.
+    folder
+        Where large products are kept; ``None`` keeps everything in memory.
+
+    Attributes
+    ----------
+    computed
+        How many times each product kind was computed (not served from the cache).
+    results
+        The latest :class:`~histoscope.results.Result` of each task run on it.
+    tissue_params
+        The tissue detection in force: what :meth:`tissue` uses when asked for
+        no other (the ``tissue`` task sets it, so later tasks follow the user's
+        adjusted mask).
+    """
+
+    def __init__(self, slide: Slide, folder: str | os.PathLike | None = None) -> None:
+        from histoscope.tissue import TissueParams
+
+        self.slide = slide
+        self.folder = Path(folder) if folder is not None else None
+        if self.folder is not None:
+            _check_writable(self.folder)
+        self.computed: Counter[str] = Counter()
+        self.results: dict[str, Result] = {}
+        self.tissue_params: TissueParams = TissueParams()
+        self._cache: dict[tuple[str, Hashable], Any] = {}
+        self._owns_slide = False
+
+    def __repr__(self) -> str:
+        where = self.folder or "in memory"
+        return f"Session({self.slide.path.name!r}, {where}, {len(self._cache)} products)"
+
+    # ------------------------------------------------------------- lifetime
+    def close(self) -> None:
+        """Close the slide if the session opened it."""
+        if self._owns_slide:
+            self.slide.close()
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -------------------------------------------------------------- the cache
+    def product(self, kind: str, key: Hashable, compute: Callable[[], T]) -> T:
+        """The ``kind`` product for ``key``: cached, or computed once and cached."""
+        k = (kind, key)
+        if k not in self._cache:
+            value = compute()
+            self.computed[kind] += 1
+            self._cache[k] = value
+        return self._cache[k]
+
+    def forget(self, kind: str | None = None) -> None:
+        """Drop cached products (of one kind, or all)."""
+        for k in [k for k in self._cache if kind is None or k[0] == kind]:
+            del self._cache[k]
+
+    # ------------------------------------------------------------ products
+    def tissue(self, params: TissueParams | None = None) -> TissueMask:
+        """The tissue mask for ``params`` (default: :attr:`tissue_params`), computed once."""
+        from histoscope.tissue import tissue_mask
+
+        p = params if params is not None else self.tissue_params
+        return self.product("tissue", p, lambda: tissue_mask(self.slide, p))
+
+    def grid(self, mpp: float, tile_size: int, min_tissue: float = 0.5,
+             tissue: TissueParams | None = None) -> TileGrid:  # fmt: skip
+        """Tissue tiles at ``mpp`` µm/px and ``tile_size`` px over the session's tissue."""
+        from histoscope.tissue import tile_grid
+
+        p = tissue if tissue is not None else self.tissue_params
+        key = (float(mpp), int(tile_size), float(min_tissue), p)
+        return self.product("grid", key, lambda: tile_grid(self.slide, self.tissue(p), mpp,
+                                                           tile_size, min_tissue))  # fmt: skip
+
+    def model(self, checkpoint: str | os.PathLike, family: str | None) -> tuple[Any, ModelCard]:
+        """``(model, card)`` of a checkpoint, loaded once, its family checked every time."""
+        from histoscope.checkpoints import load_checkpoint
+        from histoscope.errors import CheckpointError
+
+        path = Path(checkpoint)
+        try:
+            stat = path.stat()
+        except OSError:
+            stat = None
+        key = (str(path.resolve()), stat.st_mtime_ns if stat else None, stat.st_size if stat else 0)
+        loaded = self.product("model", key, lambda: load_checkpoint(path, family=family))
+        card = loaded[1]
+        if family is not None and card.family != family:  # cached under another family
+            raise CheckpointError(
+                f"{path}: a {card.family!r} checkpoint, but a {family!r} one is needed"
+            )
+        return loaded
+
+    def feature_path(self, fm: FeatureModel, grid: TileGrid) -> Path | None:
+        """Where the session keeps the feature table of ``fm`` over ``grid`` (None: in memory)."""
+        if self.folder is None:
+            return None
+        return self.folder / "features" / f"{_table_key(fm, grid)}.h5"
+
+    def iter_features(
+        self,
+        fm: FeatureModel,
+        grid: TileGrid,
+        engine: EngineParams | None = None,
+        *,
+        near: tuple[float, float] | None = None,
+    ) -> Generator[tuple[int, int], bool | None, FeatureTable]:
+        """The feature table of ``fm`` over ``grid``: cached, read from the folder, or encoded.
+
+        A generator (yields ``(done, total)`` tiles while encoding; send
+        ``False`` to stop). A table cut short by cancellation is returned but
+        neither cached nor written.
+        """
+        from histoscope.features import FeatureTable, table_attrs
+
+        key = _table_key(fm, grid)
+        cached = self._cache.get(("features", key))
+        if cached is not None:
+            return cached
+        path = self.feature_path(fm, grid)
+        if path is not None and path.is_file():
+            table = FeatureTable.load(path)
+            if len(table.coords) == len(grid) and np.array_equal(table.coords, grid.coords):
+                self._cache[("features", key)] = table
+                return table
+        from histoscope.engine import iter_tiles
+
+        out = yield from iter_tiles(fm.module, self.slide, grid, fm.spec, engine, near=near)
+        feats = np.asarray(out.outputs, np.float32).reshape(len(grid), -1)
+        table = FeatureTable(feats, grid.coords, table_attrs(grid, fm, name=self.slide.path.name),
+                             done=out.done)  # fmt: skip
+        if out.cancelled or not out.done.all():
+            return table
+        self.computed["features"] += 1
+        self._cache[("features", key)] = table
+        if path is not None:
+            table.save(path)
+        return table
+
+    def save_manifest(self) -> Path | None:
+        """Write ``session.json`` (slide, products kept on disk) into the folder, if any."""
+        if self.folder is None:
+            return None
+        from histoscope.atomic import atomic_write_text
+
+        doc = {"slide": str(self.slide.path), "mpp": self.slide.mpp,
+               "features": sorted(str(p.relative_to(self.folder))
+                                  for p in (self.folder / "features").glob("*.h5"))}  # fmt: skip
+        return atomic_write_text(self.folder / "session.json", json.dumps(doc, indent=2) + "\n")
+
+
+def _table_key(fm: FeatureModel, grid: TileGrid) -> str:
+    """File-safe key of a feature table: the encoder's weights and the grid."""
+    g = grid.to_dict()
+    text = json.dumps([fm.descriptor.get("weights_sha256"), g,
+                       hashlib.sha1(grid.coords.tobytes()).hexdigest()])  # fmt: skip
+    digest = hashlib.sha1(text.encode()).hexdigest()[:16]
+    name = str(fm.descriptor.get("backbone") or "encoder")
+    return f"{name}_{g['tile_size']}px_{g['mpp']:g}mpp_{digest}"
+
+
+def open_session(
+    path_or_slide: str | os.PathLike | Slide | Session,
+    folder: str | os.PathLike | None = None,
+    *,
+    mpp: float | None = None,
+    in_memory: bool = False,
+) -> Session:
+    """A :class:`Session` for a slide path or an open slide.
+
+    Parameters
+    ----------
+    path_or_slide
+        A slide file or folder (opened here and closed with the session), an
+        open :class:`Slide`, or a session (returned as it is).
+    folder
+        Where the session keeps large products; default ``<slide>.histoscope/``
+        beside the slide (for a slide without a file on disk: in memory).
+    mpp
+        µm/px for images that carry none.
+    in_memory
+        Keep everything in memory (no folder).
+
+    Raises
+    ------
+    SlideError
+        If the slide cannot be opened.
+    SessionError
+        If the folder cannot be written (the message names a way out).
+    """
+    if isinstance(path_or_slide, Session):
+        return path_or_slide
+    owns = not isinstance(path_or_slide, Slide)
+    slide = open_slide(path_or_slide, mpp=mpp) if owns else path_or_slide
+    if folder is None and not in_memory and slide.path.exists():
+        folder = default_folder(slide.path)
+    try:
+        session = Session(slide, None if in_memory else folder)
+    except SessionError:
+        if owns:
+            slide.close()
+        raise
+    session._owns_slide = owns
+    return session
