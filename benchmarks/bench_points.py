@@ -180,6 +180,9 @@ def main() -> None:
     )
     print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}")
     path, points = cell_centroids(args.points)
+    from bench_engine import _busy_seconds  # benchmarks/ is on sys.path when run as a script
+
+    wall0, busy0, own0 = time.perf_counter(), _busy_seconds(), sum(os.times()[:2])
     cases = {
         "local": (View(224, 0.5),),
         "two-view": (View(224, 0.5), View(1024, 0.5, out_size=512)),
@@ -188,6 +191,10 @@ def main() -> None:
     for name, views in cases.items():
         if args.only in (None, name):
             results[name] = compare(name, views, path, points, args)
+    wall = time.perf_counter() - wall0
+    others = _busy_seconds() - busy0 - (sum(os.times()[:2]) - own0)
+    share = max(others, 0.0) / (wall * (os.cpu_count() or 1))
+    print(f"wall {wall:.0f} s; other processes used {share:.0%} of the CPU meanwhile")
     print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "pairs"}
                       for k, v in results.items()}, indent=1))  # fmt: skip
     for name, r in results.items():

@@ -2,20 +2,15 @@
 
 :func:`iter_samples` runs a model over a :class:`~histoscope.samplers.Sampler`
 (the tiles of a grid, or crops centred on points at one or several sizes and
-µm/px). It reads batches in background threads (a bounded window of batches
-in flight, so memory does not grow with the slide), moves each batch to the
-chosen device (pinned memory and non-blocking copies on CUDA), normalises it
-there, runs the model under ``inference_mode`` (and autocast on GPU) and
-collects the outputs in item order. It is a generator yielding ``(done,
-total)`` and returning the outputs, the form a napari ``thread_worker``
-drives; sending ``False`` stops it early. :func:`run_samples` runs it to the
-end with an optional ``progress(done, total)`` callback.
-
-:func:`iter_tiles` and :func:`run_tiles` are the same for a
-:class:`~histoscope.tissue.TileGrid`, returning :class:`TileOutputs`.
-
-What tasks make of the outputs (:class:`~histoscope.results.Result`) lives in
-:mod:`histoscope.results`.
+µm/px). Batches are read in background threads (a bounded window in flight, so
+memory does not grow with the slide), moved to the device (pinned memory and
+non-blocking copies on CUDA), normalised there and run under
+``inference_mode`` (and autocast on GPU); outputs are kept in item order. It
+is a generator yielding ``(done, total)`` and returning the outputs, the form
+a napari ``thread_worker`` drives; :func:`run_samples` runs it to the end.
+:func:`iter_tiles` / :func:`run_tiles` are the same over a
+:class:`~histoscope.tissue.TileGrid`, returning :class:`TileOutputs`. What
+tasks make of the outputs lives in :mod:`histoscope.results`.
 """
 
 from __future__ import annotations
@@ -159,13 +154,11 @@ class _Forward:
         self.dev = dev = pick_device(params.device)
         self.model = model.to(dev).eval()
         specs = list(spec) if isinstance(spec, Sequence) else [spec]
-        self.norm = [
-            (
-                torch.tensor(s.mean, device=dev).view(1, 3, 1, 1) * 255,
-                torch.tensor(s.std, device=dev).view(1, 3, 1, 1) * 255,
-            )
-            for s in specs
-        ]
+
+        def scaled(v: tuple[float, ...]) -> torch.Tensor:
+            return torch.tensor(v, device=dev).view(1, 3, 1, 1) * 255
+
+        self.norm = [(scaled(s.mean), scaled(s.std)) for s in specs]
         self.amp = params.amp and dev.type in ("cuda", "mps")
         self.amp_dtype = torch.float16
         if dev.type == "cuda" and torch.cuda.is_bf16_supported():
@@ -180,12 +173,11 @@ class _Forward:
     def __call__(self, batch: torch.Tensor | tuple) -> tuple[dict[str, np.ndarray], bool]:
         """Outputs by key (``""`` for a plain tensor) and whether the model returned a dict."""
         torch = self.torch
-        if isinstance(batch, tuple):
-            if len(self.norm) not in (1, len(batch)):
-                raise ValueError(f"{len(self.norm)} input specs for {len(batch)} views")
-            x: Any = tuple(self._prepare(b, i) for i, b in enumerate(batch))
-        else:
-            x = self._prepare(batch, 0)
+        views = batch if isinstance(batch, tuple) else (batch,)
+        if len(self.norm) not in (1, len(views)):
+            raise ValueError(f"{len(self.norm)} input specs for {len(views)} views")
+        x: Any = tuple(self._prepare(b, i) for i, b in enumerate(views))
+        x = x if isinstance(batch, tuple) else x[0]
         with torch.inference_mode(), torch.autocast(self.dev.type, self.amp_dtype, self.amp):
             out = self.model(x)
         is_dict = isinstance(out, Mapping)
