@@ -187,14 +187,16 @@ def iter_isight(
             return self.model.encode_tiles(x[:, None])[:, 0]
 
     encoder = _Encoder().eval()
-    params = engine or EngineParams(batch_size=batch, device="cpu")
+    params = engine or EngineParams(batch_size=batch)
     out = yield from tagged(iter_tiles(encoder, slide, grid, spec, params), "iSight tiles")
     if out.cancelled:
         raise Cancelled("iSight stopped before every tile was read; no calls made")
     model.eval()
+    dev = next(model.parameters()).device  # where the engine put it
+    tokens = model.tokenize([metadata])
     with torch.no_grad():
-        h = torch.from_numpy(np.asarray(out.outputs)).to(next(model.parameters()).device)
-        out = model.classify(h[None].float(), None, model.tokenize([metadata]))
+        h = torch.from_numpy(np.asarray(out.outputs)).to(dev)
+        out = model.classify(h[None].float(), None, None if tokens is None else tokens.to(dev))
     probs = {}
     for task, classes in model.classes.items():
         p = torch.softmax(out[task][0].float(), dim=0).tolist()
