@@ -98,3 +98,31 @@ def test_read_only_folder_names_the_way_out(he, tmp_path, monkeypatch):
         hs.open_session(he, ro / "case.histoscope")
     with pytest.raises(SessionError, match="read-only"):
         hs.open_session(he, ro)
+
+
+def test_a_replaced_slide_does_not_get_the_old_feature_table(tmp_path):
+    import os
+
+    from PIL import Image
+
+    from histoscope.features import registry_features
+    from histoscope.progress import drive
+
+    rng = np.random.default_rng(0)
+    img = np.full((1024, 1024, 3), 240, np.uint8)
+    tissue = rng.normal((180, 60, 150), 25, (768, 768, 3))
+    img[128:896, 128:896] = np.clip(tissue, 0, 255).astype(np.uint8)
+    path = tmp_path / "case.png"
+    Image.fromarray(img).save(path)
+    fm = registry_features("test_cnn", {"tile_size": 32, "mpp": 4.0}, seed=3)
+
+    def table():
+        with hs.open_session(path, tmp_path / "sess", mpp=0.5) as s:
+            return drive(s.iter_features(fm, s.grid(4.0, 32, 0.0))), s.computed["features"]
+
+    first, n1 = table()
+    Image.fromarray(img[:, :, [1, 0, 2]].copy()).save(path)  # same size, other pixels
+    os.utime(path, ns=(1, 1))
+    second, n2 = table()
+    assert n1 == 1 and n2 == 1  # encoded again, not served from the folder
+    assert not np.allclose(first.features, second.features)

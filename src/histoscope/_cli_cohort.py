@@ -37,10 +37,7 @@ def run(args: argparse.Namespace) -> int:
     # refuse bad tasks and options here, before any worker starts
     tasks = check_tasks(args.tasks.split(","))
     params, checkpoints = task_options(args, tasks)
-    for name in tasks:
-        from histoscope import tasks as registry
-
-        registry.get(name).make_params(params.get(name, {}))
+    _check_up_front(args, tasks, params, checkpoints)
     engine = engine_params(args)
 
     def progress(o, done: int, total: int) -> None:
@@ -60,3 +57,26 @@ def run(args: argparse.Namespace) -> int:
     for o in failed:
         print(f"FAILED {o.slide}: {o.error}")
     return 1 if failed else 0
+
+
+def _check_up_front(args, tasks, params, checkpoints) -> None:
+    """Refuse what would fail every slide: parameters, µm/px, checkpoints, missing slides."""
+    from histoscope import tasks as registry
+    from histoscope.checkpoints import read_card
+    from histoscope.errors import CheckpointError, SlideError
+    from histoscope.params import ParamError
+
+    if args.mpp is not None and not args.mpp > 0:
+        raise ParamError(f"--mpp {args.mpp}: must be a positive number of µm per pixel")
+    missing = [s for s in args.slides if not Path(s).exists()]
+    if missing:
+        raise SlideError(f"no such slide(s): {', '.join(missing)}")
+    for name in tasks:
+        spec = registry.get(name)
+        spec.make_params(params.get(name, {}))
+        path = registry.resolve_checkpoint(spec, checkpoints.get(name))
+        if path is not None:
+            card = read_card(path)
+            if card.family != spec.family:
+                raise CheckpointError(f"{path}: checkpoint for family {card.family!r}, "
+                                      f"expected {spec.family!r} for task {name!r}")  # fmt: skip

@@ -46,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
     if args.weights and not args.backbone:
         raise ParamError("--weights goes with --backbone")
     engine = engine_params(args)
+    _check_out(args.out)
     if args.checkpoint:
         fm = checkpoint_features(args.checkpoint)
     else:
@@ -66,3 +67,17 @@ def run(args: argparse.Namespace) -> int:
     print(f"wrote {path}: {d[0]} tiles x {d[1]} features at {fm.spec.mpp:g} µm/px, "
           f"{fm.spec.tile_size} px")  # fmt: skip
     return 0
+
+
+def _check_out(out: Path) -> None:
+    """Refuse an --out that cannot be written before any tile is encoded."""
+    import os
+
+    from histoscope.params import ParamError
+
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ParamError(f"--out {out}: cannot create its folder ({exc.strerror})") from None
+    if out.is_dir() or not os.access(out.parent, os.W_OK | os.X_OK):
+        raise ParamError(f"--out {out}: not a writable file path")

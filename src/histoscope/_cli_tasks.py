@@ -77,9 +77,9 @@ def task_options(
             if text is not None:
                 try:
                     given[info.name] = parse_value(info, text)
-                except ParamError:
-                    raise ParamError(f"{flag(name, info.name)} {text!r}: must be "
-                                     f"{info.allowed()}") from None  # fmt: skip
+                except ParamError as exc:
+                    why = str(exc).split(": ", 1)[-1]  # the reason, without the field's name
+                    raise ParamError(f"{flag(name, info.name)} {text!r}: {why}") from None
         if (given or ckpt) and name not in tasks:
             opts = [flag(name, k) for k in given] + ([flag(name, "checkpoint")] if ckpt else [])
             raise ParamError(f"{', '.join(opts)} given but task {name!r} is not in --tasks "

@@ -85,8 +85,8 @@ def analyze_slide(
     Returns
     -------
     dict
-        ``{"slide", "tasks": {task: summary}, "files": [...], "computed": {...}}``;
-        also written to ``out/analyze.json``.
+        ``{"slide", "tasks": {task: summary}, "files": [...], "computed": {...}}``
+        (also written to ``out/analyze.json``) plus ``"paths"``, the files written.
     """
     from histoscope import tasks as registry
     from histoscope.atomic import atomic_write_text

@@ -74,16 +74,23 @@ class FieldInfo:
 
     def allowed(self) -> str:
         """What values are allowed, in words."""
-        if self.choices:
+        base = _base(self.type)
+        if typing.get_origin(base) is tuple:
+            text = _type_name(self.type)
+            if self.min is not None and self.max is not None:
+                text += f", each from {self.min} to {self.max}"
+        elif self.choices:
             text = "one of " + ", ".join(str(_plain(c)) for c in self.choices)
-        elif _base(self.type) is bool:
+        elif base is bool:
             text = "true or false"
-        elif self.min is not None and self.max is not None:
-            text = f"a number from {self.min} to {self.max}"
-        elif self.min is not None:
-            text = f"a number >= {self.min}"
-        elif self.max is not None:
-            text = f"a number <= {self.max}"
+        elif self.min is not None or self.max is not None:
+            kind = "an integer" if base is int else "a number"
+            if self.min is not None and self.max is not None:
+                text = f"{kind} from {self.min} to {self.max}"
+            elif self.min is not None:
+                text = f"{kind} >= {self.min}"
+            else:
+                text = f"{kind} <= {self.max}"
         else:
             text = _type_name(self.type)
         return text + (" (or none)" if self.optional else "")
@@ -190,7 +197,7 @@ def _check_tuple(info: FieldInfo, value: Any, owner: str) -> tuple:
         if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
             raise _err(owner, info.name, value, info)
         if not _in_range(v, info):
-            raise _err(owner, info.name, value, info, f"each value must be {info.allowed()}")
+            raise _err(owner, info.name, value, info)
         out.append(kind(v))
     return tuple(out)
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from collections import Counter
 from collections.abc import Callable, Generator, Hashable
 from pathlib import Path
@@ -98,7 +99,20 @@ class Session:
         self.results: dict[str, Result] = {}
         self.tissue_params: TissueParams = TissueParams()
         self._cache: dict[tuple[str, Hashable], Any] = {}
+        self._lock = threading.Lock()
+        self._locks: dict[tuple[str, Hashable], threading.Lock] = {}
         self._owns_slide = False
+
+    @property
+    def slide_id(self) -> str:
+        """What identifies the slide's pixels: its resolved path, size and modification time."""
+        p = self.slide.path
+        try:
+            st = p.stat()
+            stamp = f"{st.st_size}:{st.st_mtime_ns}"
+        except OSError:  # no file behind it (an in-memory image)
+            stamp = f"mem:{id(self.slide)}"
+        return f"{p.resolve()}|{stamp}|{self.slide.shape}"
 
     def __repr__(self) -> str:
         where = self.folder or "in memory"
@@ -120,11 +134,14 @@ class Session:
     def product(self, kind: str, key: Hashable, compute: Callable[[], T]) -> T:
         """The ``kind`` product for ``key``: cached, or computed once and cached."""
         k = (kind, key)
-        if k not in self._cache:
-            value = compute()
-            self.computed[kind] += 1
-            self._cache[k] = value
-        return self._cache[k]
+        with self._lock:
+            lock = self._locks.setdefault(k, threading.Lock())
+        with lock:  # two panels asking at once: the second waits and reuses
+            if k not in self._cache:
+                value = compute()
+                self.computed[kind] += 1
+                self._cache[k] = value
+            return self._cache[k]
 
     def forget(self, kind: str | None = None) -> None:
         """Drop cached products (of one kind, or all)."""
@@ -172,7 +189,7 @@ class Session:
         """Where the session keeps the feature table of ``fm`` over ``grid`` (None: in memory)."""
         if self.folder is None:
             return None
-        return self.folder / "features" / f"{_table_key(fm, grid)}.h5"
+        return self.folder / "features" / f"{_table_key(fm, grid, self.slide_id)}.h5"
 
     def iter_features(
         self,
@@ -190,7 +207,7 @@ class Session:
         """
         from histoscope.features import FeatureTable, table_attrs
 
-        key = _table_key(fm, grid)
+        key = _table_key(fm, grid, self.slide_id)
         cached = self._cache.get(("features", key))
         if cached is not None:
             return cached
@@ -202,6 +219,8 @@ class Session:
                 return table
         from histoscope.engine import iter_tiles
 
+        if len(grid) == 0:
+            raise ValueError(f"{self.slide.path}: no tissue tiles to encode")
         out = yield from iter_tiles(fm.module, self.slide, grid, fm.spec, engine, near=near)
         feats = np.asarray(out.outputs, np.float32).reshape(len(grid), -1)
         table = FeatureTable(feats, grid.coords, table_attrs(grid, fm, name=self.slide.path.name),
@@ -211,7 +230,15 @@ class Session:
         self.computed["features"] += 1
         self._cache[("features", key)] = table
         if path is not None:
-            table.save(path)
+            try:
+                table.save(path)
+            except OSError as exc:  # keep the result; only the cache copy is lost
+                import warnings
+
+                from histoscope.errors import HistoScopeWarning
+
+                warnings.warn(f"feature table not kept in {path.parent}: {exc}",
+                              HistoScopeWarning, stacklevel=2)  # fmt: skip
         return table
 
     def save_manifest(self) -> Path | None:
@@ -226,10 +253,10 @@ class Session:
         return atomic_write_text(self.folder / "session.json", json.dumps(doc, indent=2) + "\n")
 
 
-def _table_key(fm: FeatureModel, grid: TileGrid) -> str:
-    """File-safe key of a feature table: the encoder's weights and the grid."""
+def _table_key(fm: FeatureModel, grid: TileGrid, slide_id: str = "") -> str:
+    """File-safe key of a feature table: the slide, the encoder's weights and the grid."""
     g = grid.to_dict()
-    text = json.dumps([fm.descriptor.get("weights_sha256"), g,
+    text = json.dumps([slide_id, fm.descriptor.get("weights_sha256"), g,
                        hashlib.sha1(grid.coords.tobytes()).hexdigest()])  # fmt: skip
     digest = hashlib.sha1(text.encode()).hexdigest()[:16]
     name = str(fm.descriptor.get("backbone") or "encoder")

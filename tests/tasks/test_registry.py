@@ -172,3 +172,22 @@ def test_cancel_returns_the_tiles_finished(he):
     res = hs.tasks.run("tumour", he, progress=progress, cancel=stop,
                        engine=EngineParams(batch_size=2, workers=1, prefetch=1))  # fmt: skip
     assert res.cancelled and res.n_scored == 2 < len(res.grid)
+
+
+def test_regions_and_points_off_the_slide_are_refused(he, ihc):
+    with pytest.raises(ParamError, match="lies outside the slide"):
+        hs.tasks.run("ihc", ihc, region=(5000, 5000, 512, 512))
+    with pytest.raises(ParamError, match="outside the slide"):
+        hs.tasks.run("gradcam", he, near=(99999.0, 99999.0))
+    res = hs.tasks.run("ihc", ihc, region=(768, 768, 99999, 99999))  # clipped to the slide
+    assert res.provenance.tile_grid["region"] == [768, 768, 256, 256]
+
+
+def test_a_feature_file_of_another_slide_is_refused(he, ihc, tmp_path):
+    from histoscope.features import FeatureFileError
+
+    session = hs.open_session(he, tmp_path / "sess")
+    hs.tasks.run("mil", session)
+    [h5] = (tmp_path / "sess" / "features").glob("*.h5")
+    with pytest.raises(FeatureFileError, match="not of"):
+        hs.tasks.run("mil", ihc, features=str(h5))

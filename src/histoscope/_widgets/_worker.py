@@ -63,4 +63,5 @@ def task_work(jobs: list[Job], cancel: threading.Event):
                 yield step
         except Cancelled:
             break
-    return Outcome(results, cancelled=cancel.is_set())
+    cut = len(results) < len(jobs) or any(getattr(r, "cancelled", False) for _, r in results)
+    return Outcome(results, cancelled=cut)

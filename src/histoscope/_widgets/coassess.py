@@ -138,7 +138,7 @@ class CoAssessWidget(TaskWidget):
 
     def _show(self, outcome) -> None:
         calls, measurement = outcome.get("isight"), outcome.get("ihc")
-        if measurement is None:  # cancelled before the measurement
+        if measurement is None or measurement.cancelled:  # stopped before it measured all
             if calls is not None:
                 self._show_calls(calls)
             return

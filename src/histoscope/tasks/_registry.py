@@ -161,6 +161,19 @@ def resolve_checkpoint(spec: TaskSpec, checkpoint: str | os.PathLike | None) -> 
     return path
 
 
+def clip_region(region: Region, slide) -> Region:
+    """``region`` clipped to the slide; ParamError when it has no area or lies outside."""
+    x, y, w, h = (int(v) for v in region)
+    h0, w0 = slide.shape
+    if w <= 0 or h <= 0:
+        raise ParamError(f"region {tuple(region)}: width and height must be positive")
+    x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, w0), min(y + h, h0)
+    if x1 <= x0 or y1 <= y0:
+        raise ParamError(f"region {tuple(region)} (x, y, w, h in level-0 px) lies outside the "
+                         f"slide ({w0} x {h0} px)")  # fmt: skip
+    return x0, y0, x1 - x0, y1 - y0
+
+
 def iter_run(
     name: str,
     target: Slide | Session | str | os.PathLike,
@@ -186,8 +199,14 @@ def iter_run(
     if region is not None and not spec.region:
         raise ParamError(f"{name}: runs on the whole slide; it takes no region")
     if near is None and spec.needs_point:
-        raise ParamError(f"{name}: needs a point (near=(x, y) in level-0 pixels)")
+        raise ParamError(f"{name}: needs a point (near=(x, y) in level-0 pixels; CLI: --near X,Y)")
     session = _session(target)
+    if region is not None:
+        region = clip_region(region, session.slide)
+    if near is not None and spec.needs_point:
+        h0, w0 = session.slide.shape
+        if not (0 <= near[0] < w0 and 0 <= near[1] < h0):
+            raise ParamError(f"{name}: point {tuple(near)} is outside the slide ({w0} x {h0} px)")
     ckpt = None
     path = resolve_checkpoint(spec, checkpoint)
     if path is not None:

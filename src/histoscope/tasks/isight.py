@@ -125,9 +125,13 @@ def isight_grid(
         x, y, w, h = region
         c = grid.coords + grid.stride / 2
         inside = (c[:, 0] >= x) & (c[:, 0] < x + w) & (c[:, 1] >= y) & (c[:, 1] < y + h)
-        if not inside.any():  # a region smaller than a tile: the tile under its centre
-            d = np.hypot(c[:, 0] - (x + w / 2), c[:, 1] - (y + h / 2))
-            inside = d == d.min()
+        if not inside.any():  # a region smaller than a tile: the tissue tiles it overlaps
+            o, s = grid.coords, grid.stride
+            inside = ((o[:, 0] < x + w) & (x < o[:, 0] + s)
+                      & (o[:, 1] < y + h) & (y < o[:, 1] + s))  # fmt: skip
+            if not inside.any():
+                raise ValueError(f"{slide.path}: no tissue in the region {tuple(region)} "
+                                 "(x, y, w, h in level-0 px); draw it over tissue")  # fmt: skip
         grid = _subset(grid, inside)
     if len(grid) > max_tiles:
         grid = _subset(

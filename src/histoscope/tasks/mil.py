@@ -149,7 +149,7 @@ class MILResult(Result):
             props = {"rank": np.array([t["rank"] for t in self.top_tiles]),
                      "attention": np.array([t["attention"] for t in self.top_tiles])}  # fmt: skip
             layers.append((pts, {"name": "top attended tiles", "properties": props,
-                                 "symbol": "square", "size": g.stride * mpp,
+                                 "symbol": "square", "size": g.stride * mpp, "units": ("um", "um"),
                                  "face_color": "transparent", "border_color": "cyan",
                                  "metadata": {"histoscope": self.provenance.to_dict()}},
                            "points"))  # fmt: skip
@@ -175,7 +175,7 @@ class MILResult(Result):
         -------
         list of pathlib.Path
             ``mil.json``, ``mil_attention.npy`` (the heatmap grid),
-            ``mil_tile_attention.csv`` and ``provenance.json``.
+            ``mil_tile_attention.csv`` and ``mil.provenance.json``.
         """
         out = Path(out_dir)
         doc = {**self.summary(), "provenance": self.provenance.to_dict()}
@@ -288,12 +288,24 @@ def iter_mil(
 
 def _mil_from_file(slide, clam_model, card, path: str, top_k: int) -> MILResult:
     """MIL on a feature file's rows, placed on the slide by its coordinates and patch size."""
-    from histoscope.features import FeatureModel, FeatureTable
+    from histoscope.features import FeatureFileError, FeatureModel, FeatureTable
     from histoscope.models.backbones import InputSpec
     from histoscope.tissue import TileGrid
 
     table = FeatureTable.load(path)
     a = table.attrs
+    h0, w0 = slide.shape
+    name = a.get("name")
+    if name and str(name) != slide.path.name:
+        raise FeatureFileError(f"{path}: features of {name}, not of {slide.path.name}")
+    if len(table.coords) == 0:
+        raise FeatureFileError(f"{path}: no tiles in the feature file")
+    xy = table.coords
+    if (xy < 0).any() or (xy[:, 0] >= w0).any() or (xy[:, 1] >= h0).any():
+        raise FeatureFileError(f"{path}: tile coordinates fall outside {slide.path.name} "
+                               f"({w0} x {h0} px)")  # fmt: skip
+    if not np.isfinite(table.features).all():
+        raise FeatureFileError(f"{path}: features hold NaN or infinite values")
     want = (card.data or {}).get("features", {})
     if (
         a.get("encoder_sha256")
@@ -312,7 +324,6 @@ def _mil_from_file(slide, clam_model, card, path: str, top_k: int) -> MILResult:
     mpp = float(a.get("mpp") or (float(a["patch_size_level0"]) * slide.mpp / size
                                  if "patch_size_level0" in a else spec.mpp))  # fmt: skip
     stride = size * mpp / slide.mpp
-    h0, w0 = slide.shape
     index = np.floor(table.coords[:, ::-1] / stride + 1e-6).astype(np.int64)
     grid = TileGrid(coords=table.coords, index=index,
                     shape=(max(1, int(np.ceil(h0 / stride))), max(1, int(np.ceil(w0 / stride)))),
