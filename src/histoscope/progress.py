@@ -57,11 +57,17 @@ def as_step(value: Any, what: str = "") -> Step:
     return Step(int(done), int(total), what if len(value) != 3 else str(value[0]))
 
 
-def tagged(gen: Generator, what: str, partial: Callable[[], Any] | None = None) -> Generator:
+def tagged(
+    gen: Generator,
+    what: str,
+    partial: Callable[[], Any] | None = None,
+    cancel: Cancel | None = None,
+) -> Generator:
     """Re-yield ``gen``'s progress as :class:`Step` s named ``what``; return its value.
 
-    Values sent in (``False`` to stop) are passed through to ``gen``.
-    ``partial()``, when given, is attached to every step for live display.
+    Values sent in (``False`` to stop) are passed through to ``gen``, and so is
+    ``False`` once ``cancel`` is set. ``partial()``, when given, is attached to
+    every step for live display.
     """
     reply = None
     while True:
@@ -73,6 +79,8 @@ def tagged(gen: Generator, what: str, partial: Callable[[], Any] | None = None) 
         if partial is not None:
             step = step._replace(partial=partial())
         reply = yield step
+        if is_cancelled(cancel):
+            reply = False
 
 
 def drive(

@@ -42,7 +42,7 @@ class Outcome:
 
 def task_work(jobs: list[Job], cancel: threading.Event):
     """Run ``jobs`` in turn; yields Steps, returns an :class:`Outcome`."""
-    from histoscope.progress import Cancelled
+    from histoscope.progress import Cancelled, tagged
     from histoscope.tasks import iter_run
 
     results: list[tuple[str, Any]] = []
@@ -51,16 +51,8 @@ def task_work(jobs: list[Job], cancel: threading.Event):
             break
         gen = iter_run(job.name, job.target, job.checkpoint, params=job.params,
                        region=job.region, near=job.near, **job.options)  # fmt: skip
-        reply = None
         try:
-            while True:
-                try:
-                    step = gen.send(reply)
-                except StopIteration as stop:
-                    results.append((job.name, stop.value))
-                    break
-                reply = False if cancel.is_set() else None
-                yield step
+            results.append((job.name, (yield from tagged(gen, job.name, cancel=cancel))))
         except Cancelled:
             break
     cut = len(results) < len(jobs) or any(getattr(r, "cancelled", False) for _, r in results)
