@@ -200,3 +200,15 @@ def test_session_dir_keeps_the_feature_table_for_the_next_run(he_slide, tmp_path
     assert main([*argv, "--out", str(tmp_path / "b")]) == 0
     doc = json.loads((tmp_path / "b" / "analyze.json").read_text())
     assert doc["computed"].get("features", 0) == 0  # read back from the session folder
+
+
+def test_region_for_tasks_that_take_none_is_refused_and_mpp_override_is_said(
+    he_slide, tmp_path, capsys
+):
+    rc = main(["analyze", str(he_slide), "--tasks", "tumour,mil", "--region", "0,0,512,512",
+               "--out", str(tmp_path / "o")])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and "a region applies to ihc, isight" in err and len(err.splitlines()) == 1
+    assert main(["analyze", str(he_slide), "--tasks", "tissue", "--mpp", "0.25",
+                 "--out", str(tmp_path / "p")]) == 0  # fmt: skip
+    assert "records 0.5 µm/px; using --mpp 0.25" in capsys.readouterr().err

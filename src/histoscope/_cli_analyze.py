@@ -21,7 +21,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                                    "options are listed under its name.")  # fmt: skip
     p.add_argument("slide", help="slide file, OME-Zarr directory or image")
     p.add_argument("--out", type=Path, required=True, help="output folder")
-    p.add_argument("--mpp", type=float, default=None, help="µm/px for images that carry none")
+    p.add_argument("--mpp", type=float, default=None,
+                   help="µm/px for images that carry none (overrides a slide's own, with a note)")  # fmt: skip
     p.add_argument("--region", default=None, metavar="X,Y,W,H",
                    help="level-0 region for the tasks that take one (ihc, isight)")  # fmt: skip
     p.add_argument("--near", default=None, metavar="X,Y",
@@ -45,6 +46,8 @@ def run(args: argparse.Namespace) -> int:
         from histoscope.params import ParamError
 
         raise ParamError(f"--mpp {args.mpp}: must be a positive number of µm per pixel")
+    if args.mpp is not None:
+        _note_mpp_override(args.slide, args.mpp)
     progress, close = tqdm_progress()
     try:
         doc = analyze_slide(args.slide, args.out, tasks, mpp=args.mpp, params=params,
@@ -59,3 +62,20 @@ def run(args: argparse.Namespace) -> int:
     for path in doc["paths"]:
         print(f"wrote {path}")
     return 0
+
+
+def _note_mpp_override(slide: str, mpp: float) -> None:
+    """Say on stderr when --mpp replaces the µm/px the slide itself records."""
+    import sys
+
+    from histoscope.errors import SlideError
+    from histoscope.slide import open_slide
+
+    try:
+        with open_slide(slide) as s:
+            own = s.mpp
+    except SlideError:
+        return  # reported properly when the analysis opens it
+    if own and abs(own - mpp) > 1e-6 * own:
+        print(f"histoscope analyze: note: {slide} records {own:g} µm/px; using --mpp {mpp:g}",
+              file=sys.stderr)  # fmt: skip

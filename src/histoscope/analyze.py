@@ -100,6 +100,10 @@ def analyze_slide(
         raise ParamError(f"options given for task(s) {', '.join(stray)} not among --tasks "
                          f"({', '.join(names)})")  # fmt: skip
     specs = {n: registry.get(n) for n in names}
+    if region is not None and not any(sp.region for sp in specs.values()):
+        takers = [n for n in registry.available() if registry.get(n).region]
+        raise ParamError(f"a region applies to {', '.join(takers)}; none of the tasks "
+                         f"({', '.join(names)}) takes one")  # fmt: skip
     made = {n: specs[n].make_params(params.get(n, {})) for n in names}  # refuse bad values first
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -237,8 +237,15 @@ def _read_header(path: Path) -> tuple[ModelCard, dict[str, Any]]:
         header = json.loads(raw)
     except ValueError as exc:
         raise CheckpointError(f"{path}: safetensors header is not valid JSON ({exc})") from exc
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: safetensors header is not a JSON object")
     meta = header.pop("__metadata__", None) or {}
-    end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
+    try:
+        end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
+    except (KeyError, TypeError, ValueError, IndexError):
+        raise CheckpointError(
+            f"{path}: safetensors header entries lack valid data_offsets"
+        ) from None
     if 8 + n + end > size:
         raise CheckpointError(
             f"{path}: truncated: tensors need {8 + n + end} bytes, file has {size}"

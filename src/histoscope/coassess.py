@@ -1,8 +1,9 @@
 """Expert-AI co-assessment: the pathologist's final calls, kept safe and compared.
 
-Every call is appended as one JSON line to a session file next to the slide
-(``<slide>.histoscope-calls.jsonl``) and fsynced before the call returns, so a
-crash loses nothing that was confirmed. The last call for a (slide, region,
+Every call is appended as one JSON line to ``calls.jsonl`` in the slide's
+session folder (:func:`calls_path`; for an image without a writable folder,
+a file in the user's cache named by the image's content) and fsynced before
+the call returns, so a crash loses nothing that was confirmed. The last call for a (slide, region,
 task) wins; earlier ones stay in the file as history. A torn last line (power
 cut mid-write) is skipped with a warning when the file is read back.
 """
@@ -28,10 +29,49 @@ CALL_COLUMNS = ("time", "slide", "region", "task", "call", "model", "model_confi
                 "measurement", "comment", "user")  # fmt: skip
 
 
+CALLS_FILE = "calls.jsonl"
+
+
 def session_path(slide_path: str | os.PathLike) -> Path:
-    """The session file that belongs to a slide."""
+    """The calls file older versions kept beside a slide (still read when it exists)."""
     p = Path(slide_path)
     return p.with_name(p.name + SESSION_SUFFIX)
+
+
+def calls_dir() -> Path:
+    """``$HISTOSCOPE_CACHE/calls`` or ``~/.cache/histoscope/calls``."""
+    root = os.environ.get("HISTOSCOPE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "histoscope"
+    )
+    return Path(root) / "calls"
+
+
+def slide_fingerprint(slide) -> str:
+    """A short hash of a slide's pixels (its smallest level), size and µm/px."""
+    import hashlib
+
+    import numpy as np
+
+    h = hashlib.sha256(repr((tuple(slide.shape), slide.mpp)).encode())
+    h.update(np.ascontiguousarray(np.asarray(slide.levels[-1])).tobytes())
+    return h.hexdigest()[:20]
+
+
+def calls_path(session) -> Path:
+    """Where the calls on a :class:`histoscope.session.Session`'s slide are kept.
+
+    ``<session folder>/calls.jsonl``; a file kept beside the slide by an older
+    version is used as it is; a session without a folder (an image with no
+    file, or a read-only one) keeps its calls in the user's cache under the
+    image's content hash, so images of the same name never share one and the
+    working directory is never written.
+    """
+    legacy = session_path(session.slide.path)
+    if legacy.is_file():
+        return legacy
+    if session.folder is not None:
+        return session.folder / CALLS_FILE
+    return calls_dir() / f"{session.slide.path.name}.{slide_fingerprint(session.slide)}.jsonl"
 
 
 @dataclass(frozen=True)
@@ -72,7 +112,13 @@ class Session:
 
     @classmethod
     def for_slide(cls, slide_path: str | os.PathLike) -> Session:
+        """The calls kept beside a slide file (older layout)."""
         return cls(session_path(slide_path))
+
+    @classmethod
+    def for_session(cls, session) -> Session:
+        """The calls of a :class:`histoscope.session.Session`'s slide (see :func:`calls_path`)."""
+        return cls(calls_path(session))
 
     def record(self, call: Call) -> Call:
         """Append ``call`` to the file (flushed and fsynced) and to memory."""

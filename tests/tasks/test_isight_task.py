@@ -73,3 +73,15 @@ def test_panel_and_evaluation_paths_agree_on_an_optical_density_model(pyramid_ti
         want = torch.softmax(torch.from_numpy(logits[task][0]), dim=0).numpy()
         got = np.array(list(res.probabilities[task].values()))
         np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_a_slide_without_tissue_is_flagged_not_silently_read(tmp_path, model, pyramid_tiff):
+    import histoscope as hs
+    from histoscope.slide import write_pyramidal_tiff
+
+    glass = write_pyramidal_tiff(tmp_path / "glass.tif", np.full((512, 512, 3), 242, np.uint8),
+                                 mpp=0.5)  # fmt: skip
+    res = run_isight(hs.open_slide(glass), model, max_tiles=4)
+    assert "no tissue found" in res.summary()["warning"]
+    assert res.provenance.params["warning"] == res.summary()["warning"]
+    assert run_isight(hs.open_slide(pyramid_tiff), model, max_tiles=4).summary()["warning"] is None

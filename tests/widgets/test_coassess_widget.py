@@ -60,16 +60,17 @@ def test_assess_shows_probabilities_measurement_and_attention(widget, qtbot):
 
 
 def test_calls_are_saved_as_made_and_agreement_shown(widget, qtbot, ihc_slide):
-    from histoscope.coassess import session_path
 
     _assess(widget, qtbot)
     row = widget.rows["intensity"]
     widget.comment.setText("DAB faint at the edge")
     row.call_box.setCurrentIndex(2)
     row.call_box.activated.emit(2)
-    lines = session_path(ihc_slide).read_text().splitlines()
+    calls = ihc_slide.with_name(ihc_slide.name + ".histoscope") / "calls.jsonl"
+    lines = calls.read_text().splitlines()
     saved = json.loads(lines[-1])
     assert saved["task"] == "intensity" and saved["call"] == row.classes[1]
+    assert saved["slide"] == ihc_slide.name
     assert saved["model"] == row.model_call and saved["comment"] == "DAB faint at the edge"
     assert "intensity (n=1)" in widget.agreement.text()
 
@@ -102,3 +103,40 @@ def test_cancel_shows_no_phantom_calls_and_keeps_the_panel_usable(widget, qtbot)
     # the model's calls are shown only if all its tiles were read (never from part of them)
     shown = [row.model_call is not None for row in widget.rows.values()]
     assert all(shown) == ("iSight attention" in widget.viewer.layers) and len(set(shown)) == 1
+
+
+@pytest.mark.parametrize("scaled", [True, False], ids=["shapes-with-slide-scale", "shapes-in-um"])
+def test_drawn_shape_is_read_in_slide_pixels_whatever_its_scale(widget, scaled):
+    import numpy as np
+
+    image = widget.viewer.layers[0]
+    mpp = float(image.scale[-1])
+    box_um = np.array([[100.0, 100.0], [100.0, 200.0], [200.0, 200.0], [200.0, 100.0]])
+    if scaled:  # drawn while the slide was active: data in level-0 px, scale in µm
+        shapes = widget.viewer.add_shapes([box_um / mpp], scale=image.scale, name="roi")
+    else:  # a shapes layer of its own: data already in µm
+        shapes = widget.viewer.add_shapes([box_um], name="roi")
+    widget.viewer.layers.selection.active = shapes
+    widget.scope.setCurrentIndex(2)
+    slide, layer = widget.chosen_slide(widget.layer_combo)
+    region, region_id = widget._region(slide, layer)
+    px = round(100 / mpp)
+    assert region == (px, px, px, px) and region_id == f"region {px}:{px}:{px}:{px}"
+
+
+def test_calls_of_images_without_a_file_never_land_in_the_working_directory(tmp_path, monkeypatch):
+    import numpy as np
+
+    import histoscope as hs
+    from histoscope.coassess import calls_path
+    from histoscope.layers import layer_slide
+
+    monkeypatch.setenv("HISTOSCOPE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(0)
+    a = layer_slide(rng.integers(0, 255, (64, 64, 3), np.uint8), {}, (0.5, 0.5), "img")
+    b = layer_slide(rng.integers(0, 255, (64, 64, 3), np.uint8), {}, (0.5, 0.5), "img")
+    pa = calls_path(hs.open_session(a, in_memory=True))
+    pb = calls_path(hs.open_session(b, in_memory=True))
+    assert pa != pb  # same name, other pixels: separate records
+    assert tmp_path / "cache" in pa.parents and tmp_path / "cache" in pb.parents

@@ -118,3 +118,11 @@ def test_tissue_parameters_come_from_the_form(widget, qtbot):
     _wait(qtbot, widget, widget.run_tissue())
     assert not widget.viewer.layers["tissue"].data.any()
     assert widget.tissue_params().channel == "grey"
+
+
+def test_renamed_slide_layer_stays_chosen(widget):
+    layer = widget.viewer.layers[0]
+    assert widget.layer_combo.layer() is layer
+    layer.name = "renamed slide"
+    assert widget.layer_combo.currentText() == "renamed slide"
+    assert widget.layer_combo.layer() is layer

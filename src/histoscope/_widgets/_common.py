@@ -16,27 +16,38 @@ from qtpy.QtWidgets import (
 
 
 class RGBLayerCombo(QComboBox):
-    """The viewer's RGB image layers, kept current as layers come and go."""
+    """The viewer's RGB image layers, kept current as layers come, go and are renamed.
+
+    The choice follows the layer itself, so renaming it keeps it chosen.
+    """
 
     def __init__(self, viewer) -> None:
         super().__init__()
         self.viewer = viewer
+        self._layers: list = []
         for event in (viewer.layers.events.inserted, viewer.layers.events.removed):
             event.connect(self.refresh)
         self.refresh()
 
     def refresh(self, *_: object) -> None:
-        current = self.currentText()
+        chosen = self.layer()
+        self._layers = [ly for ly in self.viewer.layers if getattr(ly, "rgb", False)]
         self.blockSignals(True)
         self.clear()
-        self.addItems([ly.name for ly in self.viewer.layers if getattr(ly, "rgb", False)])
+        for ly in self._layers:
+            ly.events.name.connect(self.refresh)  # connecting twice is a no-op
+            self.addItem(ly.name)
         self.blockSignals(False)
-        self.setCurrentIndex(max(self.findText(current), 0))
+        index = next((i for i, ly in enumerate(self._layers) if ly is chosen), 0)
+        self.setCurrentIndex(index if self._layers else -1)
 
     def layer(self):
         """The chosen layer, or ``None``."""
-        name = self.currentText()
-        return self.viewer.layers[name] if name in self.viewer.layers else None
+        i = self.currentIndex()
+        layers = getattr(self, "_layers", [])
+        if not 0 <= i < len(layers) or layers[i] not in self.viewer.layers:
+            return None
+        return layers[i]
 
 
 class CheckpointPicker(QWidget):

@@ -33,6 +33,18 @@ DEFAULT_CHECKPOINT = "isight_default.safetensors"
 SCOPES = ("whole slide", "visible region", "selected shape")
 
 
+def shape_to_level0(shapes, vertices, image):
+    """Level-0 ``(y, x)`` pixels of a shape's vertices over ``image``, whatever either layer's scale.
+
+    Vertices go to world coordinates through the shapes layer's own transform,
+    then into the image layer's data (level-0) coordinates through its transform.
+    """
+    import numpy as np
+
+    world = np.array([shapes.data_to_world(v) for v in np.asarray(vertices)])
+    return np.array([image.world_to_data(w) for w in world])[:, -2:]
+
+
 class CoAssessWidget(TaskWidget):
     """Five iSight tasks: model probabilities, measurement estimates, pathologist's calls."""
 
@@ -107,7 +119,7 @@ class CoAssessWidget(TaskWidget):
             shapes = [ly for ly in self.viewer.layers.selection if ly._type_string == "shapes"]
             if not shapes or not len(shapes[0].data):
                 raise ValueError("select a shapes layer with the region drawn on it")
-            pts = shapes[0].data[-1][:, -2:] / layer.scale[-2:]
+            pts = shape_to_level0(shapes[0], shapes[0].data[-1], layer)
             (y0, x0), (y1, x1) = pts.min(axis=0), pts.max(axis=0)
             region = (int(x0), int(y0), max(int(x1 - x0), 1), max(int(y1 - y0), 1))
         return region, "region {}:{}:{}:{}".format(*region)
@@ -125,7 +137,8 @@ class CoAssessWidget(TaskWidget):
         except ValueError as exc:
             self.status.setText(str(exc))
             return None
-        self.session = Session.for_slide(slide.path)
+        self.session = Session.for_session(session)
+        self._slide_name = slide.path.name
         for row in self.rows.values():
             row.reset_call()
             row.set_model(None)
@@ -149,6 +162,8 @@ class CoAssessWidget(TaskWidget):
                 summary.get(task) if task in ("intensity", "quantity", "location") else None
             )
         note = "" if calls is not None else " (no checkpoint: measurement only)"
+        if calls is not None and calls.summary()["warning"]:
+            note += f". Model: {calls.summary()['warning']}"
         self.status.setText(f"{summary['n_cells']} cells measured{note}. Make your calls below.")
         self._show_agreement()
 
@@ -168,7 +183,7 @@ class CoAssessWidget(TaskWidget):
             return None
         row = self.rows[task]
         call = Call(
-            slide=str(self.session.path.name.removesuffix(".histoscope-calls.jsonl")),
+            slide=self._slide_name,
             task=task, call=value, region=self.region_id, model=row.model_call,
             model_confidence=row.model_confidence(), model_probabilities=row.model_probabilities(),
             measurement=row.measurement, comment=self.comment.text(),

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from histoscope.errors import CheckpointError
 from histoscope.params import ParamError, build, describe
 from histoscope.progress import Cancel, ProgressFn, Step, drive
 
@@ -146,8 +147,6 @@ def resolve_checkpoint(spec: TaskSpec, checkpoint: str | os.PathLike | None) -> 
     CheckpointError
         If the task needs one and none is given or embedded.
     """
-    from histoscope.errors import CheckpointError
-
     if spec.family is None:
         if checkpoint is not None:
             raise ParamError(f"{spec.name}: takes no checkpoint (got {checkpoint})")
@@ -211,7 +210,12 @@ def iter_run(
     path = resolve_checkpoint(spec, checkpoint)
     if path is not None:
         ckpt = session.model(path, spec.family)
-    result = yield from spec.run(session, ckpt, p, region=region, near=near, engine=engine)
+    try:
+        result = yield from spec.run(session, ckpt, p, region=region, near=near, engine=engine)
+    except CheckpointError as exc:  # e.g. a card naming what cannot be rebuilt: name the file
+        if path is None or str(path) in str(exc):
+            raise
+        raise CheckpointError(f"{path}: {exc}") from exc
     session.results[name] = result
     return result
 

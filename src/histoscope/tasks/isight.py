@@ -53,13 +53,19 @@ class ISightCalls(Result):
         return out
 
     def to_layers(self) -> list:
+        """The attention heatmap (fades to transparent at low attention), calls in metadata."""
+        from histoscope.results import HEATMAP_OPACITY, fading_colormap
+
         data, kwargs, kind = self.attention.to_layers()[0]
+        kwargs.update(colormap=fading_colormap("turbo"), opacity=HEATMAP_OPACITY)
+        kwargs["metadata"]["colorbar"] = {"visible": True, "label": "iSight attention (min - max)"}
         kwargs["metadata"]["calls"] = self.calls()
         return [(data, kwargs, kind)]
 
     def summary(self) -> dict[str, Any]:
         """Per task: the call, its confidence and all probabilities."""
-        return {"calls": self.calls(), "tiles": len(self.attention.grid)}
+        return {"calls": self.calls(), "tiles": len(self.attention.grid),
+                "warning": self.provenance.params.get("warning")}  # fmt: skip
 
     def save(self, out_dir) -> list[Path]:
         """Write ``isight.json`` (calls and provenance) and the attention heatmap."""
@@ -181,6 +187,9 @@ def iter_isight(
     tissue = card_tissue(card)
     grid = isight_grid(slide, spec, region=region, max_tiles=max_tiles, tissue=tissue,
                        mask=session.tissue(tissue))  # fmt: skip
+    no_tissue = len(session.grid(spec.mpp, spec.tile_size, 0.25, tissue)) == 0
+    warning = ("no tissue found: every tile was read, glass included; treat the calls as "
+               "unreliable") if no_tissue else None  # fmt: skip
 
     class _Encoder(torch.nn.Module):
         def __init__(self) -> None:
@@ -213,7 +222,7 @@ def iter_isight(
         task="isight", slide=str(slide.path),
         checkpoint_sha256=getattr(card, "sha256", "") if card is not None else "",
         params={"metadata": metadata, "region": list(region) if region else None,
-                "max_tiles": max_tiles, "tissue": asdict(tissue)},
+                "max_tiles": max_tiles, "tissue": asdict(tissue), "warning": warning},
         mpp=spec.mpp, tile_grid=grid.to_dict(),
     )  # fmt: skip
     heat = TileHeatmap(provenance=prov, values=img, grid=grid, name="iSight attention")

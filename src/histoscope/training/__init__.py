@@ -21,6 +21,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from histoscope.atomic import atomic_write_text
 from histoscope.training._recipe import (
     RecipeError,
     apply_overrides,
@@ -139,7 +140,7 @@ def run(
     mod = family_module(doc["family"])
     out = Path(doc["out"])
     out.mkdir(parents=True, exist_ok=True)
-    (out / "recipe.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    atomic_write_text(out / "recipe.yaml", yaml.safe_dump(doc, sort_keys=False))
     result = dict(mod.train(doc, out, resume=resume, progress=progress))
     result.setdefault("out", str(out))
     return result
@@ -187,7 +188,6 @@ def evaluate(
     RecipeError
         If no training module exists for its family or the data is missing.
     """
-    from histoscope.atomic import atomic_write_text
     from histoscope.checkpoints import read_card
 
     card = read_card(checkpoint)

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from histoscope.atomic import atomic_write_text
 from histoscope.features import read_features, write_features
 from histoscope.training._recipe import RecipeError
 
@@ -89,7 +90,7 @@ def write_foci_dataset(
                                            "test": [r["name"] for r in rows]},
                 "slides": rows}  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=1))
     return out / "manifest.json"
 
 

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from histoscope.atomic import atomic_path, atomic_write_text
 from histoscope.models.isight import TASKS
 from histoscope.training import metrics as M
 from histoscope.training.isight_data import MISSING, BagCache, collate, encode_labels, read_table
@@ -230,7 +231,7 @@ def evaluate(
     out.mkdir(parents=True, exist_ok=True)
     _write_predictions(out / "predictions.csv", samples, y, with_meta, model.classes, summaries)
     _write_metrics_csv(out / "metrics.csv", results)
-    (out / "metrics.json").write_text(json.dumps(results, indent=1) + "\n")
+    atomic_write_text(out / "metrics.json", json.dumps(results, indent=1) + "\n")
     for t, cm in results["confusion"].items():
         slug = t.replace("/", "_")
         draw_confusion(np.array(cm["counts"]), cm["classes"], out / f"confusion_{slug}.png",
@@ -249,7 +250,7 @@ def _write_predictions(path: Path, samples, y, logits, classes, summaries) -> No
             "measured_h_score",
             "measured_percent_positive",
         ]
-    with open(path, "w", newline="", encoding="utf-8") as fh:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
         wr = csv.writer(fh)
         wr.writerow(header)
         for i, s in enumerate(samples):
@@ -267,7 +268,7 @@ def _write_predictions(path: Path, samples, y, logits, classes, summaries) -> No
 
 def _write_metrics_csv(path: Path, results: Mapping[str, Any]) -> None:
     cols = ["source", "task", "n", "accuracy", "balanced_accuracy", "weighted_f1", "ece", "nll"]
-    with open(path, "w", newline="", encoding="utf-8") as fh:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
         wr = csv.writer(fh)
         wr.writerow(cols)
         for source in ("model", "model_image_only", "measurement"):
@@ -316,5 +317,6 @@ def draw_confusion(
             d.text((x0 + 6, y0 + cell // 2 - 6), text, fill="white" if v > 0.6 else "black",
                    font=font)  # fmt: skip
     path = Path(path)
-    img.save(path)
+    with atomic_path(path, ".png") as tmp:
+        img.save(tmp, format="PNG")
     return path
