@@ -140,6 +140,48 @@ def write_npy(path: Path, array: np.ndarray) -> Path:
     return atomic_write_bytes(path, buf.getvalue())
 
 
+#: RGB stops (evenly spaced) of the palettes :func:`fading_colormap` fades.
+_FADE_STOPS: dict[str, tuple[tuple[float, float, float], ...]] = {
+    "inferno": ((0.001, 0.0, 0.014), (0.128, 0.047, 0.29), (0.34, 0.062, 0.429),
+                (0.539, 0.134, 0.416), (0.733, 0.214, 0.332), (0.892, 0.35, 0.197),
+                (0.977, 0.553, 0.038), (0.976, 0.791, 0.197), (0.988, 0.998, 0.645)),
+    "turbo": ((0.19, 0.072, 0.232), (0.276, 0.42, 0.89), (0.16, 0.733, 0.925),
+              (0.192, 0.947, 0.599), (0.638, 0.991, 0.236), (0.929, 0.817, 0.226),
+              (0.985, 0.502, 0.132), (0.823, 0.191, 0.019), (0.48, 0.016, 0.011)),
+}  # fmt: skip
+
+#: Layer opacity of a heatmap: the fade is in the colour map's alpha, so the top stays solid.
+HEATMAP_OPACITY = 0.9
+
+
+def fading_colormap(palette: str = "inferno") -> dict[str, Any]:
+    """A napari colour map spec (a dict for ``Colormap(**spec)``) that fades out at the low end.
+
+    Alpha ramps linearly from 0 at the lowest value to 1 at the highest, so
+    low-scoring tiles leave the H&E underneath readable; NaN (background) is
+    never drawn by napari. Plain data: no napari import.
+
+    Parameters
+    ----------
+    palette
+        ``"inferno"`` or ``"turbo"``.
+
+    Returns
+    -------
+    dict
+        ``{"name", "display_name", "colors" (N x RGBA), "controls" (N), "interpolation"}``.
+    """
+    stops = _FADE_STOPS[palette]
+    n = len(stops) - 1
+    return {
+        "name": f"histoscope {palette} fade",
+        "display_name": f"{palette} (fades to transparent)",
+        "colors": [[*rgb, i / n] for i, rgb in enumerate(stops)],
+        "controls": [i / n for i in range(n + 1)],
+        "interpolation": "linear",
+    }
+
+
 @dataclass(frozen=True, kw_only=True)
 class TileHeatmap(Result):
     """One value (or channel vector) per tile, laid out as an image over the slide.
@@ -226,14 +268,17 @@ class TileHeatmap(Result):
             "translate": translate,
             "units": ("um", "um"),
             "metadata": meta,
-            "colormap": "inferno",
-            "opacity": 0.6,
+            "colormap": fading_colormap("inferno"),
+            "opacity": HEATMAP_OPACITY,
             "contrast_limits": (lo, hi if hi > lo else lo + 1.0),
         }
         if self.values.ndim == 3:
             kwargs["channel_axis"] = 2
             kwargs.pop("contrast_limits")
             kwargs.pop("colormap")
+        else:
+            # napari's colour bar has no title: the widget shows it and names it from here.
+            meta["colorbar"] = {"visible": True, "label": self.name}
         return [(self.values, kwargs, "image")]
 
     def save(self, out_dir: str | os.PathLike) -> list[Path]:

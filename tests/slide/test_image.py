@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -64,3 +65,31 @@ def test_image_larger_than_one_chunk_is_chunked(tmp_path):
 
 def test_thumbnail_of_small_image_is_the_image(png, small_image):
     np.testing.assert_array_equal(hs.open_slide(png).thumbnail(1024), small_image)
+
+
+def test_array_backend_wraps_numpy_and_zarr_at_their_chunking():
+    import zarr
+
+    from histoscope.slide import Slide
+    from histoscope.slide._image import ArrayBackend
+
+    rgb = texture(0, 0, 1500, 1100)
+    z = zarr.create_array(store={}, shape=rgb.shape, chunks=(256, 256, 3), dtype=np.uint8)
+    z[:] = rgb
+    for source, chunks in ((rgb, (1024, 1024, 3)), (z, (256, 256, 3))):
+        backend = ArrayBackend(Path("layer"), [source])
+        assert backend.arrays[0].chunksize == chunks
+        slide = Slide(backend, mpp=0.5)
+        assert slide.levels[0].chunksize == chunks and slide.mpp == 0.5
+        np.testing.assert_array_equal(slide.read_region(1000, 1400, 100, 100),
+                                      rgb[1400:, 1000:])  # fmt: skip
+        np.testing.assert_array_equal(slide.levels[0][:300, :200].compute(), rgb[:300, :200])
+
+
+def test_array_backend_refuses_what_is_not_an_rgb_image():
+    from histoscope.errors import SlideError
+    from histoscope.slide._image import ArrayBackend
+
+    for levels in ([], [np.zeros((5, 5), np.uint8)], [np.zeros((0, 5, 3), np.uint8)]):
+        with pytest.raises(SlideError, match="layer"):
+            ArrayBackend(Path("layer"), levels)

@@ -87,3 +87,39 @@ def test_corrupt_tile_shows_blank_with_one_warning(viewer, tmp_path, monkeypatch
     assert len(messages) == 1 and "bad.tif" in messages[0]
     assert (full[:256, 256:512] == 255).all()  # tile 1 is blank (white)
     assert not (full[:256, :256] == 255).all()  # its neighbour is intact
+
+
+def test_plain_layer_without_mpp_says_unknown_until_set(viewer):
+    import dask.array as da
+
+    from histoscope._widgets.slide import MPP_UNKNOWN
+    from histoscope.layers import layer_slide
+
+    big = da.zeros((20_000, 20_000, 3), dtype=np.uint8, chunks=(1000, 1000, 3))
+    layer = viewer.add_image(big, rgb=True, name="other reader")
+    widget = SlideWidget(viewer)
+    assert [ly.name for ly in widget.slide_layers()] == ["other reader"]
+    assert widget.info["mpp"].text() == MPP_UNKNOWN
+    assert widget.info["dimensions"].text() == "20000 × 20000 px"
+    assert (
+        layer_slide(layer.data, layer.metadata, layer.scale, layer.name, units=layer.units).mpp
+        is None
+    )
+    widget.mpp_spin.setValue(0.25)
+    widget._apply_mpp()
+    assert widget.info["mpp"].text() == "0.25 µm/px"
+    np.testing.assert_allclose(layer.scale, (0.25, 0.25))
+    slide = layer_slide(layer.data, layer.metadata, layer.scale, layer.name, units=layer.units)
+    assert slide.mpp == 0.25
+
+
+def test_set_mpp_updates_a_slide_a_task_already_wrapped(viewer):
+    from histoscope.layers import layer_slide
+
+    layer = viewer.add_image(np.zeros((64, 64, 3), np.uint8), rgb=True, name="plain")
+    layer.metadata["slide"] = layer_slide(layer.data, layer.metadata, layer.scale, layer.name)
+    widget = SlideWidget(viewer)
+    assert "unknown" in widget.info["mpp"].text()
+    widget.mpp_spin.setValue(0.5)
+    widget._apply_mpp()
+    assert layer.metadata["slide"].mpp == 0.5 and widget.info["mpp"].text() == "0.5 µm/px"

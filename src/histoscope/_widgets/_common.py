@@ -195,7 +195,8 @@ class TaskWidget(QWidget):
             raise ValueError("Open a slide or image first.")
         slide = layer.metadata.get("slide")
         if slide is None:  # plain RGB data: wrap it once, keep it with the layer
-            slide = layer_slide(layer.data, layer.metadata, layer.scale, layer.name)
+            slide = layer_slide(layer.data, layer.metadata, layer.scale, layer.name,
+                                units=getattr(layer, "units", None))  # fmt: skip
             layer.metadata["slide"] = slide
         return slide, layer
 
@@ -250,7 +251,11 @@ class TaskWidget(QWidget):
         """Add a layer, replacing one of the same name (a re-run)."""
         if kwargs["name"] in self.viewer.layers:
             self.viewer.layers.remove(kwargs["name"])
-        return getattr(self.viewer, f"add_{kind}")(data, **kwargs)
+        layer = getattr(self.viewer, f"add_{kind}")(data, **kwargs)
+        bar = layer.metadata.get("colorbar")
+        if bar and hasattr(layer, "colorbar"):  # what the colours mean, beside the map
+            layer.colorbar.visible = bar.get("visible", True)
+        return layer
 
     def _failed(self, exc: Exception) -> None:
         self.controls.error(exc)

@@ -17,7 +17,8 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from histoscope.layers import SLIDE_KEY
+from histoscope.layers import SLIDE_KEY, layer_slide
+from histoscope.slide import Slide
 
 if TYPE_CHECKING:
     import napari
@@ -26,6 +27,8 @@ _FILTER = (
     "Slides (*.svs *.ndpi *.mrxs *.scn *.bif *.tif *.tiff *.ome.tif *.dcm *.vms *.png *.jpg"
     " *.jpeg);;All files (*)"
 )
+#: What the µm/px field says when no µm/px is known (it is never guessed).
+MPP_UNKNOWN = "µm/px unknown: enter it and press Set µm/px"
 _FIELDS = ("vendor", "backend", "dimensions", "levels", "mpp", "magnification")
 
 
@@ -113,8 +116,13 @@ class SlideWidget(QWidget):
 
     # -------------------------------------------------------------- inspecting
     def slide_layers(self) -> list:
-        """Image layers that hold a HistoScope slide."""
-        return [ly for ly in self.viewer.layers if SLIDE_KEY in ly.metadata]
+        """Image layers that hold a HistoScope slide, or plain RGB data a task can read."""
+        mine = {SLIDE_KEY, "slide"}
+        return [
+            ly
+            for ly in self.viewer.layers
+            if getattr(ly, "rgb", False) or mine & ly.metadata.keys()
+        ]
 
     def _refresh_layers(self, *_: object) -> None:
         current = self.layer_combo.currentText()
@@ -130,17 +138,36 @@ class SlideWidget(QWidget):
         name = self.layer_combo.currentText()
         return self.viewer.layers[name] if name in self.viewer.layers else None  # noqa: SIM401
 
+    def layer_summary(self, layer) -> tuple[dict, Slide | None]:
+        """``(summary, slide)`` of a layer: its slide's, or that of its data wrapped lazily.
+
+        Wrapping reads no pixels, and the slide is not kept: tasks wrap the
+        layer again when they run, with whatever µm/px the layer has by then.
+        """
+        slide = layer.metadata.get("slide")
+        if not isinstance(slide, Slide):
+            if SLIDE_KEY in layer.metadata:
+                return layer.metadata[SLIDE_KEY], None
+            slide = layer_slide(
+                layer.data, layer.metadata, layer.scale, layer.name, units=layer.units
+            )
+        return slide.metadata, slide
+
     def _show_info(self, *_: object) -> None:
         layer = self.current_layer()
-        meta = layer.metadata[SLIDE_KEY] if layer is not None else {}
-        slide = layer.metadata.get("slide") if layer is not None else None
+        meta, slide = {}, None
+        if layer is not None:
+            try:
+                meta, slide = self.layer_summary(layer)
+            except ValueError as exc:
+                self.status.setText(str(exc))
         for name, label in self.info.items():
             if name == "levels" and slide is not None:
                 text = ", ".join(f"{w}×{h}" for h, w in (lvl.shape[:2] for lvl in slide.levels))
             elif name == "dimensions" and meta:
                 text = "{} × {} px".format(*meta["dimensions"])
             elif name == "mpp" and meta:
-                text = f"{meta['mpp']:.4g} µm/px" if meta.get("mpp") else "unknown: set it below"
+                text = f"{meta['mpp']:.4g} µm/px" if meta.get("mpp") else MPP_UNKNOWN
             else:
                 text = str(meta.get(name, "–"))
             label.setText(text)
@@ -152,9 +179,10 @@ class SlideWidget(QWidget):
             return
         mpp = float(self.mpp_spin.value())
         slide = layer.metadata.get("slide")
-        if slide is not None:
+        if isinstance(slide, Slide):
             slide.mpp = mpp
             layer.metadata[SLIDE_KEY] = slide.metadata
         layer.scale = (mpp, mpp)
         layer.units = ("um", "um")
+        self.status.setText("")
         self._show_info()

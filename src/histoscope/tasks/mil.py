@@ -134,10 +134,15 @@ class MILResult(Result):
 
     def to_layers(self) -> list[LayerDataTuple]:
         """The attention heatmap (µm placement, NaN background) and the top tiles as points."""
+        from histoscope.results import HEATMAP_OPACITY, fading_colormap
+
         data, kwargs, kind = self.attention.to_layers()[0]
         finite = data[np.isfinite(data)]
         hi = float(finite.max()) if finite.size else 1.0
-        kwargs.update(contrast_limits=(0.0, hi if hi > 0 else 1.0), colormap="turbo", opacity=0.5)
+        kwargs.update(contrast_limits=(0.0, hi if hi > 0 else 1.0), opacity=HEATMAP_OPACITY,
+                      colormap=fading_colormap("turbo"))  # fmt: skip
+        label = f"MIL attention for {self.label} (0 - slide max)"
+        kwargs["metadata"]["colorbar"] = {"visible": True, "label": label}
         kwargs["metadata"]["mil"] = self.summary()
         layers: list[LayerDataTuple] = [(data, kwargs, kind)]
         if self.top_tiles:

@@ -71,8 +71,13 @@ class TumourMap(TileHeatmap):
     slide: Any = field(default=None, repr=False, compare=False)
 
     def to_layers(self) -> list:
+        """The probability map over the slide: fades to transparent at 0, solid at 1."""
+        from histoscope.results import HEATMAP_OPACITY, fading_colormap
+
         data, kwargs, kind = super().to_layers()[0]
-        kwargs.update(contrast_limits=(0.0, 1.0), colormap="magma", opacity=0.55)
+        kwargs.update(contrast_limits=(0.0, 1.0), colormap=fading_colormap("inferno"),
+                      opacity=HEATMAP_OPACITY)  # fmt: skip
+        kwargs["metadata"]["colorbar"] = {"visible": True, "label": "tumour probability (0-1)"}
         return [(data, kwargs, kind)]
 
     def summary(self) -> dict[str, Any]:
