@@ -46,17 +46,6 @@ def calls_dir() -> Path:
     return Path(root) / "calls"
 
 
-def slide_fingerprint(slide) -> str:
-    """A short hash of a slide's pixels (its smallest level), size and µm/px."""
-    import hashlib
-
-    import numpy as np
-
-    h = hashlib.sha256(repr((tuple(slide.shape), slide.mpp)).encode())
-    h.update(np.ascontiguousarray(np.asarray(slide.levels[-1])).tobytes())
-    return h.hexdigest()[:20]
-
-
 def calls_path(session) -> Path:
     """Where the calls on a :class:`histoscope.session.Session`'s slide are kept.
 
@@ -71,7 +60,7 @@ def calls_path(session) -> Path:
         return legacy
     if session.folder is not None:
         return session.folder / CALLS_FILE
-    return calls_dir() / f"{session.slide.path.name}.{slide_fingerprint(session.slide)}.jsonl"
+    return calls_dir() / f"{session.slide.path.name}.{session.fingerprint}.jsonl"
 
 
 @dataclass(frozen=True)

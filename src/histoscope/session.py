@@ -241,16 +241,77 @@ class Session:
                               HistoScopeWarning, stacklevel=2)  # fmt: skip
         return table
 
+    # ------------------------------------------------------------ on disk
+    @property
+    def fingerprint(self) -> str:
+        """A hash of the slide's pixels (smallest level), size and µm/px."""
+        return self.product("fingerprint", None, lambda: slide_fingerprint(self.slide))
+
+    def _manifest(self) -> dict[str, Any]:
+        from histoscope.session_store import read_manifest
+
+        doc = read_manifest(self.folder)
+        features = sorted(str(p.relative_to(self.folder))
+                          for p in (self.folder / "features").glob("*.h5"))  # fmt: skip
+        return {**doc, "slide": str(self.slide.path), "fingerprint": self.fingerprint,
+                "mpp": self.slide.mpp, "features": features}  # fmt: skip
+
     def save_manifest(self) -> Path | None:
-        """Write ``session.json`` (slide, products kept on disk) into the folder, if any."""
+        """Write ``session.json`` (slide, fingerprint, products kept on disk), if there is a folder."""
         if self.folder is None:
             return None
-        from histoscope.atomic import atomic_write_text
+        from histoscope.session_store import write_manifest
 
-        doc = {"slide": str(self.slide.path), "mpp": self.slide.mpp,
-               "features": sorted(str(p.relative_to(self.folder))
-                                  for p in (self.folder / "features").glob("*.h5"))}  # fmt: skip
-        return atomic_write_text(self.folder / "session.json", json.dumps(doc, indent=2) + "\n")
+        return write_manifest(self.folder, self._manifest())
+
+    def save_layers(self, layers: list, slide_display: dict[str, Any] | None = None) -> Path:
+        """Save napari layer data (in viewer order) so :meth:`layers` restores them exactly.
+
+        Raises
+        ------
+        SessionError
+            If the session has no folder.
+        """
+        from histoscope.session_store import save_layers
+
+        if self.folder is None:
+            raise SessionError(f"the session of {self.slide.path.name} is in memory; open it "
+                               "with folder=... to save its layers")  # fmt: skip
+        return save_layers(self.folder, layers, self._manifest(), slide_display)
+
+    def layers(self) -> list:
+        """The layers saved in the session folder, as ``(data, kwargs, type)`` in viewer order."""
+        from histoscope.session_store import load_layers
+
+        return [] if self.folder is None else load_layers(self.folder)[1]
+
+    def slide_display(self) -> dict[str, Any]:
+        """The slide layer's saved display settings (opacity, visibility, ...)."""
+        from histoscope.session_store import read_manifest
+
+        return {} if self.folder is None else dict(read_manifest(self.folder).get("slide_display")
+                                                   or {})  # fmt: skip
+
+    def check_slide(self) -> None:
+        """Refuse a session folder saved for another slide (its fingerprint differs)."""
+        from histoscope.session_store import read_manifest
+
+        if self.folder is None:
+            return
+        saved = read_manifest(self.folder).get("fingerprint")
+        if saved and saved != self.fingerprint:
+            raise SessionError(
+                f"session folder {self.folder} belongs to another slide (saved for "
+                f"{read_manifest(self.folder).get('slide')}, whose pixels differ from "
+                f"{self.slide.path}); open the session with another folder=..."
+            )
+
+
+def slide_fingerprint(slide) -> str:
+    """A short hash of a slide's pixels (its smallest level), size and µm/px."""
+    h = hashlib.sha256(repr((tuple(slide.shape), slide.mpp)).encode())
+    h.update(np.ascontiguousarray(np.asarray(slide.levels[-1])).tobytes())
+    return h.hexdigest()[:20]
 
 
 def _table_key(fm: FeatureModel, grid: TileGrid, slide_id: str = "") -> str:
@@ -300,6 +361,7 @@ def open_session(
         folder = default_folder(slide.path)
     try:
         session = Session(slide, None if in_memory else folder)
+        session.check_slide()
     except SessionError:
         if owns:
             slide.close()

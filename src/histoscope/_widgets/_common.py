@@ -174,9 +174,12 @@ class TaskWidget(QWidget):
         import threading
 
         super().__init__()
+        from histoscope._widgets._session import AutoSave
+
         self.viewer = viewer
         self.worker = None
         self._cancel = threading.Event()
+        self.autosave = AutoSave.for_viewer(viewer)  # results and edits kept in the session
         self.controls = RunControls(run_text, self.run, self.cancel)
         self.run_button = self.controls.run_button
         self.cancel_button = self.controls.cancel_button
@@ -233,6 +236,8 @@ class TaskWidget(QWidget):
             on_result(outcome)
             if outcome.cancelled:
                 self.status.setText(self.cancel_text)
+            if self.autosave.save_now() is None and self.autosave.error is not None:
+                self.status.setText(f"{self.status.text()} Session NOT saved: {self.autosave.error}")
 
         self.worker = create_worker(task_work, list(jobs), self._cancel, _start_thread=False,
                                     _connect={"yielded": step, "returned": returned,

@@ -1,0 +1,205 @@
+"""The session folder on disk: a manifest and the layers, saved so they reopen exactly.
+
+A session folder (``<slide>.histoscope/``) holds ``session.json`` (the
+manifest: the slide's path and content fingerprint, the feature tables kept,
+and every layer HistoScope shows over the slide with its display settings and
+provenance) beside the files behind it. Layers are plain ``LayerDataTuple`` s
+here; numpy arrays inside them go to one ``.npz`` per layer and feature tables
+to Parquet, so nothing is pickled.
+
+Saving is crash-safe: each save writes a new generation folder
+(``layers/<n>/``) completely, then replaces the manifest atomically, and only
+then removes older generations. A process killed mid-save leaves the previous
+manifest and every file it names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from histoscope.atomic import atomic_path, atomic_write_text
+from histoscope.errors import HistoScopeError
+from histoscope.layers import LayerDataTuple
+
+MANIFEST = "session.json"
+LAYERS_DIR = "layers"
+#: Layer settings not saved: derived from others, or not meaningful in another process.
+SKIP_KEYS = frozenset({"properties", "property_choices", "feature_defaults", "ndim",
+                       "experimental_clipping_planes"})  # fmt: skip
+#: Metadata keys that hold live objects (a Slide, a Session), never saved.
+LIVE_METADATA = frozenset({"slide", "histoscope_session"})
+
+
+class SessionFileError(HistoScopeError):
+    """A session folder's manifest or layer files are missing or malformed."""
+
+
+def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
+    """The manifest of a session folder (``{}`` when there is none yet)."""
+    path = Path(folder) / MANIFEST
+    if not path.is_file():
+        return {}
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise SessionFileError(f"{path}: not a readable session manifest ({exc})") from None
+    if not isinstance(doc, dict):
+        raise SessionFileError(f"{path}: not a session manifest (a JSON object)")
+    return doc
+
+
+def write_manifest(folder: str | os.PathLike, doc: dict[str, Any]) -> Path:
+    """Replace the manifest atomically."""
+    return atomic_write_text(Path(folder) / MANIFEST, json.dumps(doc, indent=1) + "\n")
+
+
+# ------------------------------------------------------------------ encoding
+class _Arrays:
+    """Collects the arrays of one layer's settings under generated keys."""
+
+    def __init__(self) -> None:
+        self.arrays: dict[str, np.ndarray] = {}
+
+    def encode(self, value: Any) -> Any:
+        if isinstance(value, np.ndarray) and value.dtype == object:
+            return [self.encode(v) for v in value.tolist()]  # e.g. point symbols (enums)
+        if isinstance(value, np.ndarray):
+            key = f"a{len(self.arrays)}"
+            self.arrays[key] = np.asarray(value)
+            return {"$array": key}
+        if isinstance(value, Enum):
+            return value.value
+        if isinstance(value, dict):
+            return {str(k): self.encode(v) for k, v in value.items()}
+        if isinstance(value, list | tuple):
+            return [self.encode(v) for v in value]
+        if isinstance(value, np.generic):
+            return value.item()
+        if value is None or isinstance(value, str | int | float | bool):
+            return value
+        raise TypeError(type(value).__name__)
+
+
+def _decode(value: Any, arrays) -> Any:
+    if isinstance(value, dict):
+        if set(value) == {"$array"}:
+            return np.asarray(arrays[value["$array"]])
+        return {k: _decode(v, arrays) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_decode(v, arrays) for v in value]
+    return value
+
+
+def _saved_metadata(meta: dict[str, Any], enc: _Arrays) -> dict[str, Any]:
+    """The metadata entries that can be saved (live objects and odd types are left out)."""
+    out = {}
+    for k, v in (meta or {}).items():
+        if k in LIVE_METADATA:
+            continue
+        probe = _Arrays()
+        try:
+            probe.encode(v)
+        except TypeError:
+            continue
+        out[k] = enc.encode(v)
+    return out
+
+
+def save_layer(folder: Path, index: int, layer: LayerDataTuple) -> dict[str, Any]:
+    """Write one layer's data and settings under ``folder``; return its manifest entry."""
+    data, kwargs, kind = layer
+    enc = _Arrays()
+    settings: dict[str, Any] = {}
+    for k, v in kwargs.items():
+        if k in SKIP_KEYS:
+            continue
+        if k == "metadata":
+            settings[k] = _saved_metadata(v, enc)
+        elif k == "features":
+            if v is not None and len(getattr(v, "columns", ())):
+                with atomic_path(folder / f"{index}.parquet", ".parquet") as tmp:
+                    v.to_parquet(tmp)
+                settings["features"] = {"$parquet": f"{index}.parquet"}
+        else:
+            try:
+                settings[k] = enc.encode(v)
+            except TypeError:
+                continue  # a setting of a type this version cannot save: napari's default
+    if kind == "shapes":
+        parts = {f"d{i}": np.asarray(d) for i, d in enumerate(data)}
+        data_entry: Any = {"$shapes": len(parts)}
+    else:
+        parts = {"data": np.asarray(data)}
+        data_entry = {"$array": "data"}
+    with atomic_path(folder / f"{index}.npz", ".npz") as tmp:
+        np.savez(tmp, **parts, **enc.arrays)
+    return {"type": kind, "name": kwargs.get("name", f"layer {index}"), "data": data_entry,
+            "file": f"{index}.npz", "settings": settings}  # fmt: skip
+
+
+def load_layer(folder: Path, entry: dict[str, Any]) -> LayerDataTuple:
+    """A layer saved by :func:`save_layer`, as ``(data, kwargs, type)``."""
+    try:
+        with np.load(folder / entry["file"], allow_pickle=False) as npz:
+            arrays = {k: npz[k] for k in npz.files}
+        if "$shapes" in entry["data"]:
+            data: Any = [arrays[f"d{i}"] for i in range(int(entry["data"]["$shapes"]))]
+        else:
+            data = arrays["data"]
+        kwargs = _decode(entry["settings"], arrays)
+        feats = entry["settings"].get("features")
+        if isinstance(feats, dict) and "$parquet" in feats:
+            import pandas as pd
+
+            kwargs["features"] = pd.read_parquet(folder / feats["$parquet"])
+    except (OSError, KeyError, ValueError, TypeError) as exc:
+        raise SessionFileError(f"{folder}: layer {entry.get('name')!r} cannot be read "
+                               f"({type(exc).__name__}: {exc})") from None  # fmt: skip
+    return data, kwargs, entry["type"]
+
+
+# ------------------------------------------------------------- generations
+def save_layers(
+    folder: str | os.PathLike,
+    layers: list[LayerDataTuple],
+    manifest: dict[str, Any],
+    slide_display: dict[str, Any] | None = None,
+) -> Path:
+    """Save ``layers`` (in viewer order) as a new generation and point the manifest at it.
+
+    Returns the manifest path. Older generations are removed only after the
+    new manifest is in place.
+    """
+    root = Path(folder)
+    base = root / LAYERS_DIR
+    base.mkdir(parents=True, exist_ok=True)
+    gens = [int(p.name) for p in base.iterdir() if p.name.isdigit()]
+    gen = base / str(max(gens, default=0) + 1)
+    gen.mkdir()
+    entries = [save_layer(gen, i, layer) for i, layer in enumerate(layers)]
+    enc = _Arrays()
+    display = enc.encode(slide_display or {})
+    doc = {**manifest, "layers_dir": f"{LAYERS_DIR}/{gen.name}", "layers": entries,
+           "slide_display": display}  # fmt: skip
+    path = write_manifest(root, doc)
+    for old in base.iterdir():  # earlier generations, and any a killed save left behind
+        if old != gen:
+            shutil.rmtree(old, ignore_errors=True)
+    return path
+
+
+def load_layers(folder: str | os.PathLike) -> tuple[dict[str, Any], list[LayerDataTuple]]:
+    """``(manifest, layers)`` of a session folder, in the order they were shown."""
+    root = Path(folder)
+    doc = read_manifest(root)
+    if not doc.get("layers_dir"):
+        return doc, []
+    gen = root / doc["layers_dir"]
+    return doc, [load_layer(gen, e) for e in doc.get("layers", [])]

@@ -1,0 +1,103 @@
+"""Session folders on disk: layers saved and reopened exactly, crash-safe saves, wrong slides refused."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import histoscope as hs
+from histoscope.session import SessionError
+
+
+@pytest.fixture()
+def slide(tmp_path):
+    from histoscope.slide import write_pyramidal_tiff
+
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 255, (512, 512, 3), dtype=np.uint8)
+    return write_pyramidal_tiff(tmp_path / "case.tif", img, mpp=0.5, min_size=128)
+
+
+def _layers():
+    feats = pd.DataFrame({"class": pd.Categorical(["tumour", "stroma", "tumour"]),
+                          "area": [10.0, 12.5, 9.0]})  # fmt: skip
+    heat = (np.arange(16, dtype=np.float32).reshape(4, 4) / 15,
+            {"name": "heat", "scale": (64.0, 64.0), "translate": (31.75, 31.75), "opacity": 0.4,
+             "colormap": "magma", "contrast_limits": (0.1, 0.9), "visible": False,
+             "metadata": {"histoscope": {"task": "tumour"}, "slide": object()}},
+            "image")  # fmt: skip
+    pts = (np.array([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]),
+           {"name": "cells", "features": feats, "face_color": np.array([[1, 0, 0, 1.0]] * 3)},
+           "points")  # fmt: skip
+    shapes = ([np.array([[0.0, 0], [0, 10], [10, 10]]), np.array([[5.0, 5], [5, 9], [9, 9], [9, 5]])],
+              {"name": "roi", "shape_type": ["polygon", "rectangle"]}, "shapes")  # fmt: skip
+    return [heat, pts, shapes]
+
+
+def test_layers_round_trip_through_the_session_folder(slide, tmp_path):
+    with hs.open_session(slide, tmp_path / "s") as s:
+        s.save_layers(_layers(), {"opacity": 0.8, "position": 0})
+    with hs.open_session(slide, tmp_path / "s") as again:
+        back = again.layers()
+        assert again.slide_display() == {"opacity": 0.8, "position": 0}
+    assert [(k["name"], t) for _, k, t in back] == [("heat", "image"), ("cells", "points"),
+                                                  ("roi", "shapes")]  # fmt: skip
+    (hd, hk, _), (pd_, pk, _), (sd, sk, _) = back
+    np.testing.assert_array_equal(hd, _layers()[0][0])
+    assert hk["opacity"] == 0.4 and hk["visible"] is False and hk["colormap"] == "magma"
+    assert list(hk["contrast_limits"]) == [0.1, 0.9] and list(hk["scale"]) == [64.0, 64.0]
+    assert hk["metadata"] == {"histoscope": {"task": "tumour"}}  # the live object is not saved
+    np.testing.assert_array_equal(pd_, _layers()[1][0])
+    pd.testing.assert_frame_equal(pk["features"], _layers()[1][1]["features"])
+    np.testing.assert_array_equal(pk["face_color"], _layers()[1][1]["face_color"])
+    assert len(sd) == 2 and sk["shape_type"] == ["polygon", "rectangle"]
+    np.testing.assert_array_equal(sd[1], _layers()[2][0][1])
+
+
+def test_a_session_folder_of_another_slide_is_refused(slide, tmp_path):
+    from histoscope.slide import write_pyramidal_tiff
+
+    with hs.open_session(slide, tmp_path / "s") as s:
+        s.save_manifest()
+    other = write_pyramidal_tiff(tmp_path / "other.tif", np.zeros((512, 512, 3), np.uint8),
+                                 mpp=0.5, min_size=128)  # fmt: skip
+    with pytest.raises(SessionError, match="belongs to another slide"):
+        hs.open_session(other, tmp_path / "s")
+
+
+CHILD = textwrap.dedent(
+    """
+    import sys, numpy as np, histoscope as hs
+    s = hs.open_session(sys.argv[1], sys.argv[2])
+    small = [(np.full((4, 4), 1.0), {"name": "a"}, "image")]
+    s.save_layers(small)
+    print("ready", flush=True)
+    big = [(np.full((2048, 2048), float(i)), {"name": f"b{i}"}, "image") for i in range(6)]
+    while True:
+        s.save_layers(big)
+    """
+)
+
+
+def test_a_save_killed_midway_leaves_the_previous_complete_session(slide, tmp_path):
+    folder = tmp_path / "s"
+    for delay in (0.05, 0.2, 0.45):
+        proc = subprocess.Popen([sys.executable, "-c", CHILD, str(slide), str(folder)],
+                                stdout=subprocess.PIPE, text=True)  # fmt: skip
+        assert proc.stdout.readline().strip() == "ready"
+        time.sleep(delay)
+        proc.kill()
+        proc.wait()
+        with hs.open_session(slide, folder) as s:
+            layers = s.layers()  # whichever generation the manifest names is complete
+        names = [k["name"] for _, k, _ in layers]
+        assert names in (["a"], [f"b{i}" for i in range(6)])
+        for data, kwargs, _ in layers:
+            want = 1.0 if kwargs["name"] == "a" else float(kwargs["name"][1:])
+            assert data.shape in ((4, 4), (2048, 2048)) and (data == want).all()
