@@ -96,7 +96,7 @@ class Provenance:
 
             sw = {"histoscope": histoscope.__version__}
             if "torch" in sys.modules:
-                sw["torch"] = sys.modules["torch"].__version__
+                sw["torch"] = str(sys.modules["torch"].__version__)
             object.__setattr__(self, "software", sw)
         object.__setattr__(self, "params", plain(self.params))
 
@@ -282,8 +282,16 @@ class TileHeatmap(Result):
         return [(self.values, kwargs, "image")]
 
     def save(self, out_dir: str | os.PathLike) -> list[Path]:
+        """Write ``<stem>.npy``, ``<stem>.provenance.json`` and ``<stem>.ome.zarr`` (a folder).
+
+        ``<stem>`` is the layer name made file-safe; the OME-Zarr pyramid is
+        placed in µm as the layer (:func:`histoscope.export.heatmap.write_heatmap_ome_zarr`).
+        """
+        from histoscope.export.heatmap import write_heatmap_ome_zarr
+
         out = Path(out_dir)
         stem = safe_stem(self.name, "heatmap")
         files = [write_npy(out / f"{stem}.npy", self.values)]
         files.append(self._write_provenance(out, f"{stem}.provenance.json"))
+        files.append(write_heatmap_ome_zarr(self, out / f"{stem}.ome.zarr"))
         return files

@@ -198,12 +198,14 @@ class Session:
         engine: EngineParams | None = None,
         *,
         near: tuple[float, float] | None = None,
+        on_batch: Callable[[np.ndarray, np.ndarray], Any] | None = None,
     ) -> Generator[tuple[int, int], bool | None, FeatureTable]:
         """The feature table of ``fm`` over ``grid``: cached, read from the folder, or encoded.
 
         A generator (yields ``(done, total)`` tiles while encoding; send
         ``False`` to stop). A table cut short by cancellation is returned but
-        neither cached nor written.
+        neither cached nor written. ``on_batch(grid_indices, features)`` sees
+        each batch as it is encoded (not called for a table read back).
         """
         from histoscope.features import FeatureTable, table_attrs
 
@@ -221,7 +223,8 @@ class Session:
 
         if len(grid) == 0:
             raise ValueError(f"{self.slide.path}: no tissue tiles to encode")
-        out = yield from iter_tiles(fm.module, self.slide, grid, fm.spec, engine, near=near)
+        out = yield from iter_tiles(fm.module, self.slide, grid, fm.spec, engine, near=near,
+                                    on_batch=on_batch)  # fmt: skip
         feats = np.asarray(out.outputs, np.float32).reshape(len(grid), -1)
         table = FeatureTable(feats, grid.coords, table_attrs(grid, fm, name=self.slide.path.name),
                              done=out.done)  # fmt: skip

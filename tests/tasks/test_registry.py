@@ -103,7 +103,7 @@ def test_task_runs_through_the_registry_and_round_trips_through_save(case, reque
     assert res.to_layers() and all(kind in ("image", "labels", "points") for *_, kind in
                                    res.to_layers())  # fmt: skip
     files = res.save(tmp_path)
-    assert files and all(p.is_file() and p.parent == tmp_path for p in files)
+    assert files and all(p.exists() and p.parent == tmp_path for p in files)
     assert not list(tmp_path.glob(".*.part*"))
     case.check(res, {p.name: p for p in files})
 
@@ -191,3 +191,20 @@ def test_a_feature_file_of_another_slide_is_refused(he, ihc, tmp_path):
     [h5] = (tmp_path / "sess" / "features").glob("*.h5")
     with pytest.raises(FeatureFileError, match="not of"):
         hs.tasks.run("mil", ihc, features=str(h5))
+
+
+def test_mil_reuses_the_tiles_the_tumour_map_encoded_and_the_map_is_unchanged(he):
+    from histoscope.engine import run_tiles
+    from histoscope.tasks.tumour import _prob_model, tumour_index
+
+    session = hs.open_session(he, in_memory=True)
+    heat = hs.tasks.run("tumour", session)
+    call = hs.tasks.run("mil", session)
+    assert session.computed["features"] == 1  # the classifier's backbone ran once for both
+    model, card = session.model(hs.tasks.get("tumour").default_checkpoint_path(), None)
+    direct = run_tiles(_prob_model(model, model.input_spec, None, tumour_index(card.classes)),
+                       session.slide, heat.grid, model.input_spec).outputs  # fmt: skip
+    g = heat.grid
+    np.testing.assert_allclose(heat.values[g.index[:, 0], g.index[:, 1]], direct, atol=1e-6)
+    alone = hs.tasks.run("mil", he)
+    np.testing.assert_allclose(call.probability, alone.probability, atol=1e-6)

@@ -1,4 +1,9 @@
-"""Heatmap outputs that open elsewhere: TIFF with µm/px, per-tile CSV, a PNG overview."""
+"""Heatmap outputs that open elsewhere.
+
+A TIFF with µm/px (QuPath, Fiji), an OME-Zarr pyramid placed in µm (napari,
+ome-zarr tools), the per-tile table as CSV and as AnnData ``.h5ad`` (tile
+centres in ``obsm["spatial"]``), a JSON sidecar and a PNG overview.
+"""
 
 from __future__ import annotations
 
@@ -13,11 +18,14 @@ from histoscope.atomic import atomic_write_bytes, atomic_write_text
 
 
 def write_heatmap_outputs(heat, slide, out_dir, *, stem: str, value: str) -> list[Path]:
-    """Write ``<stem>.tif``, ``<stem>_tiles.csv``, ``<stem>.json`` and ``<stem>_overview.png``.
+    """Write a :class:`~histoscope.results.TileHeatmap` in every exchange format.
 
-    The TIFF is float32, one pixel per tile, NaN on background, with its
-    resolution set to the tile size so it overlays the slide in QuPath/Fiji;
-    the JSON sidecar holds the placement (µm/px and offset) and provenance.
+    ``<stem>.tif``, ``<stem>_tiles.csv``, ``<stem>.json``,
+    ``<stem>_overview.png``, then ``<stem>.ome.zarr`` (:func:`write_heatmap_ome_zarr`)
+    and ``<stem>_tiles.h5ad`` (:func:`write_tile_table`). The TIFF is float32,
+    one pixel per tile, NaN on background, with its resolution set to the tile
+    size so it overlays the slide in QuPath/Fiji; the JSON sidecar holds the
+    placement (µm/px and offset) and provenance.
     """
     import tifffile
 
@@ -44,7 +52,54 @@ def write_heatmap_outputs(heat, slide, out_dir, *, stem: str, value: str) -> lis
             "slide_mpp": grid.slide_mpp, "provenance": heat.provenance.to_dict()}  # fmt: skip
     files.append(atomic_write_text(out / f"{stem}.json", json.dumps(meta, indent=2) + "\n"))
     files.append(atomic_write_bytes(out / f"{stem}_overview.png", overview_png(heat, slide)))
+    files.append(write_heatmap_ome_zarr(heat, out / f"{stem}.ome.zarr"))
+    files.append(write_tile_table(heat, out / f"{stem}_tiles.h5ad", value))
     return files
+
+
+def write_heatmap_ome_zarr(heat, path) -> Path:
+    """``heat`` as an OME-Zarr pyramid (NaN-aware mean) placed as its napari layer.
+
+    Level 0 has the layer's ``scale`` and ``translate``
+    (:meth:`~histoscope.results.TileHeatmap.placement`); the name, channels,
+    provenance and summary are stored under the ``"histoscope"`` attribute.
+    """
+    from histoscope.export.omezarr import write_ome_zarr
+
+    scale, translate = heat.placement()
+    attrs = {"histoscope": {"name": heat.name, "channels": list(heat.channels),
+                            "slide_mpp": heat.grid.slide_mpp, "summary": heat.summary(),
+                            "provenance": heat.provenance.to_dict()}}  # fmt: skip
+    return write_ome_zarr(path, heat.values, scale, translate, method="mean", name=heat.name,
+                          attrs=attrs)  # fmt: skip
+
+
+def write_tile_table(heat, path, value: str) -> Path:
+    """One row per grid tile as AnnData ``.h5ad``.
+
+    ``obs``: ``x``, ``y`` (level-0 top-left corner), ``row``, ``col``,
+    ``tissue_fraction`` and ``value`` (NaN where unscored); a heatmap with
+    channels puts them in ``X`` (``var`` = channel names) instead.
+    ``obsm["spatial"]``: tile centres ``(x, y)`` in µm, where the heatmap
+    layer draws them; ``uns``: provenance, summary and placement.
+    """
+    from histoscope.export.anndata import write_h5ad
+
+    grid, vals = heat.grid, heat.values
+    (sy, sx), (ty, tx) = heat.placement()
+    r, c = grid.index[:, 0], grid.index[:, 1]
+    table = {"x": grid.coords[:, 0].astype(np.int64), "y": grid.coords[:, 1].astype(np.int64),
+             "row": r.astype(np.int64), "col": c.astype(np.int64),
+             "tissue_fraction": np.asarray(grid.tissue, np.float32)}  # fmt: skip
+    spatial = np.stack([tx + c * sx, ty + r * sy], axis=1)
+    uns = {"provenance": heat.provenance.to_dict(), "summary": heat.summary(), "value": value,
+           "placement": {"scale_um": [sy, sx], "translate_um": [ty, tx], "axes": ["y", "x"]},
+           "spatial_unit": "um", "slide_mpp": grid.slide_mpp}  # fmt: skip
+    if vals.ndim == 2:
+        table[value] = vals[r, c].astype(np.float32)
+        return write_h5ad(path, table, spatial, uns)
+    names = list(heat.channels) or [f"{value}_{i}" for i in range(vals.shape[2])]
+    return write_h5ad(path, table, spatial, uns, var=names, X=vals[r, c].astype(np.float32))
 
 
 #: Anchor colours of matplotlib's "magma" at 0, 0.25, 0.5, 0.75 and 1.

@@ -210,7 +210,15 @@ class IHCMeasurement(Result):
         return [(coords, kwargs, "points")]
 
     def save(self, out_dir: str | Path) -> list[Path]:
-        """Write ``ihc_cells.csv`` (one row per cell) and ``ihc_measure.json``."""
+        """Write ``ihc_cells.csv`` (one row per cell), ``ihc_measure.json`` and ``ihc_cells.h5ad``.
+
+        The ``.h5ad`` (AnnData) has one ``obs`` row per cell with the
+        :data:`CELL_COLUMNS` (``score`` as the ordered categorical 0 / 1+ /
+        2+ / 3+), ``obsm["spatial"]`` the centroids ``(x, y)`` in slide µm, and
+        the summary, parameters, µm/px and provenance in ``uns``.
+        """
+        from histoscope.export.anndata import as_categorical, write_h5ad
+
         out = Path(out_dir)
         rows = [",".join(CELL_COLUMNS)]
         c = self.cells
@@ -224,7 +232,12 @@ class IHCMeasurement(Result):
             "provenance": self.provenance.to_dict(),
         }
         json_path = atomic_write_text(out / "ihc_measure.json", json.dumps(doc, indent=2) + "\n")
-        return [cells_path, json_path]
+        table = {k: np.asarray(c[k]) for k in CELL_COLUMNS}
+        table["score"] = as_categorical(c["score"], SCORE_NAMES)
+        spatial = np.stack([c["x_um"], c["y_um"]], axis=1) if self.n_cells else np.zeros((0, 2))
+        uns = {**doc, "origin_um": list(self.origin_um), "spatial_unit": "um"}
+        h5ad_path = write_h5ad(out / "ihc_cells.h5ad", table, spatial, uns)
+        return [cells_path, json_path, h5ad_path]
 
 
 def _fmt(v: Any) -> str:

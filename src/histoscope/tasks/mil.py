@@ -180,8 +180,12 @@ class MILResult(Result):
         -------
         list of pathlib.Path
             ``mil.json``, ``mil_attention.npy`` (the heatmap grid),
-            ``mil_tile_attention.csv`` and ``mil.provenance.json``.
+            ``mil_tile_attention.csv``, ``mil.provenance.json`` and
+            ``mil_attention.ome.zarr`` (a folder: the attention pyramid placed
+            in µm as its layer).
         """
+        from histoscope.export.heatmap import write_heatmap_ome_zarr
+
         out = Path(out_dir)
         doc = {**self.summary(), "provenance": self.provenance.to_dict()}
         files = [atomic_write_text(out / "mil.json", json.dumps(doc, indent=2) + "\n")]
@@ -191,6 +195,7 @@ class MILResult(Result):
                                     in zip(coords, self.tile_attention, strict=True)]  # fmt: skip
         files.append(atomic_write_text(out / "mil_tile_attention.csv", "\n".join(rows) + "\n"))
         files.append(self._write_provenance(out, "mil.provenance.json"))
+        files.append(write_heatmap_ome_zarr(self.attention, out / "mil_attention.ome.zarr"))
         return files
 
 

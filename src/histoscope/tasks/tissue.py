@@ -43,9 +43,16 @@ class TissueResult(Result):
                 "shape": list(m.mask.shape)}  # fmt: skip
 
     def save(self, out_dir) -> list[Path]:
-        """``tissue_mask.tif`` (with its µm/px), ``tissue_mask.png`` and ``tissue.json``."""
+        """Write the mask; return the paths.
+
+        ``tissue_mask.tif`` (with its µm/px), ``tissue_mask.png``, ``tissue.json``
+        and ``tissue_mask.ome.zarr`` (a folder: the mask as a pyramid, max
+        downsampling, placed in µm as the labels layer).
+        """
         import tifffile
         from PIL import Image
+
+        from histoscope.export.omezarr import write_ome_zarr
 
         out = Path(out_dir)
         res = 1e4 / self.mask.mpp
@@ -60,6 +67,10 @@ class TissueResult(Result):
         ]
         doc = {**self.summary(), "provenance": self.provenance.to_dict()}
         files.append(atomic_write_text(out / "tissue.json", json.dumps(doc, indent=2) + "\n"))
+        layer = self.to_layers()[0][1]  # placed exactly as the labels layer
+        files.append(write_ome_zarr(out / "tissue_mask.ome.zarr", mask, layer["scale"],
+                                    layer["translate"], method="max", name="tissue",
+                                    attrs={"histoscope": doc}))  # fmt: skip
         return files
 
 

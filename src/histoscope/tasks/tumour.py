@@ -88,7 +88,12 @@ class TumourMap(TileHeatmap):
         return out
 
     def save(self, out_dir) -> list[Path]:
-        """``tumour_heatmap.tif`` / ``_tiles.csv`` / ``.json`` / ``_overview.png``."""
+        """Write the map in every exchange format; return the paths.
+
+        ``tumour_heatmap.tif`` / ``_tiles.csv`` / ``.json`` / ``_overview.png``,
+        ``tumour_heatmap.ome.zarr`` (a folder: the pyramid placed in µm) and
+        ``tumour_heatmap_tiles.h5ad`` (one row per tile, centres in µm).
+        """
         from histoscope.export.heatmap import write_heatmap_outputs
 
         return write_heatmap_outputs(self, self.slide, out_dir, stem="tumour_heatmap",
@@ -151,12 +156,61 @@ def iter_heatmap(
     def on_batch(idx: np.ndarray, probs) -> None:
         values[grid.index[idx, 0], grid.index[idx, 1]] = np.asarray(probs, np.float32)
 
-    net = _prob_model(model, spec, normalizer, target_class)
-    out = yield from tagged(iter_tiles(net, slide, grid, spec, engine, near=near,
-                                       on_batch=on_batch), "tumour tiles", lambda: heat)  # fmt: skip
-    if out.cancelled:
+    if normalizer is None and _splits_into_backbone_and_head(model) and card is not None:
+        # the session's feature table: MIL on the same backbone then reuses these tiles
+        gen = session.iter_features(_backbone_features(session, model, card), grid, engine,
+                                    near=near, on_batch=_head_probs(model, target_class, on_batch))  # fmt: skip
+        table = yield from tagged(gen, "tumour tiles", lambda: heat)
+        done = table.done if table.done is not None else np.ones(len(grid), bool)
+        idx = np.flatnonzero(done)  # every tile, also when the table was read back whole
+        _head_probs(model, target_class, on_batch)(idx, table.features[done])
+        cancelled = not table.complete
+    else:
+        net = _prob_model(model, spec, normalizer, target_class)
+        out = yield from tagged(iter_tiles(net, slide, grid, spec, engine, near=near,
+                                           on_batch=on_batch), "tumour tiles", lambda: heat)  # fmt: skip
+        cancelled = out.cancelled
+    if cancelled:
         return replace(heat, provenance=replace(prov, cancelled=True))
     return heat
+
+
+def _splits_into_backbone_and_head(model) -> bool:
+    """A tile classifier whose logits are ``head(backbone(x))`` (dropout aside)."""
+    return hasattr(model, "backbone") and hasattr(model, "head")
+
+
+def _backbone_features(session, model, card):
+    """The classifier's backbone as the session's feature model (the one MIL names, too)."""
+    from histoscope.features import FeatureModel, feature_descriptor
+
+    def make() -> FeatureModel:
+        cfg = card.config or {}
+        desc = feature_descriptor(cfg.get("backbone", ""), cfg.get("backbone_kwargs", {}),
+                                  model.backbone, model.input_spec,
+                                  checkpoint_sha256=card.sha256)  # fmt: skip
+        return FeatureModel(model.backbone, model.input_spec, desc)
+
+    return session.product("classifier_backbone", card.sha256, make)
+
+
+def _head_probs(model, target: int, sink=None):
+    """``(idx, features) -> probabilities`` of ``target`` from the classifier's head (on the CPU)."""
+    import copy
+
+    import torch
+
+    head = copy.deepcopy(model.head).cpu().eval()
+
+    def probs(idx: np.ndarray, feats) -> np.ndarray:
+        with torch.inference_mode():
+            logits = head(torch.as_tensor(np.asarray(feats, np.float32)))
+            p = torch.softmax(logits.float(), dim=1)[:, target].numpy()
+        if sink is not None:
+            sink(idx, p)
+        return p
+
+    return probs
 
 
 def _run(session, checkpoint, params: TumourParams, *, region=None, near=None, engine=None):
