@@ -26,7 +26,7 @@ from histoscope.errors import HistoScopeWarning
 SESSION_SUFFIX = ".histoscope-calls.jsonl"
 #: Columns of the exported call table, in order.
 CALL_COLUMNS = ("time", "slide", "region", "task", "call", "model", "model_confidence",
-                "measurement", "comment", "user")  # fmt: skip
+                "measurement", "comment", "user", "checkpoint_sha256")  # fmt: skip
 
 
 CALLS_FILE = "calls.jsonl"
@@ -82,6 +82,7 @@ class Call:
     comment: str = ""
     user: str = ""
     time: str = ""
+    checkpoint_sha256: str = ""
 
     def __post_init__(self) -> None:
         if not self.task or not self.call:

@@ -140,3 +140,32 @@ def test_calls_of_images_without_a_file_never_land_in_the_working_directory(tmp_
     pb = calls_path(hs.open_session(b, in_memory=True))
     assert pa != pb  # same name, other pixels: separate records
     assert tmp_path / "cache" in pa.parents and tmp_path / "cache" in pb.parents
+
+
+def test_no_call_before_assess_and_another_slide_clears_the_panel(widget, qtbot, ihc_slide):
+    import getpass
+
+    from histoscope.slide import write_pyramidal_tiff
+
+    assert not any(r.call_box.isEnabled() for r in widget.rows.values())  # nothing assessed yet
+    _assess(widget, qtbot)
+    row = widget.rows["quantity"]
+    assert row.call_box.isEnabled()
+    widget.comment.setText("mostly membranous")
+    row.call_box.setCurrentIndex(1)
+    row.call_box.activated.emit(1)
+    saved = widget.session.calls[-1]
+    assert saved.comment == "mostly membranous" and widget.comment.text() == ""  # cleared
+    assert saved.user == getpass.getuser() and saved.time
+    assert len(saved.checkpoint_sha256) == 64
+    assert str(widget.session.path) in widget.status.text()  # the full path of the calls file
+    # another image in the Slide box: the panel forgets the assessment until Assess
+    import numpy as np
+
+    other = write_pyramidal_tiff(ihc_slide.with_name("other.tif"),
+                                 np.full((256, 256, 3), 200, np.uint8), mpp=0.5)  # fmt: skip
+    widget.viewer.open(str(other), plugin="napari-histoscope")
+    widget.layer_combo.setCurrentText("other.tif")
+    assert widget.session is None
+    assert not any(r.call_box.isEnabled() for r in widget.rows.values())
+    assert all(r.model_call is None and r.measurement is None for r in widget.rows.values())

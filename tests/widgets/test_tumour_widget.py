@@ -126,3 +126,15 @@ def test_renamed_slide_layer_stays_chosen(widget):
     layer.name = "renamed slide"
     assert widget.layer_combo.currentText() == "renamed slide"
     assert widget.layer_combo.layer() is layer
+
+
+def test_image_box_starts_on_the_active_image_not_the_bottom_one(make_napari_viewer, slide_path):
+    from histoscope._widgets.tumour import TumourWidget
+
+    viewer = make_napari_viewer()
+    viewer.open(str(slide_path), plugin="napari-histoscope")
+    newest = viewer.add_image(np.zeros((64, 64, 3), np.uint8), rgb=True, name="newest")
+    viewer.layers.selection.active = viewer.layers[0]
+    assert TumourWidget(viewer).layer_combo.layer() is viewer.layers[0]  # the active one
+    viewer.layers.selection.clear()
+    assert TumourWidget(viewer).layer_combo.layer() is newest  # else the newest

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from qtpy.QtCore import Signal
 from qtpy.QtWidgets import (
     QComboBox,
     QFileDialog,
@@ -21,13 +22,24 @@ class RGBLayerCombo(QComboBox):
     The choice follows the layer itself, so renaming it keeps it chosen.
     """
 
+    #: Emitted when the chosen layer itself changes (not when it only moves in the list).
+    chosen_changed = Signal()
+
     def __init__(self, viewer) -> None:
         super().__init__()
         self.viewer = viewer
         self._layers: list = []
+        self._last = None
         for event in (viewer.layers.events.inserted, viewer.layers.events.removed):
             event.connect(self.refresh)
+        self.currentIndexChanged.connect(self._check_chosen)
         self.refresh()
+
+    def _check_chosen(self, *_: object) -> None:
+        layer = self.layer()
+        if layer is not self._last:
+            self._last = layer
+            self.chosen_changed.emit()
 
     def refresh(self, *_: object) -> None:
         chosen = self.layer()
@@ -38,8 +50,12 @@ class RGBLayerCombo(QComboBox):
             ly.events.name.connect(self.refresh)  # connecting twice is a no-op
             self.addItem(ly.name)
         self.blockSignals(False)
+        if chosen not in self._layers:  # nothing chosen yet: the active image, else the newest
+            active = self.viewer.layers.selection.active
+            chosen = active if active in self._layers else (self._layers or [None])[-1]
         index = next((i for i, ly in enumerate(self._layers) if ly is chosen), 0)
         self.setCurrentIndex(index if self._layers else -1)
+        self._check_chosen()
 
     def layer(self):
         """The chosen layer, or ``None``."""

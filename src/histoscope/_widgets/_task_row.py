@@ -40,6 +40,7 @@ class TaskRow(QGroupBox):
         self.flag.setStyleSheet("color: #e0a030; font-weight: bold")
         self.call_box = QComboBox()
         self.call_box.addItems([NO_CALL, *self.classes])
+        self.call_box.setEnabled(False)  # until the slide or region is assessed
         self.call_box.activated.connect(self._picked)
         grid.addWidget(self.measurement_label, n, 0, 1, 2)
         grid.addWidget(self.flag, n + 1, 0, 1, 2)

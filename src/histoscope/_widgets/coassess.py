@@ -45,6 +45,15 @@ def shape_to_level0(shapes, vertices, image):
     return np.array([image.world_to_data(w) for w in world])[:, -2:]
 
 
+def _os_user() -> str:
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except Exception:  # no user name in this environment
+        return ""
+
+
 class CoAssessWidget(TaskWidget):
     """Five iSight tasks: model probabilities, measurement estimates, pathologist's calls."""
 
@@ -54,13 +63,14 @@ class CoAssessWidget(TaskWidget):
         super().__init__(napari_viewer, "Assess")
         self.session: Session | None = None
         self.region_id = "slide"
+        self._checkpoint_sha = ""
         self.layer_combo = RGBLayerCombo(napari_viewer)
         self.picker = CheckpointPicker(
             DEFAULT_CHECKPOINT, "iSight checkpoint (.safetensors); empty: measurement only"
         )
         self.checkpoint = self.picker.edit
         self.metadata = QLineEdit()
-        self.metadata.setPlaceholderText("Tissue: breast. SNOMED: T-04000. Antibody: HER2.")
+        self.metadata.setPlaceholderText("e.g. Tissue: breast. Antibody: HER2. (optional)")
         self.scope = QComboBox()
         self.scope.addItems(SCOPES)
         form = QFormLayout()
@@ -78,19 +88,36 @@ class CoAssessWidget(TaskWidget):
         scroll.setWidgetResizable(True)
         scroll.setWidget(rows_box)
         self.comment = QLineEdit()
-        self.comment.setPlaceholderText("comment saved with the next call")
+        self.comment.setPlaceholderText("comment saved with the next call, then cleared")
+        self.user = QLineEdit(_os_user())
+        self.user.setToolTip("Saved with every call")
         self.agreement = QLabel("")
         self.agreement.setWordWrap(True)
         export = QPushButton("Export calls (CSV + JSON)…")
         export.clicked.connect(self._export)
 
+        self.layer_combo.chosen_changed.connect(self.clear)
         layout = QVBoxLayout(self)
         layout.addLayout(form)
         layout.addWidget(self.controls)
         layout.addWidget(scroll, stretch=1)
-        layout.addWidget(self.comment)
+        who = QFormLayout()
+        who.addRow("Pathologist", self.user)
+        who.addRow("Comment", self.comment)
+        layout.addLayout(who)
         layout.addWidget(self.agreement)
         layout.addWidget(export)
+
+    def clear(self, *_: object) -> None:
+        """Forget the assessment shown: another slide needs Assess before any call."""
+        self.session = None
+        self._checkpoint_sha = ""
+        for row in self.rows.values():
+            row.reset_call()
+            row.set_model(None)
+            row.set_measurement(None)
+            row.call_box.setEnabled(False)
+        self.agreement.setText("")
 
     def _set_row(self, task: str, classes) -> TaskRow:
         """Create (or replace, when the classes change) the row of one task."""
@@ -99,6 +126,7 @@ class CoAssessWidget(TaskWidget):
             return old
         row = TaskRow(task, classes)
         row.called.connect(self.record_call)
+        row.call_box.setEnabled(self.session is not None)
         if old is None:
             self._rows_layout.addWidget(row)
         else:
@@ -137,11 +165,8 @@ class CoAssessWidget(TaskWidget):
         except ValueError as exc:
             self.status.setText(str(exc))
             return None
-        self.session = Session.for_session(session)
-        self._slide_name = slide.path.name
-        for row in self.rows.values():
-            row.reset_call()
-            row.set_model(None)
+        self.clear()
+        self._pending = (Session.for_session(session), slide.path.name)
         jobs = []
         if self.picker.path():
             jobs.append(Job("isight", session, self.picker.path(), region=region,
@@ -151,9 +176,14 @@ class CoAssessWidget(TaskWidget):
 
     def _show(self, outcome) -> None:
         calls, measurement = outcome.get("isight"), outcome.get("ihc")
+        if calls is None and (measurement is None or measurement.cancelled):
+            return  # nothing assessed: no calls can be made
+        self.session, self._slide_name = self._pending
+        self._checkpoint_sha = calls.provenance.checkpoint_sha256 if calls is not None else ""
+        for row in self.rows.values():
+            row.call_box.setEnabled(True)
         if measurement is None or measurement.cancelled:  # stopped before it measured all
-            if calls is not None:
-                self._show_calls(calls)
+            self._show_calls(calls)
             return
         summary = measurement.summary()
         self._show_calls(calls)
@@ -186,14 +216,16 @@ class CoAssessWidget(TaskWidget):
             slide=self._slide_name,
             task=task, call=value, region=self.region_id, model=row.model_call,
             model_confidence=row.model_confidence(), model_probabilities=row.model_probabilities(),
-            measurement=row.measurement, comment=self.comment.text(),
+            measurement=row.measurement, comment=self.comment.text().strip(),
+            user=self.user.text().strip(), checkpoint_sha256=self._checkpoint_sha,
         )  # fmt: skip
         try:
             self.session.record(call)
         except OSError as exc:
             self.controls.error(f"Call NOT saved: {exc}")
             return None
-        self.status.setText(f"Saved {task}: {value} → {self.session.path.name}")
+        self.comment.clear()
+        self.status.setText(f"Saved {task}: {value} → {self.session.path}")
         self._show_agreement()
         return call
 
