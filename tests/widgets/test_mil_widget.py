@@ -44,6 +44,12 @@ def test_slide_call_attention_and_top_tiles(widget, qtbot):
     g = widget.result.attention.grid
     assert tuple(camera.center) != before
     assert camera.center[-1] == pytest.approx((t["x"] + g.stride / 2) * g.slide_mpp)
+    camera.center = (0.0, 0.0)  # the user pans away, then picks the same row again
+    widget.top_list.itemClicked.emit(widget.top_list.item(0))
+    assert camera.center[-1] == pytest.approx((t["x"] + g.stride / 2) * g.slide_mpp)
+    n = widget.result.summary()["tiles_encoded"]
+    assert widget.top_list.item(0).text().startswith(f"#1 of {n} (top ")
+    assert "x the average attention" in widget.top_list.item(0).text()
 
 
 def test_checkpoint_of_another_family_is_reported(widget, qtbot):

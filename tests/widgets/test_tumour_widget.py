@@ -61,11 +61,16 @@ def test_heatmap_fills_tissue_only_then_gradcam_on_click(widget, qtbot):
     vals = heat.data
     assert np.isfinite(vals).any() and np.isnan(vals).any()  # glass stays transparent
     assert np.nanmin(vals) >= 0 and np.nanmax(vals) <= 1
+    assert widget.gradcam_at(y_um=50.0, x_um=50.0) is None  # glass: no scored tile
+    assert "No scored tissue tile" in widget.status.text()
     assert widget.gradcam_at(y_um=400.0, x_um=250.0) is not None  # inside the tissue
     qtbot.waitUntil(lambda: "Grad-CAM" in widget.viewer.layers, timeout=120_000)
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=120_000)
     cam = widget.viewer.layers["Grad-CAM"]
     assert cam.data.shape == (32, 32)
     np.testing.assert_allclose(cam.scale, (4.0, 4.0))
+    p = vals[int(400 // 128), int(250 // 128)]
+    assert "row 3, col 1" in widget.status.text() and f"p(tumour) = {p:.2f}" in widget.status.text()
 
 
 @pytest.fixture(scope="module")

@@ -32,6 +32,7 @@ class MILWidget(TaskWidget):
         self.prediction.setWordWrap(True)
         self.top_list = QListWidget()
         self.top_list.currentRowChanged.connect(self.go_to_tile)
+        self.top_list.itemClicked.connect(lambda item: self.go_to_tile(self.top_list.row(item)))
         layout = QVBoxLayout(self)
         layout.addLayout(form)
         layout.addWidget(self.controls)
@@ -73,10 +74,12 @@ class MILWidget(TaskWidget):
         for data, kwargs, kind in result.to_layers():
             self.replace_layer(data, kwargs, kind)
         mpp = result.attention.grid.slide_mpp
-        for t in result.top_tiles:
+        n = max(s["tiles_encoded"], 1)
+        for t in result.top_tiles:  # attention sums to 1: n x weight is "times the average"
             self.top_list.addItem(
-                f"#{t['rank']}  x={t['x'] * mpp:.0f} µm, y={t['y'] * mpp:.0f} µm, "
-                f"attention {t['attention']:.3f}"
+                f"#{t['rank']} of {n} (top {100 * t['rank'] / n:.1f} %), "
+                f"{n * t['attention']:.1f}x the average attention — "
+                f"x={t['x'] * mpp:.0f} µm, y={t['y'] * mpp:.0f} µm"
             )
         self.status.setText(f"{s['tiles_encoded']} tiles attended.")
 

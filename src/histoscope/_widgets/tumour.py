@@ -101,7 +101,7 @@ class TumourWidget(TaskWidget):
         except ValueError as exc:
             self.status.setText(str(exc))
             return None
-        self.heatmap, self._heatmap_checkpoint = None, ckpt
+        self.heatmap, self._heatmap_checkpoint, self._heatmap_session = None, ckpt, session
         centre = self.view_centre(session.slide, layer)
         jobs = [Job("tissue", session, params=tissue),
                 Job("tumour", session, ckpt, params=params, near=centre)]  # fmt: skip
@@ -143,7 +143,9 @@ class TumourWidget(TaskWidget):
             callbacks.remove(self._on_click)
 
     def _on_click(self, _viewer, event) -> None:
-        if event.type == "mouse_press":
+        """A click explains a tile only while the heatmap is the active layer (not while annotating)."""
+        active = self.viewer.layers.selection.active
+        if event.type == "mouse_press" and active is not None and active.name == HEATMAP_NAME:
             self.gradcam_at(*event.position[-2:])
 
     def gradcam_at(self, y_um: float, x_um: float):
@@ -152,22 +154,33 @@ class TumourWidget(TaskWidget):
         It explains the checkpoint and the stain normalisation the heatmap used.
         """
         from histoscope._widgets._worker import Job
+        from histoscope.tasks.tumour import TumourParams
 
         if self.heatmap is None or self.worker is not None:
             self.status.setText("Run the tumour heatmap first, then click a tile.")
             return None
-        session, _ = self.chosen_session(self.layer_combo)
-        mpp = session.slide.mpp
-        point = (x_um / mpp, y_um / mpp)
-        params = self.heatmap.provenance.params
-        from histoscope.tasks.tumour import TumourParams
-
+        heat, session = self.heatmap, self._heatmap_session  # the slide the map was made on
+        g = heat.grid
+        px, py = x_um / g.slide_mpp, y_um / g.slide_mpp
+        r, c = int(py // g.stride), int(px // g.stride)
+        inside = 0 <= r < g.shape[0] and 0 <= c < g.shape[1]
+        prob = float(heat.values[r, c]) if inside else float("nan")
+        if prob != prob:  # NaN: glass, off the slide, or not scored
+            self.status.setText("No scored tissue tile there: Grad-CAM explains scored tiles only.")
+            return None
+        self._cam_tile = (r, c, prob)
+        params = heat.provenance.params
         p = TumourParams(min_tissue=params["min_tissue"], stain_norm=params["stain_norm"])
-        job = Job("gradcam", session, self._heatmap_checkpoint, params=p, near=point)
+        job = Job("gradcam", session, self._heatmap_checkpoint, params=p, near=(px, py))
         return self.run_tasks([job], text="Grad-CAM…", on_result=self._add_cam)
 
     def _add_cam(self, outcome) -> None:
         result = outcome.get("gradcam")
         if result is not None:
             self.replace_layer(*result.to_layers()[0])
-            self.status.setText("Grad-CAM: where the classifier found tumour evidence in the tile.")
+            r, c, prob = self._cam_tile
+            s = result.summary()
+            um = self.heatmap.grid.slide_mpp
+            self.status.setText(f"Grad-CAM of tile (row {r}, col {c}) at x = {s['tile_x'] * um:.0f}"
+                                f" µm, y = {s['tile_y'] * um:.0f} µm, p(tumour) = {prob:.2f}: "
+                                "where the classifier found tumour evidence.")  # fmt: skip
