@@ -64,7 +64,7 @@ def _run(path: str, view_px: tuple[int, int], view_mpp: float) -> dict:
     h0, w0 = slide.shape
     cx, cy = w0 / 2, h0 / 2
     gen = iter_heatmap(slide, model, card, near=(cx, cy))
-    step = next(gen)  # tissue mask and grid are made before the first batch
+    step = next(s for s in gen if s.total)  # tissue mask and grid come before the first batch
     heat = step.partial
     t_grid = time.perf_counter() - t0  # includes the first batch
     half_w, half_h = view_px[1] * view_mpp / slide.mpp / 2, view_px[0] * view_mpp / slide.mpp / 2

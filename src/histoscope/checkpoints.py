@@ -347,3 +347,21 @@ def convert_torch_checkpoint(
     except RuntimeError as exc:
         raise CheckpointError(f"{src}: does not fit a {card.family!r} model ({exc})") from exc
     return save_checkpoint(dst, model, card)
+
+
+def describe_card(card: ModelCard) -> str:
+    """One line on what a checkpoint is and what it was trained on (for panels and logs)."""
+    arch = (card.config or {}).get("backbone") or (card.config or {}).get("name") or ""
+    what = f"{card.family}" + (f" ({arch})" if arch else "")
+    if card.classes:
+        n = len(card.classes)
+        what += f": {', '.join(card.classes)}" if n <= 4 else f": {n} outputs"
+    data = (card.recipe or {}).get("data") or {}
+    gen = data.get("generate") or (card.data or {}).get("generate")
+    if isinstance(gen, dict) and gen.get("count"):
+        size = gen.get("size")
+        px = f" of {size[0]} x {size[1]} px" if isinstance(size, list | tuple) and len(size) == 2 else ""
+        what += f"; trained on {gen['count']} synthetic slides{px} (not real tissue)"
+    elif data.get("path") or (card.data or {}).get("path"):
+        what += f"; trained on {data.get('path') or card.data.get('path')}"
+    return what

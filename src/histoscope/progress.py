@@ -121,6 +121,8 @@ def tqdm_progress(desc: str = "") -> tuple[ProgressFn, Callable[[], None]]:
     bars: dict[str, Any] = {}
 
     def update(step: Step) -> None:
+        if step.total == 0:  # a phase without a count (loading, finding tissue): no bar
+            return
         key = step.what or desc
         bar = bars.get(key)
         if bar is None:

@@ -74,7 +74,9 @@ def test_viewport_first_scores_tiles_near_the_view_first(slide):
     near = (1500.0, 1000.0)  # level-0 px, bottom right
     gen = iter_heatmap(slide, RedIsTumour(), near=near,
                        engine=EngineParams(batch_size=4, workers=1, prefetch=1))  # fmt: skip
-    step = next(gen)
+    first = next(gen)
+    assert first.total == 0 and first.what == "finding tissue"  # the wait is named
+    step = next(s for s in gen if s.total)
     live = step.partial  # the map the layer shows, filling in place
     with pytest.raises(StopIteration) as stop:
         gen.send(False)  # cancel after the first batch

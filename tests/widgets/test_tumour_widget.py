@@ -143,3 +143,12 @@ def test_image_box_starts_on_the_active_image_not_the_bottom_one(make_napari_vie
     assert TumourWidget(viewer).layer_combo.layer() is viewer.layers[0]  # the active one
     viewer.layers.selection.clear()
     assert TumourWidget(viewer).layer_combo.layer() is newest  # else the newest
+
+
+def test_checkpoint_field_says_what_the_model_is_and_was_trained_on(widget, checkpoint, tmp_path):
+    assert widget.picker.about.text().startswith("tile_classifier (test_cnn): normal, tumour")
+    assert widget.checkpoint.toolTip() == str(checkpoint)
+    bad = tmp_path / "broken.safetensors"
+    bad.write_bytes(b"\x00" * 16)
+    widget.checkpoint.setText(str(bad))
+    assert "broken.safetensors" in widget.picker.about.text()

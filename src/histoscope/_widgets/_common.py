@@ -79,10 +79,35 @@ class CheckpointPicker(QWidget):
         browse = QPushButton("…")
         browse.setMaximumWidth(32)
         browse.clicked.connect(self._browse)
-        row = QHBoxLayout(self)
+        self.about = QLabel("")
+        self.about.setWordWrap(True)
+        self.about.setStyleSheet("color: grey; font-size: small")
+        row = QHBoxLayout()
         row.setContentsMargins(0, 0, 0, 0)
         row.addWidget(self.edit)
         row.addWidget(browse)
+        box = QVBoxLayout(self)
+        box.setContentsMargins(0, 0, 0, 0)
+        box.addLayout(row)
+        box.addWidget(self.about)
+        self.edit.textChanged.connect(self._describe)
+        self._describe()
+
+    def _describe(self, *_: object) -> None:
+        """Show what the checkpoint is (from its card); the full path as a tooltip."""
+        from histoscope.checkpoints import describe_card, read_card
+        from histoscope.errors import HistoScopeError
+
+        path = self.path()
+        self.edit.setToolTip(path)
+        self.edit.setCursorPosition(len(path))  # the file name, not the folder, stays in view
+        if not path:
+            self.about.setText("")
+            return
+        try:
+            self.about.setText(describe_card(read_card(path)))
+        except (HistoScopeError, OSError, ValueError) as exc:
+            self.about.setText(f"<span style='color:#e05050'>{exc}</span>")
 
     def path(self) -> str:
         return self.edit.text().strip()
@@ -243,6 +268,10 @@ class TaskWidget(QWidget):
         self._cancel.clear()
 
         def step(value) -> None:
+            if value.total == 0:  # a phase without a count: a busy bar that says what it is
+                self.controls.set_progress(0, 0, value.what)
+                self.status.setText(f"{value.what[:1].upper()}{value.what[1:]}…")
+                return
             fmt = f"{value.what} %v/%m" if value.what else "%v/%m"
             self.controls.set_progress(value.done, value.total, fmt)
             if on_partial is not None and value.partial is not None:

@@ -209,6 +209,7 @@ def iter_run(
     ckpt = None
     path = resolve_checkpoint(spec, checkpoint)
     if path is not None:
+        yield Step(0, 0, f"loading {path.name}")  # say what the wait is for
         ckpt = session.model(path, spec.family)
     try:
         result = yield from spec.run(session, ckpt, p, region=region, near=near, engine=engine)

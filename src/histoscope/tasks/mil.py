@@ -275,6 +275,7 @@ def iter_mil(
     if m.features:
         yield Step(0, 1, "MIL features file")
         return _mil_from_file(slide, clam_model, card, m.features, k)
+    yield Step(0, 0, "finding tissue and the feature encoder")
     fm = feature_model if feature_model is not None else session.product(
         "feature_model", card.sha256, lambda: feature_model_for(card))  # fmt: skip
     if min_t is None:

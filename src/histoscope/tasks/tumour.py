@@ -141,7 +141,10 @@ def iter_heatmap(
     p = params or TumourParams()
     session = open_session(target, in_memory=True)
     slide, spec = session.slide, model.input_spec
+    yield Step(0, 0, "finding tissue")
     grid = session.grid(spec.mpp, spec.tile_size, p.min_tissue)
+    if p.normalise(card):
+        yield Step(0, 0, "fitting stain normalisation")
     normalizer = _normalizer(session, p, card)
     target_class = tumour_index(getattr(card, "classes", ()))
     prov = Provenance(
