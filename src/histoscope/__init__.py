@@ -13,6 +13,7 @@ from histoscope.slide import Slide, open_slide
 
 __all__ = [
     "CheckpointError",
+    "GeoJSONError",
     "HistoScopeError",
     "HistoScopeWarning",
     "ParamError",
@@ -23,13 +24,17 @@ __all__ = [
     "load_checkpoint",
     "open_session",
     "open_slide",
+    "read_geojson",
     "save_checkpoint",
     "tasks",
+    "write_geojson",
 ]
 
 _LAZY = {"load_checkpoint": "histoscope.checkpoints", "save_checkpoint": "histoscope.checkpoints",
          "open_session": "histoscope.session", "Session": "histoscope.session",
-         "ParamError": "histoscope.params"}  # fmt: skip
+         "ParamError": "histoscope.params", "GeoJSONError": "histoscope.errors",
+         "read_geojson": "histoscope.export.geojson",
+         "write_geojson": "histoscope.export.geojson"}  # fmt: skip
 
 
 def __getattr__(name: str):

@@ -1,13 +1,17 @@
-"""napari reader contribution: whole-slide images as multiscale RGB layers.
+"""napari reader contributions: whole-slide images and QuPath GeoJSON objects.
 
-``get_reader`` only looks at the path (name, first bytes); it never opens the
-slide and never raises.
+``get_reader`` and ``get_geojson_reader`` only look at the path (name, first
+bytes); they never open the file fully and never raise. GeoJSON objects are
+level-0 pixels: their layers take the µm/px of the open slide as ``scale``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from histoscope.slide import sniff_format
 
@@ -38,3 +42,175 @@ def read_slides(path: str | list[str]) -> list:
     return [
         slide_layer(open_slide(p, on_tile_error="blank", on_warning=_notify_once)) for p in paths
     ]
+
+
+# ---------------------------------------------------------------- QuPath GeoJSON
+#: Beyond this many polygons, annotations load as centroid points (napari shapes stall).
+MAX_SHAPES = 20_000
+_GEOJSON_SUFFIXES = (".geojson", ".geojson.gz")
+_POINT_SIZE_PX = 12.0
+_DEFAULT_RGBA = (1.0, 0.85, 0.0, 1.0)
+
+
+def _sniffs_as_geojson(path: str) -> bool:
+    with open(path, "rb") as fh:
+        head = fh.read(4096)
+    if head[:2] == b"\x1f\x8b":
+        import gzip
+
+        with gzip.open(path, "rb") as fh:
+            head = fh.read(4096)
+    text = head.decode("utf-8", "ignore").lstrip()
+    keys = ('"Feature', '"geometry"', '"coordinates"')
+    return text[:1] in ("[", "{") and '"type"' in text and any(k in text for k in keys)
+
+
+def get_geojson_reader(path: str | list[str]) -> Callable[[Any], list] | None:
+    """Return :func:`read_geojson_layers` for ``.geojson(.gz)`` files, and ``.json`` that sniff as GeoJSON."""
+    try:
+        paths = [path] if isinstance(path, str) else list(path)
+        if not paths:
+            return None
+        for p in paths:
+            name = str(p).lower()
+            if name.endswith(_GEOJSON_SUFFIXES):
+                continue
+            if not (
+                (name.endswith(".json") or name.endswith(".json.gz")) and _sniffs_as_geojson(p)
+            ):
+                return None
+    except Exception:
+        return None
+    return read_geojson_layers
+
+
+def viewer_slide_mpp() -> float | None:
+    """µm/px of the current viewer's active (else first) slide layer, if any states it."""
+    try:
+        import napari
+
+        viewer = napari.current_viewer()
+    except Exception:
+        return None
+    if viewer is None:
+        return None
+    from histoscope.layers import SLIDE_KEY, layer_mpp
+    from histoscope.slide import Slide
+
+    active = viewer.layers.selection.active
+    for layer in [active, *viewer.layers] if active is not None else list(viewer.layers):
+        meta = layer.metadata
+        slide = meta.get("slide")
+        if SLIDE_KEY not in meta and not isinstance(slide, Slide):
+            continue
+        mpp = slide.mpp if isinstance(slide, Slide) and slide.mpp else None
+        mpp = mpp or layer_mpp(layer.scale, getattr(layer, "units", None), meta)
+        if mpp:
+            return float(mpp)
+    return None
+
+
+def _rgba(colors) -> np.ndarray:
+    out = np.tile(np.asarray(_DEFAULT_RGBA), (len(colors), 1))
+    for i, c in enumerate(colors):
+        if c is not None and not (isinstance(c, float) and np.isnan(c)):
+            out[i, :3] = np.asarray(c[:3], dtype=float) / 255.0
+    return out
+
+
+def _features(table) -> Any:
+    """Layer features: id, object type, name, class, then the measurements."""
+    import pandas as pd
+
+    from histoscope.export.geojson import BASE_COLUMNS
+
+    meas = [c for c in table.columns if c not in BASE_COLUMNS]
+    feats = pd.DataFrame(
+        {
+            "id": table["id"].to_numpy(object),
+            "object_type": table["object_type"].to_numpy(object),
+            "name": table["name"].fillna("").to_numpy(object),
+            "class": table["classification"].fillna("").to_numpy(object),
+        }
+    )
+    for c in meas:
+        feats[c] = table[c].to_numpy(float)
+    return feats
+
+
+def _shape_parts(table) -> tuple[list, list, list]:
+    """(vertices (y, x) px, napari shape type, row) for each polygon part or line of ``table``."""
+    import shapely
+
+    data, kinds, rows = [], [], []
+    for row, geom in enumerate(table["geometry"]):
+        for part in shapely.get_parts(geom):
+            if part.geom_type == "Polygon":
+                xy, kind = np.asarray(part.exterior.coords)[:-1], "polygon"
+            else:
+                xy, kind = np.asarray(part.coords), "path"
+            data.append(xy[:, ::-1].copy())
+            kinds.append(kind)
+            rows.append(row)
+    return data, kinds, rows
+
+
+def geojson_layers(
+    table, name: str, mpp: float | None, max_shapes: int | None = None, path: str | None = None
+) -> tuple[list, list[str]]:
+    """Layer data tuples (annotations as Shapes, the rest as Points) and notes for the user.
+
+    Coordinates stay level-0 pixels; the layer ``scale`` is ``mpp`` (µm/px)
+    so the objects line up with their slide, or 1 in pixels when unknown.
+    """
+    import shapely
+
+    max_shapes = MAX_SHAPES if max_shapes is None else max_shapes
+    scale, units = ((mpp, mpp), ("um", "um")) if mpp else ((1.0, 1.0), ("pixel", "pixel"))
+    common = {"scale": scale, "units": units}
+    kinds = shapely.get_type_id(table["geometry"].to_numpy())
+    outline = np.isin(kinds, (1, 3, 5, 6)) & (table["object_type"] == "annotation").to_numpy()
+    notes, layers = [], []
+    if outline.sum() > max_shapes:
+        notes.append(f"{name}: {int(outline.sum()):,} annotation outlines are more than napari "
+                     f"draws smoothly ({max_shapes:,}); they load as centroid points.")  # fmt: skip
+        outline[:] = False
+    if outline.any():
+        shapes = table[outline].reset_index(drop=True)
+        data, shape_type, rows = _shape_parts(shapes)
+        feats = _features(shapes).iloc[rows].reset_index(drop=True)
+        face = _rgba(shapes["color"].tolist())[rows]
+        edge, face[:, 3] = face.copy(), 0.25
+        kw = {"name": f"{name} annotations", "shape_type": shape_type, "features": feats,
+              "face_color": face, "edge_color": edge, "edge_width": 2.0 / scale[0], **common}  # fmt: skip
+        layers.append((data, kw, "shapes"))
+    if (~outline).any():
+        pts = table[~outline].reset_index(drop=True)
+        kw = {"name": f"{name} objects", "features": _features(pts), "size": _POINT_SIZE_PX,
+              "face_color": _rgba(pts["color"].tolist()), "border_width": 0, **common}  # fmt: skip
+        layers.append((np.column_stack([pts["y"], pts["x"]]), kw, "points"))
+    for _, kw, _ in layers:
+        kw["metadata"] = {"histoscope_geojson": {"mpp": mpp, "path": path}}
+    return layers, notes
+
+
+def read_geojson_layers(path: str | list[str]) -> list:
+    """napari reader: QuPath GeoJSON objects placed over the open slide (µm) or in pixels."""
+    from napari.utils.notifications import show_info
+
+    from histoscope.export.geojson import read_geojson
+
+    paths = [path] if isinstance(path, str) else list(path)
+    mpp = viewer_slide_mpp()
+    if mpp is None:
+        show_info("GeoJSON objects are in level-0 pixels: no slide with a known µm/px is open. "
+                  "Open the slide first, or set the layer's µm/px with the Slide panel's "
+                  "'Set µm/px'.")  # fmt: skip
+    out = []
+    for p in paths:
+        stem = Path(p).name.split(".")[0]
+        layers, notes = geojson_layers(read_geojson(p), stem, mpp, path=str(p))
+        for note in notes:
+            show_info(note)
+        out.extend(layers)
+    return out

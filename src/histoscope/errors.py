@@ -18,5 +18,12 @@ class CheckpointError(HistoScopeError):
     """A checkpoint cannot be loaded (wrong family, missing tensor, bad file...)."""
 
 
+class GeoJSONError(HistoScopeError):
+    """A GeoJSON file or object table cannot be read or written.
+
+    The message names the file, the feature index (or table row) and the reason.
+    """
+
+
 class HistoScopeWarning(UserWarning):
     """Warnings issued by HistoScope itself."""

@@ -282,7 +282,9 @@ class TaskWidget(QWidget):
             if outcome.cancelled:
                 self.status.setText(self.cancel_text)
             if self.autosave.save_now() is None and self.autosave.error is not None:
-                self.status.setText(f"{self.status.text()} Session NOT saved: {self.autosave.error}")
+                self.status.setText(
+                    f"{self.status.text()} Session NOT saved: {self.autosave.error}"
+                )
 
         self.worker = create_worker(task_work, list(jobs), self._cancel, _start_thread=False,
                                     _connect={"yielded": step, "returned": returned,

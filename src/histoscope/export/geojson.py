@@ -1,0 +1,502 @@
+"""QuPath GeoJSON: read every form QuPath 0.2-0.6 writes, write what 0.4-0.6 imports.
+
+One row of the table is one object: ``id``, ``object_type``, ``name``,
+``classification`` (derived classes joined with ``": "``), ``color`` (the
+classification colour, ``(r, g, b)`` or ``None``), ``geometry`` and
+``nucleus`` (shapely, level-0 pixels), centroid ``x``, ``y``, ``locked`` and
+one column per measurement.
+
+Reading streams: the file is decoded one feature at a time (the C scanner of
+:mod:`json`), coordinates of each chunk of features are turned into shapely
+geometries in one vectorised call, so a million cells never exist as one
+parsed document. Nothing here imports napari or Qt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import gzip
+import itertools
+import json
+import os
+import warnings
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+import shapely
+
+from histoscope.errors import GeoJSONError, HistoScopeWarning
+from histoscope.export._geojson_write import (
+    BASE_COLUMNS,
+    TYPE_ALIASES,
+    repair_polygonal,
+    single_part,
+    write_table,
+)
+
+__all__ = ["BASE_COLUMNS", "GeoJSONError", "read_geojson", "write_geojson"]
+
+GEOMETRY_TYPES = frozenset({"Point", "MultiPoint", "LineString", "MultiLineString", "Polygon",
+                            "MultiPolygon", "GeometryCollection"})  # fmt: skip
+_CHUNK = 20_000
+_DECODER = json.JSONDecoder()
+_WS = frozenset(" \t\n\r")
+_NUMBER_TYPES = frozenset({int, float})
+
+
+class _Bad(ValueError):
+    """One feature is malformed; the message is the reason."""
+
+
+# ----------------------------------------------------------------- streaming
+class _Stream:
+    """Text read in blocks and decoded one JSON value at a time."""
+
+    def __init__(self, fh, block: int = 1 << 22) -> None:
+        self.fh, self.block, self.buf, self.pos, self.eof = fh, block, "", 0, False
+
+    def _more(self) -> bool:
+        data = self.fh.read(max(self.block, len(self.buf) - self.pos))  # doubles for big values
+        if not data:
+            self.eof = True
+            return False
+        self.buf = self.buf[self.pos :] + data
+        self.pos = 0
+        return True
+
+    def peek(self) -> str:
+        """The next character that is not white space ('' at the end)."""
+        while True:
+            buf, p, n = self.buf, self.pos, len(self.buf)
+            while p < n and buf[p] in _WS:
+                p += 1
+            self.pos = p
+            if p < n:
+                return buf[p]
+            if not self._more():
+                return ""
+
+    def take(self, allowed: str) -> str:
+        c = self.peek()
+        if not c or c not in allowed:
+            raise ValueError(f"expected one of {allowed!r}, found {c or 'the end of the file'!r}")
+        self.pos += 1
+        return c
+
+    def value(self) -> Any:
+        self.peek()
+        while True:
+            try:
+                obj, end = _DECODER.raw_decode(self.buf, self.pos)
+            except json.JSONDecodeError:
+                if not self._more():
+                    raise
+                continue
+            if end == len(self.buf) and not isinstance(obj, dict | list | str) and self._more():
+                continue  # a number may go on in the next block
+            self.pos = end
+            return obj
+
+
+def _array(stream: _Stream) -> Iterator[Any]:
+    stream.take("[")
+    if stream.peek() == "]":
+        stream.pos += 1
+        return
+    while True:
+        yield stream.value()
+        if stream.take(",]") == "]":
+            return
+
+
+def _items(stream: _Stream) -> Iterator[Any]:
+    """Each feature: of a FeatureCollection, of a bare array, or the one object itself."""
+    first = stream.peek()
+    if first == "[":
+        yield from _array(stream)
+    elif first == "{":
+        stream.pos += 1
+        members, features = {}, False
+        while stream.peek() != "}":
+            key = stream.value()
+            stream.take(":")
+            if key == "features" and stream.peek() == "[":
+                features = True
+                yield from _array(stream)
+            else:
+                members[key] = stream.value()
+            if stream.take(",}") == "}":
+                stream.pos -= 1
+        stream.pos += 1
+        if not features:
+            yield members
+    else:
+        raise ValueError(f"not JSON: the file starts with {first or 'nothing'!r}")
+    if stream.peek():
+        raise ValueError("extra data after the end of the JSON document")
+
+
+def _chunks(items: Iterator[Any], where: str) -> Iterator[tuple[int, list]]:
+    """``(index of the first, features)`` in chunks; a syntax error names the feature."""
+    chunk, start = [], 0
+    try:
+        for obj in items:
+            chunk.append(obj)
+            if len(chunk) == _CHUNK:
+                yield start, chunk
+                start, chunk = start + len(chunk), []
+    except (ValueError, UnicodeDecodeError, OSError, EOFError, zlib.error) as exc:
+        raise GeoJSONError(
+            f"{where}: feature {start + len(chunk)}: not valid JSON ({exc})"
+        ) from None
+    if chunk:
+        yield start, chunk
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pause the cyclic GC: millions of small acyclic lists would trigger it ~10x over."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
+def _open_text(path: Path):
+    with open(path, "rb") as fh:
+        gz = fh.read(2) == b"\x1f\x8b"
+    return gzip.open(path, "rt", encoding="utf-8-sig") if gz else open(path, encoding="utf-8-sig")
+
+
+# ------------------------------------------------------------------ features
+def _rgb(value: Any, what: str) -> tuple[int, int, int]:
+    if type(value) is list and len(value) == 3 and set(map(type, value)) == {int}:
+        if 0 <= min(value) and max(value) <= 255:
+            return tuple(value)
+    ints = isinstance(value, list) and len(value) in (3, 4)
+    ints = ints and all(isinstance(v, int | float) and not isinstance(v, bool) and float(v).is_integer()
+                        and 0 <= v <= 255 for v in value)  # fmt: skip
+    if not ints:
+        raise _Bad(f"{what} {value!r} is not 3 integers 0-255")
+    return int(value[0]), int(value[1]), int(value[2])
+
+
+def _packed(value: Any) -> tuple[int, int, int]:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise _Bad(f"classification colorRGB {value!r} is not an integer")
+    return (value >> 16) & 255, (value >> 8) & 255, value & 255
+
+
+def _classification(value: Any) -> tuple[str | None, tuple | None]:
+    """``(name, colour)`` from a string, ``{name(s), color}`` or the old ``{name, colorRGB}``."""
+    if value is None or isinstance(value, str):
+        return value or None, None
+    if not isinstance(value, dict):
+        raise _Bad(f"classification {value!r} is neither a name nor an object")
+    if value.get("names"):
+        name = ": ".join(str(n) for n in value["names"])
+    else:
+        name = None if value.get("name") is None else str(value["name"])
+    parent = value.get("parentClass")
+    if isinstance(parent, dict) and name:  # before 0.4: derived classes chain their parents
+        name = f"{_classification(parent)[0]}: {name}" if parent.get("name") else name
+    if "color" in value and value["color"] is not None:
+        return name, _rgb(value["color"], "classification colour")
+    if "colorRGB" in value and value["colorRGB"] is not None:
+        return name, _packed(value["colorRGB"])
+    return name, None
+
+
+def _measurements(value: Any) -> dict[str, float]:
+    if value is None:
+        return {}
+    if isinstance(value, list):  # before 0.4: [{"name": ..., "value": ...}, ...]
+        if not all(isinstance(m, dict) and "name" in m for m in value):
+            raise _Bad("measurements list entries need a 'name' and a 'value'")
+        value = {m["name"]: m.get("value") for m in value}
+    if not isinstance(value, dict):
+        raise _Bad(f"measurements must be an object or a list, not {type(value).__name__}")
+    if set(map(type, value.values())) <= _NUMBER_TYPES:
+        return value
+    out = {}
+    for k, v in value.items():
+        if v is None:
+            v = np.nan
+        elif isinstance(v, bool) or not isinstance(v, int | float):
+            raise _Bad(f"measurement {k!r} is {v!r}, not a number")
+        out[str(k)] = v
+    return out
+
+
+def _feature(obj: Any) -> tuple[dict, dict, Any, Any]:
+    """``(fields, measurements, geometry, nucleus)`` of one feature (or bare geometry)."""
+    if not isinstance(obj, dict):
+        raise _Bad(f"expected a Feature object, found {type(obj).__name__}")
+    if obj.get("type") in GEOMETRY_TYPES:
+        obj = {"type": "Feature", "geometry": obj}
+    elif obj.get("type") == "FeatureCollection":
+        raise _Bad("FeatureCollection whose 'features' is not an array")
+    if obj.get("geometry") is None:
+        raise _Bad("feature without geometry")
+    props = obj.get("properties") or {}
+    if not isinstance(props, dict):
+        raise _Bad("properties is not an object")
+    fid = obj.get("id")
+    kind = props.get("objectType", props.get("object_type", props.get("type")))
+    if kind is None and fid in TYPE_ALIASES:  # QuPath 0.2 kept the type in "id"
+        kind, fid = fid, None
+    name, color = _classification(props.get("classification"))
+    fields = {
+        "id": None if fid is None else str(fid),
+        "object_type": TYPE_ALIASES.get(kind, kind) or "annotation",
+        "name": None if props.get("name") is None else str(props["name"]),
+        "classification": name,
+        "color": color,
+        "locked": bool(props.get("isLocked", False)),
+    }
+    return (
+        fields,
+        _measurements(props.get("measurements")),
+        obj["geometry"],
+        obj.get("nucleusGeometry"),
+    )
+
+
+# ---------------------------------------------------------------- geometries
+def _numbers(coords: Any, depth: int) -> Any:
+    """Check a nested coordinate list has numbers at ``depth``; return it as floats."""
+    if depth == 0:
+        ok = isinstance(coords, list) and len(coords) in (2, 3)
+        if not ok or not all(
+            isinstance(v, int | float) and not isinstance(v, bool) for v in coords
+        ):
+            raise _Bad(f"coordinates {coords!r} are not numbers")
+        if not all(np.isfinite(coords)):
+            raise _Bad(f"coordinates {coords!r} are not finite")
+        return [float(coords[0]), float(coords[1])]
+    if not isinstance(coords, list):
+        raise _Bad(f"coordinates {coords!r} are not a list")
+    return [_numbers(c, depth - 1) for c in coords]
+
+
+def _ring(ring: list) -> list:
+    if len(ring) and ring[0] != ring[-1]:
+        ring = [*ring, ring[0]]  # repaired: closed
+    if len({tuple(p) for p in ring}) < 3:
+        raise _Bad("a polygon ring with fewer than 3 distinct points cannot be repaired")
+    return ring
+
+
+_DEPTH = {"Point": 0, "MultiPoint": 1, "LineString": 1, "MultiLineString": 2, "Polygon": 2, "MultiPolygon": 3}  # fmt: skip
+
+
+def _one_geometry(g: Any):
+    """One GeoJSON geometry, checked, unclosed rings closed, invalid polygons repaired."""
+    if not isinstance(g, dict) or g.get("type") not in GEOMETRY_TYPES:
+        raise _Bad(f"geometry {str(g)[:80]!r} is not a GeoJSON geometry")
+    kind = g["type"]
+    if kind == "GeometryCollection":
+        return shapely.GeometryCollection([_one_geometry(p) for p in g.get("geometries") or []])
+    coords = _numbers(g.get("coordinates"), _DEPTH[kind])
+    if kind == "Polygon":
+        coords = [_ring(r) for r in coords]
+    elif kind == "MultiPolygon":
+        coords = [[_ring(r) for r in p] for p in coords]
+    geom = shapely.geometry.shape({"type": kind, "coordinates": coords})
+    if geom.is_empty:
+        raise _Bad("empty geometry")
+    if not geom.is_valid:
+        if kind not in ("Polygon", "MultiPolygon"):
+            raise _Bad(f"invalid {kind}: {shapely.is_valid_reason(geom)}")
+        fixed = repair_polygonal(geom)
+        if fixed is None:
+            raise _Bad(
+                f"self-intersecting ring cannot be repaired ({shapely.is_valid_reason(geom)})"
+            )
+        geom = fixed
+    return single_part(geom)
+
+
+def _fast_polygons(coords: list[list]) -> np.ndarray | None:
+    """Simple closed polygons in one vectorised call, or ``None`` if any needs a closer look."""
+    if not coords or not all(type(c) is list and c for c in coords):
+        return None
+    rings = list(itertools.chain.from_iterable(coords))
+    try:
+        lens = np.fromiter(map(len, rings), np.int64, len(rings))
+        pairs = list(itertools.chain.from_iterable(rings))
+        flat = list(itertools.chain.from_iterable(pairs))
+    except TypeError:
+        return None
+    if set(map(len, pairs)) != {2} or not set(map(type, flat)) <= _NUMBER_TYPES or (lens < 4).any():
+        return None  # 3-D or ragged positions, strings, short rings: the slow path says why
+    xy = np.array(flat, dtype=float).reshape(-1, 2)
+    ends = np.cumsum(lens)
+    if not (np.isfinite(xy).all() and (xy[ends - lens] == xy[ends - 1]).all()):
+        return None
+    ring_ids = np.repeat(np.arange(len(rings)), lens)
+    poly_ids = np.repeat(np.arange(len(coords)), [len(c) for c in coords])
+    polys = shapely.polygons(shapely.linearrings(xy, indices=ring_ids), indices=poly_ids)
+    return polys if shapely.is_valid(polys).all() else None
+
+
+def _geometries(geoms: list) -> tuple[np.ndarray, dict[int, str]]:
+    """Shapely geometries for a chunk; ``bad`` maps positions to reasons."""
+    out = np.full(len(geoms), None, dtype=object)
+    bad: dict[int, str] = {}
+    polys = [i for i, g in enumerate(geoms) if type(g) is dict and g.get("type") == "Polygon"]
+    fast = _fast_polygons([geoms[i].get("coordinates") for i in polys])
+    if fast is not None:
+        out[polys] = fast
+    done = set(polys) if fast is not None else set()
+    for i, g in enumerate(geoms):
+        if i not in done and g is not None:
+            try:
+                out[i] = _one_geometry(g)
+            except _Bad as exc:
+                bad[i] = str(exc)
+    return out, bad
+
+
+# --------------------------------------------------------------------- table
+class _Table:
+    """Rows gathered chunk by chunk; columns built once at the end."""
+
+    def __init__(self) -> None:
+        self.fields: list[pd.DataFrame] = []
+        self.meas: list[pd.DataFrame] = []
+        self.geom: list[np.ndarray] = []
+        self.nuc: list[np.ndarray] = []
+        self.skipped: list[tuple[int, str]] = []
+
+    def add(self, chunk: list[tuple[int, Any]], raise_: bool, where: str) -> None:
+        parsed, idx = [], []
+        for index, obj in chunk:
+            try:
+                parsed.append(_feature(obj))
+                idx.append(index)
+            except _Bad as exc:
+                self._bad(index, str(exc), raise_, where)
+        geom, bad = _geometries([p[2] for p in parsed])
+        nuc, bad_n = _geometries([p[3] for p in parsed])
+        for i, reason in sorted({**bad_n, **bad}.items()):
+            self._bad(idx[i], reason if i in bad else f"nucleus: {reason}", raise_, where)
+        keep = [i for i in range(len(parsed)) if i not in bad and i not in bad_n]
+        self.fields.append(pd.DataFrame([parsed[i][0] for i in keep], columns=list(BASE_COLUMNS)))
+        self.meas.append(pd.DataFrame.from_records([parsed[i][1] for i in keep], nrows=len(keep)))
+        self.geom.append(geom[keep])
+        self.nuc.append(nuc[keep])
+
+    def _bad(self, index: int, reason: str, raise_: bool, where: str) -> None:
+        if raise_:
+            raise GeoJSONError(f"{where}: feature {index}: {reason}")
+        self.skipped.append((index, reason))
+
+    def frame(self) -> pd.DataFrame:
+        base = pd.concat(self.fields, ignore_index=True) if self.fields else pd.DataFrame(columns=list(BASE_COLUMNS))  # fmt: skip
+        geom = np.concatenate(self.geom) if self.geom else np.empty(0, dtype=object)
+        base["geometry"] = geom
+        base["nucleus"] = np.concatenate(self.nuc) if self.nuc else geom[:0]
+        xy = shapely.get_coordinates(shapely.centroid(geom)) if len(geom) else np.empty((0, 2))
+        base["x"], base["y"] = (xy[:, 0], xy[:, 1]) if len(xy) == len(geom) else (np.nan, np.nan)
+        base["locked"] = base["locked"].astype(bool)
+        meas = pd.concat(self.meas, ignore_index=True) if self.meas else pd.DataFrame()
+        meas = meas.astype(float).rename(
+            columns=lambda c: f"{c} (measurement)" if c in BASE_COLUMNS else c
+        )
+        return pd.concat([base, meas], axis=1)
+
+
+def read_geojson(
+    path: str | os.PathLike, on_error: Literal["raise", "skip"] = "raise"
+) -> pd.DataFrame:
+    """Read QuPath GeoJSON (any form QuPath writes or imports) into a table of objects.
+
+    Parameters
+    ----------
+    path
+        A ``.geojson``/``.json`` file, gzip-compressed or not (sniffed from its
+        first bytes). Accepted: a FeatureCollection, a bare array of features,
+        one Feature, one bare geometry; measurements as a dict or the old list
+        of ``{name, value}``; classification as a string, ``{name|names, color}``
+        or the old ``{name, colorRGB}``; a missing ``objectType`` is an annotation.
+    on_error
+        ``"raise"``: the first malformed feature raises. ``"skip"``: malformed
+        features are left out, listed in ``df.attrs["skipped"]`` as
+        ``(index, reason)`` and reported in one :class:`HistoScopeWarning`.
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per object; columns :data:`BASE_COLUMNS` then one float column
+        per measurement (NaN where an object lacks it). Coordinates are
+        level-0 pixels. Unclosed rings are closed and self-intersecting
+        polygons repaired with ``make_valid``.
+
+    Raises
+    ------
+    GeoJSONError
+        Naming the file, the feature index and the reason: not JSON, a
+        feature without geometry, coordinates that are not numbers, a ring
+        that cannot be repaired, a classification colour that is not 3 ints.
+    """
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
+    path = Path(path)
+    table, where, count = _Table(), str(path), 0
+    try:
+        fh = _open_text(path)
+    except OSError as exc:
+        raise GeoJSONError(f"{where}: cannot open ({exc})") from exc
+    with fh, _gc_paused():
+        for start, chunk in _chunks(_items(_Stream(fh)), where):
+            table.add(list(enumerate(chunk, start=start)), on_error == "raise", where)
+            count = start + len(chunk)
+        df = table.frame()
+    df.attrs["skipped"] = table.skipped
+    if table.skipped:
+        first = "; ".join(f"feature {i}: {r}" for i, r in table.skipped[:3])
+        warnings.warn(f"{where}: skipped {len(table.skipped)} of {count} features ({first})",
+                      HistoScopeWarning, stacklevel=2)  # fmt: skip
+    return df
+
+
+def write_geojson(path: str | os.PathLike, table: pd.DataFrame, collection: bool = True) -> Path:
+    """Write a table of objects as GeoJSON that QuPath 0.4-0.6 imports.
+
+    Parameters
+    ----------
+    path
+        Target file; ``.gz`` at the end of its name compresses it. Written
+        atomically (a reader never sees half a file).
+    table
+        Columns as :func:`read_geojson` gives them; only ``geometry`` is
+        required (shapely, level-0 pixels). Missing ids get UUIDs (a non-UUID
+        id becomes a UUID derived from it); a missing ``object_type`` is
+        ``"cell"`` where a ``nucleus`` is given, else ``"detection"``; a class
+        without a colour gets QuPath's default or one derived from its name.
+        Numeric columns other than the standard ones are the measurements
+        (NaN and inf left out); other columns are not written.
+    collection
+        ``True``: a FeatureCollection; ``False``: a bare array of features.
+
+    Returns
+    -------
+    pathlib.Path
+        The written file.
+
+    Raises
+    ------
+    GeoJSONError
+        Naming the row: no geometry, non-finite coordinates, an invalid
+        polygon that ``make_valid``/``buffer(0)`` cannot repair, a bad colour.
+    """
+    return write_table(path, table, collection)

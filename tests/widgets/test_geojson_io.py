@@ -1,0 +1,138 @@
+"""QuPath GeoJSON in a real viewer: objects over their slide in µm, layers saved in level-0 px."""
+
+from __future__ import annotations
+
+import json
+
+import napari
+import numpy as np
+import pandas as pd
+import pytest
+import shapely
+
+import histoscope as hs
+from histoscope._reader import get_geojson_reader
+
+
+@pytest.fixture
+def viewer(make_napari_viewer):
+    return make_napari_viewer()
+
+
+@pytest.fixture
+def objects(tmp_path):
+    """Two annotations (a square, a triangle) and three classified cells, level-0 px."""
+    cells = [shapely.Point(300 + 40 * i, 200).buffer(8, quad_segs=4) for i in range(3)]
+    table = pd.DataFrame({
+        "object_type": ["annotation", "annotation", "cell", "cell", "cell"],
+        "classification": ["Tumor", "Stroma", "Tumor", "Immune cells", "Tumor"],
+        "color": [(200, 0, 0), (150, 200, 150), (200, 0, 0), (160, 90, 160), (200, 0, 0)],
+        "geometry": [shapely.box(100, 50, 400, 250), shapely.Polygon([(500, 500), (900, 500), (700, 800)]), *cells],
+        "nucleus": [None, None, *[c.centroid.buffer(3) for c in cells]],
+        "Area": [np.nan, np.nan, 1.0, 2.0, 3.0],
+    })  # fmt: skip
+    return hs.write_geojson(tmp_path / "objects.geojson", table), table
+
+
+def test_geojson_opens_over_slide_in_um(viewer, pyramid_tiff, objects):
+    path, table = objects
+    viewer.open(str(pyramid_tiff), plugin="napari-histoscope")
+    layers = viewer.open(str(path), plugin="napari-histoscope")
+    shapes = next(ly for ly in layers if isinstance(ly, napari.layers.Shapes))
+    points = next(ly for ly in layers if isinstance(ly, napari.layers.Points))
+    np.testing.assert_allclose(shapes.scale, (0.5, 0.5))
+    np.testing.assert_allclose(points.scale, (0.5, 0.5))
+    square = shapes.data[0]  # (y, x) data = level-0 px
+    world = np.array([shapes.data_to_world(v) for v in square])
+    np.testing.assert_allclose(np.sort(world[:, 1]), np.sort([100, 400, 400, 100]) * 0.5)
+    np.testing.assert_allclose(np.sort(world[:, 0]), np.sort([50, 50, 250, 250]) * 0.5)
+    assert points.features["class"].tolist() == ["Tumor", "Immune cells", "Tumor"]
+    assert points.features["Area"].tolist() == [1.0, 2.0, 3.0]
+    np.testing.assert_allclose(points.face_color[1, :3], np.array([160, 90, 160]) / 255)
+    np.testing.assert_allclose(points.data[:, 1], [300, 340, 380], atol=1e-6)
+
+
+def test_geojson_without_slide_is_in_pixels(viewer, objects):
+    path, _ = objects
+    layers = viewer.open(str(path), plugin="napari-histoscope")
+    assert all(np.allclose(ly.scale, (1, 1)) for ly in layers)
+
+
+def test_many_polygons_load_as_points(viewer, tmp_path, monkeypatch):
+    monkeypatch.setattr("histoscope._reader.MAX_SHAPES", 10)
+    table = pd.DataFrame({
+        "object_type": "annotation",
+        "geometry": [shapely.box(i * 20, 0, i * 20 + 10, 10) for i in range(30)],
+    })  # fmt: skip
+    path = hs.write_geojson(tmp_path / "many.geojson", table)
+    [layer] = viewer.open(str(path), plugin="napari-histoscope")
+    assert isinstance(layer, napari.layers.Points) and len(layer.data) == 30
+
+
+def test_get_geojson_reader_is_cheap_and_sniffs_json(tmp_path, objects):
+    path, _ = objects
+    other = tmp_path / "settings.json"
+    other.write_text(json.dumps({"threshold": 0.5}))
+    as_json = tmp_path / "objects.json"
+    as_json.write_text(path.read_text())
+    assert get_geojson_reader(str(other)) is None
+    assert get_geojson_reader(str(tmp_path / "missing.json")) is None
+    assert get_geojson_reader(str(as_json)) is not None
+    assert get_geojson_reader(str(path)) is not None
+
+
+def _reread(path) -> pd.DataFrame:
+    raw = json.loads(open(path).read())["features"]
+    assert all("id" in f for f in raw)
+    return hs.read_geojson(path)
+
+
+def test_points_layer_saves_level0_pixels(viewer, tmp_path, pyramid_tiff):
+    viewer.open(str(pyramid_tiff), plugin="napari-histoscope")
+    feats = pd.DataFrame({"class": ["Tumor", "Stroma"], "score": [0.25, 0.75]})
+    layer = viewer.add_points(
+        [[100.0, 200.0], [300.0, 50.0]], scale=(0.5, 0.5), units=("um", "um"), features=feats
+    )  # data = level-0 px (y, x)
+    out = tmp_path / "points.geojson"
+    napari.save_layers(str(out), [layer], plugin="napari-histoscope")
+    df = _reread(out)
+    assert df["geometry"].map(lambda p: (p.x, p.y)).tolist() == [(200.0, 100.0), (50.0, 300.0)]
+    assert df["classification"].tolist() == ["Tumor", "Stroma"]
+    assert df["score"].tolist() == [0.25, 0.75]
+    csv = tmp_path / "points.csv"
+    napari.save_layers(str(csv), [layer], plugin="napari-histoscope")
+    table = pd.read_csv(csv)
+    assert table[["x", "y"]].to_numpy().tolist() == [[200.0, 100.0], [50.0, 300.0]]
+
+
+def test_opened_objects_save_back_equal(viewer, tmp_path, pyramid_tiff, objects):
+    path, table = objects
+    viewer.open(str(pyramid_tiff), plugin="napari-histoscope")
+    layers = viewer.open(str(path), plugin="napari-histoscope")
+    shapes = next(ly for ly in layers if isinstance(ly, napari.layers.Shapes))
+    out = tmp_path / "again.geojson"
+    napari.save_layers(str(out), [shapes], plugin="napari-histoscope")
+    again = _reread(out)
+    first = hs.read_geojson(path)
+    assert again["id"].tolist() == first["id"][:2].tolist()
+    assert again["classification"].tolist() == ["Tumor", "Stroma"]
+    assert again["color"].tolist() == [(200, 0, 0), (150, 200, 150)]
+    for a, b in zip(first["geometry"][:2], again["geometry"], strict=True):
+        assert a.symmetric_difference(b).area < 1e-6
+
+
+def test_labels_layer_saves_outlines_in_level0_pixels(viewer, tmp_path, pyramid_tiff):
+    viewer.open(str(pyramid_tiff), plugin="napari-histoscope")
+    labels = np.zeros((40, 60), dtype=np.int32)
+    labels[10:20, 5:25] = 1  # 20 x 10 mask pixels
+    labels[25:35, 30:50] = 2
+    labels[28:32, 38:42] = 0  # a hole
+    layer = viewer.add_labels(labels, scale=(8.0, 8.0), units=("um", "um"))  # 16 level-0 px each
+    out = tmp_path / "labels.geojson"
+    napari.save_layers(str(out), [layer], plugin="napari-histoscope")
+    df = _reread(out)
+    assert df["name"].tolist() == ["label 1", "label 2"]
+    minx, miny, maxx, maxy = df["geometry"][0].bounds
+    # outline through pixel-edge midpoints: pixels 5..24 -> x 4.5..24.5 at 16 px per mask pixel
+    np.testing.assert_allclose([minx, maxx, miny, maxy], np.array([4.5, 24.5, 9.5, 19.5]) * 16)
+    assert len(df["geometry"][1].interiors) == 1
