@@ -360,7 +360,11 @@ def describe_card(card: ModelCard) -> str:
     gen = data.get("generate") or (card.data or {}).get("generate")
     if isinstance(gen, dict) and gen.get("count"):
         size = gen.get("size")
-        px = f" of {size[0]} x {size[1]} px" if isinstance(size, list | tuple) and len(size) == 2 else ""
+        px = (
+            f" of {size[0]} x {size[1]} px"
+            if isinstance(size, list | tuple) and len(size) == 2
+            else ""
+        )
         what += f"; trained on {gen['count']} synthetic slides{px} (not real tissue)"
     elif data.get("path") or (card.data or {}).get("path"):
         what += f"; trained on {data.get('path') or card.data.get('path')}"
