@@ -14,15 +14,9 @@ parsed document. Nothing here imports napari or Qt.
 
 from __future__ import annotations
 
-import contextlib
-import gc
-import gzip
 import itertools
-import json
 import os
 import warnings
-import zlib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,6 +25,7 @@ import pandas as pd
 import shapely
 
 from histoscope.errors import GeoJSONError, HistoScopeWarning
+from histoscope.export._geojson_stream import _Bad, _chunks, _gc_paused, _items, _open_text, _Stream
 from histoscope.export._geojson_write import (
     BASE_COLUMNS,
     TYPE_ALIASES,
@@ -43,137 +38,7 @@ __all__ = ["BASE_COLUMNS", "GeoJSONError", "read_geojson", "write_geojson"]
 
 GEOMETRY_TYPES = frozenset({"Point", "MultiPoint", "LineString", "MultiLineString", "Polygon",
                             "MultiPolygon", "GeometryCollection"})  # fmt: skip
-_CHUNK = 20_000
-_DECODER = json.JSONDecoder()
-_WS = frozenset(" \t\n\r")
 _NUMBER_TYPES = frozenset({int, float})
-
-
-class _Bad(ValueError):
-    """One feature is malformed; the message is the reason."""
-
-
-# ----------------------------------------------------------------- streaming
-class _Stream:
-    """Text read in blocks and decoded one JSON value at a time."""
-
-    def __init__(self, fh, block: int = 1 << 22) -> None:
-        self.fh, self.block, self.buf, self.pos, self.eof = fh, block, "", 0, False
-
-    def _more(self) -> bool:
-        data = self.fh.read(max(self.block, len(self.buf) - self.pos))  # doubles for big values
-        if not data:
-            self.eof = True
-            return False
-        self.buf = self.buf[self.pos :] + data
-        self.pos = 0
-        return True
-
-    def peek(self) -> str:
-        """The next character that is not white space ('' at the end)."""
-        while True:
-            buf, p, n = self.buf, self.pos, len(self.buf)
-            while p < n and buf[p] in _WS:
-                p += 1
-            self.pos = p
-            if p < n:
-                return buf[p]
-            if not self._more():
-                return ""
-
-    def take(self, allowed: str) -> str:
-        c = self.peek()
-        if not c or c not in allowed:
-            raise ValueError(f"expected one of {allowed!r}, found {c or 'the end of the file'!r}")
-        self.pos += 1
-        return c
-
-    def value(self) -> Any:
-        self.peek()
-        while True:
-            try:
-                obj, end = _DECODER.raw_decode(self.buf, self.pos)
-            except json.JSONDecodeError:
-                if not self._more():
-                    raise
-                continue
-            if end == len(self.buf) and not isinstance(obj, dict | list | str) and self._more():
-                continue  # a number may go on in the next block
-            self.pos = end
-            return obj
-
-
-def _array(stream: _Stream) -> Iterator[Any]:
-    stream.take("[")
-    if stream.peek() == "]":
-        stream.pos += 1
-        return
-    while True:
-        yield stream.value()
-        if stream.take(",]") == "]":
-            return
-
-
-def _items(stream: _Stream) -> Iterator[Any]:
-    """Each feature: of a FeatureCollection, of a bare array, or the one object itself."""
-    first = stream.peek()
-    if first == "[":
-        yield from _array(stream)
-    elif first == "{":
-        stream.pos += 1
-        members, features = {}, False
-        while stream.peek() != "}":
-            key = stream.value()
-            stream.take(":")
-            if key == "features" and stream.peek() == "[":
-                features = True
-                yield from _array(stream)
-            else:
-                members[key] = stream.value()
-            if stream.take(",}") == "}":
-                stream.pos -= 1
-        stream.pos += 1
-        if not features:
-            yield members
-    else:
-        raise ValueError(f"not JSON: the file starts with {first or 'nothing'!r}")
-    if stream.peek():
-        raise ValueError("extra data after the end of the JSON document")
-
-
-def _chunks(items: Iterator[Any], where: str) -> Iterator[tuple[int, list]]:
-    """``(index of the first, features)`` in chunks; a syntax error names the feature."""
-    chunk, start = [], 0
-    try:
-        for obj in items:
-            chunk.append(obj)
-            if len(chunk) == _CHUNK:
-                yield start, chunk
-                start, chunk = start + len(chunk), []
-    except (ValueError, UnicodeDecodeError, OSError, EOFError, zlib.error) as exc:
-        raise GeoJSONError(
-            f"{where}: feature {start + len(chunk)}: not valid JSON ({exc})"
-        ) from None
-    if chunk:
-        yield start, chunk
-
-
-@contextlib.contextmanager
-def _gc_paused() -> Iterator[None]:
-    """Pause the cyclic GC: millions of small acyclic lists would trigger it ~10x over."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
-def _open_text(path: Path):
-    with open(path, "rb") as fh:
-        gz = fh.read(2) == b"\x1f\x8b"
-    return gzip.open(path, "rt", encoding="utf-8-sig") if gz else open(path, encoding="utf-8-sig")
 
 
 # ------------------------------------------------------------------ features
