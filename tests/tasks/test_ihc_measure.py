@@ -151,3 +151,71 @@ def test_slide_tiles_count_each_cell_once_and_files_open(tmp_path):
     assert kind == "points" and coords.shape == (len(expected), 2)
     # centroids land on the drawn cells: 24 µm pitch, first centre at 12 µm
     np.testing.assert_allclose(np.sort(np.unique(np.round(coords[:, 1]))), [12, 36, 60, 84], atol=1)
+
+
+@pytest.fixture(scope="module")
+def strong_ihc(tmp_path_factory):
+    """A 1024 px synthetic IHC slide, strong cytoplasmic stain on >75 % of target cells."""
+    from histoscope.synthetic import generate
+
+    return generate(tmp_path_factory.mktemp("ihc"), kind="ihc", size=(1024, 1024), seed=80010)
+
+
+def _recall(truth_xy: np.ndarray, found_xy: np.ndarray, radius: float = 4.0) -> np.ndarray:
+    """Per true cell: matched one-to-one to a detection within ``radius`` µm (greedy)."""
+    from scipy.spatial import cKDTree
+
+    d, idx = cKDTree(truth_xy).query(found_xy, k=3, distance_upper_bound=radius)
+    pairs = sorted((d[a, b], a, idx[a, b]) for a in range(len(found_xy)) for b in range(3)
+                   if np.isfinite(d[a, b]))  # fmt: skip
+    hit, used = np.zeros(len(truth_xy), bool), set()
+    for _, a, t in pairs:
+        if a not in used and not hit[t]:
+            used.add(a)
+            hit[t] = True
+    return hit
+
+
+def test_dab_positive_cells_are_found_like_negative_ones(strong_ihc):
+    """Regression (issue 16): nuclei found on haematoxylin alone missed 80 % of DAB+ cells here."""
+    import histoscope as hs
+    from histoscope.tasks.ihc_measure import measure_slide
+
+    with open(strong_ihc.cells_csv) as fh:
+        rows = list(csv.DictReader(fh))
+    truth = np.array([[float(r["x_um"]), float(r["y_um"])] for r in rows])
+    positive = np.array([float(r["dab_od"]) > 0 for r in rows])
+    assert positive.sum() > 100
+    m = measure_slide(hs.open_slide(strong_ihc.slide), IHCParams())
+    hit = _recall(truth, np.stack([m.cells["x_um"], m.cells["y_um"]], axis=1))
+    recall_pos, recall_neg = hit[positive].mean(), hit[~positive].mean()
+    assert recall_pos >= 0.8 and abs(recall_pos - recall_neg) <= 0.10
+    assert abs(m.summary()["percent_positive"] - 100 * positive.mean()) <= 10
+
+
+def test_image_without_dab_is_flagged_not_scored(tmp_path, strong_ihc):
+    from skimage import data
+
+    import histoscope as hs
+    from histoscope.synthetic import generate
+    from histoscope.tasks.ihc_measure import NO_DAB_WARNING, measure_slide
+
+    he = generate(tmp_path, kind="he", size=(1024, 1024), seed=4).slide
+    m = measure_slide(hs.open_slide(he), IHCParams())
+    s = m.summary()
+    assert m.n_cells > 100 and s["warning"] == NO_DAB_WARNING
+    assert m.provenance.params["warning"] == NO_DAB_WARNING
+    ihc = measure_slide(hs.open_slide(strong_ihc.slide), IHCParams())
+    assert ihc.summary()["warning"] is None and ihc.provenance.params["warning"] is None
+    real = measure_region(data.immunohistochemistry(), 0.5).summary()
+    assert real["warning"] is None
+    assert real["denominator"] == "all detected cells"
+    assert sum(real["percent_by_score"].values()) == pytest.approx(100.0)
+
+
+def test_negative_stain_has_no_dab_warning():
+    rgb, _ = cell_grid("nuclear", levels=(0.0, 0.0))
+    s = measure_region(rgb, MPP).summary()
+    assert s["warning"] is not None and s["percent_positive"] == 0
+    rgb, _ = cell_grid("nuclear")
+    assert measure_region(rgb, MPP).summary()["warning"] is None

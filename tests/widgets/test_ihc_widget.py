@@ -66,3 +66,18 @@ def test_cancel_stops_and_keeps_layers(viewer, qtbot):
     points = viewer.layers["IHC cells (big)"]
     assert len(points.data) == res.n_cells > 0
     assert [ly.name for ly in viewer.layers] == ["IHC (scikit-image)", "big", "IHC cells (big)"]
+
+
+def test_an_image_without_dab_is_flagged_not_scored(make_napari_viewer, qtbot, tmp_path):
+    from histoscope.synthetic import generate
+
+    he = generate(tmp_path, kind="he", size=(1024, 1024), seed=7).slide
+    viewer = make_napari_viewer()
+    viewer.open(str(he), plugin="napari-histoscope")
+    widget = IHCWidget(viewer)
+    widget.scope.setCurrentIndex(1)
+    assert widget.run() is not None
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=120_000)
+    assert "no DAB staining found" in widget.status.text()  # seed 7: 1.1 % DAB-like pixels
+    assert widget.numbers["h_score"].text() == "– (no DAB)"
+    assert "0:" in widget.breakdown.text() and "3+:" in widget.breakdown.text()

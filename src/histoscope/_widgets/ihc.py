@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qtpy.QtWidgets import QComboBox, QDoubleSpinBox, QFormLayout, QHBoxLayout, QLabel, QVBoxLayout
@@ -46,6 +47,8 @@ class IHCWidget(TaskWidget):
         results = QFormLayout()
         for k, label in self.numbers.items():
             results.addRow(k.replace("_", " "), label)
+        self.breakdown = QLabel("–")
+        results.addRow("0 / 1+ / 2+ / 3+", self.breakdown)
         layout = QVBoxLayout(self)
         layout.addLayout(form)
         layout.addWidget(self.controls)
@@ -82,10 +85,17 @@ class IHCWidget(TaskWidget):
             return
         self.result = result
         summary = result.summary()
+        warning = summary.get("warning")
         for key, label in self.numbers.items():
             v = summary[key]
             label.setText(f"{v:.1f}" if isinstance(v, float) else str(v))
-        self.replace_layer(
-            *result.to_layers(name=f"IHC cells ({self.layer_combo.currentText()})")[0]
-        )
-        self.status.setText(f"{summary['n_cells']} cells measured.")
+            if warning and key in ("h_score", "allred", "percent_positive"):
+                label.setText("– (no DAB)")
+        pct = summary["percent_by_score"]
+        self.breakdown.setText("  ".join(f"{k}: {v:.0f} %" for k, v in pct.items()))
+        slide_name = Path(result.provenance.slide).name  # the image measured, not the box now
+        self.replace_layer(*result.to_layers(name=f"IHC cells ({slide_name})")[0])
+        text = f"{summary['n_cells']} cells measured; percentages of {summary['denominator']}."
+        if warning:
+            text += f" <span style='color:#e0a030'>Warning: {warning}</span>"
+        self.status.setText(text)
