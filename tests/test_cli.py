@@ -84,11 +84,8 @@ def test_analyze_tumour_writes_aligned_heatmap_tiles_and_overview(tmp_path, caps
 
 
 def test_analyze_mil_with_embedded_default(tmp_path):
-    from histoscope._data import sample_data_path
     from histoscope.synthetic import generate
 
-    if sample_data_path("clam_default.safetensors") is None:
-        pytest.skip("embedded CLAM default missing")
     slide = generate(tmp_path / "s", kind="he", size=(1024, 1024), seed=4).slide
     assert main(["analyze", str(slide), "--tasks", "tissue,mil", "--out", str(tmp_path / "o")]) == 0
     doc = json.loads((tmp_path / "o" / "mil.json").read_text())
@@ -98,11 +95,8 @@ def test_analyze_mil_with_embedded_default(tmp_path):
 
 
 def test_analyze_ihc_writes_model_calls_beside_the_measurement(tmp_path):
-    from histoscope._data import sample_data_path
     from histoscope.synthetic import generate
 
-    if sample_data_path("isight_default.safetensors") is None:
-        pytest.skip("embedded iSight default missing")
     slide = generate(tmp_path / "s", kind="ihc", size=(1024, 1024), seed=8).slide
     rc = main(["analyze", str(slide), "--tasks", "ihc,isight", "--metadata", "Tissue: colon.",
                "--out", str(tmp_path / "o")])  # fmt: skip
@@ -168,8 +162,6 @@ def test_features_file_in_clam_layout_is_what_mil_reads(he_slide, tmp_path, caps
 
     from histoscope._data import sample_data_path
 
-    if sample_data_path("clam_default.safetensors") is None:
-        pytest.skip("embedded CLAM default missing")
     clam = str(sample_data_path("clam_default.safetensors"))
     h5 = tmp_path / "f.h5"
     assert main(["features", str(he_slide), "--checkpoint", clam, "--out", str(h5)]) == 0

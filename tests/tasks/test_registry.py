@@ -15,12 +15,6 @@ from histoscope._data import sample_data_path
 from histoscope.errors import CheckpointError
 from histoscope.params import ParamError
 
-pytestmark = pytest.mark.skipif(
-    any(sample_data_path(f"{n}.safetensors") is None
-        for n in ("tumour_patch_default", "clam_default", "isight_default")),
-    reason="embedded default checkpoints missing",
-)  # fmt: skip
-
 
 @pytest.fixture(scope="module")
 def he(tmp_path_factory):

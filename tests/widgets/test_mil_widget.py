@@ -8,10 +8,6 @@ import pytest
 from histoscope._data import sample_data_path
 from tests.widgets._cancel import cancel_after_first_step
 
-pytestmark = pytest.mark.skipif(
-    sample_data_path("clam_default.safetensors") is None, reason="embedded CLAM default missing"
-)
-
 
 @pytest.fixture(scope="module")
 def he_slide(tmp_path_factory):
