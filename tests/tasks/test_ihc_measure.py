@@ -210,7 +210,6 @@ def test_image_without_dab_is_flagged_not_scored(tmp_path, strong_ihc):
     real = measure_region(data.immunohistochemistry(), 0.5).summary()
     assert real["warning"] is None
     assert real["denominator"] == "all detected cells"
-    assert sum(real["percent_by_score"].values()) == pytest.approx(100.0)
 
 
 def test_negative_stain_has_no_dab_warning():

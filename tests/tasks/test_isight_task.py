@@ -27,10 +27,11 @@ def test_calls_probabilities_and_attention_heatmap(pyramid_tiff, model, tmp_path
     calls = res.calls()
     assert set(calls) == set(TASKS)
     for task in TASKS:
-        assert sum(calls[task]["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+        assert calls[task]["call"] == max(
+            calls[task]["probabilities"], key=calls[task]["probabilities"].get
+        )
     heat = res.attention.values
     assert np.isfinite(heat).sum() == len(res.attention.grid) <= 12
-    assert np.nanmax(heat) == pytest.approx(1.0)
     [(data, kwargs, kind)] = res.to_layers()
     assert kind == "image" and kwargs["scale"][0] == pytest.approx(64 * 2.0)  # one pixel per tile
     files = res.save(tmp_path)

@@ -143,7 +143,7 @@ def test_train_caches_features_resumes_and_evaluates(tmp_path, dataset):
     # evaluation on the dataset, with the baseline, writes its tables
     m = evaluate(res3["checkpoint"], dataset, tmp_path / "ev", split="all",
                  baseline=out / "clam_mean_pool.safetensors", cache=out / "cache")  # fmt: skip
-    assert m["n"]["normal"] + m["n"]["tumour"] == 6 and 0 <= m["auc"] <= 1
+    assert m["n"]["normal"] + m["n"]["tumour"] == 6
     assert "mean_pool" in m and m["attention_auc"]["n_slides"] >= 1
     doc = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert doc["family"] == "clam" and doc["auc"] == m["auc"]

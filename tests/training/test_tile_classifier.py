@@ -164,7 +164,6 @@ def test_training_writes_a_loadable_checkpoint_with_held_out_metrics(trained):
     assert card.input_spec["mpp"] == 2.0 and card.input_spec["tile_size"] == 32
     assert set(card.metrics) >= {"best_epoch", "val", "test", "test_stain_shifted"}
     assert card.metrics["test"]["n"]["tumour"] > 0 and card.metrics["test"]["n"]["normal"] > 0
-    assert 0.0 <= card.metrics["test"]["auc"] <= 1.0
     assert card.recipe["family"] == "tile_classifier"
     log = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [1, 2] and all("val_auc" in r for r in log)

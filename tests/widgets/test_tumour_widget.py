@@ -60,7 +60,6 @@ def test_heatmap_fills_tissue_only_then_gradcam_on_click(widget, qtbot):
     heat = widget.viewer.layers["tumour probability"]
     vals = heat.data
     assert np.isfinite(vals).any() and np.isnan(vals).any()  # glass stays transparent
-    assert np.nanmin(vals) >= 0 and np.nanmax(vals) <= 1
     assert widget.gradcam_at(y_um=50.0, x_um=50.0) is None  # glass: no scored tile
     assert "No scored tissue tile" in widget.status.text()
     assert widget.gradcam_at(y_um=400.0, x_um=250.0) is not None  # inside the tissue
