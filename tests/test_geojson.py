@@ -294,3 +294,30 @@ def test_writer_refuses_rows_it_cannot_write_naming_the_row(tmp_path, geometry, 
     with pytest.raises(GeoJSONError, match=rf"row 'b': .*{reason}"):
         hs.write_geojson(target, table)
     assert not target.exists()  # atomic: nothing half-written
+
+
+def test_measurement_names_with_percent_signs_round_trip(tmp_path):
+    import pandas as pd
+    import shapely
+
+    table = pd.DataFrame({"geometry": [shapely.box(0, 0, 10, 10)], "Positive %": [12.5],
+                          "Ratio %d": [1.0]})  # fmt: skip
+    back = hs.read_geojson(hs.write_geojson(tmp_path / "p.geojson", table))
+    assert back["Positive %"].tolist() == [12.5] and back["Ratio %d"].tolist() == [1.0]
+
+
+def test_an_empty_geometry_collection_is_reported_and_spares_the_other_centroids(tmp_path):
+    import json
+
+    good = {"type": "Feature", "properties": {},
+            "geometry": {"type": "Polygon", "coordinates": [[[0, 0], [0, 10], [10, 10], [10, 0],
+                                                             [0, 0]]]}}  # fmt: skip
+    empty = {"type": "Feature", "properties": {},
+             "geometry": {"type": "GeometryCollection", "geometries": []}}  # fmt: skip
+    path = tmp_path / "e.geojson"
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": [good, empty]}))
+    with pytest.raises(hs.GeoJSONError, match="feature 1: empty geometry"):
+        hs.read_geojson(path)
+    with pytest.warns(hs.HistoScopeWarning):
+        df = hs.read_geojson(path, on_error="skip")
+    assert df[["x", "y"]].values.tolist() == [[5.0, 5.0]]

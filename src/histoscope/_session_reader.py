@@ -33,20 +33,47 @@ def read_session(path: str | list[str]) -> list:
         If the slide the manifest names is missing or its pixels differ.
     """
     from histoscope.layers import slide_layer
-    from histoscope.session import SessionError, open_session
+    from histoscope.session import FOLDER_SUFFIX, SessionError, open_session
     from histoscope.session_store import read_manifest
 
     folder = Path(path if isinstance(path, str) else path[0])
     doc = read_manifest(folder)
     slide_path = Path(doc.get("slide", ""))
+    beside = folder.with_name(folder.name.removesuffix(FOLDER_SUFFIX))
+    if not slide_path.exists() and beside.exists():
+        slide_path = beside  # folder and slide moved together; the fingerprint still decides
     if not slide_path.exists():
-        raise SessionError(f"{folder}: the slide it was saved for, {slide_path}, is not there")
+        raise SessionError(f"{folder}: the slide it was saved for, {slide_path}, is not there "
+                           f"(nor beside the folder)")  # fmt: skip
     session = open_session(slide_path, folder, mpp=doc.get("mpp"))
+    session.layers_shown = True  # this viewer continues the session: later saves replace it
     data, kwargs, kind = slide_layer(session.slide)
     kwargs["metadata"]["histoscope_session"] = session
     display = session.slide_display()
     position = int(display.pop("position", 0))
     kwargs.update(display)
-    layers = session.layers()
+    from histoscope.session_store import load_layers
+
+    saved, layers = load_layers(folder)
     layers.insert(min(max(position, 0), len(layers)), (data, kwargs, kind))
+    _keep_saving(saved.get("unreadable") or [])
     return layers
+
+
+def _keep_saving(unreadable: list[str]) -> None:
+    """Edits in the reopened viewer are saved as in any other; unreadable layers are named."""
+    try:
+        import napari
+
+        viewer = napari.current_viewer()
+    except Exception:  # no napari viewer (a script): nothing to keep saving
+        return
+    if viewer is None:
+        return
+    from histoscope._widgets._session import AutoSave
+
+    AutoSave.for_viewer(viewer)
+    if unreadable:
+        from napari.utils.notifications import show_warning
+
+        show_warning("Some saved layers could not be read: " + "; ".join(unreadable))

@@ -39,10 +39,10 @@ def slide_mpp(attributes: dict[str, Any]) -> float:
         if isinstance(mpp, int | float) and np.isfinite(mpp) and mpp > 0:
             return float(mpp)
     units = attributes.get("units")
-    if units is not None and len(units) and _um_per_unit(units[-1]) is not None:
-        mpp = viewer_slide_mpp()
-        if mpp:
-            return mpp / _um_per_unit(units[-1])
+    mpp = viewer_slide_mpp()
+    if mpp:  # world coordinates over an open slide are in its µm, whatever the layer's units say
+        per_unit = _um_per_unit(units[-1]) if units is not None and len(units) else None
+        return mpp / (per_unit or 1.0)
     return layer_mpp(attributes.get("scale"), units, meta) or 1.0
 
 

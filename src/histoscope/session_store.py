@@ -29,6 +29,8 @@ from histoscope.errors import HistoScopeError
 from histoscope.layers import LayerDataTuple
 
 MANIFEST = "session.json"
+#: Largest multiscale layer saved into a session (larger ones reopen from their own files).
+MAX_LAYER_BYTES = 1 << 30
 LAYERS_DIR = "layers"
 #: Layer settings not saved: derived from others, or not meaningful in another process.
 SKIP_KEYS = frozenset({"properties", "property_choices", "feature_defaults", "ndim",
@@ -135,6 +137,13 @@ def save_layer(folder: Path, index: int, layer: LayerDataTuple) -> dict[str, Any
     if kind == "shapes":
         parts = {f"d{i}": np.asarray(d) for i, d in enumerate(data)}
         data_entry: Any = {"$shapes": len(parts)}
+    elif kind == "image" and kwargs.get("multiscale"):
+        levels = list(data)
+        size = sum(int(np.prod(lv.shape)) * np.dtype(lv.dtype).itemsize for lv in levels)
+        if size > MAX_LAYER_BYTES:
+            raise ValueError(f"a {size / 2**30:.1f} GiB pyramid; reopen it from its own file")
+        parts = {f"l{i}": np.asarray(lv) for i, lv in enumerate(levels)}
+        data_entry = {"$levels": len(parts)}
     else:
         parts = {"data": np.asarray(data)}
         data_entry = {"$array": "data"}
@@ -151,6 +160,8 @@ def load_layer(folder: Path, entry: dict[str, Any]) -> LayerDataTuple:
             arrays = {k: npz[k] for k in npz.files}
         if "$shapes" in entry["data"]:
             data: Any = [arrays[f"d{i}"] for i in range(int(entry["data"]["$shapes"]))]
+        elif "$levels" in entry["data"]:
+            data = [arrays[f"l{i}"] for i in range(int(entry["data"]["$levels"]))]
         else:
             data = arrays["data"]
         kwargs = _decode(entry["settings"], arrays)
@@ -183,11 +194,16 @@ def save_layers(
     gens = [int(p.name) for p in base.iterdir() if p.name.isdigit()]
     gen = base / str(max(gens, default=0) + 1)
     gen.mkdir()
-    entries = [save_layer(gen, i, layer) for i, layer in enumerate(layers)]
+    entries, not_saved = [], []
+    for i, layer in enumerate(layers):
+        try:
+            entries.append(save_layer(gen, i, layer))
+        except (ValueError, TypeError) as exc:  # one odd layer must not cost the others
+            not_saved.append([str(layer[1].get("name", f"layer {i}")), str(exc)])
     enc = _Arrays()
     display = enc.encode(slide_display or {})
     doc = {**manifest, "layers_dir": f"{LAYERS_DIR}/{gen.name}", "layers": entries,
-           "slide_display": display}  # fmt: skip
+           "slide_display": display, "not_saved": not_saved}  # fmt: skip
     path = write_manifest(root, doc)
     for old in base.iterdir():  # earlier generations, and any a killed save left behind
         if old != gen:
@@ -196,10 +212,21 @@ def save_layers(
 
 
 def load_layers(folder: str | os.PathLike) -> tuple[dict[str, Any], list[LayerDataTuple]]:
-    """``(manifest, layers)`` of a session folder, in the order they were shown."""
+    """``(manifest, layers)`` of a session folder, in the order they were shown.
+
+    A layer whose files cannot be read is left out and named in
+    ``manifest["unreadable"]``; the others still load.
+    """
     root = Path(folder)
     doc = read_manifest(root)
     if not doc.get("layers_dir"):
         return doc, []
     gen = root / doc["layers_dir"]
-    return doc, [load_layer(gen, e) for e in doc.get("layers", [])]
+    layers, unreadable = [], []
+    for entry in doc.get("layers", []):
+        try:
+            layers.append(load_layer(gen, entry))
+        except SessionFileError as exc:
+            unreadable.append(str(exc))
+    doc["unreadable"] = unreadable
+    return doc, layers

@@ -136,3 +136,16 @@ def test_labels_layer_saves_outlines_in_level0_pixels(viewer, tmp_path, pyramid_
     # outline through pixel-edge midpoints: pixels 5..24 -> x 4.5..24.5 at 16 px per mask pixel
     np.testing.assert_allclose([minx, maxx, miny, maxy], np.array([4.5, 24.5, 9.5, 19.5]) * 16)
     assert len(df["geometry"][1].interiors) == 1
+
+
+def test_a_layer_without_length_units_over_a_slide_saves_in_level0_pixels(
+    viewer, tmp_path, pyramid_tiff
+):
+    viewer.open(str(pyramid_tiff), plugin="napari-histoscope")
+    labels = np.zeros((40, 60), dtype=np.int32)
+    labels[10:20, 5:25] = 1
+    layer = viewer.add_labels(labels, scale=(8.0, 8.0))  # no units: world is the slide's µm
+    out = tmp_path / "plain.geojson"
+    napari.save_layers(str(out), [layer], plugin="napari-histoscope")
+    minx, miny, maxx, maxy = _reread(out)["geometry"][0].bounds
+    np.testing.assert_allclose([minx, maxx, miny, maxy], np.array([4.5, 24.5, 9.5, 19.5]) * 16)

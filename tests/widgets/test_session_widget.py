@@ -86,3 +86,68 @@ def _saved_points(folder):
         return []
     with hs.open_session(doc["slide"], folder) as s:
         return s.layers()[0][0]
+
+
+def _saved_names(folder):
+    from histoscope.session_store import read_manifest
+
+    return [e["name"] for e in read_manifest(folder).get("layers", [])]
+
+
+def test_a_new_viewer_never_overwrites_a_saved_session(make_napari_viewer, slide_path, qtbot):
+    from histoscope._widgets._session import AutoSave
+    from histoscope._widgets.tumour import TumourWidget
+
+    folder = slide_path.with_name("case.tif.histoscope")
+    first = make_napari_viewer()
+    first.open(str(slide_path), plugin="napari-histoscope")
+    first.add_points([[1.0, 2.0]], name="kept")
+    assert AutoSave.for_viewer(first).save_now() and _saved_names(folder) == ["kept"]
+
+    fresh = make_napari_viewer()  # the slide again, without its session, and a panel
+    fresh.open(str(slide_path), plugin="napari-histoscope")
+    TumourWidget(fresh)
+    fresh.add_points([[3.0, 4.0]], name="new")
+    saver = AutoSave.for_viewer(fresh)
+    assert saver.save_now()
+    assert _saved_names(folder) == ["kept"]  # nothing overwritten
+    assert any("not shown here" in n for n in saver.notes)
+
+    again = make_napari_viewer()  # reopening the folder continues it, panel or not
+    again.open(str(folder), plugin="napari-histoscope")
+    again.add_points([[5.0, 6.0]], name="added later")
+    qtbot.waitUntil(lambda: _saved_names(folder) == ["kept", "added later"], timeout=10_000)
+
+
+def test_each_slide_keeps_its_own_layers(make_napari_viewer, slide_path, tmp_path):
+    from histoscope._widgets._session import AutoSave
+    from histoscope.slide import write_pyramidal_tiff
+
+    other = write_pyramidal_tiff(tmp_path / "other.tif", np.full((512, 512, 3), 90, np.uint8),
+                                 mpp=0.5)  # fmt: skip
+    viewer = make_napari_viewer()
+    viewer.open(str(slide_path), plugin="napari-histoscope")
+    saver = AutoSave.for_viewer(viewer)
+    viewer.add_shapes([np.array([[0, 0], [0, 50], [50, 50]])], shape_type="polygon", name="on A")
+    viewer.open(str(other), plugin="napari-histoscope")
+    viewer.layers.selection.active = viewer.layers["other.tif"]
+    viewer.add_points([[1.0, 1.0]], name="on B")
+    assert saver.save_now()
+    assert _saved_names(slide_path.with_name("case.tif.histoscope")) == ["on A"]
+    assert _saved_names(tmp_path / "other.tif.histoscope") == ["on B"]
+
+
+def test_a_pyramid_layer_is_saved_and_reopens(make_napari_viewer, slide_path):
+    from histoscope._widgets._session import AutoSave
+
+    viewer = make_napari_viewer()
+    viewer.open(str(slide_path), plugin="napari-histoscope")
+    levels = [np.random.default_rng(0).random((64, 64), np.float32)]
+    levels.append(levels[0][::2, ::2].copy())
+    viewer.add_image(levels, multiscale=True, scale=(8, 8), name="pyramid")
+    assert AutoSave.for_viewer(viewer).save_now()
+    again = make_napari_viewer()
+    again.open(str(slide_path.with_name("case.tif.histoscope")), plugin="napari-histoscope")
+    back = again.layers["pyramid"]
+    assert back.multiscale and len(back.data) == 2
+    np.testing.assert_array_equal(np.asarray(back.data[1]), levels[1])

@@ -194,8 +194,9 @@ def session_for(layer, slide):
         return session
     try:
         session = open_session(slide)
-    except SessionError:
+    except SessionError as exc:  # read-only, or a folder of other pixels: say so, keep working
         session = open_session(slide, in_memory=True)
+        layer.metadata["histoscope_session_note"] = str(exc)
     layer.metadata["histoscope_session"] = session
     return session
 
@@ -281,9 +282,13 @@ class TaskWidget(QWidget):
             on_result(outcome)
             if outcome.cancelled:
                 self.status.setText(self.cancel_text)
-            if self.autosave.save_now() is None and self.autosave.error is not None:
+            saved = self.autosave.save_now()
+            problems = [f"Session NOT saved: {self.autosave.error}"] if not saved else []
+            problems += self.autosave.notes
+            if problems:
+                note = " ".join(problems)
                 self.status.setText(
-                    f"{self.status.text()} Session NOT saved: {self.autosave.error}"
+                    f"{self.status.text()} <span style='color:#e0a030'>{note}</span>"
                 )
 
         self.worker = create_worker(task_work, list(jobs), self._cancel, _start_thread=False,

@@ -18,57 +18,97 @@ EVENTS = ("data", "opacity", "visible", "colormap", "contrast_limits", "gamma", 
 DELAY_MS = 1000
 
 
-def slide_layer_of(viewer):
-    """The first layer showing a slide file HistoScope opened, or ``None``."""
+#: Metadata key recording which slide a layer was made over (its session).
+SLIDE_TAG = "histoscope_slide_path"
+
+
+def slide_layers(viewer) -> list:
+    """Layers showing slide files HistoScope opened, in viewer order."""
     from histoscope.layers import SLIDE_KEY
     from histoscope.slide import Slide
 
-    for layer in viewer.layers:
-        slide = layer.metadata.get("slide")
-        if SLIDE_KEY in layer.metadata and isinstance(slide, Slide) and slide.path.exists():
-            return layer
-    return None
+    return [ly for ly in viewer.layers
+            if SLIDE_KEY in ly.metadata and isinstance(ly.metadata.get("slide"), Slide)
+            and ly.metadata["slide"].path.exists()]  # fmt: skip
+
+
+def slide_layer_of(viewer):
+    """The first layer showing a slide file HistoScope opened, or ``None``."""
+    layers = slide_layers(viewer)
+    return layers[0] if layers else None
+
+
+def owner(layer) -> str | None:
+    """The slide path a layer belongs to: its provenance, else the slide it was made over."""
+    prov = layer.metadata.get("histoscope")
+    if isinstance(prov, dict) and prov.get("slide"):
+        return str(prov["slide"])
+    tag = layer.metadata.get(SLIDE_TAG)
+    return str(tag) if tag else None
 
 
 def viewer_state(viewer, slide_layer) -> tuple[list, dict]:
-    """``(layers, slide display)``: every other layer as layer data, in viewer order."""
+    """``(layers, slide display)``: the layers that belong to ``slide_layer``, in viewer order."""
     from histoscope.layers import SLIDE_KEY
 
+    path = str(slide_layer.metadata["slide"].path)
     layers = [ly.as_layer_data_tuple() for ly in viewer.layers
-              if ly is not slide_layer and SLIDE_KEY not in ly.metadata]  # fmt: skip
+              if SLIDE_KEY not in ly.metadata and owner(ly) == path]  # fmt: skip
     display = {k: getattr(slide_layer, k) for k in ("opacity", "visible", "gamma", "blending")}
     display["contrast_limits"] = list(slide_layer.contrast_limits)
     display["position"] = list(viewer.layers).index(slide_layer)
     return layers, display
 
 
-def save_viewer_session(viewer):
-    """Save the viewer's layers into its slide's session folder; returns the manifest or None."""
-    from histoscope._widgets._common import session_for
+def save_viewer_session(viewer) -> list[str]:
+    """Save each slide's layers into its own session folder; returns notes on what was not saved.
 
-    slide_layer = slide_layer_of(viewer)
-    if slide_layer is None:
-        return None
-    session = session_for(slide_layer, slide_layer.metadata["slide"])
-    if session.folder is None:
-        return None
-    layers, display = viewer_state(viewer, slide_layer)
-    return session.save_layers(layers, display)
+    A session folder that already holds layers this viewer did not open from
+    it is left alone (saving would replace them), and so is a session kept in
+    memory (its folder cannot be written).
+    """
+    from histoscope._widgets._common import session_for
+    from histoscope.session_store import read_manifest
+
+    notes = []
+    for slide_layer in slide_layers(viewer):
+        session = session_for(slide_layer, slide_layer.metadata["slide"])
+        if session.folder is None:
+            reason = slide_layer.metadata.get("histoscope_session_note") or "it is kept in memory"
+            notes.append(f"{slide_layer.name}: session not saved ({reason})")
+            continue
+        saved = read_manifest(session.folder).get("layers") or []
+        if saved and not getattr(session, "layers_shown", False):
+            notes.append(f"{slide_layer.name}: its session folder holds {len(saved)} saved "
+                         f"layer(s) not shown here; open {session.folder} to continue it "
+                         "(nothing was overwritten)")  # fmt: skip
+            continue
+        layers, display = viewer_state(viewer, slide_layer)
+        session.save_layers(layers, display)
+        session.layers_shown = True
+        skipped = read_manifest(session.folder).get("not_saved") or []
+        notes += [f"{name}: not saved ({why})" for name, why in skipped]
+    return notes
 
 
 class AutoSave:
-    """Saves the viewer's session shortly after each change (one per viewer)."""
+    """Saves the viewer's sessions shortly after each change (one per viewer).
+
+    New layers are tagged with the slide they were made over (when one slide
+    is open), so each goes to that slide's session.
+    """
 
     def __init__(self, viewer) -> None:
         self.viewer = viewer
         self.error: Exception | None = None
+        self.notes: list[str] = []
         self.timer = QTimer()
         self.timer.setSingleShot(True)
         self.timer.setInterval(DELAY_MS)
         self.timer.timeout.connect(self.save_now)
         for event in ("inserted", "removed", "moved"):
             getattr(viewer.layers.events, event).connect(self._layers_changed)
-        self._layers_changed()
+        self._watch()
 
     @classmethod
     def for_viewer(cls, viewer) -> AutoSave:
@@ -79,25 +119,33 @@ class AutoSave:
             viewer._histoscope_autosave = saver
         return saver
 
-    def _layers_changed(self, *_: object) -> None:
+    def _watch(self) -> None:
+        slides = slide_layers(self.viewer)
+        active = self.viewer.layers.selection.active
+        current = active if active in slides else (slides[0] if len(slides) == 1 else None)
         for layer in self.viewer.layers:
+            if layer not in slides and owner(layer) is None and current is not None:
+                layer.metadata[SLIDE_TAG] = str(current.metadata["slide"].path)
             for name in EVENTS:
                 emitter = getattr(layer.events, name, None)
                 if emitter is not None:
                     emitter.connect(self.schedule)  # connecting twice is a no-op
+
+    def _layers_changed(self, *_: object) -> None:
+        self._watch()
         self.schedule()
 
     def schedule(self, *_: object) -> None:
         """Save after a short quiet period (edits come in bursts)."""
         self.timer.start()
 
-    def save_now(self):
-        """Save at once; an error is kept (and shown by the panels), never raised into Qt."""
+    def save_now(self) -> bool:
+        """Save at once; True when saved. Errors are kept (panels show them), never raised."""
         self.timer.stop()
         try:
-            path = save_viewer_session(self.viewer)
+            self.notes = save_viewer_session(self.viewer)
         except Exception as exc:  # a full disk must not take the viewer down
             self.error = exc
-            return None
+            return False
         self.error = None
-        return path
+        return True

@@ -109,7 +109,10 @@ class _Spec:
         ]  # fmt: skip
         keys = [json.dumps(str(c)) for c in self.measurements]
         self.keys = keys
-        self.template = '"measurements":{' + ",".join(f"{k}:%r" for k in keys) + "}"
+        # names like "Positive %" must not be read as format directives
+        self.template = (
+            '"measurements":{' + ",".join(f"{k.replace('%', '%%')}:%r" for k in keys) + "}"
+        )
         self._classes: dict[tuple, str] = {}
 
     def classification(self, name: Any, color: Any) -> str:

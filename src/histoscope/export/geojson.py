@@ -169,7 +169,10 @@ def _one_geometry(g: Any):
         raise _Bad(f"geometry {str(g)[:80]!r} is not a GeoJSON geometry")
     kind = g["type"]
     if kind == "GeometryCollection":
-        return shapely.GeometryCollection([_one_geometry(p) for p in g.get("geometries") or []])
+        parts = [_one_geometry(p) for p in g.get("geometries") or []]
+        if not parts:
+            raise _Bad("empty geometry")
+        return shapely.GeometryCollection(parts)
     coords = _numbers(g.get("coordinates"), _DEPTH[kind])
     if kind == "Polygon":
         coords = [_ring(r) for r in coords]
@@ -270,8 +273,8 @@ class _Table:
         geom = np.concatenate(self.geom) if self.geom else np.empty(0, dtype=object)
         base["geometry"] = geom
         base["nucleus"] = np.concatenate(self.nuc) if self.nuc else geom[:0]
-        xy = shapely.get_coordinates(shapely.centroid(geom)) if len(geom) else np.empty((0, 2))
-        base["x"], base["y"] = (xy[:, 0], xy[:, 1]) if len(xy) == len(geom) else (np.nan, np.nan)
+        centres = shapely.centroid(geom) if len(geom) else geom
+        base["x"], base["y"] = shapely.get_x(centres), shapely.get_y(centres)  # row by row
         base["locked"] = base["locked"].astype(bool)
         meas = pd.concat(self.meas, ignore_index=True) if self.meas else pd.DataFrame()
         meas = meas.astype(float).rename(
