@@ -178,7 +178,19 @@ def geojson_layers(
     if outline.any():
         shapes = table[outline].reset_index(drop=True)
         data, shape_type, rows = _shape_parts(shapes)
-        feats = _features(shapes).iloc[rows].reset_index(drop=True)
+        feats = _features(shapes)
+        # napari draws outer outlines only: keep what it cannot draw (holes, several parts),
+        # so saving the layer writes the object back whole while its outline is unchanged
+        geoms = shapes["geometry"].to_numpy()
+        whole = (shapely.get_num_interior_rings(geoms) > 0) | (
+            shapely.get_num_geometries(geoms) > 1
+        )
+        feats["source_wkt"] = np.where(whole, shapely.to_wkt(geoms), "")
+        if whole.any():
+            notes.append(f"{name}: {int(whole.sum())} annotation(s) have holes or several parts; "
+                         "napari draws their outer outlines, and saving writes them back whole "
+                         "while those outlines are not edited.")  # fmt: skip
+        feats = feats.iloc[rows].reset_index(drop=True)
         face = _rgba(shapes["color"].tolist())[rows]
         edge, face[:, 3] = face.copy(), 0.25
         kw = {"name": f"{name} annotations", "shape_type": shape_type, "features": feats,

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-_RESERVED = {"id", "object_type", "name", "class", "classification", "index"}
+_RESERVED = {"id", "object_type", "name", "class", "classification", "index", "source_wkt"}
 
 
 def slide_mpp(attributes: dict[str, Any]) -> float:
@@ -118,7 +118,56 @@ def shapes_table(data, attributes: dict[str, Any]):
             geoms.append(shapely.LineString(np.column_stack([x, y])))
         else:
             geoms.append(shapely.Polygon(np.column_stack([x, y])))
-    return _object_table(geoms, attributes, "annotation", attributes.get("edge_color"))
+    geoms, keep = _whole_objects(geoms, attributes.get("features"))
+    attrs = dict(attributes)
+    if keep is not None:
+        attrs["features"] = attributes["features"].iloc[keep].reset_index(drop=True)
+        if attrs.get("edge_color") is not None and len(attrs["edge_color"]) == len(data):
+            attrs["edge_color"] = np.asarray(attrs["edge_color"])[keep]
+    return _object_table(geoms, attrs, "annotation", attrs.get("edge_color"))
+
+
+def _whole_objects(geoms: list, feats) -> tuple[list, list[int] | None]:
+    """Shapes sharing an object id become that object again (one row, one id).
+
+    When the outlines still match the object read from the file (``source_wkt``),
+    the original geometry is written, holes included; otherwise the parts are
+    joined into a MultiPolygon.
+    """
+    import pandas as pd
+    import shapely
+
+    if not isinstance(feats, pd.DataFrame) or "id" not in feats or len(feats) != len(geoms):
+        return geoms, None
+    ids = feats["id"].astype(str).tolist()
+    src = feats["source_wkt"].astype(str).tolist() if "source_wkt" in feats else [""] * len(ids)
+    groups: dict[str, list[int]] = {}
+    for i, key in enumerate(ids):
+        groups.setdefault(key if key not in ("", "None", "nan") else f"#{i}", []).append(i)
+    out, keep = [], []
+    for members in groups.values():
+        parts = [geoms[i] for i in members]
+        joined = (
+            parts[0]
+            if len(parts) == 1
+            else shapely.MultiPolygon(parts)
+            if all(p.geom_type == "Polygon" for p in parts)
+            else shapely.GeometryCollection(parts)
+        )
+        original = src[members[0]]
+        if original:
+            orig = shapely.from_wkt(original)
+            outer = shapely.MultiPolygon(
+                [shapely.Polygon(p.exterior) for p in shapely.get_parts(orig)]
+            )
+            mine = shapely.MultiPolygon(
+                [shapely.Polygon(p.exterior) for p in shapely.get_parts(joined)]
+            )
+            if shapely.equals_exact(outer.normalize(), mine.normalize(), tolerance=1e-3):
+                joined = orig
+        out.append(joined)
+        keep.append(members[0])
+    return out, keep
 
 
 def label_polygons(labels: np.ndarray) -> list[tuple[int, Any]]:

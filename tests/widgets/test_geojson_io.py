@@ -149,3 +149,24 @@ def test_a_layer_without_length_units_over_a_slide_saves_in_level0_pixels(
     napari.save_layers(str(out), [layer], plugin="napari-histoscope")
     minx, miny, maxx, maxy = _reread(out)["geometry"][0].bounds
     np.testing.assert_allclose([minx, maxx, miny, maxy], np.array([4.5, 24.5, 9.5, 19.5]) * 16)
+
+
+def test_holes_and_parts_survive_a_trip_through_napari(viewer, tmp_path, pyramid_tiff):
+    import shapely
+
+    viewer.open(str(pyramid_tiff), plugin="napari-histoscope")
+    ring = shapely.box(100, 100, 500, 500).difference(shapely.box(200, 200, 300, 300))
+    obj = shapely.MultiPolygon([ring, shapely.box(600, 100, 700, 200)])
+    src = hs.write_geojson(tmp_path / "in.geojson", pd.DataFrame(
+        {"geometry": [obj], "classification": ["Necrosis"], "object_type": ["annotation"]}))  # fmt: skip
+    [layer] = viewer.open(str(src), plugin="napari-histoscope")
+    assert len(layer.data) == 2  # napari draws the two outer outlines
+    out = tmp_path / "out.geojson"
+    napari.save_layers(str(out), [layer], plugin="napari-histoscope")
+    back = _reread(out)
+    assert len(back) == 1 and back["geometry"][0].area == pytest.approx(obj.area)
+    assert back["id"][0] == hs.read_geojson(src)["id"][0]  # one object, its own id
+    layer.data = [layer.data[0] + 40, layer.data[1]]  # an edited outline: parts joined, one id
+    napari.save_layers(str(out), [layer], plugin="napari-histoscope")
+    edited = _reread(out)
+    assert len(edited) == 1 and edited["geometry"][0].geom_type == "MultiPolygon"
