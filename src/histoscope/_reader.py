@@ -17,14 +17,54 @@ from histoscope.slide import sniff_format
 
 
 def get_reader(path: str | list[str]) -> Callable[[Any], list] | None:
-    """Return :func:`read_slides` if HistoScope can read ``path``, else ``None``."""
+    """Return :func:`read_slides` (or :func:`read_rasters` for HistoScope's own OME-Zarr
+    results) if HistoScope can read ``path``, else ``None``."""
     try:
         paths = [path] if isinstance(path, str) else list(path)
+        if paths and all(is_result_raster(p) for p in paths):
+            return read_rasters
         if not paths or any(sniff_format(p) is None for p in paths):
             return None
     except Exception:
         return None
     return read_slides
+
+
+def is_result_raster(path: str) -> bool:
+    """An OME-Zarr folder HistoScope wrote for a result (its attributes say so); cheap."""
+    attrs = Path(path) / ".zattrs"
+    if not attrs.is_file() or attrs.stat().st_size > 1 << 20:
+        return False
+    text = attrs.read_text(encoding="utf-8", errors="replace")
+    return '"histoscope"' in text and '"multiscales"' in text
+
+
+def read_rasters(path: str | list[str]) -> list:
+    """Result rasters (heatmaps, masks) placed in µm exactly where their layer was drawn."""
+    import json
+
+    from histoscope.export.omezarr import read_ome_zarr
+    from histoscope.results import fading_colormap
+
+    out = []
+    for p in [path] if isinstance(path, str) else list(path):
+        levels, scale, translate = read_ome_zarr(p)
+        meta = json.loads((Path(p) / ".zattrs").read_text(encoding="utf-8")).get("histoscope", {})
+        name = meta.get("name") or Path(p).name.removesuffix(".ome.zarr")
+        kw = {"name": name, "scale": tuple(scale), "translate": tuple(translate),
+              "units": ("um", "um"), "metadata": {"histoscope": meta.get("provenance", meta)}}  # fmt: skip
+        data = levels if len(levels) > 1 else levels[0]
+        if len(levels) > 1:
+            kw["multiscale"] = True
+        if np.issubdtype(levels[0].dtype, np.integer):
+            out.append((data, {**kw, "opacity": 0.4}, "labels"))
+        else:
+            finite = levels[0][np.isfinite(levels[0])]
+            hi = float(finite.max()) if finite.size else 1.0
+            kw.update(colormap=fading_colormap("inferno"), opacity=0.9,
+                      contrast_limits=(0.0, 1.0) if hi <= 1 else (0.0, hi))  # fmt: skip
+            out.append((data, kw, "image"))
+    return out
 
 
 def _notify_once(text: str) -> None:

@@ -170,3 +170,23 @@ def test_holes_and_parts_survive_a_trip_through_napari(viewer, tmp_path, pyramid
     napari.save_layers(str(out), [layer], plugin="napari-histoscope")
     edited = _reread(out)
     assert len(edited) == 1 and edited["geometry"][0].geom_type == "MultiPolygon"
+
+
+def test_result_rasters_reopen_where_their_layers_were(viewer, tmp_path):
+    import histoscope as hs
+    from histoscope.synthetic import generate
+
+    slide = generate(tmp_path / "s", kind="he", size=(1024, 1024), seed=4).slide
+    session = hs.open_session(slide, in_memory=True)
+    heat, tissue = hs.tasks.run("tumour", session), hs.tasks.run("tissue", session)
+    heat.save(tmp_path / "o")
+    tissue.save(tmp_path / "o")
+    for result, folder, kind in ((heat, "tumour_heatmap.ome.zarr", "image"),
+                                 (tissue, "tissue_mask.ome.zarr", "labels")):  # fmt: skip
+        [layer] = viewer.open(str(tmp_path / "o" / folder), plugin="napari-histoscope")
+        data, kw, want_kind = result.to_layers()[0]
+        assert layer._type_string == kind == want_kind
+        np.testing.assert_allclose(layer.scale, kw["scale"])
+        np.testing.assert_allclose(layer.translate, kw["translate"])
+        level0 = layer.data[0] if layer.multiscale else layer.data
+        np.testing.assert_array_equal(np.asarray(level0), data)
