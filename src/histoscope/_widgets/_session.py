@@ -32,12 +32,6 @@ def slide_layers(viewer) -> list:
             and ly.metadata["slide"].path.exists()]  # fmt: skip
 
 
-def slide_layer_of(viewer):
-    """The first layer showing a slide file HistoScope opened, or ``None``."""
-    layers = slide_layers(viewer)
-    return layers[0] if layers else None
-
-
 def owner(layer) -> str | None:
     """The slide path a layer belongs to: its provenance, else the slide it was made over."""
     prov = layer.metadata.get("histoscope")
