@@ -161,7 +161,8 @@ def test_cancel_returns_the_tiles_finished(he):
     stop = threading.Event()
 
     def progress(step):
-        stop.set()  # cancel after the first batch
+        if step.total:  # cancel after the first batch
+            stop.set()
 
     res = hs.tasks.run("tumour", he, progress=progress, cancel=stop,
                        engine=EngineParams(batch_size=2, workers=1, prefetch=1))  # fmt: skip
@@ -202,3 +203,15 @@ def test_mil_reuses_the_tiles_the_tumour_map_encoded_and_the_map_is_unchanged(he
     np.testing.assert_allclose(heat.values[g.index[:, 0], g.index[:, 1]], direct, atol=1e-6)
     alone = hs.tasks.run("mil", he)
     np.testing.assert_allclose(call.probability, alone.probability, atol=1e-6)
+
+
+def test_cancel_while_loading_stops_before_any_work(he):
+    import threading
+
+    from histoscope.progress import Cancelled
+
+    stop = threading.Event()
+    session = hs.open_session(he, in_memory=True)
+    with pytest.raises(Cancelled):
+        hs.tasks.run("tumour", session, progress=lambda step: stop.set(), cancel=stop)
+    assert session.computed["grid"] == 0 and session.computed["model"] == 0

@@ -67,7 +67,7 @@ def test_cancel_keeps_the_tiles_encoded_and_marks_the_call_provisional(
     viewer.open(str(big), plugin="napari-histoscope")
     widget = MILWidget(viewer)
     worker = widget.run()
-    cancel_after_first_step(widget, worker)
+    cancel_after_first_step(widget, worker, "MIL tiles")
     qtbot.waitUntil(lambda: widget.worker is None, timeout=180_000)
     res = widget.result
     assert res is not None and res.cancelled, widget.status.text()

@@ -149,3 +149,11 @@ def test_checkpoint_field_says_what_the_model_is_and_was_trained_on(widget, chec
     bad.write_bytes(b"\x00" * 16)
     widget.checkpoint.setText(str(bad))
     assert "broken.safetensors" in widget.picker.about.text()
+
+
+def test_cancel_while_loading_stops_before_any_tile(widget, qtbot):
+    worker = widget.run()
+    cancel_after_first_step(widget, worker, "loading")  # the checkpoint is being loaded
+    _wait(qtbot, widget, worker)
+    assert widget.status.text().startswith("Cancelled before any tile was scored.")
+    assert "tumour probability" not in widget.viewer.layers and widget.run_button.isEnabled()

@@ -280,8 +280,15 @@ class TaskWidget(QWidget):
 
         def returned(outcome) -> None:
             on_result(outcome)
-            if outcome.cancelled:
-                self.status.setText(self.cancel_text)
+            said = self.status.text()
+            if outcome.cancelled and not said.startswith("Cancelled"):
+                base = (
+                    self.cancel_text
+                    if outcome.results
+                    else "Cancelled before anything was computed."
+                )
+                kept = "" if said.endswith("…") else said  # a progress line is not a result
+                self.status.setText(f"{base} {kept}".strip())
             saved = self.autosave.save_now()
             problems = [f"Session NOT saved: {self.autosave.error}"] if not saved else []
             problems += self.autosave.notes

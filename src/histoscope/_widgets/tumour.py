@@ -119,6 +119,8 @@ class TumourWidget(TaskWidget):
     def _finished_heatmap(self, outcome) -> None:
         heatmap = outcome.get("tumour")
         if heatmap is None:
+            if outcome.cancelled:
+                self.status.setText("Cancelled before any tile was scored.")
             return
         self._live(heatmap)
         self.heatmap = heatmap

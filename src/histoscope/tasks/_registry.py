@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from histoscope.errors import CheckpointError
 from histoscope.params import ParamError, build, describe
-from histoscope.progress import Cancel, ProgressFn, Step, drive
+from histoscope.progress import Cancel, Cancelled, ProgressFn, Step, drive
 
 if TYPE_CHECKING:
     from histoscope.engine import EngineParams
@@ -209,7 +209,8 @@ def iter_run(
     ckpt = None
     path = resolve_checkpoint(spec, checkpoint)
     if path is not None:
-        yield Step(0, 0, f"loading {path.name}")  # say what the wait is for
+        if (yield Step(0, 0, f"loading {path.name}")) is False:  # say what the wait is for
+            raise Cancelled(f"{name}: stopped before it started")
         ckpt = session.model(path, spec.family)
     try:
         result = yield from spec.run(session, ckpt, p, region=region, near=near, engine=engine)

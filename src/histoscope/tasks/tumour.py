@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from histoscope.params import check, param
-from histoscope.progress import Step, tagged
+from histoscope.progress import Cancelled, Step, tagged
 from histoscope.results import Provenance, Result, TileHeatmap, plain
 from histoscope.tasks._registry import TaskSpec, register
 from histoscope.tasks.tissue import TissueResult, find_tissue
@@ -141,10 +141,11 @@ def iter_heatmap(
     p = params or TumourParams()
     session = open_session(target, in_memory=True)
     slide, spec = session.slide, model.input_spec
-    yield Step(0, 0, "finding tissue")
+    if (yield Step(0, 0, "finding tissue")) is False:
+        raise Cancelled("tumour map stopped before any tile was scored")
     grid = session.grid(spec.mpp, spec.tile_size, p.min_tissue)
-    if p.normalise(card):
-        yield Step(0, 0, "fitting stain normalisation")
+    if p.normalise(card) and (yield Step(0, 0, "fitting stain normalisation")) is False:
+        raise Cancelled("tumour map stopped before any tile was scored")
     normalizer = _normalizer(session, p, card)
     target_class = tumour_index(getattr(card, "classes", ()))
     prov = Provenance(
