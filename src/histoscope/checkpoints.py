@@ -49,6 +49,7 @@ _FAMILIES: dict[str, Builder | str] = {
     "tile_classifier": "histoscope.models.tile_classifier:TileClassifier.from_config",
     "isight": "histoscope.models.isight:ISight.from_config",
     "clam": "histoscope.models.clam:build_mil",
+    "nuclass": "histoscope.models.nuclass:NuClass.from_config",
     "histgen": "histoscope.models.histgen:HistGen.from_config",
 }
 
