@@ -1,0 +1,230 @@
+"""NuClass evaluation: the same cells through local, global and gated; fast path vs crops.
+
+Writes per path (``fast`` / ``crops``): ``cells_<path>.csv`` (truth, predictions,
+g), ``confusion_<path>.png`` (rows normalised, gated), ``reliability_<path>.csv``
+(15 bins of the fused confidence: count, mean confidence, accuracy).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from histoscope.atomic import atomic_write_bytes, atomic_write_text
+from histoscope.training._recipe import RecipeError
+
+
+def confusion_png(cm: np.ndarray, classes: Sequence[str], title: str, cell: int = 44) -> bytes:
+    """A row-normalised confusion matrix as a PNG (PIL only), values printed in each square."""
+    from PIL import Image, ImageDraw
+
+    k = len(classes)
+    left, top = 110, 40
+    img = Image.new("RGB", (left + k * cell + 10, top + k * cell + 110), "white")
+    d = ImageDraw.Draw(img)
+    d.text((left, 8), title, fill="black")
+    for i in range(k):
+        d.text((4, top + i * cell + cell // 2 - 6), classes[i][:16], fill="black")
+        for j in range(k):
+            v = float(cm[i, j])
+            shade = int(255 * (1 - v))
+            d.rectangle([left + j * cell, top + i * cell, left + (j + 1) * cell - 1,
+                         top + (i + 1) * cell - 1], fill=(shade, shade, 255))  # fmt: skip
+            d.text((left + j * cell + 6, top + i * cell + cell // 2 - 6), f"{v:.2f}",
+                   fill="white" if v > 0.5 else "black")  # fmt: skip
+    for j in range(k):
+        d.text(
+            (left + j * cell + 2, top + k * cell + 4 + 12 * (j % 2)), classes[j][:7], fill="black"
+        )
+    d.text((left, top + k * cell + 40), "rows: truth, columns: prediction", fill="black")
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def reliability_table(prob: np.ndarray, y: np.ndarray, n_bins: int = 15) -> list[dict[str, Any]]:
+    """Per confidence bin: range, count, mean confidence and accuracy (the ECE's bins)."""
+    conf = prob.max(1)
+    correct = prob.argmax(1) == y
+    idx = np.clip(np.ceil(conf * n_bins).astype(np.int64) - 1, 0, n_bins - 1)
+    rows = []
+    for b in range(n_bins):
+        s = idx == b
+        rows.append({"lo": b / n_bins, "hi": (b + 1) / n_bins, "n": int(s.sum()),
+                     "confidence": float(conf[s].mean()) if s.any() else None,
+                     "accuracy": float(correct[s].mean()) if s.any() else None})  # fmt: skip
+    return rows
+
+
+def write_report(
+    out: Path, tag: str, res: Mapping[str, np.ndarray], classes: Sequence[str]
+) -> dict:
+    """Metrics of one path's outputs plus its CSV, PNG and reliability files."""
+    from histoscope.training.metrics import confusion_matrix
+    from histoscope.training.nuclass import cell_metrics
+
+    y = res["y"]
+    m = cell_metrics(res, list(classes))
+    cm = confusion_matrix(y, res["prob"].argmax(1), len(classes), normalize="true")
+    m["confusion"] = np.round(cm, 4).tolist()
+    atomic_write_bytes(out / f"confusion_{tag}.png", confusion_png(cm, classes, f"gated, {tag}"))
+    rel = reliability_table(res["prob"], y)
+    buf = io.StringIO()
+    wr = csv.DictWriter(buf, fieldnames=list(rel[0]), lineterminator="\n")
+    wr.writeheader()
+    wr.writerows(rel)
+    atomic_write_text(out / f"reliability_{tag}.csv", buf.getvalue())
+    m["reliability"] = rel
+    buf = io.StringIO()
+    wr = csv.writer(buf, lineterminator="\n")
+    wr.writerow(["slide", "x", "y", "truth", "gated", "local", "global", "g", "confidence"])
+    for i in range(len(y)):
+        wr.writerow([res["slide"][i], f"{res['x'][i]:.2f}", f"{res['yy'][i]:.2f}", classes[y[i]],
+                     classes[res["prob"][i].argmax()], classes[res["p_local"][i].argmax()],
+                     classes[res["p_global"][i].argmax()], f"{res['g'][i]:.4f}",
+                     f"{res['prob'][i].max():.4f}"])  # fmt: skip
+    atomic_write_text(out / f"cells_{tag}.csv", buf.getvalue())
+    return m
+
+
+def read_truth(csv_path: Path) -> dict[str, np.ndarray]:
+    """A synthetic slide's ``*.cells.csv``: ``x``, ``y`` (level-0 px) and class names."""
+    with open(csv_path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if rows and not {"x", "y", "class"} <= set(rows[0]):
+        raise RecipeError(f"{csv_path}: expected columns x, y, class")
+    return {"x": np.array([float(r["x"]) for r in rows]), "y": np.array([float(r["y"]) for r in rows]),
+            "class": np.array([r["class"] for r in rows])}  # fmt: skip
+
+
+def sample_cells(truth, classes: Sequence[str], per_class: int, seed: int) -> np.ndarray:
+    """Up to ``per_class`` cells of every class, drawn with ``seed``."""
+    rng = np.random.default_rng(seed)
+    idx = []
+    for c in classes:
+        pool = np.flatnonzero(truth["class"] == c)
+        if len(pool):
+            idx.append(rng.choice(pool, size=min(per_class, len(pool)), replace=False))
+    return np.sort(np.concatenate(idx)) if idx else np.zeros(0, np.int64)
+
+
+def type_slides(model, card, slides: Sequence[Path], paths: Sequence[str], per_class: int,
+                organ: str | None = None) -> dict[str, dict[str, np.ndarray]]:  # fmt: skip
+    """Outputs of each path on the same sampled cells of ``slides`` (with truth and timings)."""
+    from histoscope.celltypes import classify
+    from histoscope.slide import open_slide
+
+    classes = list(card.classes)
+    acc: dict[str, dict[str, list]] = {p: {} for p in paths}
+    for k, tif in enumerate(slides):
+        truth = read_truth(tif.with_name(tif.name.replace(".tif", ".cells.csv")))
+        sel = sample_cells(truth, classes, per_class, seed=k)
+        keep = np.isin(truth["class"][sel], classes)
+        sel = sel[keep]
+        y = np.array([classes.index(c) for c in truth["class"][sel]], np.int64)
+        slide = open_slide(tif)
+        try:
+            for p in paths:
+                t0 = time.perf_counter()
+                ct = classify(
+                    slide, truth["x"][sel], truth["y"][sel], model, card, path=p, organ=organ
+                )
+                dt = time.perf_counter() - t0
+                a = acc[p]
+                for key in ("prob", "p_local", "p_global", "g"):
+                    a.setdefault(key, []).append(getattr(ct, key))
+                a.setdefault("y", []).append(y)
+                a.setdefault("x", []).append(truth["x"][sel])
+                a.setdefault("yy", []).append(truth["y"][sel])
+                a.setdefault("slide", []).append(np.full(len(sel), tif.name))
+                a.setdefault("seconds", []).append(np.array([dt]))
+        finally:
+            slide.close()
+    return {p: {k: np.concatenate(v) for k, v in a.items()} for p, a in acc.items()}
+
+
+def compare(model, card, slides: Sequence[Path], paths: Sequence[str], per_class: int, out: Path,
+            organ: str | None = None, max_f1_loss: float = 0.01) -> dict[str, Any]:  # fmt: skip
+    """Metrics per path on the same cells, the fast path's F1 loss, and the default path."""
+    classes = list(card.classes)
+    res = type_slides(model, card, slides, paths, per_class, organ)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics: dict[str, Any] = {"slides": [s.name for s in slides]}
+    for p, r in res.items():
+        m = write_report(out, p, r, classes)
+        m["cells_per_s"] = float(len(r["y"]) / r["seconds"].sum())
+        metrics[p] = m
+    if "fast" in res and "crops" in res:
+        loss = metrics["crops"]["gated"]["macro_f1"] - metrics["fast"]["gated"]["macro_f1"]
+        agree = float((res["fast"]["prob"].argmax(1) == res["crops"]["prob"].argmax(1)).mean())
+        metrics["fast_vs_crops"] = {"macro_f1_loss": float(loss), "agreement": agree,
+                                    "max_abs_prob_diff": float(np.abs(res["fast"]["prob"] - res["crops"]["prob"]).max()),
+                                    "speedup": metrics["fast"]["cells_per_s"] / metrics["crops"]["cells_per_s"]}  # fmt: skip
+        metrics["default_path"] = "fast" if loss <= max_f1_loss else "crops"
+    atomic_write_text(
+        out / "metrics_detail.json", json.dumps(metrics, indent=1, default=float) + "\n"
+    )
+    return metrics
+
+
+def heldout(model, card, ev: Mapping[str, Any], out: Path) -> dict[str, Any]:
+    """Generate the held-out slides of ``ev["test_seeds"]`` (once) and :func:`compare` the paths."""
+    from histoscope.synthetic import generate
+
+    folder = out / "slides"
+    slides = []
+    size = int(ev["slide_size"])
+    for s in ev["test_seeds"]:
+        tif = folder / f"he_{int(s):05d}.tif"
+        if not tif.exists():
+            generate(folder, "he", (size, size), int(s), 0.5, workers=1)
+        slides.append(tif)
+    res = compare(model, card, slides, ev["paths"], int(ev["per_class"]), out,
+                  max_f1_loss=float(ev["max_f1_loss"]))  # fmt: skip
+    return _compact(res)
+
+
+def _compact(res: Mapping[str, Any]) -> dict[str, Any]:
+    """The metrics without the confusion and reliability tables (kept for the card)."""
+    out: dict[str, Any] = {}
+    for k, v in res.items():
+        if isinstance(v, Mapping):
+            out[k] = {kk: vv for kk, vv in v.items() if kk not in ("confusion", "reliability")}
+        else:
+            out[k] = v
+    return out
+
+
+def evaluate_folder(checkpoint_path, data_path, out_dir, *, path: str = "both", per_class: int = 60,
+                    organ: str | None = None) -> dict[str, Any]:  # fmt: skip
+    """Evaluate on a folder of synthetic slides (both paths) or a NuClass trio (crops)."""
+    from histoscope.checkpoints import load_checkpoint
+
+    model, card = load_checkpoint(checkpoint_path, family="nuclass")
+    data, out = Path(data_path), Path(out_dir)
+    if path not in ("both", "fast", "crops"):
+        raise RecipeError(f"path must be 'both', 'fast' or 'crops', got {path!r}")
+    slides = sorted(p for p in data.glob("*.tif")
+                    if p.with_name(p.name.replace(".tif", ".cells.csv")).exists())  # fmt: skip
+    if slides:
+        paths = ["fast", "crops"] if path == "both" else [path]
+        return _compact(compare(model, card, slides, paths, per_class, out, organ))
+    from histoscope.training.nuclass import predict_windows
+    from histoscope.training.nuclass_data import TrioSource
+
+    tissues = card.input_spec.get("tissues") or model.config["tissues"]
+    src = TrioSource(data, card.classes, tissues, local_size=int(model.config["local"]["crop"]))
+    wins = [src.window(i) for i in range(len(src))]
+    tok = None if organ is None else model.tissue_index(organ)
+    res = predict_windows(model, wins, tissue=tok if tok is not None else model.unknown_tissue)
+    n = len(res["y"])
+    res.update({"slide": np.full(n, data.name), "x": np.zeros(n), "yy": np.zeros(n)})
+    out.mkdir(parents=True, exist_ok=True)
+    return _compact({"crops": write_report(out, "crops", res, card.classes)})
