@@ -51,6 +51,7 @@ _FAMILIES: dict[str, Builder | str] = {
     "clam": "histoscope.models.clam:build_mil",
     "nuclass": "histoscope.models.nuclass:NuClass.from_config",
     "histgen": "histoscope.models.histgen:HistGen.from_config",
+    "expression": "histoscope.models.expression:ExpressionModel.from_config",
 }
 
 
