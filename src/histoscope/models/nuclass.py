@@ -4,7 +4,7 @@ Three parts, trained in three stages (``histoscope.training.nuclass``):
 
 - **local path**: a small fully convolutional trunk over the 224 px crop at
   0.5 µm/px; the feature map is pooled at the nucleus with RoIAlign
-  (:func:`torchvision.ops.roi_align`, a ``box_um`` box on a ``grid x grid``
+  (RoIAlign, :func:`histoscope.models._roi.roi_align`, a ``box_um`` box on a ``grid x grid``
   grid) -> LayerNorm -> FiLM tissue conditioning (``f * (1 + gamma) + beta``
   from an organ embedding; the last embedding is the "unknown" organ used by
   default on a user's slide) -> MLP head.
@@ -159,12 +159,12 @@ def roi_pool(
     box, grid, stride
         Box edge (input px), output grid and the map's stride.
     """
-    from torchvision.ops import roi_align
+    from histoscope.models._roi import roi_align  # torchvision's loads Triton: see _roi
 
     h = box / 2
     rois = torch.cat([index[:, None].to(fmap.dtype), xy - h, xy + h], dim=1)
     out = roi_align(fmap, rois, output_size=grid, spatial_scale=1.0 / stride,
-                    sampling_ratio=2, aligned=True)  # fmt: skip
+                    sampling_ratio=2)  # fmt: skip
     return out.flatten(1)
 
 
