@@ -1,0 +1,267 @@
+"""The classical nucleus detector: detection, tiles, measurements, cancel, errors."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from histoscope.nuclei import (
+    COLUMNS,
+    MissingBackendError,
+    Nuclei,
+    NucleiParams,
+    detect_nuclei,
+    detect_slide,
+    detector,
+    iter_detect,
+)
+from histoscope.params import ParamError
+from histoscope.stains import HE, reconvolve
+
+MPP = 0.5
+
+
+class ArraySlide:
+    """A level-0-only slide over an RGB array (white outside); records the reads."""
+
+    def __init__(self, rgb: np.ndarray, mpp: float = MPP):
+        self.rgb, self.mpp, self.path = rgb, mpp, Path("array.tif")
+        self.dimensions = (rgb.shape[1], rgb.shape[0])
+        self.reads: list[tuple[int, int, int, int]] = []
+
+    def read_region(self, x, y, w, h, mpp=None):
+        assert mpp is None or abs(mpp - self.mpp) < 1e-9
+        self.reads.append((x, y, w, h))
+        out = np.full((h, w, 3), 255, np.uint8)
+        H, W = self.rgb.shape[:2]
+        x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, W), min(y + h, H)
+        if x1 > x0 and y1 > y0:
+            out[y0 - y : y1 - y, x0 - x : x1 - x] = self.rgb[y0:y1, x0:x1]
+        return out
+
+
+def he_image(shape, nuclei, hema=0.8, eosin=0.25):
+    """Pink stroma with dark ellipses ``(x, y, a, b, theta)`` of haematoxylin (OD ``hema``)."""
+    yy, xx = np.mgrid[: shape[0], : shape[1]].astype(np.float64)
+    conc = np.zeros((*shape, 3), np.float32)
+    conc[..., 1] = eosin
+    for x, y, a, b, t in nuclei:
+        u = (xx - x) * np.cos(t) + (yy - y) * np.sin(t)
+        v = -(xx - x) * np.sin(t) + (yy - y) * np.cos(t)
+        conc[..., 0][(u / a) ** 2 + (v / b) ** 2 <= 1] = hema
+    return reconvolve(conc, HE)
+
+
+# ------------------------------------------------------------------ detection
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    """A small synthetic H&E slide and its true cell centroids (level-0 px)."""
+    from histoscope.synthetic import generate
+
+    s = generate(tmp_path_factory.mktemp("nuc"), "he", (640, 640), seed=31, mpp=MPP)
+    with open(s.cells_csv) as fh:
+        xy = np.array([[float(r["x"]), float(r["y"])] for r in csv.DictReader(fh)])
+    return s.slide, xy
+
+
+def _match(truth: np.ndarray, found: np.ndarray, radius: float) -> int:
+    """One-to-one matches within ``radius``, nearest pairs first."""
+    from scipy.spatial import cKDTree
+
+    pairs = cKDTree(found).sparse_distance_matrix(cKDTree(truth), radius, output_type="coo_matrix")
+    used_f, used_t, n = set(), set(), 0
+    for k in np.argsort(pairs.data, kind="stable"):
+        f, t = pairs.row[k], pairs.col[k]
+        if f not in used_f and t not in used_t:
+            used_f.add(f), used_t.add(t)
+            n += 1
+    return n
+
+
+def test_finds_most_true_nuclei_on_a_synthetic_slide(synthetic):
+    import histoscope as hs
+
+    path, truth = synthetic
+    slide = hs.open_slide(path)
+    nuc = detect_nuclei(slide.read_region(0, 0, 640, 640, mpp=MPP), MPP)
+    matched = _match(truth, np.stack([nuc.x, nuc.y], 1), 4.0 / MPP)
+    recall, precision = matched / len(truth), matched / len(nuc)
+    assert len(truth) > 200
+    assert recall > 0.75 and precision > 0.8, (recall, precision, len(truth), len(nuc))
+    # far from everything (random points) matches almost nothing: the test can fail
+    rng = np.random.default_rng(0)
+    rand = rng.uniform(0, 640, (len(nuc), 2))
+    assert _match(truth, rand, 4.0 / MPP) < matched / 2
+
+
+def test_table_shapes_and_columns(synthetic):
+    import histoscope as hs
+
+    slide = hs.open_slide(synthetic[0])
+    nuc = detect_nuclei(slide.read_region(0, 0, 256, 256, mpp=MPP), MPP)
+    assert len(nuc) > 10 and nuc.mpp == MPP
+    assert nuc.x.dtype == np.float64 and nuc.y.shape == (len(nuc),)
+    assert list(nuc.measurements.columns) == list(COLUMNS)
+    assert len(nuc.outlines) == len(nuc)
+    for o, x, y in zip(nuc.outlines, nuc.x, nuc.y, strict=True):
+        assert o.dtype == np.float32 and o.ndim == 2 and o.shape[1] == 2 and len(o) >= 3
+        assert not np.array_equal(o[0], o[-1])  # ring not closed
+        assert o[:, 0].min() - 0.5 <= x <= o[:, 0].max() + 0.5
+        assert o[:, 1].min() - 0.5 <= y <= o[:, 1].max() + 0.5
+    sub = nuc.subset(nuc.x < 128)
+    assert len(sub) == int((nuc.x < 128).sum()) and len(sub.outlines) == len(sub)
+    both = Nuclei.concat([sub, nuc.subset(np.flatnonzero(nuc.x >= 128))], MPP)
+    assert len(both) == len(nuc)
+    assert sorted(both.x) == sorted(nuc.x)
+
+
+# ---------------------------------------------------------------- measurements
+def test_disk_measurements_match_geometry():
+    r = 10.0  # px: 5 µm, area 78.5 µm²
+    img = he_image((64, 64), [(31.0, 30.0, r, r, 0.0)], hema=0.8, eosin=0.25)
+    nuc = detect_nuclei(img, MPP)
+    assert len(nuc) == 1
+    m = nuc.measurements.iloc[0]
+    area = np.pi * (r * MPP) ** 2
+    assert m["Nucleus: Area µm^2"] == pytest.approx(area, rel=0.1)
+    assert m["Nucleus: Perimeter µm"] == pytest.approx(2 * np.pi * r * MPP, rel=0.1)
+    assert m["Nucleus: Circularity"] > 0.9
+    assert m["Nucleus: Eccentricity"] < 0.2
+    assert m["Nucleus: Hematoxylin OD mean"] == pytest.approx(0.8, abs=0.08)
+    assert m["Nucleus: Hematoxylin OD std dev"] < 0.1
+    assert m["Nucleus: Eosin OD mean"] == pytest.approx(0.25, abs=0.08)
+    assert (nuc.x[0], nuc.y[0]) == pytest.approx((31.0, 30.0), abs=0.3)
+
+
+def test_ellipse_eccentricity_and_circularity():
+    a, b = 14.0, 5.0
+    img = he_image((64, 64), [(32.0, 32.0, a, b, 0.5)])
+    nuc = detect_nuclei(img, MPP)
+    assert len(nuc) == 1
+    m = nuc.measurements.iloc[0]
+    assert m["Nucleus: Eccentricity"] == pytest.approx(np.sqrt(1 - (b / a) ** 2), abs=0.05)
+    assert m["Nucleus: Circularity"] < 0.85
+    assert m["Nucleus: Area µm^2"] == pytest.approx(np.pi * a * b * MPP**2, rel=0.12)
+
+
+def test_touching_nuclei_are_split_and_sizes_filtered():
+    disks = [(20.0, 30.0, 8, 8, 0), (34.0, 30.0, 8, 8, 0), (70.0, 30.0, 1.5, 1.5, 0)]
+    nuc = detect_nuclei(he_image((60, 100), disks), MPP)
+    assert sorted(np.round(nuc.x).astype(int).tolist()) == [20, 34]  # the 1.8 µm² dot is dropped
+
+
+# ---------------------------------------------------------------------- tiles
+def _grid_image(step=40, size=400, seed=0):
+    rng = np.random.default_rng(seed)
+    spots = [(x + rng.uniform(-6, 6), y + rng.uniform(-6, 6), rng.uniform(5, 9),
+              rng.uniform(4, 6), rng.uniform(0, np.pi))
+             for y in range(20, size, step) for x in range(20, size, step)]  # fmt: skip
+    return he_image((size, size), spots), np.array([s[:2] for s in spots])
+
+
+def test_iter_detect_keeps_each_nucleus_once_at_tile_borders():
+    # nuclei straddling the 128 px tile borders
+    img = he_image((400, 400), [(128.0, 60.0, 8, 6, 0.3), (256.0, 256.0, 7, 7, 0),
+                                (60.0, 128.5, 6, 7.5, 1.0)])  # fmt: skip
+    slide = ArraySlide(img)
+    nuc = detect_slide(slide, NucleiParams(tile_size=128))
+    assert len(detect_slide(ArraySlide(img), NucleiParams(tile_size=512))) == 3
+    assert len(nuc) == 3
+    assert len(slide.reads) == 16  # 4 x 4 tiles
+    assert sorted(np.round(nuc.x).tolist()) == [60.0, 128.0, 256.0]
+
+
+def test_tiled_equals_single_tile_run():
+    img, centres = _grid_image(seed=1)
+    slide = ArraySlide(img)
+    tiled = detect_slide(slide, NucleiParams(tile_size=96))
+    whole = detect_slide(ArraySlide(img), NucleiParams(tile_size=512))
+    assert len(whole) == len(centres)
+    assert len(tiled) == len(whole)
+    a = np.sort(np.stack([tiled.x, tiled.y], 1).view("f8,f8"), axis=0)
+    b = np.sort(np.stack([whole.x, whole.y], 1).view("f8,f8"), axis=0)
+    diff = np.abs(a.view("f8").reshape(-1, 2) - b.view("f8").reshape(-1, 2))
+    assert diff.max() < 0.5
+    # level-0 placement of a region: only nuclei with centroids inside it
+    part = detect_slide(ArraySlide(img), NucleiParams(tile_size=96), region=(100, 100, 200, 150))
+    inside = (whole.x >= 100) & (whole.x < 300) & (whole.y >= 100) & (whole.y < 250)
+    assert len(part) == int(inside.sum()) > 5
+    assert part.measurements["Nucleus: Area µm^2"].sum() == pytest.approx(
+        whole.measurements["Nucleus: Area µm^2"][inside].sum(), rel=0.01
+    )
+
+
+def test_cancel_returns_the_finished_tiles():
+    img, _ = _grid_image(seed=2)
+    gen = iter_detect(ArraySlide(img), NucleiParams(tile_size=128))
+    done, total, first = next(gen)
+    assert (done, total) == (1, 16) and len(first) > 0
+    done, total, second = gen.send(None)
+    with pytest.raises(StopIteration) as stop:
+        gen.send(False)
+    out = stop.value.value
+    assert len(out) == len(first) + len(second)
+    assert len(out) < len(detect_slide(ArraySlide(img), NucleiParams(tile_size=128)))
+
+
+def test_tissue_mask_skips_tiles_and_near_goes_first():
+    from histoscope.tissue import TissueMask
+
+    img, _ = _grid_image(seed=3)
+    mask = np.zeros((50, 50), bool)  # 4 µm/px = 8 level-0 px per mask px
+    mask[20:30, 20:30] = True  # level-0 160..240: the tiles around the middle
+    slide = ArraySlide(img)
+    gen = iter_detect(slide, NucleiParams(tile_size=128), tissue=TissueMask(mask, 4.0, 0.5),
+                      near=(390.0, 390.0))  # fmt: skip
+    first = next(gen)
+    assert first[:2] == (1, 16) and len(first[2]) == 0  # the corner tile: no tissue, not read
+    rest = list(gen)
+    assert len(rest) == 15
+    # tissue at level-0 160..240 touches the cores 128..256 and 256..384 (with the overlap)
+    assert sorted((x, y) for x, y, *_ in slide.reads) == [(104, 104), (104, 232), (232, 104),
+                                                         (232, 232)]  # fmt: skip
+
+    slide = ArraySlide(img)
+    gen = iter_detect(slide, NucleiParams(tile_size=128), near=(390.0, 10.0))
+    next(gen)
+    assert slide.reads[0][:2] == (360, -24)  # the top-right tile first
+
+
+# --------------------------------------------------------------- bad input
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"threshold": -0.1},
+        {"tile_size": 10},
+        {"method": "unet"},
+        {"min_area_um2": 50.0, "max_area_um2": 40.0},
+        {"overlap_um": 5.0},
+        {"sigma_um": float("nan")},
+    ],
+    ids=["threshold", "tile_size", "method", "areas", "overlap", "nan"],
+)
+def test_bad_params_are_refused(kwargs):
+    with pytest.raises(ParamError, match="nuclei"):
+        NucleiParams(**kwargs)
+
+
+def test_bad_images_are_refused():
+    with pytest.raises(ValueError, match="RGB"):
+        detect_nuclei(np.zeros((10, 10), np.uint8), MPP)
+    with pytest.raises(ValueError, match="mpp"):
+        detect_nuclei(np.zeros((10, 10, 3), np.uint8), 0.0)
+
+
+@pytest.mark.parametrize("method", ["stardist", "cellpose"])
+def test_missing_backend_says_what_to_install(method):
+    if importlib.util.find_spec(method) is not None:
+        pytest.skip(f"{method} is installed here")
+    params = NucleiParams(method=method, weights="/nowhere/model")
+    with pytest.raises(MissingBackendError, match=f"pip install {method}"):
+        detector(params)
+    with pytest.raises(MissingBackendError):  # before any tile is read
+        next(iter_detect(ArraySlide(np.full((64, 64, 3), 255, np.uint8)), params))
