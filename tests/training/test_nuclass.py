@@ -209,3 +209,22 @@ def test_recipe_errors_name_the_key(trio, tmp_path):
     with pytest.raises(RecipeError, match="data.classes"):
         run(bad)
     torch.set_num_threads(torch.get_num_threads())
+
+
+def test_context_trunk_starts_from_the_local_trunk_and_stages_resume_independently():
+    from histoscope.models.nuclass import NuClass
+    from histoscope.training._recipe import fingerprint
+    from histoscope.training.nuclass import _stage_recipe, transfer_trunk
+
+    torch.manual_seed(0)
+    m = NuClass({"classes": ["a", "b"], "tissues": ["unknown"], **TINY_MODEL})
+    assert not torch.equal(m.local_trunk.layers[0].weight, m.context_trunk.layers[1].weight)
+    assert transfer_trunk(m.local_trunk, m.context_trunk) == 4  # 2 convs + 2 batch norms
+    assert torch.equal(m.local_trunk.layers[0].weight, m.context_trunk.layers[1].weight)
+    r = _recipe("d", "o")
+    r2 = json.loads(json.dumps(r))
+    r2["model"]["stages"]["gate"]["epochs"] = 7  # a later stage changed ...
+    r2["eval"]["test_seeds"] = [1]
+    local = [fingerprint(_stage_recipe(x, "local")) for x in (r, r2)]
+    gate = [fingerprint(_stage_recipe(x, "gate")) for x in (r, r2)]
+    assert local[0] == local[1] and gate[0] != gate[1]  # ... only it starts over

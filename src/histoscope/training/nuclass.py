@@ -9,7 +9,7 @@ Three stages, each a resumable :func:`~histoscope.training._loop.fit` run in
     replaced by the "unknown" token with probability ``organ_dropout``.
 ``global``
     context trunk + the (frozen) local features -> MLP; cross-entropy weighted
-    by ``(1 - p_local(y))^2``.
+    by ``(1 - p_local(y))^2`` (times the class-balanced weight of ``y``).
 ``gate``
     both paths frozen; BCE against the three-rule target plus the NLL of the
     fused probabilities.
@@ -210,8 +210,10 @@ class StageLoss(nn.Module):
             raw_c = m.pool_context(m.context_map(m.normalise(batch["context"])), idx,
                                    batch["context_xy"])  # fmt: skip
             z_g, _ = m.global_logits(f_l, raw_c)
-            w = (1 - p_l[torch.arange(len(y)), y]) ** 2
-            return (w * F.cross_entropy(z_g, y, reduction="none")).mean()
+            # uncertainty-guided: cells the local path is unsure of count most; the class
+            # weights of the local stage keep rare classes from vanishing among lymphocytes
+            w = (1 - p_l[torch.arange(len(y)), y]) ** 2 * self.cb[y]
+            return (w * F.cross_entropy(z_g, y, reduction="none")).sum() / self.cb[y].sum()
         with torch.no_grad():
             raw_c = m.pool_context(m.context_map(m.normalise(batch["context"])), idx,
                                    batch["context_xy"])  # fmt: skip
@@ -306,10 +308,40 @@ def _run_stage(stage, model, data: Data, cfg, ts: TrainSettings, out: Path, reci
                 "val_nll": float(nll)}  # fmt: skip
 
     sub = out / stage if rank == 0 else out / stage / f"rank{rank}"
-    fp = fingerprint({**recipe, "_stage": stage, "_model": model.config})
+    if stage == "global" and not (resume and (sub / "last_state.pt").exists()):
+        transfer_trunk(model.local_trunk, model.context_trunk)
+    fp = fingerprint(_stage_recipe(recipe, stage) | {"_model": model.config})
     fitted = fit(wrapper, batches, loss_fn, ts, sub, steps_per_epoch=steps, validate=validate,
                  resume=resume, progress=progress, fingerprint=fp)  # fmt: skip
     return {"best_epoch": fitted.best_epoch, "best_val_macro_f1": fitted.best_value}
+
+
+def _stage_recipe(recipe: Mapping[str, Any], stage: str) -> dict[str, Any]:
+    """What a stage's saved state depends on: the recipe less ``eval`` and later stages."""
+    doc = {k: v for k, v in recipe.items() if k not in ("eval", "export", "out", "description")}
+    model = dict(doc.get("model") or {})
+    stages = dict(model.get("stages") or {})
+    model["stages"] = {k: v for k, v in stages.items() if STAGES.index(k) <= STAGES.index(stage)}
+    return {**doc, "model": model, "_stage": stage}
+
+
+def transfer_trunk(src: nn.Module, dst: nn.Module) -> int:
+    """Copy conv and batch-norm weights of ``src`` into ``dst`` layer by layer where shapes match.
+
+    The context trunk starts from the trained local trunk (H&E colours and edges), as the
+    authors' context encoder starts from pretrained weights. Returns the layers copied.
+    """
+    kinds = (nn.Conv2d, nn.BatchNorm2d)
+    a = [m for m in src.modules() if isinstance(m, kinds)]
+    b = [m for m in dst.modules() if isinstance(m, kinds)]
+    n = 0
+    with torch.no_grad():
+        for ma, mb in zip(a, b, strict=False):
+            sa, sb = ma.state_dict(), mb.state_dict()
+            if type(ma) is type(mb) and all(sa[k].shape == sb[k].shape for k in sb):
+                mb.load_state_dict(sa)
+                n += 1
+    return n
 
 
 def fit_temperatures(model: nn.Module, windows: list[Window], stage: str) -> float:
