@@ -1,0 +1,306 @@
+"""Gene expression at 2 µm over the slide: an OME-Zarr stack written tile by tile.
+
+Patches of the model's bin grid covering tissue (the session's tissue mask)
+are predicted in the order the engine reads them (the view first with
+``near``), each batch written straight into the stack
+(:class:`~histoscope.expression.stack.StackWriter`) in the session folder, so
+memory stays flat whatever the slide's size; a stack of the same slide and
+checkpoint is reused, so a later run fills in only what is missing. The
+Result shows chosen genes as multiscale image layers at 2 µm per pixel over
+the slide, exports AnnData of bins at 2, 8 and 16 µm, and gives per-cell
+expression under nucleus centroids or outlines.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from histoscope.params import ParamError, check, param
+from histoscope.progress import Cancelled, Step, tagged
+from histoscope.results import Provenance, Result, plain
+from histoscope.tasks._registry import TaskSpec, register
+
+__all__ = ["ExpressionParams", "ExpressionResult", "cell_expression"]
+
+#: Colour maps given to the genes shown, in order (additive blending mixes them).
+COLORMAPS = ("magenta", "green", "cyan", "yellow", "red", "blue")
+MAX_SHOWN = len(COLORMAPS)
+
+
+def cell_expression(stack, x, y, *, radius_px=None, outlines=None) -> np.ndarray:
+    """Mean predicted expression under each nucleus (see :func:`histoscope.expression.stack.cell_expression`)."""
+    from histoscope.expression.stack import cell_expression as impl
+
+    return impl(stack, x, y, radius_px=radius_px, outlines=outlines)
+
+
+def _gene_list(text: str) -> tuple[str, ...]:
+    return tuple(g.strip() for g in str(text).split(",") if g.strip())
+
+
+@dataclass(frozen=True)
+class ExpressionParams:
+    """Settings of the expression map."""
+
+    genes: str = param("", f"genes shown as layers, comma-separated (at most {MAX_SHOWN}; "
+                       "default: the first two of the model)")  # fmt: skip
+    min_tissue: float = param(0.1, "patches with at most this tissue fraction are skipped",
+                              min=0.0, max=1.0)  # fmt: skip
+    percentile: float = param(99.5, "upper contrast limit: this percentile of a gene's values",
+                              min=50.0, max=100.0)  # fmt: skip
+
+    def __post_init__(self) -> None:
+        check(self, "expression")
+        if len(_gene_list(self.genes)) > MAX_SHOWN:
+            raise ParamError(f"expression.genes={self.genes!r}: at most {MAX_SHOWN} genes at once")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExpressionResult(Result):
+    """Predicted expression per 2 µm bin, in an OME-Zarr stack.
+
+    Attributes
+    ----------
+    stack
+        The ``.ome.zarr`` folder (genes x bins).
+    genes
+        All genes of the stack.
+    shown
+        Genes :meth:`to_layers` shows.
+    patches
+        ``{"done", "total"}`` patches of this run (``done`` counts reused ones).
+    percentile
+        Upper contrast percentile.
+    """
+
+    stack: Path
+    genes: tuple[str, ...]
+    shown: tuple[str, ...]
+    patches: dict[str, int] = field(default_factory=dict)
+    percentile: float = 99.5
+
+    def meta(self) -> dict[str, Any]:
+        from histoscope.expression.stack import read_stack_attrs
+
+        return read_stack_attrs(self.stack)
+
+    def placement(self) -> tuple[tuple[float, float], tuple[float, float]]:
+        """``(scale, translate)`` in µm of the full resolution: bins sit on their pixels."""
+        m = self.meta()
+        off = m["bin_um"] / 2 - m["slide_mpp"] / 2
+        return (m["bin_um"], m["bin_um"]), (off, off)
+
+    def contrast(self, gene: str) -> tuple[float, float]:
+        """Contrast limits from the 1st and ``percentile``-th percentile of the top level."""
+        from histoscope.expression.stack import open_levels
+
+        top = np.asarray(open_levels(self.stack, gene)[-1])
+        v = top[np.isfinite(top)]
+        if not v.size:
+            return 0.0, 1.0
+        lo, hi = (float(q) for q in np.percentile(v, [1.0, self.percentile]))
+        return lo, hi if hi > lo else lo + 1e-6
+
+    def to_layers(self) -> list:
+        """One multiscale image layer per shown gene, 2 µm per pixel, additive, own colour map."""
+        from histoscope.expression.stack import open_levels
+
+        scale, translate = self.placement()
+        layers = []
+        for k, gene in enumerate(self.shown):
+            meta = {"histoscope": self.provenance.to_dict(), "gene": gene,
+                    "stack": str(self.stack), "colorbar": {"visible": False, "label": gene}}  # fmt: skip
+            kwargs = {"name": f"{gene} (2 µm)", "scale": scale, "translate": translate,
+                      "units": ("um", "um"), "multiscale": True, "blending": "additive",
+                      "colormap": COLORMAPS[k % len(COLORMAPS)],
+                      "contrast_limits": self.contrast(gene), "metadata": meta}  # fmt: skip
+            layers.append((open_levels(self.stack, gene), kwargs, "image"))
+        return layers
+
+    def summary(self) -> dict[str, Any]:
+        m = self.meta()
+        done = int(np.asarray(_open_done(self.stack)).sum())
+        area = done * (m["patch_bins"] * m["bin_um"] / 1000) ** 2
+        return {"genes": len(self.genes), "shown": list(self.shown), "stack": str(self.stack),
+                "patches": dict(self.patches), "predicted_mm2": round(area, 4),
+                "bin_um": m["bin_um"], "complete": bool(m.get("complete")),
+                "cancelled": self.cancelled}  # fmt: skip
+
+    def save(self, out_dir) -> list[Path]:
+        """``expression.ome.zarr`` (the stack), ``expression_bins_{002,008,016}um.h5ad``, ``expression.json``."""
+        from histoscope.atomic import atomic_write_text
+        from histoscope.export.omezarr import atomic_dir
+        from histoscope.expression.bins_h5ad import write_bins_h5ad
+
+        out = Path(out_dir)
+        target = out / "expression.ome.zarr"
+        files = []
+        if target.resolve() != self.stack.resolve():
+            with atomic_dir(target) as tmp:
+                shutil.copytree(self.stack, tmp, dirs_exist_ok=True)
+        files.append(target)
+        uns = {"provenance": self.provenance.to_dict(), "summary": self.summary()}
+        for b in (2, 8, 16):
+            files.append(write_bins_h5ad(target, out / f"expression_bins_{b:03d}um.h5ad", b,
+                                         uns=uns))  # fmt: skip
+        doc = {**self.provenance.to_dict(), "summary": self.summary()}
+        files.append(atomic_write_text(out / "expression.json", json.dumps(plain(doc), indent=2)))
+        return files
+
+
+def _open_done(stack: Path):
+    from histoscope.expression.stack import _open_group
+
+    return _open_group(stack, "r")["done"][...]
+
+
+class _Stash:
+    """The model giving the engine a small output, keeping its full prediction for the writer.
+
+    The engine keeps every output it is given; the stack is the only place the
+    full prediction should live, so the batch's expected counts are stashed
+    here for ``on_batch`` and the engine keeps one number per patch.
+    """
+
+    def __init__(self, model) -> None:
+        import torch
+
+        outer = self
+
+        class _Net(torch.nn.Module):
+            def __init__(self) -> None:
+                super().__init__()
+                self.model = model
+
+            def forward(self, x):
+                e = self.model.expected(self.model(x))
+                outer.last = e.float().cpu().numpy()
+                return e.mean(dim=(1, 2, 3))
+
+        self.net = _Net()
+        self.last: np.ndarray | None = None
+
+
+def _offset(gen, already: int, total: int):
+    """The engine's ``(done, n)`` over this run's patches as ``(already + done, total)``."""
+    reply = None
+    while True:
+        try:
+            done, _ = gen.send(reply)
+        except StopIteration as stop:
+            return stop.value
+        reply = yield already + done, total
+
+
+def stack_path(session, card) -> Path:
+    """Where the session keeps this slide's stack for this checkpoint."""
+    import hashlib
+
+    from histoscope.results import safe_stem
+
+    slide_key = hashlib.sha256(str(session.slide_id).encode()).hexdigest()[:8]
+    name = (
+        f"{safe_stem(session.slide.path.stem)}_{slide_key}_{(card.sha256 or 'model')[:12]}.ome.zarr"
+    )
+    if session.folder is not None:
+        return Path(session.folder) / "expression" / name
+    root = session.product("expression_tmp", None, lambda: Path(tempfile.mkdtemp(
+        prefix="histoscope-expression-")))  # fmt: skip
+    return root / name
+
+
+def _patches(session, cfg, params: ExpressionParams, region) -> np.ndarray:
+    """Patch origins ``(N, 2)`` (bins) on tissue, within ``region`` if given."""
+    p, b_um, mpp = cfg["patch_bins"], cfg["bin_um"], cfg["image_mpp"]
+    grid = session.grid(mpp, int(round(p * b_um / mpp)), params.min_tissue)
+    origins = grid.index * p
+    if region is not None and len(origins):
+        bin_px = b_um / session.slide.mpp
+        x, y, w, h = region
+        px = origins * bin_px  # (row, col) -> level-0 px
+        size = p * bin_px
+        keep = ((px[:, 1] + size > x) & (px[:, 1] < x + w) & (px[:, 0] + size > y)
+                & (px[:, 0] < y + h))  # fmt: skip
+        origins = origins[keep]
+    return origins
+
+
+def _run(session, checkpoint, params: ExpressionParams, *, region=None, near=None, engine=None):
+    from types import SimpleNamespace
+
+    from histoscope.engine import EngineParams, iter_samples
+    from histoscope.expression.dataset import sampler_for
+    from histoscope.expression.stack import StackWriter
+
+    model, card = checkpoint
+    cfg, slide = model.config, session.slide
+    genes = tuple(cfg["genes"])
+    shown = _gene_list(params.genes) or genes[:2]
+    unknown = [g for g in shown if g not in genes]
+    if unknown:
+        raise ParamError(f"expression.genes: {', '.join(unknown)} not among the model's genes "
+                         f"({', '.join(genes[:8])}, ...)")  # fmt: skip
+    if not slide.mpp:
+        raise ParamError(f"{slide.path}: expression needs the slide's µm/px (2 µm bins)")
+    if (yield Step(0, 0, "finding tissue")) is False:
+        raise Cancelled("expression stopped before any patch was predicted")
+    origins = _patches(session, cfg, params, region)
+    bin_px = cfg["bin_um"] / slide.mpp
+    h0, w0 = slide.shape
+    shape = (int(np.ceil(h0 / bin_px)), int(np.ceil(w0 / bin_px)))
+    prov = Provenance(task="expression", slide=str(slide.path), checkpoint_sha256=card.sha256,
+                      params={**plain(params), "region": list(region) if region else None},
+                      mpp=cfg["image_mpp"],
+                      tile_grid={"patch_bins": cfg["patch_bins"], "bin_um": cfg["bin_um"],
+                                 "n_patches": len(origins)})  # fmt: skip
+    path = stack_path(session, card)
+    chunk = cfg["patch_bins"] * max(1, 128 // cfg["patch_bins"])
+    writer = StackWriter(path, genes, shape, cfg["bin_um"], slide.mpp, cfg["patch_bins"], chunk,
+                         attrs={"checkpoint_sha256": card.sha256, "slide": str(slide.path)})  # fmt: skip
+    todo = origins[~writer.is_done(origins)] if len(origins) else origins
+    writer.expect(todo)
+    counts = {"total": len(origins), "done": len(origins) - len(todo)}
+
+    def result(cancelled: bool = False) -> ExpressionResult:
+        return ExpressionResult(provenance=replace(prov, cancelled=cancelled), stack=path,
+                                genes=genes, shown=shown, patches=dict(counts),
+                                percentile=params.percentile)  # fmt: skip
+
+    cancelled = False
+    if len(todo):
+        stash = _Stash(model)
+        sampler = sampler_for(todo, cfg, bin_px)
+        sampler.cell = max(8, int(chunk * bin_px))  # the engine's near-first squares = chunks
+
+        def on_batch(idx: np.ndarray, _means) -> None:
+            writer.write(todo[idx], stash.last)
+            counts["done"] += len(idx)
+
+        spec = SimpleNamespace(mean=tuple(card.input_spec.get("mean", (0.485, 0.456, 0.406))),
+                               std=tuple(card.input_spec.get("std", (0.229, 0.224, 0.225))))  # fmt: skip
+        ep = engine or EngineParams(batch_size=16, workers=2, prefetch=2)
+        gen = iter_samples(stash.net, slide, sampler, [spec] * len(sampler.views), ep,
+                           near=near, on_batch=on_batch)  # fmt: skip
+        try:
+            out = yield from tagged(_offset(gen, counts["done"], counts["total"]),
+                                    "expression patches", result)  # fmt: skip
+            cancelled = out.cancelled
+        finally:
+            writer.close(complete=False)
+    complete = not cancelled and region is None and counts["done"] == counts["total"]
+    writer.close(complete=complete)
+    yield Step(counts["done"], counts["total"], "expression patches")
+    return result(cancelled)
+
+
+SPEC = register(TaskSpec(name="expression", title="Gene expression (2 µm)",
+                         params=ExpressionParams, run=_run, family="expression",
+                         default_checkpoint="expression_default.safetensors",
+                         needs=("tissue",), region=True))  # fmt: skip
