@@ -64,6 +64,12 @@ def _isight(res, files):
     np.testing.assert_array_equal(np.load(files["isight_attention.npy"]), res.attention.values)
 
 
+def _cells(res, files):
+    table = hs.read_geojson(files["cells.geojson"])
+    assert len(table) == res.n_cells > 0 and (table["object_type"] == "cell").all()
+    assert json.loads(files["cells.json"].read_text())["summary"] == res.summary()
+
+
 @dataclass(frozen=True)
 class Case:
     task: str
@@ -79,6 +85,7 @@ CASES = [
     Case("mil", "he", _mil),
     Case("ihc", "ihc", _ihc, (("region", (256, 256, 512, 512)),)),
     Case("isight", "ihc", _isight, (("metadata", "Tissue: colon."),)),
+    Case("cells", "he", _cells, (("region", (256, 256, 512, 512)),)),
 ]
 
 

@@ -1,0 +1,358 @@
+"""Cells dock widget: find and type nuclei (NuClass), filter and recolour them, explain one."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+from qtpy.QtCore import Qt
+from qtpy.QtGui import QColor, QIcon, QImage, QPixmap
+from qtpy.QtWidgets import (
+    QCheckBox,
+    QComboBox,
+    QDoubleSpinBox,
+    QFormLayout,
+    QHBoxLayout,
+    QLabel,
+    QListWidget,
+    QListWidgetItem,
+    QPushButton,
+    QVBoxLayout,
+)
+
+from histoscope._widgets._common import CheckpointPicker, RGBLayerCombo, TaskWidget
+
+if TYPE_CHECKING:
+    import napari
+
+DEFAULT_CHECKPOINT = "nuclass_default.safetensors"
+LAYER_NAME = "cells"
+OUTLINES_NAME = "nucleus outlines"
+#: Where to look for cells.
+SCOPES = ("view first, then the whole slide", "the view only", "the drawn region",
+          "the whole slide")  # fmt: skip
+#: What the points' colour shows.
+COLOR_BY = ("class", "gate g (0 local, 1 context)", "confidence")
+
+
+def _swatch(rgb) -> QIcon:
+    pix = QPixmap(14, 14)
+    pix.fill(QColor(*[int(v) for v in rgb]))
+    return QIcon(pix)
+
+
+def _pixmap(rgb: np.ndarray, size: int = 112) -> QPixmap:
+    """A uint8 RGB image as a square QPixmap of ``size`` px."""
+    a = np.ascontiguousarray(rgb[..., :3], dtype=np.uint8)
+    h, w = a.shape[:2]
+    img = QImage(a.data, w, h, 3 * w, QImage.Format_RGB888).copy()
+    return QPixmap.fromImage(img).scaled(size, size, Qt.KeepAspectRatio, Qt.SmoothTransformation)
+
+
+def _overlay(rgb: np.ndarray, cam: np.ndarray) -> np.ndarray:
+    """Grad-CAM ``cam`` (0-1) laid over ``rgb`` with the inferno colour map."""
+    from napari.utils.colormaps import ensure_colormap
+
+    heat = ensure_colormap("inferno").map(np.clip(cam, 0, 1).ravel())[:, :3]
+    heat = heat.reshape(*cam.shape, 3) * 255
+    return (0.5 * rgb[..., :3] + 0.5 * heat).astype(np.uint8)
+
+
+class CellsWidget(TaskWidget):
+    """Detect and type cells where you look first; a legend that filters; click a cell to explain it."""
+
+    cancel_text = "Cancelled: the cells of the finished tiles stay on the slide."
+
+    def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
+        super().__init__(napari_viewer, "Find cells")
+        self.result = None
+        self._session = None
+        self.layer_combo = RGBLayerCombo(napari_viewer)
+        self.picker = CheckpointPicker(DEFAULT_CHECKPOINT, "NuClass checkpoint (.safetensors)")
+        self.checkpoint = self.picker.edit
+        self.scope = QComboBox()
+        self.scope.addItems(SCOPES)
+        self.scope.setToolTip("The drawn region: the bounding box of the selected shape of the "
+                              "active Shapes layer (else its last shape).")  # fmt: skip
+        self.detector = QComboBox()
+        self.detector.addItems(["classical", "stardist", "cellpose"])
+        self.typing = QCheckBox("Type the cells (NuClass)")
+        self.typing.setChecked(True)
+        form = QFormLayout()
+        form.addRow("Slide", self.layer_combo)
+        form.addRow("Checkpoint", self.picker)
+        form.addRow("Look in", self.scope)
+        form.addRow("Nucleus detector", self.detector)
+        form.addRow(self.typing)
+
+        self.legend = QListWidget()
+        self.legend.setToolTip("Untick a class to hide its cells.")
+        self.legend.itemChanged.connect(lambda _item: self.apply_filters())
+        self.color_by = QComboBox()
+        self.color_by.addItems(COLOR_BY)
+        self.color_by.currentIndexChanged.connect(lambda _i: self.recolour())
+        self.disagree = QCheckBox("Only cells where local and global disagree")
+        self.disagree.toggled.connect(lambda _on: self.apply_filters())
+        self.min_conf = QDoubleSpinBox()
+        self.min_conf.setRange(0.0, 1.0)
+        self.min_conf.setSingleStep(0.05)
+        self.min_conf.setToolTip("Hide cells whose fused probability is below this.")
+        self.min_conf.valueChanged.connect(lambda _v: self.apply_filters())
+        view = QFormLayout()
+        view.addRow("Colour by", self.color_by)
+        view.addRow("Confidence at least", self.min_conf)
+        view.addRow(self.disagree)
+        self.outlines_button = QPushButton("Nucleus outlines in view")
+        self.outlines_button.clicked.connect(self.show_outlines)
+        self.explain_box = QCheckBox("Explain the cell I click (crops and Grad-CAM)")
+        self.explain_box.toggled.connect(self._toggle_click)
+        self.crops = [QLabel() for _ in range(4)]
+        crop_row = QHBoxLayout()
+        for lab in self.crops:
+            lab.setFixedSize(112, 112)
+            lab.setAlignment(Qt.AlignCenter)
+            crop_row.addWidget(lab)
+        self.explained = QLabel("")
+        self.explained.setWordWrap(True)
+        self.trained_on = QLabel("")
+        self.trained_on.setWordWrap(True)
+
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addWidget(self.controls)
+        layout.addWidget(self.trained_on)
+        layout.addWidget(QLabel("Classes (count; untick to hide)"))
+        layout.addWidget(self.legend, stretch=1)
+        layout.addLayout(view)
+        layout.addWidget(self.outlines_button)
+        layout.addWidget(self.explain_box)
+        layout.addLayout(crop_row)
+        layout.addWidget(self.explained)
+
+    # ----------------------------------------------------------------- running
+    def params(self):
+        """:class:`~histoscope.tasks.cells.CellsParams` from the form."""
+        from histoscope.tasks.cells import CellsParams
+
+        return CellsParams(detector=self.detector.currentText(),
+                           classify=self.typing.isChecked())  # fmt: skip
+
+    def drawn_region(self, slide, layer) -> tuple[int, int, int, int]:
+        """Level-0 bounding box of the chosen shape; ValueError when none is drawn."""
+        shapes = [
+            lay for lay in self.viewer.layers if lay._type_string == "shapes" and len(lay.data)
+        ]
+        active = self.viewer.layers.selection.active
+        if active in shapes:
+            shapes = [active]
+        if not shapes:
+            raise ValueError("Draw a rectangle or polygon on a Shapes layer first.")
+        lay = shapes[-1]
+        picked = sorted(lay.selected_data) or [len(lay.data) - 1]
+        pts = np.concatenate([np.asarray(lay.data[i])[:, -2:] for i in picked])
+        pts = pts * np.asarray(lay.scale[-2:]) + np.asarray(lay.translate[-2:])  # world µm
+        sy, sx = layer.scale[-2], layer.scale[-1]
+        y0, x0 = pts.min(axis=0)
+        y1, x1 = pts.max(axis=0)
+        return int(x0 / sx), int(y0 / sy), max(1, int((x1 - x0) / sx)), max(1, int((y1 - y0) / sy))
+
+    def run(self):
+        """Find (and type) cells in a worker; returns the worker or None."""
+        from histoscope._widgets._common import visible_region
+        from histoscope._widgets._worker import Job
+
+        try:
+            session, layer = self.chosen_session(self.layer_combo)
+            ckpt = self.picker.path()
+            if self.typing.isChecked() and not ckpt:
+                raise ValueError("Choose a NuClass checkpoint, or untick typing.")
+            params = self.params()
+            scope = self.scope.currentIndex()
+            region = None
+            if scope == 1:
+                region = visible_region(self.viewer, session.slide, layer)
+            elif scope == 2:
+                region = self.drawn_region(session.slide, layer)
+        except ValueError as exc:
+            self.status.setText(str(exc))
+            return None
+        near = self.view_centre(session.slide, layer)
+        self.result, self._session = None, session
+        jobs = [Job("cells", session, ckpt or None, params=params, region=region, near=near)]
+        return self.run_tasks(jobs, text="Finding cells in view first…", on_result=self._finished,
+                              on_partial=self._live)  # fmt: skip
+
+    def _live(self, result) -> None:
+        self._show(result)
+        s = result.summary()
+        self.status.setText(f"{s['n_cells']:,} cells so far…")
+
+    def _finished(self, outcome) -> None:
+        result = outcome.get("cells")
+        if result is None:
+            return
+        self._show(result)
+        s = result.summary()
+        dens = f", {s['cells_per_mm2']:,.0f} per mm² of tissue" if s["cells_per_mm2"] else ""
+        self.status.setText(f"{s['n_cells']:,} cells{dens}.")
+
+    def _show(self, result) -> None:
+        """Put ``result`` on the canvas (in place when the layer exists) and fill the legend."""
+        self.result = result
+        data, kwargs, kind = result.to_layers(LAYER_NAME)[0]
+        layer = self.viewer.layers[LAYER_NAME] if LAYER_NAME in self.viewer.layers else None
+        if layer is None:
+            self.replace_layer(data, kwargs, kind)
+        else:
+            layer.data = data
+            layer.features = kwargs["features"]
+            layer.metadata.update(kwargs["metadata"])
+        self.trained_on.setText(
+            f"<i>Typing model: {result.trained_on}. Cell types on tissue unlike that are "
+            "guesses.</i>" if result.trained_on else "")  # fmt: skip
+        self._fill_legend(result)
+        self.recolour()
+
+    def _fill_legend(self, result) -> None:
+        hidden = {self.legend.item(i).data(Qt.UserRole) for i in range(self.legend.count())
+                  if self.legend.item(i).checkState() != Qt.Checked}  # fmt: skip
+        s = result.summary()
+        self.legend.blockSignals(True)
+        self.legend.clear()
+        for name, rgb in zip(result.classes, result.palette(), strict=True):
+            c = s["classes"][name]
+            item = QListWidgetItem(
+                _swatch(rgb), f"{name}: {c['count']:,} ({100 * c['fraction']:.1f} %)"
+            )
+            item.setData(Qt.UserRole, name)
+            item.setFlags(item.flags() | Qt.ItemIsUserCheckable)
+            item.setCheckState(Qt.Unchecked if name in hidden else Qt.Checked)
+            self.legend.addItem(item)
+        self.legend.blockSignals(False)
+
+    # --------------------------------------------------------------- display
+    def layer(self):
+        return self.viewer.layers[LAYER_NAME] if LAYER_NAME in self.viewer.layers else None
+
+    def recolour(self) -> None:
+        """Colour the points by class, gate weight or confidence."""
+        layer, result = self.layer(), self.result
+        if layer is None or result is None or len(layer.data) != result.n_cells:
+            return
+        mode = self.color_by.currentIndex()
+        if mode == 0 or result.types is None:
+            layer.face_color = result.rgba()
+        else:
+            from napari.utils.colormaps import ensure_colormap
+
+            values = result.types.g if mode == 1 else result.types.confidence
+            layer.face_color = ensure_colormap("viridis").map(np.asarray(values, np.float32))
+        self.apply_filters()
+
+    def apply_filters(self) -> None:
+        """Show only the ticked classes, above the confidence floor, optionally disagreeing."""
+        layer, result = self.layer(), self.result
+        if layer is None or result is None or result.types is None:
+            return
+        if len(layer.data) != result.n_cells:
+            return
+        t = result.types
+        ticked = np.array([self.legend.item(i).checkState() == Qt.Checked
+                           for i in range(self.legend.count())] or [True] * len(result.classes))  # fmt: skip
+        shown = ticked[np.asarray(t.pred)] if result.n_cells else np.zeros(0, bool)
+        shown &= np.asarray(t.confidence) >= self.min_conf.value()
+        if self.disagree.isChecked():
+            shown &= np.asarray(t.local_pred) != np.asarray(t.global_pred)
+        if not np.array_equal(layer.shown, shown):  # each change re-sends every point to vispy
+            layer.shown = shown
+
+    def show_outlines(self):
+        """Nucleus outlines of the cells in view as a labels layer."""
+        from histoscope._widgets._common import visible_region
+        from histoscope.tasks.cells import outline_labels
+
+        if self.result is None:
+            self.status.setText("Find cells first; the outlines are theirs.")
+            return None
+        try:
+            session, layer = self.chosen_session(self.layer_combo)
+        except ValueError as exc:
+            self.status.setText(str(exc))
+            return None
+        region = visible_region(self.viewer, session.slide, layer)
+        if region[2] * region[3] > 16_000_000:
+            self.status.setText(
+                "Zoom in: outlines are drawn for at most 4,000 x 4,000 px of slide."
+            )
+            return None
+        labels, (ty, tx), mpp = outline_labels(self.result, region)
+        kwargs = {"name": OUTLINES_NAME, "scale": (mpp, mpp), "translate": (ty, tx),
+                  "units": ("um", "um"), "opacity": 0.6,
+                  "metadata": {"histoscope_task": "cells", "region": list(region)}}  # fmt: skip
+        out = self.replace_layer(labels, kwargs, "labels")
+        out.contour = 1
+        self.status.setText(f"Outlines of {len(np.unique(labels)) - 1:,} nuclei in view.")
+        return out
+
+    # ---------------------------------------------------------------- explain
+    def _toggle_click(self, on: bool) -> None:
+        callbacks = self.viewer.mouse_drag_callbacks
+        if on and self._on_click not in callbacks:
+            callbacks.append(self._on_click)
+        elif not on and self._on_click in callbacks:
+            callbacks.remove(self._on_click)
+
+    def _on_click(self, _viewer, event) -> None:
+        active = self.viewer.layers.selection.active
+        if event.type == "mouse_press" and active is not None and active.name == LAYER_NAME:
+            self.explain_at(*event.position[-2:])
+
+    def explain_at(self, y_um: float, x_um: float):
+        """Crops and Grad-CAM of the cell nearest world ``(y, x)`` µm (in a worker)."""
+        from napari.qt.threading import create_worker
+
+        result = self.result
+        if result is None or result.types is None or not result.n_cells or self._session is None:
+            self.status.setText("Find and type cells first, then click one.")
+            return None
+        if self.worker is not None:
+            self.status.setText("Busy: wait for the running job or cancel it.")
+            return None
+        um = result.slide_mpp
+        d2 = (result.nuclei.x * um - x_um) ** 2 + (result.nuclei.y * um - y_um) ** 2
+        i = int(np.argmin(d2))
+        if d2[i] > 15.0**2:
+            self.status.setText("No cell within 15 µm of that point.")
+            return None
+        session, ckpt = self._session, self.picker.path() or DEFAULT_CHECKPOINT
+        x, y = float(result.nuclei.x[i]), float(result.nuclei.y[i])
+
+        def work():
+            from histoscope.celltypes import explain_cell
+            from histoscope.tasks import resolve_checkpoint
+            from histoscope.tasks._registry import get
+
+            path = resolve_checkpoint(get("cells"), ckpt)
+            model, card = session.model(path, "nuclass")
+            return i, explain_cell(session.slide, x, y, model, card)
+
+        self.worker = create_worker(work, _start_thread=False,
+                                    _connect={"returned": self._explained,
+                                              "errored": self._failed, "finished": self._done})  # fmt: skip
+        self.controls.busy(True, "Explaining the cell…")
+        self.worker.start()
+        return self.worker
+
+    def _explained(self, value) -> None:
+        i, ex = value
+        local, context = ex["local"], ex["context"]
+        images = [local, _overlay(local, ex["local_cam"]), context,
+                  _overlay(context, ex["context_cam"])]  # fmt: skip
+        for lab, img in zip(self.crops, images, strict=True):
+            lab.setPixmap(_pixmap(img))
+        t, classes = self.result.types, self.result.classes
+        self.explained.setText(
+            f"Cell {i}: <b>{classes[int(t.pred[i])]}</b> (p = {float(t.confidence[i]):.2f}); "
+            f"local says {classes[int(t.local_pred[i])]}, context says "
+            f"{classes[int(t.global_pred[i])]}; gate g = {float(t.g[i]):.2f}. "
+            "Crops: nucleus, its Grad-CAM, context, its Grad-CAM.")  # fmt: skip
