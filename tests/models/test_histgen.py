@@ -72,7 +72,7 @@ def greedy(model: HistGen, feats: torch.Tensor, max_len: int) -> list[int]:
     seq = [0]
     with torch.no_grad():
         for _ in range(max_len):
-            logits, _ = model.decode(regions, torch.tensor([seq]))
+            logits, _, _ = model.decode(regions, torch.tensor([seq]))
             nxt = int(logits[0, -1].argmax())
             seq.append(nxt)
             if nxt == 0:
@@ -87,7 +87,7 @@ def test_beam_one_is_greedy(seed):
     regions, spread = model.encode(feats)
 
     def step(prefix):
-        logits, w = model.decode(regions, prefix)
+        logits, w, _ = model.decode(regions, prefix)
         return torch.log_softmax(logits[:, -1], -1), w[:, -1] @ spread
 
     hyp = beam_search(step, bos=0, eos=0, beam_size=1, max_len=30, block_trigrams=False)
@@ -100,7 +100,7 @@ def test_wider_beam_never_scores_below_greedy():
     regions, spread = model.encode(feats)
 
     def step(prefix):
-        logits, w = model.decode(regions, prefix)
+        logits, w, _ = model.decode(regions, prefix)
         return torch.log_softmax(logits[:, -1], -1), w[:, -1] @ spread
 
     g = beam_search(step, bos=0, eos=0, beam_size=1, max_len=12, block_trigrams=False)
@@ -218,3 +218,20 @@ def test_bad_config_is_refused(case):
 def test_wrong_feature_size_is_refused():
     with pytest.raises(ValueError, match=r"\(N >= 1, 16\)"):
         tiny().generate(torch.randn(5, 8))
+
+
+def test_a_batch_of_slides_encodes_and_scores_each_slide_as_alone():
+    model = tiny(8)
+    g = torch.Generator().manual_seed(8)
+    feats = [torch.randn(n, 16, generator=g) for n in (5, 23, 14)]  # 1, 4 and 2 regions
+    regions, rmask, spreads = model.encode_batch(feats)
+    assert rmask.sum(1).tolist() == [1, 4, 2]
+    toks = [model.encode_report(r) for r in REPORTS]
+    for i, f in enumerate(feats):
+        alone, spread = model.encode(f)
+        torch.testing.assert_close(regions[i, : alone.shape[1]], alone[0])
+        torch.testing.assert_close(spreads[i], spread)
+    batch = model.loss_batch(feats, toks)
+    per_slide = [model.loss(f, t) for f, t in zip(feats, toks, strict=True)]
+    n_tok = torch.tensor([len(t) - 1 for t in toks], dtype=torch.float32)
+    torch.testing.assert_close(batch, (torch.stack(per_slide) * n_tok).sum() / n_tok.sum())

@@ -47,16 +47,17 @@ class _MHA(nn.Module):
     """Multi-head attention that also returns its weights (averaged over heads).
 
     With ``top_k`` only the ``top_k`` best keys per query and head are kept
-    (HistGen's memory querying and responding).
+    (HistGen's memory querying and responding). Dropout is applied to the
+    sublayer outputs, not to the attention weights (cheaper on a CPU; the
+    authors drop attention weights too).
     """
 
-    def __init__(self, d: int, heads: int, dropout: float, top_k: int | None = None) -> None:
+    def __init__(self, d: int, heads: int, top_k: int | None = None) -> None:
         super().__init__()
         if d % heads:
             raise ValueError(f"d_model {d} is not divisible by {heads} heads")
         self.h, self.dk, self.top_k = heads, d // heads, top_k
         self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
-        self.drop = nn.Dropout(dropout)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
@@ -68,16 +69,12 @@ class _MHA(nn.Module):
         scores = qh @ kh.transpose(-1, -2) / math.sqrt(self.dk)  # (b, h, tq, tk)
         if mask is not None:  # mask: broadcastable to (b, 1, tq, tk), True = keep
             scores = scores.masked_fill(~mask, float("-inf"))
-        if self.top_k is not None and self.top_k < tk:
-            top, idx = scores.topk(self.top_k, dim=-1)
-            p = self.drop(F.softmax(top, -1))
-            gathered = vh[:, :, None].expand(b, self.h, tq, tk, self.dk)
-            sel = gathered.gather(3, idx[..., None].expand(*idx.shape, self.dk))
-            out = (p[..., None, :] @ sel).squeeze(-2)
-            w = torch.zeros_like(scores).scatter(-1, idx, p)
-        else:
-            w = self.drop(F.softmax(scores, -1))
-            out = w @ vh
+        if self.top_k is not None and self.top_k < tk:  # keep the top-k keys only
+            idx = scores.topk(self.top_k, dim=-1).indices
+            keep = torch.zeros_like(scores, dtype=torch.bool).scatter(-1, idx, True)
+            scores = scores.masked_fill(~keep, float("-inf"))
+        w = F.softmax(scores, -1)
+        out = w @ vh
         out = out.transpose(1, 2).reshape(b, tq, self.h * self.dk)
         return self.o(out), w.mean(1)
 
@@ -97,7 +94,7 @@ class _EncLayer(nn.Module):
 
     def __init__(self, d: int, heads: int, d_ff: int, dropout: float) -> None:
         super().__init__()
-        self.attn, self.ff = _MHA(d, heads, dropout), _FF(d, d_ff, dropout)
+        self.attn, self.ff = _MHA(d, heads), _FF(d, d_ff, dropout)
         self.n1, self.n2, self.drop = nn.LayerNorm(d), nn.LayerNorm(d), nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -111,18 +108,25 @@ class _DecLayer(nn.Module):
 
     def __init__(self, d: int, heads: int, d_ff: int, dropout: float) -> None:
         super().__init__()
-        self.self_attn, self.src_attn = _MHA(d, heads, dropout), _MHA(d, heads, dropout)
+        self.self_attn, self.src_attn = _MHA(d, heads), _MHA(d, heads)
         self.ff = _FF(d, d_ff, dropout)
         self.n1, self.n2, self.n3 = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, mem: torch.Tensor,
-                causal: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    def forward(self, x: torch.Tensor, mem: torch.Tensor, causal: torch.Tensor | None,
+                past: torch.Tensor | None = None, mem_mask: torch.Tensor | None = None,
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
+        """Outputs, cross-attention weights and the normalised inputs (the keys of later steps).
+
+        With ``past`` (the normalised inputs of the earlier positions) ``x``
+        holds only the new positions.
+        """
         y = self.n1(x)
-        x = x + self.drop(self.self_attn(y, y, y, causal)[0])
-        out, w = self.src_attn(self.n2(x), mem, mem)
+        keys = y if past is None else torch.cat([past, y], 1)
+        x = x + self.drop(self.self_attn(y, keys, keys, causal)[0])
+        out, w = self.src_attn(self.n2(x), mem, mem, mem_mask)
         x = x + self.drop(out)
-        return x + self.drop(self.ff(self.n3(x))), w
+        return x + self.drop(self.ff(self.n3(x))), w, keys
 
 
 def _positions(n: int, d: int) -> torch.Tensor:
@@ -211,8 +215,8 @@ class HistGen(nn.Module):
                        "prototypes": self.n_prototypes, "max_len": self.max_len}  # fmt: skip
         self.att_embed = nn.Sequential(nn.Linear(self.in_dim, d), nn.ReLU(), nn.Dropout(dropout))
         self.memory = nn.Parameter(torch.randn(int(memory_slots), d) / d)
-        self.cmn = _MHA(d, n_heads, dropout, top_k=int(top_k))
-        self.attn_mem = _MHA(d, n_heads, dropout)
+        self.cmn = _MHA(d, n_heads, top_k=int(top_k))
+        self.attn_mem = _MHA(d, n_heads)
         self.global_token = nn.Parameter(torch.randn(1, d) * 0.02)
         self.region_1, self.wsi = (
             _EncLayer(d, n_heads, d_ff, dropout),
@@ -253,55 +257,106 @@ class HistGen(nn.Module):
         """
         if feats.ndim == 3 and feats.shape[0] == 1:
             feats = feats[0]
-        if feats.ndim != 2 or feats.shape[0] < 1 or feats.shape[1] != self.in_dim:
-            raise ValueError(f"patch features must be (N >= 1, {self.in_dim}), "
-                             f"got {tuple(feats.shape)}")  # fmt: skip
-        n, d, rs = feats.shape[0], self.d_model, self.region_size
-        x = self.att_embed(feats)[None]  # (1, N, d)
-        idx = torch.linspace(0, n - 1, steps=self.n_prototypes).round().long()
-        resp, _ = self.cmn(x[:, idx], self.memory[None], self.memory[None])
-        x = x + self.attn_mem(x, resp, resp)[0]
+        regions, _, spreads = self.encode_batch([feats])
+        return regions, spreads[0]
+
+    def encode_batch(
+        self, feats: Sequence[torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """Several slides at once: regions ``(B, R_max, d)``, their mask and each slide's spread.
+
+        Each slide is encoded exactly as alone (padding never reaches a
+        slide's own tokens): regions are independent, and the slide-level layer
+        and the decoder mask the regions a slide does not have.
+        """
+        for f in feats:
+            if f.ndim != 2 or f.shape[0] < 1 or f.shape[1] != self.in_dim:
+                raise ValueError(f"patch features must be (N >= 1, {self.in_dim}), "
+                                 f"got {tuple(f.shape)}")  # fmt: skip
+        b, d, rs = len(feats), self.d_model, self.region_size
         per = rs - 1
-        r = -(-n // per)
-        pad = r * per - n
-        x = torch.cat([x[0], x.new_zeros(pad, d)]).view(r, per, d)
-        valid = torch.cat([torch.ones(n, dtype=torch.bool), torch.zeros(pad, dtype=torch.bool)])
-        valid = torch.cat([valid.view(r, per), torch.ones(r, 1, dtype=torch.bool)], 1)  # (R, rs)
-        x = torch.cat([x, self.global_token.expand(r, 1, d)], 1)  # global token last
-        key_mask = valid[:, None, None, :]
-        x = self.region_1(x + self.pe[:rs], key_mask)
-        g = self.wsi((x[:, -1] + self.pe[:r])[None], None)[0]
-        x = torch.cat([x[:, :-1], g[:, None]], 1)
-        x = self.enc_norm(self.region_2(x, key_mask))
-        score = torch.tanh(self.pool_v(self.pool_proj(x))).squeeze(-1).masked_fill(~valid, -1e4)
+        ns = [int(f.shape[0]) for f in feats]
+        padded = feats[0].new_zeros(b, max(ns), self.in_dim)
+        for i, f in enumerate(feats):
+            padded[i, : ns[i]] = f
+        x = self.att_embed(padded)  # (B, N_max, d)
+        idx = torch.stack([torch.linspace(0, n - 1, steps=self.n_prototypes).round().long()
+                           for n in ns])  # fmt: skip
+        protos = x.gather(1, idx[..., None].expand(-1, -1, d))
+        mem = self.memory[None].expand(b, -1, -1)
+        resp, _ = self.cmn(protos, mem, mem)
+        x = x + self.attn_mem(x, resp, resp)[0]
+        rcount = [-(-n // per) for n in ns]
+        blocks, valid = [], []
+        for i, n in enumerate(ns):
+            pad = rcount[i] * per - n
+            blocks.append(torch.cat([x[i, :n], x.new_zeros(pad, d)]).view(rcount[i], per, d))
+            v = torch.cat([torch.ones(n, dtype=torch.bool), torch.zeros(pad, dtype=torch.bool)])
+            valid.append(v.view(rcount[i], per))
+        r_all = sum(rcount)
+        xr = torch.cat([torch.cat(blocks), self.global_token.expand(r_all, 1, d)], 1)
+        ok = torch.cat([torch.cat(valid), torch.ones(r_all, 1, dtype=torch.bool)], 1)  # (R, rs)
+        key_mask = ok[:, None, None, :]
+        xr = self.region_1(xr + self.pe[:rs], key_mask)
+        r_max = max(rcount)
+        rmask = torch.zeros(b, r_max, dtype=torch.bool)
+        slot = torch.cat([torch.arange(rc) + i * r_max for i, rc in enumerate(rcount)])
+        for i, rc in enumerate(rcount):
+            rmask[i, :rc] = True
+        g = xr.new_zeros(b * r_max, d).index_copy(0, slot, xr[:, -1]).view(b, r_max, d)
+        g = self.wsi(g + self.pe[:r_max], rmask[:, None, None, :]).reshape(b * r_max, d)[slot]
+        xr = torch.cat([xr[:, :-1], g[:, None]], 1)
+        xr = self.enc_norm(self.region_2(xr, key_mask))
+        score = torch.tanh(self.pool_v(self.pool_proj(xr))).squeeze(-1).masked_fill(~ok, -1e4)
         w = torch.softmax(score, -1)  # (R, rs)
-        regions = torch.tanh(self.pool_dense((w[..., None] * x).sum(1)))[None]
-        patch_w = (w[:, :-1] * valid[:, :-1]).reshape(r, per)
+        pooled = torch.tanh(self.pool_dense((w[..., None] * xr).sum(1)))
+        regions = pooled.new_zeros(b * r_max, d).index_copy(0, slot, pooled).view(b, r_max, d)
+        patch_w = w[:, :-1] * ok[:, :-1]
         patch_w = patch_w / patch_w.sum(1, keepdim=True).clamp_min(1e-12)
-        spread = torch.zeros(r, r * per, dtype=patch_w.dtype)
-        for k in range(r):
-            spread[k, k * per : (k + 1) * per] = patch_w[k]
-        return regions, spread[:, :n]
+        spreads, start = [], 0
+        for n, rc in zip(ns, rcount, strict=True):
+            sp = patch_w.new_zeros(rc, rc * per)
+            for k in range(rc):
+                sp[k, k * per : (k + 1) * per] = patch_w[start + k]
+            spreads.append(sp[:, :n])
+            start += rc
+        return regions, rmask, spreads
 
     # ------------------------------------------------------------ decoder
-    def decode(
-        self, regions: torch.Tensor, tokens: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Next-token logits ``(B, T, V)`` and region attention ``(B, T, R)`` for prefixes ``tokens``."""
+    def decode(self, regions: torch.Tensor, tokens: torch.Tensor,
+               past: Sequence[torch.Tensor] | None = None, region_mask: torch.Tensor | None = None,
+               ) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:  # fmt: skip
+        """Next-token logits ``(B, T, V)``, region attention ``(B, T, R)`` and the layer cache.
+
+        Parameters
+        ----------
+        regions
+            ``(1, R, d)`` from :meth:`encode`.
+        tokens
+            ``(B, T)`` prefixes (begin token first).
+        past
+            The cache this method returned for ``tokens[:, :-1]``: then only the
+            last position is computed (and returned).
+        region_mask
+            ``(B, R)`` False on padding regions (batched slides).
+        """
         b, t = tokens.shape
         if t > self.pe.shape[0]:
             raise ValueError(f"sequence of {t} tokens is longer than max_len {self.max_len}")
-        e = self.embed(tokens) * math.sqrt(self.d_model)
-        e = self.drop(e + self.pe[:t])
+        start = 0 if past is None else t - 1
+        e = self.embed(tokens[:, start:]) * math.sqrt(self.d_model)
+        e = self.drop(e + self.pe[start:t])
         mem = self.memory[None].expand(b, -1, -1)
         e = e + self.cmn(e, mem, mem)[0]
-        causal = torch.ones(t, t, dtype=torch.bool).tril()[None, None]
+        causal = torch.ones(t, t, dtype=torch.bool).tril()[None, None] if past is None else None
         mem_r = regions.expand(b, -1, -1)
-        ws = []
-        for layer in self.decoder:
-            e, w = layer(e, mem_r, causal)
+        rm = None if region_mask is None else region_mask[:, None, None, :]
+        ws, cache = [], []
+        for i, layer in enumerate(self.decoder):
+            e, w, keys = layer(e, mem_r, causal, None if past is None else past[i], rm)
             ws.append(w)
-        return self.logit(self.dec_norm(e)), torch.stack(ws).mean(0)
+            cache.append(keys)
+        return self.logit(self.dec_norm(e)), torch.stack(ws).mean(0), cache
 
     def forward(self, feats: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Logits ``(B, T, V)`` for teacher forcing on one slide's features."""
@@ -310,10 +365,22 @@ class HistGen(nn.Module):
 
     def loss(self, feats: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of ``tokens[1:]`` given ``tokens[:-1]`` (``tokens``: ``[0, ..., 0]``)."""
-        if tokens.ndim == 1:
-            tokens = tokens[None]
-        logits = self(feats, tokens[:, :-1])
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+        return self.loss_batch([feats], [tokens.reshape(-1)])
+
+    def loss_batch(
+        self, feats: Sequence[torch.Tensor], tokens: Sequence[torch.Tensor]
+    ) -> torch.Tensor:
+        """Mean token cross-entropy over several slides (reports padded, padding not scored)."""
+        regions, rmask, _ = self.encode_batch(feats)
+        lens = [len(t) for t in tokens]
+        seq = tokens[0].new_zeros(len(tokens), max(lens))
+        target = torch.full((len(tokens), max(lens) - 1), -100, dtype=torch.long)
+        for i, t in enumerate(tokens):
+            seq[i, : lens[i]] = t
+            target[i, : lens[i] - 1] = t[1:]
+        logits = self.decode(regions, seq[:, :-1], region_mask=rmask)[0]
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                               ignore_index=-100)  # fmt: skip
 
     def encode_report(self, report: str) -> torch.Tensor:
         """``[0, ids..., 0]`` of a raw report, cut to ``max_len``."""
@@ -335,8 +402,17 @@ class HistGen(nn.Module):
             f = torch.as_tensor(np.asarray(feats, np.float32))
             regions, spread = self.encode(f)
 
+            cache: dict[tuple[int, ...], list[torch.Tensor]] = {}
+
             def step(prefix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-                logits, w = self.decode(regions, prefix)
+                rows = [tuple(r) for r in prefix.tolist()]
+                parents = [cache.get(r[:-1]) for r in rows]
+                past = None
+                if all(p is not None for p in parents):
+                    past = [torch.cat([p[i] for p in parents]) for i in range(len(self.decoder))]
+                logits, w, new = self.decode(regions, prefix, past)
+                cache.clear()
+                cache.update({r: [c[k : k + 1] for c in new] for k, r in enumerate(rows)})
                 return F.log_softmax(logits[:, -1].float(), -1), w[:, -1] @ spread
 
             hyp = beam_search(step, bos=BOS, eos=EOS, beam_size=beam_size,
