@@ -23,6 +23,7 @@ import json
 import math
 import time
 from collections.abc import Generator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -56,6 +57,8 @@ BASE_PALETTE = (
 UNTYPED = (230, 230, 230)
 #: Seconds between live updates sent to a panel (each costs a copy of the cells so far).
 LIVE_EVERY_S = 1.5
+#: Find the next tile's nuclei in a second thread while this tile's are typed.
+PREFETCH = True
 #: The detector's defaults, which the cells task starts from.
 _ND = {f.name: f.default for f in fields(NucleiParams)}
 
@@ -438,12 +441,21 @@ def iter_cells(
                            tissue_um2=tissue_um2, trained_on=_trained_on(card),
                            colors=_card_colors(card))  # fmt: skip
 
-    send: bool | None = None
+    organ = None if params.organ == "unknown" else params.organ
+    # the next tile's nuclei are found in a second thread while this tile's are typed
+    # (scikit-image and torch both release the GIL); a stop discards that tile
+    pool = ThreadPoolExecutor(1, thread_name_prefix="histoscope-nuclei") if PREFETCH else None
+    ahead = _Ahead(det, pool)
     try:
         while True:
-            done, total, nuc = det.send(send)  # the first send(None) starts it
+            try:
+                step = ahead.take()
+            except StopIteration:  # the detector finished (or stopped, after a stop)
+                break
+            if not cancelled:
+                ahead.start_next()
+            done, total, nuc = step
             if len(nuc) and params.classify:
-                organ = None if params.organ == "unknown" else params.organ
                 cls = iter_classify(slide, nuc.x, nuc.y, model, card, path=params.path,
                                     organ=organ, batch=params.batch)  # fmt: skip
                 parts_t.append(_finish(cls))
@@ -453,11 +465,56 @@ def iter_cells(
             if now - last_live >= LIVE_EVERY_S:
                 partial, last_live = result(final=False), now
             if (yield Step(done, total, "cell tiles", partial=partial)) is False:
-                send, cancelled = False, True
-    except StopIteration:  # the detector finished (or stopped, after a False)
-        pass
+                cancelled = True
+                ahead.stop()
+    finally:
+        ahead.close()
     cancelled = cancelled or done < total
     return result(final=True)  # the registry keeps it as session.results["cells"]
+
+
+class _Ahead:
+    """Drives the detector generator one tile ahead in a worker thread (or inline)."""
+
+    def __init__(self, gen: Generator, pool: ThreadPoolExecutor | None) -> None:
+        self.gen, self.pool = gen, pool
+        self.next: Future | None = None
+        self.stopped = False
+        self.start_next()
+
+    def start_next(self) -> None:
+        if self.pool is not None:
+            self.next = self.pool.submit(next, self.gen)
+
+    def take(self):
+        """The next ``(done, total, nuclei)``; StopIteration when the detector has ended."""
+        if self.stopped:
+            raise StopIteration
+        if self.next is None:
+            return next(self.gen)
+        fut, self.next = self.next, None
+        return fut.result()  # re-raises the detector's StopIteration or error
+
+    def stop(self) -> None:
+        """Discard the tile in flight and end the detector."""
+        if self.next is not None:
+            try:
+                self.next.result()
+            except StopIteration:
+                pass
+            self.next = None
+        self.gen.close()
+        self.stopped = True
+
+    def close(self) -> None:
+        if self.next is not None:  # an error on this side: let the worker finish its tile
+            try:
+                self.next.result()
+            except BaseException:  # noqa: BLE001 - only waiting; the first error is raised
+                pass
+        self.gen.close()
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
 
 
 def _empty_types(card):
