@@ -1,12 +1,15 @@
 """The classical nucleus detector: no weights, only colour, shape and size.
 
 Haematoxylin from colour deconvolution (Ruifrok & Johnston's H&E vectors,
-:data:`histoscope.stains.HE`), Gaussian smoothing, a threshold, small holes
-filled, touching nuclei split by a watershed on the distance transform whose
-seeds are its h-maxima, then size, solidity and colour filters. Measurements
-follow QuPath's cell detection: area, perimeter, circularity
-``4π·area/perimeter²``, eccentricity of the moment ellipse, and mean and
-standard deviation of haematoxylin and eosin optical density in the nucleus.
+:data:`histoscope.stains.HE`), Gaussian smoothing, the local background
+subtracted (white top-hat), a threshold, small holes filled, touching nuclei
+split by a watershed on the distance transform (weighted by the haematoxylin
+contrast) seeded at its h-maxima, each nucleus trimmed to half its mean
+contrast, then size, solidity and colour filters. Measurements follow
+QuPath's cell detection: area, perimeter, circularity ``4π·area/perimeter²``
+(both of the smoothed outline), eccentricity of the moment ellipse, and mean
+and standard deviation of haematoxylin and eosin optical density in the
+nucleus.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ def segment(hema: np.ndarray, mpp: float, params: NucleiParams) -> np.ndarray:
     mpp
         µm per pixel of ``hema``.
     params
-        ``threshold``, ``sigma_um``, ``split_um`` and ``max_area_um2`` are used.
+        ``threshold``, ``sigma_um``, ``background_um``, ``split_um`` and ``max_area_um2``.
     """
     from scipy import ndimage as ndi
     from skimage import filters, morphology, segmentation
@@ -70,7 +73,11 @@ def segment(hema: np.ndarray, mpp: float, params: NucleiParams) -> np.ndarray:
 
 
 def _trim(labels: np.ndarray, value: np.ndarray) -> np.ndarray:
-    """Each nucleus cut back to half its peak contrast, holes filled (undoes the smoothing's spread)."""
+    """Each nucleus cut back to half its mean contrast, holes filled.
+
+    Undoes the spread of the smoothing and of a low threshold, so areas are those
+    of the nucleus, not of its blurred edge.
+    """
     from scipy import ndimage as ndi
 
     n = int(labels.max())
@@ -137,7 +144,7 @@ def measure(
     flat = labels.ravel()
     count = np.bincount(flat, minlength=n + 1)[1:].astype(np.float64)
     area = count * mpp**2
-    ok = (area >= params.min_area_um2) & (area <= params.max_area_um2)
+    ok = (count > 0) & (area >= params.min_area_um2) & (area <= params.max_area_um2)
 
     def stats(v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         s = np.bincount(flat, v.ravel(), minlength=n + 1)[1:]
