@@ -70,6 +70,14 @@ def _cells(res, files):
     assert json.loads(files["cells.json"].read_text())["summary"] == res.summary()
 
 
+def _expression(res, files):
+    import anndata as ad
+
+    a16 = ad.read_h5ad(files["expression_bins_016um.h5ad"])
+    assert a16.n_obs > 0 and list(a16.var_names) == list(res.genes)
+    assert json.loads(files["expression.json"].read_text())["summary"] == res.summary()
+
+
 @dataclass(frozen=True)
 class Case:
     task: str
@@ -86,6 +94,7 @@ CASES = [
     Case("ihc", "ihc", _ihc, (("region", (256, 256, 512, 512)),)),
     Case("isight", "ihc", _isight, (("metadata", "Tissue: colon."),)),
     Case("cells", "he", _cells, (("region", (256, 256, 512, 512)),)),
+    Case("expression", "he", _expression, (("region", (256, 256, 512, 512)),)),
 ]
 
 

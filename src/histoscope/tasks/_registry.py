@@ -99,6 +99,7 @@ _TASKS: dict[str, TaskSpec | str] = {
     "ihc": "histoscope.tasks.ihc_measure",
     "isight": "histoscope.tasks.isight",
     "cells": "histoscope.tasks.cells",
+    "expression": "histoscope.tasks.expression",
 }
 
 
