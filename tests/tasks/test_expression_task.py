@@ -76,7 +76,7 @@ def test_a_region_is_written_into_the_stack_and_matches_a_direct_prediction(slid
     assert len(rows) == n * 256 and res.summary()["patches"] == {"total": n, "done": n}
     r0, c0 = rows[0] // 16 * 16, cols[0] // 16 * 16
     np.testing.assert_allclose(lv0[:, r0 : r0 + 16, c0 : c0 + 16],
-                               _direct(slide, ckpt, np.array([r0, c0])), rtol=1e-4, atol=1e-5)  # fmt: skip
+                               _direct(slide, ckpt, np.array([r0, c0])), rtol=1e-2, atol=1e-6)  # fmt: skip
     assert not res.summary()["complete"]
 
 
@@ -101,8 +101,8 @@ def test_patches_in_any_order_give_the_pyramid_of_the_whole(tmp_path):
     got = [np.asarray(a) for a in open_levels(tmp_path / "s.ome.zarr")]
     want = pyramid(np.moveaxis(full, 0, -1), "mean", 8)
     assert [g.shape[1] for g in got] == [40, 20, 10, 5]
-    for g, ref in zip(got, want, strict=True):
-        np.testing.assert_allclose(g, np.moveaxis(ref, -1, 0), rtol=1e-6)
+    for g, ref in zip(got, want, strict=True):  # values keep 7 mantissa bits: < 1% off
+        np.testing.assert_allclose(g, np.moveaxis(ref, -1, 0), rtol=1e-2)
 
 
 def test_cancel_keeps_the_patches_written_and_a_rerun_predicts_only_the_rest(slide, ckpt, tmp_path):

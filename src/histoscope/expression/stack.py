@@ -8,7 +8,8 @@ arrive patch by patch; a chunk is kept in memory only until its last patch
 arrives, then written with its pyramid parents (NaN-aware 2x means), so
 memory stays bounded by the chunks in flight whatever the slide's size and
 the stack is a valid OME-Zarr (NGFF 0.4, channels named in ``omero``) at
-every moment. A ``done`` array records the finished patches, so a later run
+every moment. Values keep 7 mantissa bits (:data:`KEEP_BITS`, a relative
+precision of ~0.4%), which compresses ~3x better. A ``done`` array records the finished patches, so a later run
 (the view first, then the whole slide) only predicts the rest.
 """
 
@@ -25,6 +26,9 @@ from histoscope.expression.spaceranger import ExpressionDataError
 __all__ = ["StackWriter", "cell_expression", "open_levels", "read_stack_attrs"]
 
 KEY = "histoscope"
+#: Mantissa bits kept of each predicted value (relative error < 2^-7 = 0.8%; in practice
+#: < 0.4%): rounding the bits noise lives in makes the stack ~3x smaller after zstd.
+KEEP_BITS = 7
 
 
 def _n_levels(shape: tuple[int, int], max_top: int = 256) -> int:
@@ -35,16 +39,20 @@ def _n_levels(shape: tuple[int, int], max_top: int = 256) -> int:
 
 
 def _new_array(group, name: str, shape: tuple[int, ...], chunks: tuple[int, ...], dtype, fill):
+    """A Zarr-2 array (``/`` chunk keys, Blosc-zstd); floats keep :data:`KEEP_BITS` mantissa bits."""
     import numcodecs
     import zarr
 
     comp = numcodecs.Blosc(cname="zstd", clevel=5, shuffle=numcodecs.Blosc.SHUFFLE)
+    floating = np.issubdtype(np.dtype(dtype), np.floating)
+    filters = [numcodecs.BitRound(keepbits=KEEP_BITS)] if floating else None
     if int(zarr.__version__.split(".")[0]) >= 3:
         return group.create_array(name, shape=shape, dtype=dtype, chunks=chunks,
-                                  compressors=comp, fill_value=fill,
+                                  compressors=comp, filters=filters, fill_value=fill,
                                   chunk_key_encoding={"name": "v2", "separator": "/"})  # fmt: skip
     return group.create_dataset(name, shape=shape, dtype=dtype, chunks=chunks, compressor=comp,
-                                fill_value=fill, dimension_separator="/")  # fmt: skip
+                                filters=filters, fill_value=fill,
+                                dimension_separator="/")  # fmt: skip
 
 
 def _open_group(path: Path, mode: str):
