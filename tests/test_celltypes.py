@@ -116,6 +116,8 @@ def test_celltypes_table_operations():
     np.testing.assert_array_equal(both.sorted().g, ct.g)
     with pytest.raises(CellTypesError):
         CellTypes.concat([ct, CellTypes.empty(("x", "y", "z"))])
+    plain = CellTypes(("a", "b", "c"), p, p, q, ct.g)  # no index: the rows in input order
+    np.testing.assert_array_equal(plain.subset([4, 1]).index, [4, 1])
 
 
 def test_bad_input_is_refused_with_a_reason(slide_and_cells, checkpoint):

@@ -53,7 +53,7 @@ class CellTypes:
     g
         ``(n,)`` gate weight of the global path.
     index
-        ``(n,)`` position of each row in the input coordinates.
+        ``(n,)`` position of each row in the input coordinates (default ``0..n-1``).
     """
 
     classes: tuple[str, ...]
@@ -61,7 +61,11 @@ class CellTypes:
     p_local: np.ndarray
     p_global: np.ndarray
     g: np.ndarray
-    index: np.ndarray
+    index: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.index is None:  # rows are the input cells in order
+            self.index = np.arange(len(self.g), dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.g)
