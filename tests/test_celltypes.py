@@ -69,6 +69,8 @@ def test_fast_path_matches_crop_path_on_the_same_cells(slide_and_cells, checkpoi
     np.testing.assert_allclose(fast.p_local, crops.p_local, atol=1e-4)
     np.testing.assert_allclose(fast.p_global, crops.p_global, atol=1e-4)
     np.testing.assert_allclose(fast.prob, crops.prob, atol=1e-4)
+    part = classify(slide, x[:5], y[:5], model, card, path="fast")  # other neighbours per call
+    np.testing.assert_allclose(part.prob, fast.prob[:5], atol=1e-5)
     shuffled = classify(slide, x[::-1], y[::-1], model, card, path="fast")
     np.testing.assert_allclose(shuffled.prob[::-1], fast.prob, atol=1e-6)
     # a cell moved by 10 µm is another cell

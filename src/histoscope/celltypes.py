@@ -18,6 +18,7 @@ The held-out comparison of the two (``training/nuclass.md``) is what makes
 
 from __future__ import annotations
 
+import math
 from collections.abc import Generator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -124,6 +125,7 @@ class _Geometry:
     read: int  # context read px at the local µm/px (1024)
     local_margin: int  # fast path: local px around a tile
     context_margin: int  # fast path: local px of context around a tile (even)
+    lattice: int  # fast path: boxes start on multiples of this (both trunks' strides)
 
 
 def _geometry(model, card: ModelCard) -> _Geometry:
@@ -138,7 +140,8 @@ def _geometry(model, card: ModelCard) -> _Geometry:
     reach_c = model.context_trunk.stride * 2 + 8
     half_box = max(float(b) for b in cc["boxes_um"]) / mpp / 2
     context_margin = int(np.ceil((half_box + 2 * reach_c) / 2)) * 2
-    return _Geometry(mpp, int(lc["crop"]), int(cc["read"]), local_margin, context_margin)
+    lattice = math.lcm(model.local_trunk.stride, 2 * model.context_trunk.stride)
+    return _Geometry(mpp, int(lc["crop"]), int(cc["read"]), local_margin, context_margin, lattice)
 
 
 def _check(model, card, x, y, path) -> tuple[np.ndarray, np.ndarray]:
@@ -215,25 +218,30 @@ def tile_order(x: np.ndarray, y: np.ndarray, tile_px: float) -> tuple[np.ndarray
     return order, np.r_[starts, len(order)]
 
 
-def _classify_tile(slide, x, y, sel, model, tissue, geo, tile_px):
+def _classify_tile(slide, x, y, sel, model, tissue, geo):
+    """One trunk pass each over the box around the cells ``sel`` (plus margins), pooled at each."""
     import torch
 
     from histoscope.training.nuclass_data import mean2
 
     f = geo.mpp / float(slide.mpp)
-    tx, ty = np.floor(x[sel[0]] / tile_px), np.floor(y[sel[0]] / tile_px)
-    mc, ml = geo.context_margin, geo.local_margin
-    size = TILE + 2 * mc
-    x0, y0 = int(round(tx * tile_px - mc * f)), int(round(ty * tile_px - mc * f))
-    big = _read(slide, x0, y0, size, geo.mpp)
+    mc, ml, lat = geo.context_margin, geo.local_margin, geo.lattice
+    ux, uy = x[sel] / f, y[sel] / f  # cells in pixels at the model's µm/px
+    # the box starts on the trunks' stride lattice, so a cell's features do not depend on
+    # which other cells share its call (a detector tile, a whole tile of ours)
+    bx0, by0 = lat * np.floor(ux.min() / lat), lat * np.floor(uy.min() / lat)
+    w, h = int(np.ceil(ux.max() - bx0)) + 1, int(np.ceil(uy.max() - by0)) + 1
+    big_w, big_h = (w + 2 * mc + 1) // 2 * 2, (h + 2 * mc + 1) // 2 * 2
+    x0, y0 = int(round((bx0 - mc) * f)), int(round((by0 - mc) * f))
+    big = np.ascontiguousarray(slide.read_region(x0, y0, big_w, big_h, mpp=geo.mpp)[..., :3])
     o = mc - ml
-    local = big[o : o + TILE + 2 * ml, o : o + TILE + 2 * ml]
+    local = big[o : o + h + 2 * ml, o : o + w + 2 * ml]
     u = ((x[sel] + 0.5 - x0) / f).astype(np.float32)
     v = ((y[sel] + 0.5 - y0) / f).astype(np.float32)
     idx = torch.zeros(len(sel), dtype=torch.long)
     t = torch.full((len(sel),), tissue, dtype=torch.long)
     with torch.no_grad():
-        lmap = model.local_map(model.normalise(torch.from_numpy(local[None])))
+        lmap = model.local_map(model.normalise(torch.from_numpy(np.ascontiguousarray(local)[None])))
         raw_l = model.pool_local(lmap, idx, torch.from_numpy(np.stack([u - o, v - o], 1)))
         del lmap
         cmap = model.context_map(model.normalise(torch.from_numpy(mean2(big)[None])))
@@ -301,7 +309,7 @@ def iter_classify(
         else:
             tile_px = TILE * geo.mpp / float(slide.mpp)
             order, starts = tile_order(x, y, tile_px)
-            gen = (_classify_tile(slide, x, y, order[a:b], model, tissue, geo, tile_px)
+            gen = (_classify_tile(slide, x, y, order[a:b], model, tissue, geo)
                    for a, b in zip(starts[:-1], starts[1:], strict=True))  # fmt: skip
         for part in gen:
             parts.append(part)
