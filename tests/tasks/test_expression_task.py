@@ -189,6 +189,24 @@ def test_cell_expression_under_centroids_and_outlines(slide, ckpt, tmp_path):
     np.testing.assert_allclose(out[0], lv0[:, 35:40, 30:35].reshape(5, -1).mean(1), rtol=1e-5)
 
 
+def test_cells_by_genes_anndata(slide, ckpt, tmp_path):
+    import anndata as ad
+
+    from histoscope.expression.bins_h5ad import write_cells_h5ad
+    from histoscope.tasks.expression import cell_expression
+
+    res = hs.tasks.run("expression", hs.open_session(slide, tmp_path / "s"), ckpt)
+    x, y = np.array([130.0, 200.5, 90.0]), np.array([150.0, 222.0, 300.0])
+    path = write_cells_h5ad(res.stack, tmp_path / "cells.h5ad", x, y, radius_px=6.0,
+                            table={"cls": ["a", "b", "a"]})  # fmt: skip
+    a = ad.read_h5ad(path)
+    assert (
+        a.shape == (3, 5) and list(a.var_names) == GENES and list(a.obs["cls"]) == ["a", "b", "a"]
+    )
+    np.testing.assert_allclose(a.X, cell_expression(res.stack, x, y, radius_px=6.0), rtol=1e-6)
+    np.testing.assert_allclose(a.obsm["spatial"][1], [100.25, 111.0])  # level-0 px x 0.5 µm/px
+
+
 def test_bad_gene_choices_are_refused(slide, ckpt):
     with pytest.raises(ParamError, match="NOPE not among the model's genes"):
         hs.tasks.run("expression", slide, ckpt, genes="G0,NOPE")
