@@ -369,6 +369,8 @@ def describe_card(card: ModelCard) -> str:
             else ""
         )
         what += f"; trained on {gen['count']} synthetic slides{px} (not real tissue)"
+    elif isinstance((card.data or {}).get("trained_on"), str):
+        what += f"; trained on {card.data['trained_on']}"
     elif data.get("path") or (card.data or {}).get("path"):
         what += f"; trained on {data.get('path') or card.data.get('path')}"
     return what

@@ -55,6 +55,8 @@ BASE_PALETTE = (
 )  # fmt: skip
 #: Colour of cells found but not typed (detection only).
 UNTYPED = (230, 230, 230)
+#: Point diameter (µm): inside a nucleus, so its rim and chromatin stay visible.
+POINT_UM = 3.5
 #: Seconds between live updates sent to a panel (each costs a copy of the cells so far).
 LIVE_EVERY_S = 1.5
 #: Find the next tile's nuclei in a second thread while this tile's are typed.
@@ -254,7 +256,7 @@ class CellsResult(Result):
             "features": table,
             "face_color": self.rgba(),
             "border_width": 0,
-            "size": 6.0,
+            "size": POINT_UM,
             "units": ("um", "um"),
             "metadata": meta,
         }
