@@ -87,15 +87,24 @@ def settings(recipe: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _dist() -> tuple[int, int]:
-    """``(rank, world)``; starts the process group under ``torchrun``."""
+def _device(name: str) -> torch.device:
+    """The ``train.device`` of this process (``cuda`` means this rank's GPU under torchrun)."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device(name)
+
+
+def _dist(device: torch.device) -> tuple[int, int]:
+    """``(rank, world)``; starts the process group under ``torchrun`` (NCCL on GPUs, else gloo)."""
     import torch.distributed as dist
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return 0, 1
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return dist.get_rank(), world
 
 
@@ -194,10 +203,12 @@ class StageLoss(nn.Module):
 
     def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         m = self.model
+        dev = self.cb.device
+        batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
         idx, y, tissue = batch["index"], batch["y"], batch["tissue"]
         if self.stage == "local":
             if self.organ_dropout > 0:
-                drop = torch.rand(len(tissue)) < self.organ_dropout
+                drop = (torch.rand(len(tissue)) < self.organ_dropout).to(dev)
                 tissue = torch.where(drop, torch.full_like(tissue, m.unknown_tissue), tissue)
             raw = m.pool_local(m.local_map(m.normalise(batch["local"])), idx, batch["local_xy"])
             z, _ = m.local_logits(raw, tissue)
@@ -239,12 +250,13 @@ def predict_windows(
 ) -> dict[str, np.ndarray]:
     """Outputs of :meth:`NuClass.heads` for every cell of ``windows`` (tissue token overridable)."""
     model.eval()
+    dev = model.temperature.device
     outs: dict[str, list] = {}
     ys = []
     for w in windows:
         if len(w.y) == 0:
             continue
-        b = collate([w])
+        b = {k: v.to(dev) for k, v in collate([w]).items()}
         t = b["tissue"] if tissue is None else torch.full_like(b["tissue"], tissue)
         raw_l = model.pool_local(
             model.local_map(model.normalise(b["local"])), b["index"], b["local_xy"]
@@ -252,7 +264,7 @@ def predict_windows(
         raw_c = model.pool_context(model.context_map(model.normalise(b["context"])), b["index"],
                                    b["context_xy"])  # fmt: skip
         for k, v in model.heads(raw_l, raw_c, t).items():
-            outs.setdefault(k, []).append(v.numpy())
+            outs.setdefault(k, []).append(v.cpu().numpy())
         ys.append(w.y)
     res = {k: np.concatenate(v) for k, v in outs.items()}
     res["y"] = np.concatenate(ys)
@@ -280,8 +292,11 @@ def _run_stage(stage, model, data: Data, cfg, ts: TrainSettings, out: Path, reci
     ts = replace(ts, **over, monitor="val_macro_f1", monitor_mode="max")
     cb = class_balanced_weights(data.counts, float(cfg["model"]["cb_beta"]))
     wrapper: nn.Module = StageLoss(model, stage, cb, cfg["model"])
+    dev = model.temperature.device
+    wrapper.to(dev)
     if world > 1:
-        wrapper = nn.parallel.DistributedDataParallel(wrapper)
+        ids = [dev.index] if dev.type == "cuda" else None
+        wrapper = nn.parallel.DistributedDataParallel(wrapper, device_ids=ids)
     n = len(data.train)
     spe = ts.samples_per_epoch or n
     per_step = max(ts.batch, world)
@@ -404,20 +419,21 @@ def train(
     """
     from histoscope.checkpoints import save_checkpoint
 
-    rank, world = _dist()
     cfg = settings(recipe)
     ts = TrainSettings.from_recipe(recipe["train"])
+    device = _device(ts.device)
+    rank, world = _dist(device)
     out = Path(out_dir)
     classes, tissues = _classes_tissues(cfg)
     torch.manual_seed(ts.seed)
-    model = build_model(cfg, classes, tissues)
+    model = build_model(cfg, classes, tissues).to(device)
     data = Data(cfg, classes, tissues, model.config, out)
     metrics: dict[str, Any] = {"stages": {}, "temperature": {}}
     for stage in STAGES:
         metrics["stages"][stage] = _run_stage(stage, model, data, cfg, ts, out, recipe, resume,
                                               progress, rank, world)  # fmt: skip
         metrics["temperature"][stage] = fit_temperatures(model, data.val_windows, stage)
-    model.eval()
+    model.cpu().eval()
     res = predict_windows(model, data.val_windows)
     metrics["val"] = cell_metrics(res, classes)
     if rank != 0:
