@@ -6,11 +6,13 @@ Two ways to run the same weights (see :mod:`histoscope.models.nuclass`):
     per cell one 1024 px read at the card's µm/px: its central 224 px is the
     local crop, the whole read averaged 2 x 2 to 512 px is the context.
 ``"fast"``
-    per tile of ``TILE`` px one read with a margin: one local trunk pass over
-    the tile (plus the local margin) and one context trunk pass over the tile
-    plus the context margin, every nucleus of the tile pooled from the two
-    feature maps with RoIAlign. Tiles run in spatial order, one at a time, so
-    memory does not grow with the slide.
+    the cells are grouped by tiles of ``TILE`` px; per tile one read of the box
+    around its cells with a margin: one local trunk pass over the box (plus the
+    local margin) and one context trunk pass over it plus the context margin,
+    every nucleus pooled from the two feature maps with RoIAlign. Boxes start on
+    the trunks' stride lattice, so a cell's answer does not depend on the other
+    cells of the call. Tiles run in spatial order, one at a time, so memory does
+    not grow with the slide.
 
 The held-out comparison of the two (``training/nuclass.md``) is what makes
 ``"fast"`` the default.
