@@ -2,7 +2,8 @@
 
 Haematoxylin from colour deconvolution (Ruifrok & Johnston's H&E vectors,
 :data:`histoscope.stains.HE`), Gaussian smoothing, the local background
-subtracted (white top-hat), a threshold, small holes filled, touching nuclei
+subtracted (white top-hat), a threshold, pixels darker than a fraction of
+their neighbourhood's peak dropped, small holes filled, touching nuclei
 split by a watershed on the distance transform (weighted by the haematoxylin
 contrast) seeded at its h-maxima, each nucleus trimmed to half its mean
 contrast, then size, solidity and colour filters. Measurements follow
@@ -41,7 +42,8 @@ def segment(hema: np.ndarray, mpp: float, params: NucleiParams) -> np.ndarray:
     mpp
         µm per pixel of ``hema``.
     params
-        ``threshold``, ``sigma_um``, ``background_um``, ``split_um`` and ``max_area_um2``.
+        ``threshold``, ``sigma_um``, ``background_um``, ``local_fraction``,
+        ``local_radius_um``, ``split_um`` and ``max_area_um2``.
     """
     from scipy import ndimage as ndi
     from skimage import filters, morphology, segmentation
@@ -56,6 +58,9 @@ def segment(hema: np.ndarray, mpp: float, params: NucleiParams) -> np.ndarray:
         stained = smooth[smooth > 0.05]
         thr = float(filters.threshold_otsu(stained)) if np.ptp(stained) > 0 else np.inf
     fg = smooth > thr
+    radius = int(round(params.local_radius_um / mpp))
+    if params.local_fraction > 0 and radius > 0:  # nuclei fused by haematoxylin-rich cytoplasm
+        fg &= smooth >= params.local_fraction * ndi.maximum_filter(smooth, size=2 * radius + 1)
     fg = morphology.remove_small_holes(fg, max_size=int(params.max_area_um2 / mpp**2))
     if not fg.any():
         return np.zeros(hema.shape, np.int32)

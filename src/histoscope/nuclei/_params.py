@@ -18,7 +18,8 @@ class NucleiParams:
     The classical detector (``method="classical"``) separates haematoxylin by
     colour deconvolution, smooths it by ``sigma_um``, subtracts the local
     background (a grey opening of radius ``background_um``), thresholds it at
-    ``threshold`` (0: Otsu per image), splits touching nuclei by a watershed on
+    ``threshold`` (0: Otsu per image) and at ``local_fraction`` of the highest
+    contrast within ``local_radius_um``, splits touching nuclei by a watershed on
     the contrast-weighted distance transform (seeds at least ``split_um``
     above the saddle to their neighbour), and keeps nuclei within the size,
     solidity and colour limits. A slide is read tile by tile at ``mpp``:
@@ -41,6 +42,10 @@ class NucleiParams:
                             min=0.0, max=10.0)  # fmt: skip
     background_um: float = param(5.0, "radius of the local background subtracted under nuclei "
                                  "(µm; 0: none)", min=0.0, max=100.0)  # fmt: skip
+    local_fraction: float = param(0.3, "a nucleus pixel also reaches this fraction of the "
+                                  "highest contrast within local_radius_um (separates nuclei "
+                                  "fused by dark cytoplasm; 0: off)", min=0.0, max=1.0)  # fmt: skip
+    local_radius_um: float = param(3.0, "radius of that neighbourhood (µm)", min=0.0, max=50.0)
     split_um: float = param(0.25, "how far (µm) a seed must rise above the saddle to its "
                             "neighbour to split touching nuclei", min=0.0, max=20.0)  # fmt: skip
     min_area_um2: float = param(8.0, "smallest nucleus (µm²)", min=0.0, max=10_000.0)
