@@ -64,6 +64,12 @@ def _isight(res, files):
     np.testing.assert_array_equal(np.load(files["isight_attention.npy"]), res.attention.values)
 
 
+def _report(res, files):
+    doc = json.loads(files["report.json"].read_text())
+    assert doc["text"] == res.text and len(doc["sentences"]) == len(res.sentences)
+    assert "MACHINE-GENERATED" in files["report.md"].read_text()
+
+
 def _cells(res, files):
     table = hs.read_geojson(files["cells.geojson"])
     assert len(table) == res.n_cells > 0 and (table["object_type"] == "cell").all()
@@ -94,6 +100,7 @@ CASES = [
     Case("ihc", "ihc", _ihc, (("region", (256, 256, 512, 512)),)),
     Case("isight", "ihc", _isight, (("metadata", "Tissue: colon."),)),
     Case("cells", "he", _cells, (("region", (256, 256, 512, 512)),)),
+    Case("report", "he", _report),
     Case("expression", "he", _expression, (("region", (256, 256, 512, 512)),)),
 ]
 

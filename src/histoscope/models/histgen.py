@@ -3,7 +3,9 @@
 Pure torch; knows nothing of slides. The parts, as in the authors' code
 (``modules/histgen_module.py``):
 
-- **Patch embedding**: ``Linear(D, d) + ReLU + Dropout``.
+- **Patch embedding**: ``Linear(D, d) + ReLU + Dropout``, after standardising
+  each feature with the training slides' mean and std (buffers saved with the
+  weights; the authors feed raw features).
 - **Cross-modal context memory**: a learnable memory of ``memory_slots x d``.
   A query attends to it with multi-head attention that keeps only the
   ``top_k`` best-scoring slots per head (``MultiThreadMemory``). Visual side:
@@ -233,8 +235,17 @@ class HistGen(nn.Module):
         self.dec_norm = nn.LayerNorm(d)
         self.logit = nn.Linear(d, self.tokenizer.vocab_size)
         self.drop = nn.Dropout(dropout)
+        # per-feature standardisation, set from the training slides (identity until then)
+        self.register_buffer("feat_mean", torch.zeros(self.in_dim))
+        self.register_buffer("feat_std", torch.ones(self.in_dim))
         self.register_buffer("pe", _positions(max(self.max_len, self.region_size) + 1, d),
                              persistent=False)  # fmt: skip
+
+    def set_feature_stats(self, feats: Sequence[np.ndarray]) -> None:
+        """Standardise patch features with the mean and std of these slides' patches."""
+        allf = torch.from_numpy(np.concatenate([np.asarray(f, np.float32) for f in feats]))
+        self.feat_mean.copy_(allf.mean(0))
+        self.feat_std.copy_(allf.std(0).clamp_min(1e-6))
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> HistGen:
@@ -279,7 +290,7 @@ class HistGen(nn.Module):
         padded = feats[0].new_zeros(b, max(ns), self.in_dim)
         for i, f in enumerate(feats):
             padded[i, : ns[i]] = f
-        x = self.att_embed(padded)  # (B, N_max, d)
+        x = self.att_embed((padded - self.feat_mean) / self.feat_std)  # (B, N_max, d)
         idx = torch.stack([torch.linspace(0, n - 1, steps=self.n_prototypes).round().long()
                            for n in ns])  # fmt: skip
         protos = x.gather(1, idx[..., None].expand(-1, -1, d))

@@ -98,6 +98,7 @@ _TASKS: dict[str, TaskSpec | str] = {
     "mil": "histoscope.tasks.mil",
     "ihc": "histoscope.tasks.ihc_measure",
     "isight": "histoscope.tasks.isight",
+    "report": "histoscope.tasks.report",
     "cells": "histoscope.tasks.cells",
     "expression": "histoscope.tasks.expression",
 }

@@ -211,6 +211,7 @@ def train(
     splits = {s: load_data(root, data, s) for s in ("train", "val", "test")}
     in_dim = int(splits["train"][0].features.shape[1])
     model = _build(cfg, in_dim, splits["train"], ts.seed)
+    model.set_feature_stats([s.features for s in splits["train"]])
     feats = [torch.from_numpy(np.asarray(s.features, np.float32)) for s in splits["train"]]
     toks = [model.encode_report(s.report) for s in splits["train"]]
     n = len(feats)

@@ -1,0 +1,71 @@
+"""Report widget with the embedded HistGen default on a small synthetic slide."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from histoscope._data import sample_data_path
+
+
+@pytest.fixture(scope="module")
+def he_slide(tmp_path_factory):
+    from histoscope.synthetic import generate
+
+    return generate(tmp_path_factory.mktemp("he"), kind="he", size=(1024, 1024), seed=3,
+                    mpp=1.0).slide  # fmt: skip
+
+
+@pytest.fixture
+def widget(make_napari_viewer, he_slide):
+    from histoscope._widgets.report import ReportWidget
+
+    viewer = make_napari_viewer()
+    viewer.open(str(he_slide), plugin="napari-histoscope")
+    return ReportWidget(viewer)
+
+
+def test_generate_show_evidence_edit_and_export(widget, qtbot, tmp_path):
+    assert "MACHINE-GENERATED" in widget.banner.text() and "synthetic" in widget.banner.text()
+    assert widget.run() is not None
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=180_000)
+    res = widget.result
+    assert res is not None, widget.status.text()
+    assert widget.editor.toPlainText() == res.text
+    assert widget.sentences.count() == len(res.sentences) >= 1
+    # the first sentence's evidence is on the slide and the view is on its top region
+    layer = widget.viewer.layers["report evidence: sentence 1"]
+    assert np.nanmax(layer.data) == pytest.approx(res.attention[0].max())
+    top = res.evidence(0)[0]
+    g = res.grid
+    v = widget.viewer
+    camera = v.scene.camera if hasattr(v, "scene") else v.camera
+    assert camera.center[-1] == pytest.approx((top["x"] + g.stride / 2) * g.slide_mpp)
+    if len(res.sentences) > 1:
+        widget.sentences.setCurrentRow(1)
+        assert "report evidence: sentence 2" in widget.viewer.layers
+        assert "report evidence: sentence 1" not in widget.viewer.layers
+    # the pathologist edits: kept at once beside the untouched draft
+    widget.editor.setPlainText("Edited by the pathologist.")
+    qtbot.waitUntil(lambda: "Edit saved" in widget.saved.text(), timeout=5_000)
+    lines = [json.loads(x) for x in widget.store.path.read_text().splitlines()]
+    assert [x["kind"] for x in lines] == ["draft", "edit"]
+    assert lines[0]["text"] == res.text and lines[1]["text"] == "Edited by the pathologist."
+    widget.editor.setPlainText("Edited twice.")
+    assert widget.save_edit()
+    assert len(widget.store.path.read_text().splitlines()) == 3
+    files = widget.export(str(tmp_path))
+    doc = json.loads(files["json"].read_text())
+    assert doc["draft"]["text"] == res.text and doc["edited"]["text"] == "Edited twice."
+    assert doc["draft"]["sentences"][0]["top_regions"][0]["x"] == top["x"]
+    assert "MACHINE-GENERATED" in files["md"].read_text()
+
+
+def test_checkpoint_of_another_family_is_reported(widget, qtbot):
+    widget.picker.edit.setText(str(sample_data_path("clam_default.safetensors")))
+    assert widget.run() is not None
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
+    assert "histgen" in widget.status.text() and widget.result is None
+    assert widget.save_edit() is False  # nothing to edit yet
