@@ -42,6 +42,9 @@ def test_the_recipe_trains_and_the_card_holds_the_held_out_table(tiny_data, tmp_
     again = evaluate(out["checkpoint"], tiny_data, tmp_path / "eval", ssim=False)
     assert again["model"]["pcc_8um"] == pytest.approx(test["model"]["pcc_8um"], abs=1e-3)
     assert (tmp_path / "eval" / "metrics.json").is_file()
+    blind = evaluate(out["checkpoint"], tiny_data, tmp_path / "blind", ssim=False,
+                     blind_context=True)  # fmt: skip
+    assert blind["blind_context"] and blind["model"]["pcc_8um"] != again["model"]["pcc_8um"]
 
 
 def test_unknown_recipe_keys_and_missing_data_are_named(tmp_path):

@@ -330,6 +330,20 @@ def neighbourhood_summary(res: Mapping[str, Any], genes: list[str]) -> dict[str,
     return out
 
 
+def _blind(forward):
+    """``forward`` with every view after the first replaced by normalised white."""
+
+    def run(x):
+        if isinstance(x, torch.Tensor):
+            return forward(x)
+        xs = list(x)
+        white = [normalise(torch.full((t.shape[0], t.shape[2], t.shape[3], 3), 255,
+                                      dtype=torch.uint8)) for t in xs[1:]]  # fmt: skip
+        return forward([xs[0], *white])
+
+    return run
+
+
 def evaluate(
     checkpoint_path: str | os.PathLike,
     data_path: str | os.PathLike,
@@ -337,8 +351,12 @@ def evaluate(
     *,
     split: str = "test",
     ssim: bool = True,
+    blind_context: bool = False,
 ) -> dict[str, Any]:
     """Held-out metrics of an ``expression`` checkpoint on a ``histoscope synth --extras`` folder.
+
+    With ``blind_context`` every context view (8, 32, 128 µm) is replaced by
+    white glass: the ablation that shows how much of the score the context gives.
 
     Returns
     -------
@@ -349,6 +367,8 @@ def evaluate(
     from histoscope.checkpoints import load_checkpoint
 
     model, card = load_checkpoint(checkpoint_path, family=FAMILY)
+    if blind_context:
+        model.forward = _blind(model.forward)
     seed = int(((card.recipe or {}).get("eval") or {}).get("seed", 0))
     res = evaluate_split(model, Path(data_path), split, {"seed": seed, "ssim": ssim})
-    return {"split": split, **res}
+    return {"split": split, "blind_context": blind_context, **res}
