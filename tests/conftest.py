@@ -8,6 +8,19 @@ import numpy as np
 import pytest
 
 
+def pytest_configure(config) -> None:
+    """Load torch's compiler stack (and Triton) before any test opens an OpenGL canvas.
+
+    Triton bundles its own LLVM; loaded after Mesa's (napari under Xvfb draws with
+    llvmpipe), it crashes the process. Optimisers load it lazily, so a training test
+    run after a widget test would crash; loaded first, both coexist.
+    """
+    try:
+        import torch._dynamo  # noqa: F401
+    except Exception:  # noqa: BLE001 - a torch without the compiler stack has nothing to clash
+        pass
+
+
 def make_rgb(h: int, w: int, seed: int = 0) -> np.ndarray:
     """A deterministic RGB image with structure at several scales (not flat colour)."""
     rng = np.random.default_rng(seed)
