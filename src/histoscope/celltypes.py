@@ -220,6 +220,18 @@ def tile_order(x: np.ndarray, y: np.ndarray, tile_px: float) -> tuple[np.ndarray
     return order, np.r_[starts, len(order)]
 
 
+def _span(u: np.ndarray, lat: int) -> tuple[float, int]:
+    """Start (on the lattice) and length of the box around one tile's cells along one axis.
+
+    Cells spread over more than half the tile get the whole tile, so a dense slide runs
+    tiles of one size (and the allocator reuses their memory); sparse ones get their box.
+    """
+    if u.max() - u.min() > TILE / 2:
+        return TILE * np.floor(u[0] / TILE), TILE
+    b0 = lat * np.floor(u.min() / lat)
+    return b0, int(np.ceil(u.max() - b0)) + 1
+
+
 def _classify_tile(slide, x, y, sel, model, tissue, geo):
     """One trunk pass each over the box around the cells ``sel`` (plus margins), pooled at each."""
     import torch
@@ -231,8 +243,8 @@ def _classify_tile(slide, x, y, sel, model, tissue, geo):
     ux, uy = x[sel] / f, y[sel] / f  # cells in pixels at the model's µm/px
     # the box starts on the trunks' stride lattice, so a cell's features do not depend on
     # which other cells share its call (a detector tile, a whole tile of ours)
-    bx0, by0 = lat * np.floor(ux.min() / lat), lat * np.floor(uy.min() / lat)
-    w, h = int(np.ceil(ux.max() - bx0)) + 1, int(np.ceil(uy.max() - by0)) + 1
+    bx0, w = _span(ux, lat)
+    by0, h = _span(uy, lat)
     big_w, big_h = (w + 2 * mc + 1) // 2 * 2, (h + 2 * mc + 1) // 2 * 2
     x0, y0 = int(round((bx0 - mc) * f)), int(round((by0 - mc) * f))
     big = np.ascontiguousarray(slide.read_region(x0, y0, big_w, big_h, mpp=geo.mpp)[..., :3])
