@@ -151,3 +151,28 @@ def test_bad_params_are_refused_by_name(values, text):
 def test_large_max_area_widens_the_tile_overlap():
     p = CellsParams(max_area_um2=2000.0).nuclei_params()
     assert p.overlap_um >= 2 * np.sqrt(2000.0 / np.pi)
+
+
+def test_expression_after_cells_gives_each_cell_its_mean_expression(he, nuclass_ckpt, tmp_path):
+    import anndata
+
+    from histoscope.tasks.expression import cell_expression
+
+    session = hs.open_session(he.slide, in_memory=True)
+    region = (384, 384, 512, 512)
+    cells = hs.tasks.run("cells", session, nuclass_ckpt, region=region)
+    expr = hs.tasks.run("expression", session, region=region)
+    assert expr.cells is cells and expr.cell_values.shape == (cells.n_cells, len(expr.genes))
+    inner = ((cells.nuclei.x > 420) & (cells.nuclei.x < 860) & (cells.nuclei.y > 420)
+             & (cells.nuclei.y < 860))  # fmt: skip
+    # NaN only under patches left out (too little tissue): most cells inside have values
+    assert inner.any() and np.isfinite(expr.cell_values[inner]).all(axis=1).mean() > 0.8
+    again = cell_expression(expr.stack, cells.nuclei.x, cells.nuclei.y,
+                            outlines=cells.nuclei.outlines)  # fmt: skip
+    np.testing.assert_array_equal(again, expr.cell_values)
+    files = {p.name: p for p in expr.save(tmp_path)}
+    ad = anndata.read_h5ad(files["cells_expression.h5ad"])
+    assert ad.shape == (cells.n_cells, len(expr.genes)) and list(ad.var_names) == list(expr.genes)
+    np.testing.assert_allclose(ad.obsm["spatial"][:, 1], cells.nuclei.y * cells.slide_mpp)
+    assert list(ad.obs["class"]) == [cells.classes[i] for i in cells.types.pred]
+    assert expr.summary()["cells"] == cells.n_cells

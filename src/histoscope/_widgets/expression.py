@@ -155,4 +155,21 @@ class ExpressionWidget(TaskWidget):
         self.status.setText(f"{p['done']} of {p['total']} patches predicted "
                             f"({s['predicted_mm2']:.2f} mm² in the stack); genes shown: "
                             f"{', '.join(s['shown'])}.")  # fmt: skip
+        self._add_to_cells(result)
         self.status.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+
+    def _add_to_cells(self, result) -> None:
+        """Each cell's mean expression as features of the cell points (colour or filter by a gene)."""
+        from histoscope._widgets.cells import LAYER_NAME
+
+        if result.cell_values is None or LAYER_NAME not in self.viewer.layers:
+            return
+        layer = self.viewer.layers[LAYER_NAME]
+        if len(layer.data) != len(result.cell_values):
+            return  # the cells were found again since: their rows no longer match
+        feats = layer.features.copy()
+        for j, gene in enumerate(result.genes):
+            feats[f"expr: {gene}"] = result.cell_values[:, j]
+        layer.features = feats
+        self.status.setText(f"{self.status.text()} Mean expression under each of "
+                            f"{len(result.cell_values):,} nuclei added to the cell points.")  # fmt: skip

@@ -78,6 +78,10 @@ class ExpressionResult(Result):
         ``{"done", "total"}`` patches of this run (``done`` counts reused ones).
     percentile
         Upper contrast percentile.
+    cells, cell_values
+        The session's cells (:class:`~histoscope.tasks.cells.CellsResult`) when it had
+        any, and the mean predicted expression under each nucleus, ``(n_cells, n_genes)``
+        (NaN where no bin under it was predicted).
     """
 
     stack: Path
@@ -85,6 +89,8 @@ class ExpressionResult(Result):
     shown: tuple[str, ...]
     patches: dict[str, int] = field(default_factory=dict)
     percentile: float = 99.5
+    cells: Any = None
+    cell_values: np.ndarray | None = None
 
     def meta(self) -> dict[str, Any]:
         from histoscope.expression.stack import read_stack_attrs
@@ -131,6 +137,7 @@ class ExpressionResult(Result):
         return {"genes": len(self.genes), "shown": list(self.shown), "stack": str(self.stack),
                 "patches": dict(self.patches), "predicted_mm2": round(area, 4),
                 "bin_um": m["bin_um"], "complete": bool(m.get("complete")),
+                "cells": 0 if self.cell_values is None else len(self.cell_values),
                 "cancelled": self.cancelled}  # fmt: skip
 
     def save(self, out_dir) -> list[Path]:
@@ -150,9 +157,37 @@ class ExpressionResult(Result):
         for b in (2, 8, 16):
             files.append(write_bins_h5ad(target, out / f"expression_bins_{b:03d}um.h5ad", b,
                                          uns=uns))  # fmt: skip
+        if self.cells is not None and self.cell_values is not None:
+            files.append(self.save_cells(out / "cells_expression.h5ad"))
         doc = {**self.provenance.to_dict(), "summary": self.summary()}
         files.append(atomic_write_text(out / "expression.json", json.dumps(plain(doc), indent=2)))
         return files
+
+    def cell_table(self):
+        """The cells' table with one ``expr: <gene>`` column per gene (NaN where unpredicted)."""
+        import pandas as pd
+
+        table = self.cells.table()
+        expr = pd.DataFrame(self.cell_values, columns=[f"expr: {g}" for g in self.genes],
+                            index=table.index)  # fmt: skip
+        return pd.concat([table, expr], axis=1)
+
+    def save_cells(self, path: Path) -> Path:
+        """Cells x genes AnnData: ``X`` the mean predicted expression under each nucleus.
+
+        ``obs`` holds the cells' table (class, probabilities, gate, nucleus
+        measurements), ``obsm["spatial"]`` their centroids in µm, ``var`` the genes.
+        """
+        from histoscope.export.anndata import write_h5ad
+
+        table = self.cells.table()
+        spatial = table[["x_um", "y_um"]].to_numpy()
+        obs = table.drop(columns=["x_um", "y_um"])
+        uns = {"provenance": self.provenance.to_dict(),
+               "cells_provenance": self.cells.provenance.to_dict(), "spatial_unit": "um",
+               "X": "mean predicted expression of the 2 µm bins under each nucleus"}  # fmt: skip
+        return write_h5ad(path, obs, spatial, uns, var=list(self.genes),
+                          X=np.asarray(self.cell_values, np.float32))  # fmt: skip
 
 
 def _open_done(stack: Path):
@@ -297,7 +332,16 @@ def _run(session, checkpoint, params: ExpressionParams, *, region=None, near=Non
     complete = not cancelled and region is None and counts["done"] == counts["total"]
     writer.close(complete=complete)
     yield Step(counts["done"], counts["total"], "expression patches")
-    return result(cancelled)
+    res = result(cancelled)
+    cells = session.results.get("cells")
+    if cancelled or cells is None or not getattr(cells, "n_cells", 0):
+        return res
+    # the session found cells: the mean expression under each nucleus
+    if (yield Step(0, 0, "expression per cell")) is False:
+        return replace(res, provenance=replace(res.provenance, cancelled=True))
+    values = cell_expression(path, cells.nuclei.x, cells.nuclei.y,
+                             outlines=cells.nuclei.outlines)  # fmt: skip
+    return replace(res, cells=cells, cell_values=values)
 
 
 SPEC = register(TaskSpec(name="expression", title="Gene expression (2 µm)",
