@@ -265,3 +265,13 @@ def test_missing_backend_says_what_to_install(method):
         detector(params)
     with pytest.raises(MissingBackendError):  # before any tile is read
         next(iter_detect(ArraySlide(np.full((64, 64, 3), 255, np.uint8)), params))
+
+
+@pytest.mark.parametrize("value", [245, 200], ids=["glass", "flat"])
+def test_otsu_threshold_on_a_tile_without_stain_finds_nothing(value):
+    """threshold=0 (Otsu per tile) on glass or one flat colour: no nuclei, no crash."""
+    found = detect_nuclei(np.full((256, 256, 3), value, np.uint8), MPP, NucleiParams(threshold=0))
+    assert len(found) == 0 and list(found.measurements.columns) == list(COLUMNS)
+    # and still finds nuclei when the tile has some
+    img = he_image((128, 128), [(40, 40, 6, 5, 0.0), (90, 80, 7, 6, 0.5)])
+    assert len(detect_nuclei(img, MPP, NucleiParams(threshold=0))) == 2

@@ -56,7 +56,10 @@ def segment(hema: np.ndarray, mpp: float, params: NucleiParams) -> np.ndarray:
     thr = params.threshold
     if thr <= 0:  # Otsu over the stained pixels (glass would pull it down)
         stained = smooth[smooth > 0.05]
-        thr = float(filters.threshold_otsu(stained)) if np.ptp(stained) > 0 else np.inf
+        # a tile of glass (no stained pixel) or of one flat value has no nuclei to find
+        if stained.size < 2 or np.ptp(stained) <= 0:
+            return np.zeros(hema.shape, np.int32)
+        thr = float(filters.threshold_otsu(stained))
     fg = smooth > thr
     radius = int(round(params.local_radius_um / mpp))
     if params.local_fraction > 0 and radius > 0:  # nuclei fused by haematoxylin-rich cytoplasm
