@@ -47,7 +47,10 @@ from histoscope.training.nuclass_data import (
     RegionSource,
     TrioSource,
     Window,
+    cell_metrics,
     collate,
+    macro_f1,
+    predict_windows,
     regions_cached,
 )
 
@@ -244,45 +247,6 @@ def _gate_target(p_l, p_g, y, k):
     return gate_target(p_l, p_g, y, k)
 
 
-@torch.no_grad()
-def predict_windows(
-    model: nn.Module, windows: list[Window], tissue: int | None = None
-) -> dict[str, np.ndarray]:
-    """Outputs of :meth:`NuClass.heads` for every cell of ``windows`` (tissue token overridable)."""
-    model.eval()
-    dev = model.temperature.device
-    outs: dict[str, list] = {}
-    ys = []
-    for w in windows:
-        if len(w.y) == 0:
-            continue
-        b = {k: v.to(dev) for k, v in collate([w]).items()}
-        t = b["tissue"] if tissue is None else torch.full_like(b["tissue"], tissue)
-        raw_l = model.pool_local(
-            model.local_map(model.normalise(b["local"])), b["index"], b["local_xy"]
-        )
-        raw_c = model.pool_context(model.context_map(model.normalise(b["context"])), b["index"],
-                                   b["context_xy"])  # fmt: skip
-        for k, v in model.heads(raw_l, raw_c, t).items():
-            outs.setdefault(k, []).append(v.cpu().numpy())
-        ys.append(w.y)
-    res = {k: np.concatenate(v) for k, v in outs.items()}
-    res["y"] = np.concatenate(ys)
-    return res
-
-
-def macro_f1(y: np.ndarray, pred: np.ndarray, n: int) -> tuple[float, list[float]]:
-    """Macro F1 over classes present in ``y`` and each class's F1."""
-    per = []
-    for c in range(n):
-        tp = float(((pred == c) & (y == c)).sum())
-        fp = float(((pred == c) & (y != c)).sum())
-        fn = float(((pred != c) & (y == c)).sum())
-        per.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn > 0 else float("nan"))
-    present = [per[c] for c in range(n) if (y == c).any()]
-    return float(np.mean(present)) if present else float("nan"), per
-
-
 _OUT_KEY = {"local": "p_local", "global": "p_global", "gate": "prob"}
 
 
@@ -471,24 +435,6 @@ def _card(model, cfg, recipe, classes, tissues, metrics):
               "synthetic": d["synthetic"], "path": d["path"]},
         metrics={**metrics, "temperature_values": [float(v) for v in model.temperature]},
     )  # fmt: skip
-
-
-def cell_metrics(res: Mapping[str, np.ndarray], classes: list[str]) -> dict[str, Any]:
-    """Accuracy, macro F1 and per-class F1 of local, global and gated on the same cells, plus ECE."""
-    from histoscope.training.metrics import ece
-
-    y = res["y"]
-    out: dict[str, Any] = {"n": int(len(y)), "n_per_class": {c: int((y == i).sum())
-                                                             for i, c in enumerate(classes)}}  # fmt: skip
-    for name, key in (("local", "p_local"), ("global", "p_global"), ("gated", "prob")):
-        p = res[key]
-        f1, per = macro_f1(y, p.argmax(1), len(classes))
-        out[name] = {"accuracy": float((p.argmax(1) == y).mean()), "macro_f1": f1,
-                     "per_class_f1": {c: (None if np.isnan(v) else float(v))
-                                      for c, v in zip(classes, per, strict=True)},
-                     "ece": ece(p, y)}  # fmt: skip
-    out["mean_g"] = float(res["g"].mean())
-    return out
 
 
 def evaluate(

@@ -21,14 +21,18 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from histoscope.errors import HistoScopeError
 from histoscope.training._recipe import RecipeError
+
+if TYPE_CHECKING:
+    from torch import nn
 
 TRIO = ("annotations.json", "patches_224x224.h5", "patches_1024x1024.h5")
 
@@ -347,3 +351,68 @@ def regions_cached(seeds: Sequence[int], per_seed: int, size: int, slide: int, m
         with open(tmp, "wb") as fh:
             np.savez(fh, **arrays)
     return regions
+
+
+def predict_windows(
+    model: nn.Module, windows: list[Window], tissue: int | None = None
+) -> dict[str, np.ndarray]:
+    """Outputs of :meth:`NuClass.heads` for every cell of ``windows`` (tissue token overridable)."""
+    import torch
+
+    with torch.no_grad():
+        return _predict_windows(model, windows, tissue)
+
+
+def _predict_windows(model, windows, tissue):
+    import torch
+
+    model.eval()
+    dev = model.temperature.device
+    outs: dict[str, list] = {}
+    ys = []
+    for w in windows:
+        if len(w.y) == 0:
+            continue
+        b = {k: v.to(dev) for k, v in collate([w]).items()}
+        t = b["tissue"] if tissue is None else torch.full_like(b["tissue"], tissue)
+        raw_l = model.pool_local(
+            model.local_map(model.normalise(b["local"])), b["index"], b["local_xy"]
+        )
+        raw_c = model.pool_context(model.context_map(model.normalise(b["context"])), b["index"],
+                                   b["context_xy"])  # fmt: skip
+        for k, v in model.heads(raw_l, raw_c, t).items():
+            outs.setdefault(k, []).append(v.cpu().numpy())
+        ys.append(w.y)
+    res = {k: np.concatenate(v) for k, v in outs.items()}
+    res["y"] = np.concatenate(ys)
+    return res
+
+
+def macro_f1(y: np.ndarray, pred: np.ndarray, n: int) -> tuple[float, list[float]]:
+    """Macro F1 over classes present in ``y`` and each class's F1."""
+    per = []
+    for c in range(n):
+        tp = float(((pred == c) & (y == c)).sum())
+        fp = float(((pred == c) & (y != c)).sum())
+        fn = float(((pred != c) & (y == c)).sum())
+        per.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn > 0 else float("nan"))
+    present = [per[c] for c in range(n) if (y == c).any()]
+    return float(np.mean(present)) if present else float("nan"), per
+
+
+def cell_metrics(res: Mapping[str, np.ndarray], classes: list[str]) -> dict[str, Any]:
+    """Accuracy, macro F1 and per-class F1 of local, global and gated on the same cells, plus ECE."""
+    from histoscope.training.metrics import ece
+
+    y = res["y"]
+    out: dict[str, Any] = {"n": int(len(y)), "n_per_class": {c: int((y == i).sum())
+                                                             for i, c in enumerate(classes)}}  # fmt: skip
+    for name, key in (("local", "p_local"), ("global", "p_global"), ("gated", "prob")):
+        p = res[key]
+        f1, per = macro_f1(y, p.argmax(1), len(classes))
+        out[name] = {"accuracy": float((p.argmax(1) == y).mean()), "macro_f1": f1,
+                     "per_class_f1": {c: (None if np.isnan(v) else float(v))
+                                      for c, v in zip(classes, per, strict=True)},
+                     "ece": ece(p, y)}  # fmt: skip
+    out["mean_g"] = float(res["g"].mean())
+    return out

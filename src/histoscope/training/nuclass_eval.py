@@ -68,7 +68,7 @@ def write_report(
 ) -> dict:
     """Metrics of one path's outputs plus its CSV, PNG and reliability files."""
     from histoscope.training.metrics import confusion_matrix
-    from histoscope.training.nuclass import cell_metrics
+    from histoscope.training.nuclass_data import cell_metrics
 
     y = res["y"]
     m = cell_metrics(res, list(classes))
@@ -216,8 +216,7 @@ def evaluate_folder(checkpoint_path, data_path, out_dir, *, path: str = "both", 
     if slides:
         paths = ["fast", "crops"] if path == "both" else [path]
         return _compact(compare(model, card, slides, paths, per_class, out, organ))
-    from histoscope.training.nuclass import predict_windows
-    from histoscope.training.nuclass_data import TrioSource
+    from histoscope.training.nuclass_data import TrioSource, predict_windows
 
     tissues = card.input_spec.get("tissues") or model.config["tissues"]
     src = TrioSource(data, card.classes, tissues, local_size=int(model.config["local"]["crop"]))
