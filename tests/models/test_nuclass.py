@@ -6,9 +6,11 @@ import numpy as np
 import pytest
 import torch
 
+from histoscope.errors import HistoScopeError
 from histoscope.models.nuclass import (
     FiLM,
     NuClass,
+    UnknownOrganError,
     fuse,
     gate_statistics,
     gate_target,
@@ -112,7 +114,14 @@ def test_unknown_tissue_token_is_the_default():
     m = tiny()
     assert m.tissue_index(None) == 2
     assert m.tissue_index("Lung ") == 1
-    assert m.tissue_index("pancreas") == 2
+    assert m.tissue_index("Unknown") == m.tissue_index("") == 2
+
+
+def test_an_organ_the_model_does_not_know_is_refused_with_the_valid_ones():
+    m = tiny()
+    with pytest.raises(UnknownOrganError, match=r"'pancreas'.*'colon', 'lung'") as err:
+        m.tissue_index("pancreas")
+    assert isinstance(err.value, ValueError) and isinstance(err.value, HistoScopeError)
     with pytest.raises(ValueError, match="unknown"):
         NuClass({**TINY, "tissues": ["colon"]})
 

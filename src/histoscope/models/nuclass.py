@@ -7,7 +7,7 @@ Three parts, trained in three stages (``histoscope.training.nuclass``):
   (RoIAlign, :func:`histoscope.models._roi.roi_align`, a ``box_um`` box on a ``grid x grid``
   grid) -> LayerNorm -> FiLM tissue conditioning (``f * (1 + gamma) + beta``
   from an organ embedding; the last embedding is the "unknown" organ used by
-  default on a user's slide) -> MLP head.
+  default on a user's slide; a name not among the tissues is refused) -> MLP head.
 - **global path**: a second trunk over the context (1024 px at 0.5 µm/px
   averaged 2 x 2 to 512 px at 1 µm/px) pooled at the cell over nested boxes,
   concatenated, as in the authors' ``PathB``, with the local path's features;
@@ -33,6 +33,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from histoscope.errors import HistoScopeError
+
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
 UNKNOWN = "unknown"
@@ -52,6 +54,10 @@ DEFAULT_CONFIG: dict[str, Any] = {
     "gate_hidden": [64, 32],
     "dropout": 0.1,
 }  # fmt: skip
+
+
+class UnknownOrganError(HistoScopeError, ValueError):
+    """An organ name that is not one of the model's tissues (the message lists them)."""
 
 
 def normalised_entropy(p: torch.Tensor) -> torch.Tensor:
@@ -237,12 +243,27 @@ class NuClass(nn.Module):
         return len(self.config["tissues"]) - 1
 
     def tissue_index(self, organ: str | None) -> int:
-        """Token of ``organ`` (``None`` or an organ not seen in training: "unknown")."""
-        if organ is None:
-            return self.unknown_tissue
+        """Token of ``organ`` (case and surrounding spaces ignored).
+
+        ``None``, a blank name and ``"unknown"`` give the "unknown" token.
+
+        Raises
+        ------
+        UnknownOrganError
+            ``organ`` is not one of the model's ``tissues``: a typo or an organ
+            the model was not trained on must not silently lose its conditioning.
+        """
         names = self.config["tissues"]
-        key = str(organ).strip().lower()
-        return names.index(key) if key in names else self.unknown_tissue
+        key = "" if organ is None else str(organ).strip().lower()
+        if not key:
+            return self.unknown_tissue
+        if key not in names:
+            known = ", ".join(repr(t) for t in names[:-1]) or "none"
+            raise UnknownOrganError(
+                f"organ {organ!r} is not a tissue this NuClass model knows; valid organs: "
+                f"{known} (or None / {UNKNOWN!r} for an organ it was not trained on)"
+            )
+        return names.index(key)
 
     # ------------------------------------------------------------ building blocks
     def normalise(self, img: torch.Tensor) -> torch.Tensor:
