@@ -34,7 +34,7 @@ def slide_for(size: int, seed: int = 7) -> Path:
     from histoscope.synthetic import generate
 
     folder = CACHE / f"he_{size}_{seed}"
-    found = sorted(folder.glob("*.tif")) if folder.exists() else []
+    found = sorted(folder.rglob("he_*.tif")) if folder.exists() else []
     if found:
         return found[0]
     return generate(folder, kind="he", size=(size, size), seed=seed).slide

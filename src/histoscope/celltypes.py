@@ -349,9 +349,20 @@ def classify(slide, x, y, model, card, **kw: Any) -> CellTypes:
 
 # ------------------------------------------------------------------ explain
 def explain_cell(
-    slide, x: float, y: float, model, card: ModelCard, *, organ: str | None = None
+    slide,
+    x: float,
+    y: float,
+    model,
+    card: ModelCard,
+    *,
+    organ: str | None = None,
+    target: int | None = None,
 ) -> dict:
-    """A cell's crops, Grad-CAM of each path for the fused class, probabilities and gate.
+    """A cell's crops, Grad-CAM of each path for a class, probabilities and gate.
+
+    ``target`` is the class index the Grad-CAM explains (e.g. the class a
+    panel shows for the cell); default: the crop path's own fused class.
+    ``pred`` is always the crop path's own call.
 
     Returns
     -------
@@ -381,7 +392,14 @@ def explain_cell(
         _, f_l = model.local_logits(
             model.pool_local(model.local_map(lt), torch.zeros(1, dtype=torch.long), lxy_t), tissue
         )
-    target = int(out["prob"].argmax(1))
+    own = int(out["prob"].argmax(1))
+    if target is None:
+        target = own
+    elif not 0 <= int(target) < len(model.classes):
+        raise CellTypesError(
+            f"target class {target} is not one of the {len(model.classes)} classes"
+        )
+    target = int(target)
 
     class LocalLogits(nn.Module):
         def __init__(self):
@@ -408,5 +426,6 @@ def explain_cell(
         "local": np.ascontiguousarray(local), "context": ctx,
         "local_cam": cam_l.numpy().astype(np.float32), "context_cam": cam_c.numpy().astype(np.float32),
         "classes": model.classes, "prob": out["prob"][0].numpy(), "p_local": out["p_local"][0].numpy(),
-        "p_global": out["p_global"][0].numpy(), "g": float(out["g"][0]), "pred": model.classes[target],
+        "p_global": out["p_global"][0].numpy(), "g": float(out["g"][0]), "pred": model.classes[own],
+        "target": model.classes[target],
     }  # fmt: skip

@@ -368,7 +368,12 @@ def describe_card(card: ModelCard) -> str:
             if isinstance(size, list | tuple) and len(size) == 2
             else ""
         )
-        what += f"; trained on {gen['count']} synthetic slides{px} (not real tissue)"
+        slides = (card.data or {}).get("slides")
+        if isinstance(slides, dict) and isinstance(slides.get("train"), list):
+            # the slides it learnt from, as listed, not the count the recipe asked for
+            what += f"; trained on {len(slides['train'])} synthetic slides{px} (not real tissue)"
+        else:
+            what += f"; trained on {gen['count']} synthetic slides{px} (not real tissue)"
     elif isinstance((card.data or {}).get("trained_on"), str):
         what += f"; trained on {card.data['trained_on']}"
     elif data.get("path") or (card.data or {}).get("path"):

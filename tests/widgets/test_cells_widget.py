@@ -74,14 +74,28 @@ def test_cells_legend_filters_recolour_outlines_and_explain(widget, qtbot):
     # outlines of the cells in view
     out = widget.show_outlines()
     assert out is not None and out.data.max() > 0
-    # explain the cell nearest a point
+    # explain the cell nearest a point, for the class the panel shows
     i = res.n_cells // 2
     um = res.slide_mpp
     worker = widget.explain_at(res.nuclei.y[i] * um + 1, res.nuclei.x[i] * um)
     assert worker is not None
     qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
     assert f"Cell {i}:" in widget.explained.text(), widget.status.text()
+    assert f"Grad-CAM for {res.classes[res.types.pred[i]]}" in widget.explained.text()
+    assert widget.status.text() == f"Cell {i} explained."
     assert all(not lab.pixmap().isNull() for lab in widget.crops)
+    # a hidden cell cannot be clicked: the nearest shown one is explained instead, or none
+    k = int(res.types.pred[i])
+    widget.legend.item(k).setCheckState(Qt.Unchecked)
+    assert widget.explain_at(res.nuclei.y[i] * um, res.nuclei.x[i] * um) is None or (
+        qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000) is None
+        and f"Cell {i}:" not in widget.explained.text()
+    )
+    # a detect-only rerun shows every cell again, whatever was filtered
+    widget.typing.setChecked(False)
+    assert widget.run() is not None
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=180_000)
+    assert widget.result.types is None and widget.layer().shown.all()
 
 
 def test_bad_checkpoint_and_missing_region_are_reported(widget, qtbot, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -33,6 +34,12 @@ SCOPES = ("view first, then the whole slide", "the view only", "the drawn region
           "the whole slide")  # fmt: skip
 #: What the points' colour shows.
 COLOR_BY = ("class", "gate g (0 local, 1 context)", "confidence")
+#: Colour map of gate and confidence (with a white rim, so dark values stay visible on nuclei).
+VALUE_CMAP = "viridis"
+#: Above this many cells the layer is drawn when the run ends, not while it fills in.
+LIVE_MAX_CELLS = 150_000
+#: A live update may keep the GUI busy at most this fraction of the time.
+LIVE_BUSY = 0.2
 
 
 def _swatch(rgb) -> QIcon:
@@ -98,8 +105,11 @@ class CellsWidget(TaskWidget):
         self.min_conf.setSingleStep(0.05)
         self.min_conf.setToolTip("Hide cells whose fused probability is below this.")
         self.min_conf.valueChanged.connect(lambda _v: self.apply_filters())
+        self.scale = QLabel("")
+        self.scale.setToolTip("What the colours mean when colouring by a value")
         view = QFormLayout()
         view.addRow("Colour by", self.color_by)
+        view.addRow("", self.scale)
         view.addRow("Confidence at least", self.min_conf)
         view.addRow(self.disagree)
         self.outlines_button = QPushButton("Nucleus outlines in view")
@@ -178,14 +188,24 @@ class CellsWidget(TaskWidget):
             return None
         near = self.view_centre(session.slide, layer)
         self.result, self._session = None, session
+        self._checkpoint = ckpt or None  # what Explain must load: the model that typed them
+        self._next_live = 0.0
         jobs = [Job("cells", session, ckpt or None, params=params, region=region, near=near)]
         return self.run_tasks(jobs, text="Finding cells in view first…", on_result=self._finished,
                               on_partial=self._live)  # fmt: skip
 
     def _live(self, result) -> None:
+        """Show the cells found so far, at most :data:`LIVE_BUSY` of the time, up to a size."""
+        now = time.monotonic()
+        if result.n_cells > LIVE_MAX_CELLS:
+            self.status.setText(f"{result.n_cells:,} cells so far (drawn when the run ends)…")
+            return
+        if now < getattr(self, "_next_live", 0.0):
+            return
         self._show(result)
-        s = result.summary()
-        self.status.setText(f"{s['n_cells']:,} cells so far…")
+        cost = time.monotonic() - now
+        self._next_live = time.monotonic() + max(1.0, cost * (1 - LIVE_BUSY) / LIVE_BUSY)
+        self.status.setText(f"{result.n_cells:,} cells so far…")
 
     def _finished(self, outcome) -> None:
         result = outcome.get("cells")
@@ -194,7 +214,8 @@ class CellsWidget(TaskWidget):
         self._show(result)
         s = result.summary()
         dens = f", {s['cells_per_mm2']:,.0f} per mm² of tissue" if s["cells_per_mm2"] else ""
-        self.status.setText(f"{s['n_cells']:,} cells{dens}.")
+        part = " in the finished tiles (no density: part of the tissue)" if result.cancelled else ""
+        self.status.setText(f"{s['n_cells']:,} cells{part}{dens}.")
 
     def _show(self, result) -> None:
         """Put ``result`` on the canvas (in place when the layer exists) and fill the legend."""
@@ -207,6 +228,7 @@ class CellsWidget(TaskWidget):
             layer.data = data
             layer.features = kwargs["features"]
             layer.metadata.update(kwargs["metadata"])
+            layer.shown = np.ones(len(data), bool)  # filters are applied again below
         self.trained_on.setText(
             f"<i>Typing model: {result.trained_on}. Cell types on tissue unlike that are "
             "guesses.</i>" if result.trained_on else "")  # fmt: skip
@@ -241,12 +263,18 @@ class CellsWidget(TaskWidget):
             return
         mode = self.color_by.currentIndex()
         if mode == 0 or result.types is None:
+            layer.border_width = 0
             layer.face_color = result.rgba()
+            self.scale.setText("")
         else:
             from napari.utils.colormaps import ensure_colormap
 
             values = result.types.g if mode == 1 else result.types.confidence
-            layer.face_color = ensure_colormap("viridis").map(np.asarray(values, np.float32))
+            layer.border_color = "white"
+            layer.border_width = 0.15
+            layer.face_color = ensure_colormap(VALUE_CMAP).map(np.asarray(values, np.float32))
+            what = "g" if mode == 1 else "confidence"
+            self.scale.setText(f"{VALUE_CMAP}: dark purple = {what} 0 … green … yellow = 1")
         self.apply_filters()
 
     def apply_filters(self) -> None:
@@ -320,12 +348,17 @@ class CellsWidget(TaskWidget):
             return None
         um = result.slide_mpp
         d2 = (result.nuclei.x * um - x_um) ** 2 + (result.nuclei.y * um - y_um) ** 2
+        layer = self.layer()
+        if layer is not None and len(layer.shown) == len(d2):
+            d2 = np.where(layer.shown, d2, np.inf)  # hidden cells cannot be clicked
         i = int(np.argmin(d2))
-        if d2[i] > 15.0**2:
-            self.status.setText("No cell within 15 µm of that point.")
+        if not d2[i] <= 15.0**2:
+            self.status.setText("No shown cell within 15 µm of that point.")
             return None
-        session, ckpt = self._session, self.picker.path() or DEFAULT_CHECKPOINT
+        session, ckpt = self._session, getattr(self, "_checkpoint", None)
         x, y = float(result.nuclei.x[i]), float(result.nuclei.y[i])
+        shown_class = int(result.types.pred[i])
+        organ = (result.provenance.params or {}).get("organ", "unknown")
 
         def work():
             from histoscope.celltypes import explain_cell
@@ -334,7 +367,8 @@ class CellsWidget(TaskWidget):
 
             path = resolve_checkpoint(get("cells"), ckpt)
             model, card = session.model(path, "nuclass")
-            return i, explain_cell(session.slide, x, y, model, card)
+            return i, explain_cell(session.slide, x, y, model, card, target=shown_class,
+                                   organ=None if organ == "unknown" else organ)  # fmt: skip
 
         self.worker = create_worker(work, _start_thread=False,
                                     _connect={"returned": self._explained,
@@ -355,4 +389,6 @@ class CellsWidget(TaskWidget):
             f"Cell {i}: <b>{classes[int(t.pred[i])]}</b> (p = {float(t.confidence[i]):.2f}); "
             f"local says {classes[int(t.local_pred[i])]}, context says "
             f"{classes[int(t.global_pred[i])]}; gate g = {float(t.g[i]):.2f}. "
-            "Crops: nucleus, its Grad-CAM, context, its Grad-CAM.")  # fmt: skip
+            f"Crops: nucleus, its Grad-CAM for {ex['target']}, context, its Grad-CAM "
+            f"(the crop path alone calls it {ex['pred']}).")  # fmt: skip
+        self.status.setText(f"Cell {i} explained.")

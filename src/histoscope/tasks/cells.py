@@ -210,11 +210,16 @@ class CellsResult(Result):
         return pd.DataFrame(cols)
 
     def summary(self) -> dict[str, Any]:
-        """Counts and densities per class per mm² of tissue, gate and agreement, provenance."""
-        mm2 = self.tissue_um2 / 1e6
+        """Counts and densities per class per mm² of tissue, gate and agreement, provenance.
+
+        ``tissue_mm2`` is the tissue of the slide or region asked for; after a
+        Cancel only part of it was searched, so the densities are ``None``.
+        """
+        # a cancelled run covered part of the tissue: no density from the whole area
+        mm2 = self.tissue_um2 / 1e6 if not self.cancelled else 0.0
         out: dict[str, Any] = {
             "n_cells": self.n_cells,
-            "tissue_mm2": round(mm2, 4),
+            "tissue_mm2": round(self.tissue_um2 / 1e6, 4),
             "cells_per_mm2": round(self.n_cells / mm2, 1) if mm2 > 0 else None,
             "typed": self.types is not None,
             "cancelled": self.cancelled,
@@ -300,18 +305,19 @@ class CellsResult(Result):
         out.mkdir(parents=True, exist_ok=True)
         paths = [write_geojson(out / "cells.geojson", self.geojson_table())]
         table = self.table()
-        with atomic_path(out / "cells.csv") as tmp:
-            table.to_csv(tmp, index_label="cell", float_format="%.6g")
+        with atomic_path(out / "cells.csv") as tmp:  # 10 digits: level-0 px of any slide to 0.01
+            table.to_csv(tmp, index_label="cell", float_format="%.10g")
         paths.append(out / "cells.csv")
         obs = {k: table[k].to_numpy() if k not in ("class", "local_class", "global_class")
                else table[k].array for k in table.columns if k not in ("x_um", "y_um")}  # fmt: skip
         spatial = table[["x_um", "y_um"]].to_numpy()
         doc = {"summary": self.summary(), "mpp": self.slide_mpp,
                "provenance": self.provenance.to_dict()}  # fmt: skip
+        hexes = ["#{:02x}{:02x}{:02x}".format(*(int(v) for v in c)) for c in self.palette()]
+        # scanpy colours a categorical obs column from uns["<column>_colors"]
         paths.append(write_h5ad(out / "cells.h5ad", obs, spatial,
-                                {**doc, "spatial_unit": "um",
-                                 "palette": dict(zip(self.classes, self.palette().tolist(),
-                                                     strict=True))}))  # fmt: skip
+                                {**doc, "spatial_unit": "um", "class_colors": hexes,
+                                 "local_class_colors": hexes, "global_class_colors": hexes}))  # fmt: skip
         paths.append(atomic_write_text(out / "cells.json", json.dumps(doc, indent=2) + "\n"))
         return paths
 
@@ -362,7 +368,10 @@ def outline_labels(
     labels = np.zeros(shape, np.uint32)
     n = result.nuclei
     cx, cy = np.asarray(n.x), np.asarray(n.y)
-    pad = 64.0
+    # a nucleus whose centroid is just outside still reaches in: pad by the largest one
+    area = n.measurements.get("Nucleus: Area µm^2")
+    biggest = float(np.nanmax(area)) if area is not None and len(area) else 0.0
+    pad = max(64.0, 2.0 * math.sqrt(biggest / math.pi) / um + 2.0)
     inside = np.flatnonzero((cx >= x - pad) & (cx < x + w + pad) & (cy >= y - pad)
                             & (cy < y + h + pad))  # fmt: skip
     for i in inside:
@@ -414,6 +423,11 @@ def iter_cells(
         if checkpoint is None:
             raise ParamError("cells: typing needs a NuClass checkpoint (or classify=False)")
         model, card = checkpoint
+    if model is not None and params.organ != "unknown":
+        known = [t for t in model.config.get("tissues", ()) if t != "unknown"]
+        if params.organ not in known:
+            raise ParamError(f"cells.organ={params.organ!r}: the checkpoint knows "
+                             f"{', '.join(known) or 'no organ'} (or unknown)")  # fmt: skip
     yield Step(0, 0, "tissue")
     tissue = session.tissue()
     tissue_um2 = _tissue_area_um2(session, region)
