@@ -170,6 +170,61 @@ def test_tiny_run_learns_resumes_and_evaluates(trio, single, tmp_path):
     assert (tmp_path / "ev" / "reliability_crops.csv").read_text().startswith("lo,hi,n,")
 
 
+@pytest.fixture(scope="module")
+def synth_data(tmp_path_factory):
+    """A `histoscope synth`-style folder: one small slide in ``slides/`` with its cells.csv."""
+    from histoscope.synthetic import generate
+
+    root = tmp_path_factory.mktemp("synth")
+    s = generate(root / "slides", "he", (256, 256), 3, 0.5, workers=1)
+    (root / "manifest.json").write_text("{}")
+    return root, s.cells_csv
+
+
+def test_evaluate_finds_synth_slides_in_slides_folder(single, synth_data, tmp_path):
+    import csv
+
+    from histoscope.training import evaluate
+    from histoscope.training._recipe import RecipeError
+
+    _, res = single
+    data, cells = synth_data
+    with pytest.raises(RecipeError, match=r"no cell of the checkpoint's classes \['big'"):
+        evaluate(res["checkpoint"], data, tmp_path / "none", per_class=2)
+    rows = list(csv.DictReader(cells.open()))  # the tiny model knows "big" and "small" only
+    for i, r in enumerate(rows):
+        r["class"] = ("big", "small")[i % 2]
+    with cells.open("w", newline="") as fh:
+        wr = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        wr.writeheader()
+        wr.writerows(rows)
+    ev = evaluate(res["checkpoint"], data, tmp_path / "ev", per_class=2)
+    assert {"fast", "crops"} <= set(ev)
+    assert ev["slides"] == [cells.name.replace(".cells.csv", ".tif")]
+    assert (tmp_path / "ev" / "cells_fast.csv").read_text().count("\n") == 1 + 4
+
+
+def test_evaluate_refuses_what_it_cannot_run(single, trio, tmp_path):
+    from histoscope.models.nuclass import UnknownOrganError
+    from histoscope.training import evaluate
+    from histoscope.training._recipe import RecipeError
+
+    ckpt = single[1]["checkpoint"]
+    with pytest.raises(RecipeError, match="per_class .* at least 1, got 0"):
+        evaluate(ckpt, trio / "test", tmp_path / "a", per_class=0)
+    with pytest.raises(RecipeError, match="trio holds crops.*path='fast'"):
+        evaluate(ckpt, trio / "test", tmp_path / "b", path="fast")
+    with pytest.raises(UnknownOrganError, match="'pancreas'.*'colon'"):
+        evaluate(ckpt, trio / "test", tmp_path / "c", organ="pancreas")
+    empty = tmp_path / "empty"
+    (empty / "slides").mkdir(parents=True)
+    with pytest.raises(RecipeError, match=r"nothing to evaluate: expected synthetic slides"):
+        evaluate(ckpt, empty, tmp_path / "d")
+    (empty / "slides" / "he_00001.tif").write_bytes(b"")
+    with pytest.raises(RecipeError, match=r"1 \.tif without a \.cells\.csv .*he_00001\.tif"):
+        evaluate(ckpt, empty, tmp_path / "e")
+
+
 def test_two_process_ddp_matches_one_process(trio, single, tmp_path):
     script = tmp_path / "go.py"
     script.write_text(

@@ -448,9 +448,13 @@ def evaluate(
 ) -> dict[str, Any]:
     """Metrics of a ``nuclass`` checkpoint on labelled cells.
 
-    ``data_path`` is a folder of synthetic slides (``*.tif`` with
-    ``*.cells.csv``; cells typed through :func:`histoscope.celltypes.iter_classify`)
-    or a NuClass trio (crops). Writes ``confusion_<path>.png``,
+    ``data_path`` is a folder of synthetic slides (``*.tif`` each with its
+    ``*.cells.csv``, in the folder, in its ``slides/`` as ``histoscope synth``
+    writes them, or below; cells typed through
+    :func:`histoscope.celltypes.iter_classify`) or a NuClass trio (crops only:
+    ``path="fast"`` is refused there). ``per_class`` cells per class and slide
+    (at least 1); ``organ`` one of the checkpoint's tissues or ``None``
+    ("unknown"). Writes ``confusion_<path>.png``,
     ``reliability_<path>.csv`` and ``cells_<path>.csv``; see
     :func:`histoscope.training.nuclass_eval.evaluate_folder`.
     """

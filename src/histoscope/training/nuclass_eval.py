@@ -123,11 +123,15 @@ def type_slides(model, card, slides: Sequence[Path], paths: Sequence[str], per_c
 
     classes = list(card.classes)
     acc: dict[str, dict[str, list]] = {p: {} for p in paths}
+    seen: set[str] = set()
     for k, tif in enumerate(slides):
-        truth = read_truth(tif.with_name(tif.name.replace(".tif", ".cells.csv")))
+        truth = read_truth(_truth_csv(tif))
+        seen.update(truth["class"].tolist())
         sel = sample_cells(truth, classes, per_class, seed=k)
         keep = np.isin(truth["class"][sel], classes)
         sel = sel[keep]
+        if not len(sel):
+            continue
         y = np.array([classes.index(c) for c in truth["class"][sel]], np.int64)
         slide = open_slide(tif)
         try:
@@ -147,6 +151,9 @@ def type_slides(model, card, slides: Sequence[Path], paths: Sequence[str], per_c
                 a.setdefault("seconds", []).append(np.array([dt]))
         finally:
             slide.close()
+    if not any(acc.values()):
+        raise RecipeError(f"no cell of the checkpoint's classes {classes} in the .cells.csv of "
+                          f"{len(slides)} slide(s) (classes there: {sorted(seen) or 'none'})")  # fmt: skip
     return {p: {k: np.concatenate(v) for k, v in a.items()} for p, a in acc.items()}
 
 
@@ -202,26 +209,99 @@ def _compact(res: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _truth_csv(tif: Path) -> Path:
+    """The ``.cells.csv`` written beside a synthetic slide ``tif``."""
+    return tif.with_name(tif.name.replace(".tif", ".cells.csv"))
+
+
+def find_slides(data: Path) -> tuple[list[Path], list[Path]]:
+    """Labelled synthetic slides under ``data`` and the ``.tif`` files without truth.
+
+    Looks in ``data`` itself, then in ``data/slides`` (where ``histoscope synth``
+    writes them), then anywhere below ``data``; the first place holding a
+    ``*.tif`` with its ``*.cells.csv`` beside it wins.
+
+    Returns
+    -------
+    slides, unlabelled
+        Sorted ``*.tif`` with a ``*.cells.csv``, and the ``*.tif`` seen without
+        one (to name in an error when no slide is labelled).
+    """
+    unlabelled: set[Path] = set()
+    for tifs in (data.glob("*.tif"), (data / "slides").glob("*.tif"), data.rglob("*.tif")):
+        found = sorted(p for p in tifs if p.is_file())
+        slides = [p for p in found if _truth_csv(p).is_file()]
+        if slides:
+            return slides, []
+        unlabelled.update(found)
+    return [], sorted(unlabelled)
+
+
+def _is_trio(data: Path) -> bool:
+    from histoscope.training.nuclass_data import TRIO
+
+    return any(all((d / f).exists() for f in TRIO) for d in (data, data / "train", data / "test"))
+
+
 def evaluate_folder(checkpoint_path, data_path, out_dir, *, path: str = "both", per_class: int = 60,
                     organ: str | None = None) -> dict[str, Any]:  # fmt: skip
-    """Evaluate on a folder of synthetic slides (both paths) or a NuClass trio (crops)."""
+    """Evaluate on a folder of synthetic slides (both paths) or a NuClass trio (crops).
+
+    Parameters
+    ----------
+    data_path
+        Synthetic slides (``*.tif`` each with its ``*.cells.csv``) directly in
+        it, in its ``slides/`` (as ``histoscope synth`` writes them) or below
+        it; or, when there is none, a NuClass trio (``annotations.json`` and
+        the two patch HDF5 files, here or in ``train/`` / ``test/``).
+    path
+        ``"both"``, ``"fast"`` or ``"crops"``; a trio holds crops only, so it
+        runs ``"crops"`` for ``"both"`` and refuses ``"fast"``.
+    per_class
+        Cells drawn per class and slide (at least 1).
+    organ
+        One of the checkpoint's tissues, or ``None`` for its "unknown" token.
+
+    Raises
+    ------
+    RecipeError
+        A bad ``path`` or ``per_class``, ``path="fast"`` on a trio, or no
+        labelled slide and no trio in ``data_path``.
+    """
     from histoscope.checkpoints import load_checkpoint
 
-    model, card = load_checkpoint(checkpoint_path, family="nuclass")
     data, out = Path(data_path), Path(out_dir)
     if path not in ("both", "fast", "crops"):
         raise RecipeError(f"path must be 'both', 'fast' or 'crops', got {path!r}")
-    slides = sorted(p for p in data.glob("*.tif")
-                    if p.with_name(p.name.replace(".tif", ".cells.csv")).exists())  # fmt: skip
+    if isinstance(per_class, bool) or not isinstance(per_class, int | np.integer) or per_class < 1:
+        raise RecipeError(f"per_class (cells drawn per class and slide) must be an integer of "
+                          f"at least 1, got {per_class!r}")  # fmt: skip
+    if not data.is_dir():
+        raise RecipeError(f"{data}: not a folder (expected synthetic slides or a NuClass trio)")
+    slides, unlabelled = find_slides(data)
+    if not slides and not _is_trio(data):
+        from histoscope.training.nuclass_data import TRIO
+
+        seen = (f"; found {len(unlabelled)} .tif without a .cells.csv beside it "
+                f"(e.g. {unlabelled[0]})" if unlabelled else "")  # fmt: skip
+        raise RecipeError(
+            f"{data}: nothing to evaluate: expected synthetic slides (*.tif each with its "
+            f"*.cells.csv, in the folder, its slides/ or below, as `histoscope synth` writes "
+            f"them) or a NuClass trio ({', '.join(TRIO)}, here or in train/ or test/){seen}"
+        )
+    if not slides and path == "fast":
+        raise RecipeError(f"{data}: a NuClass trio holds crops, no slide to tile: path='fast' "
+                          f"cannot run on it; use path='crops' (or 'both')")  # fmt: skip
+    model, card = load_checkpoint(checkpoint_path, family="nuclass")
+    tok = None if organ is None else model.tissue_index(organ)  # an unknown organ: refused now
     if slides:
         paths = ["fast", "crops"] if path == "both" else [path]
-        return _compact(compare(model, card, slides, paths, per_class, out, organ))
+        return _compact(compare(model, card, slides, paths, int(per_class), out, organ))
     from histoscope.training.nuclass_data import TrioSource, predict_windows
 
     tissues = card.input_spec.get("tissues") or model.config["tissues"]
     src = TrioSource(data, card.classes, tissues, local_size=int(model.config["local"]["crop"]))
     wins = [src.window(i) for i in range(len(src))]
-    tok = None if organ is None else model.tissue_index(organ)
     res = predict_windows(model, wins, tissue=tok if tok is not None else model.unknown_tissue)
     n = len(res["y"])
     res.update({"slide": np.full(n, data.name), "x": np.zeros(n), "yy": np.zeros(n)})
