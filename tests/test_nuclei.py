@@ -275,3 +275,24 @@ def test_otsu_threshold_on_a_tile_without_stain_finds_nothing(value):
     # and still finds nuclei when the tile has some
     img = he_image((128, 128), [(40, 40, 6, 5, 0.0), (90, 80, 7, 6, 0.5)])
     assert len(detect_nuclei(img, MPP, NucleiParams(threshold=0))) == 2
+
+
+def test_area_is_a_pixel_count_and_outlines_put_pixel_centres_at_integers():
+    """What the docstrings say: area = pixel count x mpp², outlines centred on pixel centres."""
+    import histoscope.nuclei._classical as classical
+    from histoscope.nuclei._classical import measure
+
+    yy, xx = np.mgrid[:48, :48]
+    disk = (yy - 20) ** 2 + (xx - 25) ** 2 <= 36
+    labels = disk.astype(np.int32)
+    hema, eosin = np.where(disk, 0.8, 0.0), np.where(disk, 0.1, 0.0)
+    nuc = measure(labels, hema, eosin, MPP, NucleiParams())
+    assert len(nuc) == 1
+    assert nuc.measurements["Nucleus: Area µm^2"][0] == disk.sum() * MPP**2  # exactly the count
+    assert (nuc.x[0], nuc.y[0]) == (25.0, 20.0)  # the disk's centre pixel, not 25.5, 20.5
+    ring = nuc.outlines[0].astype(np.float64)
+    assert ring.mean(0) == pytest.approx([25.0, 20.0], abs=0.05)
+    r = np.hypot(ring[:, 0] - 25, ring[:, 1] - 20)
+    assert 5.5 < r.min() and r.max() < 6.5  # between the boundary pixel centres and their edges
+    doc = " ".join((classical.__doc__ + Nuclei.__doc__).split())
+    assert "pixel count" in doc and "QuPath or any other corner-based" in doc

@@ -7,10 +7,16 @@ their neighbourhood's peak dropped, small holes filled, touching nuclei
 split by a watershed on the distance transform (weighted by the haematoxylin
 contrast) seeded at its h-maxima, each nucleus trimmed to half its mean
 contrast, then size, solidity and colour filters. Measurements follow
-QuPath's cell detection: area, perimeter, circularity ``4π·area/perimeter²``
-(both of the smoothed outline), eccentricity of the moment ellipse, and mean
-and standard deviation of haematoxylin and eosin optical density in the
-nucleus.
+QuPath's cell detection: area (the nucleus's pixel count times ``mpp²``, not
+the area inside its outline), perimeter (the length of the smoothed outline),
+circularity ``4π·area/perimeter²`` of those two (capped at 1), eccentricity of
+the pixels' moment ellipse, and mean and standard deviation of haematoxylin
+and eosin optical density over the nucleus's pixels. The centroid is the mean
+of the pixel centres; the outline is the marching-squares contour of the mask
+(midway between inside and outside pixel centres), smoothed, so the polygon
+encloses a little less than the pixel count (about 1 % at 300 px, 5 % at
+80 px). Coordinates put the centre of pixel
+``(row i, column j)`` at ``(x=j, y=i)`` (see :class:`Nuclei`).
 """
 
 from __future__ import annotations
@@ -99,7 +105,7 @@ def _trim(labels: np.ndarray, value: np.ndarray) -> np.ndarray:
 
 
 def _outline(sub: np.ndarray) -> np.ndarray:
-    """The outline ``(k, 2)`` [x, y] of one object's bounding-box mask (padded by 1)."""
+    """The outline ``(k, 2)`` [x, y] of one object's bounding-box mask, pixel centres at integers."""
     from skimage import measure
 
     contours = measure.find_contours(np.pad(sub, 1).astype(np.float32), 0.5)

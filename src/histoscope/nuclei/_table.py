@@ -35,14 +35,22 @@ class Nuclei:
     and the synthetic ground truth (QuPath's corner-based coordinates are
     these plus 0.5).
 
+    Outlines use the same convention: a vertex at ``(x, y)`` is in units of
+    pixels from the centre of pixel ``(0, 0)``; add 0.5 to both for QuPath or
+    any other corner-based (pixel-edge) geometry.
+
     Attributes
     ----------
     x, y
-        ``(n,)`` float64 centroids.
+        ``(n,)`` float64 centroids (the mean of the nucleus's pixel centres).
     outlines
-        ``n`` arrays ``(k, 2)`` float32 of ``[x, y]``; the ring is not closed.
+        ``n`` arrays ``(k, 2)`` float32 of ``[x, y]`` in the pixel-centre
+        convention above, midway between the nucleus's boundary pixel centres
+        and the outside ones (then smoothed); the ring is not closed.
     measurements
         ``n`` rows, the :data:`COLUMNS` (areas in µm², lengths in µm, OD units).
+        The area is the nucleus's pixel count times ``mpp²`` (not the area
+        inside its outline); the perimeter is the outline's length.
     mpp
         µm per pixel of the coordinates (the slide's level-0 µm/px).
     """
