@@ -216,3 +216,21 @@ def test_bad_gene_choices_are_refused(slide, ckpt):
         hs.tasks.run("expression", slide, ckpt, genes=",".join(GENES + ["a", "b"]))
     with pytest.raises(hs.CheckpointError, match="expected 'expression'"):
         hs.tasks.run("expression", slide, hs.tasks.get("tumour").default_checkpoint_path())
+
+
+def test_a_stack_without_session_folder_is_deleted_with_the_session_and_its_results(slide, ckpt):
+    import gc
+
+    session = hs.open_session(slide, in_memory=True)
+    res = hs.tasks.run("expression", session, ckpt, region=(64, 64, 40, 40))
+    root = res.stack.parent
+    assert res.stack.is_dir() and res.scratch.path == root
+    again = hs.tasks.run("expression", session, ckpt, region=(64, 64, 40, 40))
+    assert again.stack == res.stack and again.patches["done"] == again.patches["total"]
+    session.close()
+    del session, again
+    gc.collect()
+    assert res.stack.is_dir()  # the result still shows and saves it
+    del res
+    gc.collect()
+    assert not root.exists()

@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+import weakref
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,9 @@ class ExpressionResult(Result):
         The session's cells (:class:`~histoscope.tasks.cells.CellsResult`) when it had
         any, and the mean predicted expression under each nucleus, ``(n_cells, n_genes)``
         (NaN where no bin under it was predicted).
+    scratch
+        For a session without a folder, the :class:`ScratchFolder` holding the
+        stack: the folder is deleted once no session or result holds it.
     """
 
     stack: Path
@@ -91,6 +95,7 @@ class ExpressionResult(Result):
     percentile: float = 99.5
     cells: Any = None
     cell_values: np.ndarray | None = None
+    scratch: Any = field(default=None, repr=False, compare=False)
 
     def meta(self) -> dict[str, Any]:
         from histoscope.expression.stack import read_stack_attrs
@@ -234,6 +239,42 @@ def _offset(gen, already: int, total: int):
         reply = yield already + done, total
 
 
+class ScratchFolder:
+    """A temporary folder, deleted when the last object holding this handle is dropped.
+
+    A session without a folder keeps its stacks here: the session (its product
+    cache) and every :class:`ExpressionResult` of the stack hold the handle, so
+    the stack lives as long as something can show or save it, and is removed
+    once both are gone (or when Python exits).
+    """
+
+    def __init__(self, prefix: str = "histoscope-expression-") -> None:
+        self.path = Path(tempfile.mkdtemp(prefix=prefix))
+        self._finalizer = weakref.finalize(self, shutil.rmtree, str(self.path), True)
+
+    @property
+    def alive(self) -> bool:
+        """Whether the folder has not been removed yet."""
+        return self._finalizer.alive
+
+    def remove(self) -> None:
+        """Delete the folder now."""
+        self._finalizer()
+
+    def __deepcopy__(self, memo) -> ScratchFolder:
+        return self  # one folder, one owner handle: copies (``dataclasses.asdict``) share it
+
+    def __repr__(self) -> str:
+        return f"ScratchFolder({str(self.path)!r})"
+
+
+def _scratch(session) -> ScratchFolder | None:
+    """The session's scratch folder for stacks when it has no folder of its own."""
+    if session.folder is not None:
+        return None
+    return session.product("expression_tmp", None, ScratchFolder)
+
+
 def stack_path(session, card) -> Path:
     """Where the session keeps this slide's stack for this checkpoint."""
     import hashlib
@@ -244,11 +285,10 @@ def stack_path(session, card) -> Path:
     name = (
         f"{safe_stem(session.slide.path.stem)}_{slide_key}_{(card.sha256 or 'model')[:12]}.ome.zarr"
     )
-    if session.folder is not None:
+    scratch = _scratch(session)
+    if scratch is None:
         return Path(session.folder) / "expression" / name
-    root = session.product("expression_tmp", None, lambda: Path(tempfile.mkdtemp(
-        prefix="histoscope-expression-")))  # fmt: skip
-    return root / name
+    return scratch.path / name
 
 
 def _patches(session, cfg, params: ExpressionParams, region) -> np.ndarray:
@@ -296,6 +336,7 @@ def _run(session, checkpoint, params: ExpressionParams, *, region=None, near=Non
                       tile_grid={"patch_bins": cfg["patch_bins"], "bin_um": cfg["bin_um"],
                                  "n_patches": len(origins)})  # fmt: skip
     path = stack_path(session, card)
+    scratch = _scratch(session)
     chunk = cfg["patch_bins"] * max(1, 128 // cfg["patch_bins"])
     writer = StackWriter(path, genes, shape, cfg["bin_um"], slide.mpp, cfg["patch_bins"], chunk,
                          attrs={"checkpoint_sha256": card.sha256, "slide": str(slide.path)})  # fmt: skip
@@ -306,7 +347,7 @@ def _run(session, checkpoint, params: ExpressionParams, *, region=None, near=Non
     def result(cancelled: bool = False) -> ExpressionResult:
         return ExpressionResult(provenance=replace(prov, cancelled=cancelled), stack=path,
                                 genes=genes, shown=shown, patches=dict(counts),
-                                percentile=params.percentile)  # fmt: skip
+                                percentile=params.percentile, scratch=scratch)  # fmt: skip
 
     cancelled = False
     if len(todo):
