@@ -234,3 +234,26 @@ def test_a_stack_without_session_folder_is_deleted_with_the_session_and_its_resu
     del res
     gc.collect()
     assert not root.exists()
+
+
+@pytest.mark.parametrize("damage", ["done", "0", ".zattrs"])
+def test_a_damaged_session_stack_is_rebuilt_and_named_when_read(slide, ckpt, tmp_path, damage):
+    import shutil
+
+    from histoscope.expression.spaceranger import ExpressionDataError
+    from histoscope.expression.stack import open_levels
+
+    session = hs.open_session(slide, tmp_path / "sess")
+    region = (64, 64, 40, 40)
+    res = hs.tasks.run("expression", session, ckpt, region=region)
+    n = res.patches["total"]
+    target = res.stack / damage
+    if target.is_dir():
+        shutil.rmtree(target)
+    else:
+        target.write_text("{not json")
+    with pytest.raises(ExpressionDataError, match=f"{res.stack}: damaged expression stack"):
+        open_levels(res.stack)
+    again = hs.tasks.run("expression", session, ckpt, region=region)
+    assert again.patches == {"total": n, "done": n}
+    assert np.isfinite(np.asarray(open_levels(again.stack)[0])[0]).sum() == n * 256

@@ -27,7 +27,7 @@ import numpy as np
 
 from histoscope.atomic import atomic_path
 from histoscope.expression.spaceranger import ExpressionDataError
-from histoscope.expression.stack import _open_group, read_stack_attrs
+from histoscope.expression.stack import _open_checked, read_stack_attrs
 
 __all__ = ["MAX_SPARSE_DENSITY", "write_bins_h5ad", "write_cells_h5ad"]
 
@@ -42,7 +42,7 @@ def _blocks(
 
     ``values`` is ``(n, G)`` float32 with values below ``min_value`` set to 0.
     """
-    arr = _open_group(stack, "r")["0"]
+    arr = _open_checked(stack)["0"]
     h, w = meta["shape"]
     step = int(meta["chunk"]) // k * k or k
     for y0 in range(0, h, step):

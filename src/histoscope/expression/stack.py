@@ -62,6 +62,48 @@ def _open_group(path: Path, mode: str):
     return zarr.open_group(str(path), mode=mode, **v2)
 
 
+def _damage(group, meta: dict[str, Any]) -> str | None:
+    """What is missing or wrong in the stack's arrays for ``meta``, or ``None`` when whole."""
+    try:
+        g, (h, w) = len(meta["genes"]), (int(meta["shape"][0]), int(meta["shape"][1]))
+        p = int(meta["patch_bins"])
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        return f"its histoscope attributes are incomplete ({exc!r})"
+    try:
+        n = len(dict(group.attrs)["multiscales"][0]["datasets"])
+    except (KeyError, IndexError, TypeError) as exc:
+        return f"its multiscales attributes are missing ({exc!r})"
+    want = {str(k): (g, -(-h // 2**k), -(-w // 2**k)) for k in range(n)}
+    want["done"] = (-(-h // p), -(-w // p))
+    for name, shape in want.items():
+        try:
+            arr = group[name]
+        except KeyError:
+            return f"its array {name!r} is missing"
+        except (ValueError, OSError) as exc:  # unreadable metadata
+            return f"its array {name!r} cannot be read ({exc})"
+        if tuple(arr.shape) != shape:
+            return f"its array {name!r} is {tuple(arr.shape)}, not {shape}"
+    return None
+
+
+def _open_checked(path: Path):
+    """The stack's group for reading, its arrays checked.
+
+    Raises
+    ------
+    ExpressionDataError
+        Naming the stack and what is missing.
+    """
+    meta = read_stack_attrs(path)
+    group = _open_group(Path(path), "r")
+    why = _damage(group, meta)
+    if why is not None:
+        raise ExpressionDataError(f"{path}: damaged expression stack: {why}; predict it again "
+                                  "(a session's stack is rebuilt by the next run)")  # fmt: skip
+    return group
+
+
 class StackWriter:
     """Create (or reopen) a stack and write patches of predicted bins into it.
 
@@ -84,7 +126,8 @@ class StackWriter:
     attrs
         Extra JSON-able attributes under ``"histoscope"`` (provenance).
 
-    A stack of other genes or geometry at ``path`` is replaced.
+    A stack of other genes or geometry at ``path`` is replaced, and so is a
+    damaged one (an array missing, unreadable or of the wrong shape).
     """
 
     def __init__(self, path: str | os.PathLike, genes, shape, bin_um: float, slide_mpp: float,
@@ -112,9 +155,13 @@ class StackWriter:
 
         same = ("genes", "shape", "bin_um", "slide_mpp", "patch_bins", "chunk", "checkpoint_sha256")
         if (self.path / ".zattrs").is_file():
-            group = _open_group(self.path, "r+")
-            old = dict(group.attrs).get(KEY, {})
-            if all(old.get(k) == meta.get(k) for k in same):
+            try:
+                group = _open_group(self.path, "r+")
+                old = dict(group.attrs).get(KEY, {})
+            except (ValueError, OSError):  # unreadable metadata: rebuilt below
+                group, old = None, {}
+            if (group is not None and all(old.get(k) == meta.get(k) for k in same)
+                    and _damage(group, meta) is None):  # fmt: skip
                 group.attrs[KEY] = {**old, **meta, "complete": old.get("complete", False)}
                 return group
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -210,7 +257,11 @@ def read_stack_attrs(path: str | os.PathLike) -> dict[str, Any]:
     p = Path(path)
     if not (p / ".zattrs").is_file():
         raise ExpressionDataError(f"{p}: not an OME-Zarr expression stack (no .zattrs)")
-    attrs = dict(_open_group(p, "r").attrs)
+    try:
+        attrs = dict(_open_group(p, "r").attrs)
+    except (ValueError, OSError) as exc:  # unreadable metadata
+        raise ExpressionDataError(f"{p}: damaged expression stack: its metadata cannot be "
+                                  f"read ({exc})") from exc  # fmt: skip
     if KEY not in attrs or "genes" not in attrs[KEY]:
         raise ExpressionDataError(f"{p}: OME-Zarr without HistoScope expression metadata")
     return attrs[KEY]
@@ -221,7 +272,7 @@ def open_levels(path: str | os.PathLike, gene: str | None = None) -> list:
     import dask.array as da
 
     meta = read_stack_attrs(path)
-    group = _open_group(Path(path), "r")
+    group = _open_checked(Path(path))
     n = len(dict(group.attrs)["multiscales"][0]["datasets"])
     levels = [da.from_zarr(group[str(k)]) for k in range(n)]
     if gene is None:
@@ -264,7 +315,7 @@ def cell_expression(
     from skimage.measure import points_in_poly
 
     meta = read_stack_attrs(stack)
-    arr = _open_group(Path(stack), "r")["0"]
+    arr = _open_checked(Path(stack))["0"]
     b, chunk = float(meta["bin_px"]), int(meta["chunk"])
     h, w = meta["shape"]
     x, y = np.asarray(x, float).ravel(), np.asarray(y, float).ravel()

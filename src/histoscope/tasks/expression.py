@@ -196,9 +196,9 @@ class ExpressionResult(Result):
 
 
 def _open_done(stack: Path):
-    from histoscope.expression.stack import _open_group
+    from histoscope.expression.stack import _open_checked
 
-    return _open_group(stack, "r")["done"][...]
+    return _open_checked(stack)["done"][...]
 
 
 class _Stash:
