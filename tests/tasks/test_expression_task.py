@@ -257,3 +257,10 @@ def test_a_damaged_session_stack_is_rebuilt_and_named_when_read(slide, ckpt, tmp
     again = hs.tasks.run("expression", session, ckpt, region=region)
     assert again.patches == {"total": n, "done": n}
     assert np.isfinite(np.asarray(open_levels(again.stack)[0])[0]).sum() == n * 256
+
+
+def test_a_region_run_keeps_a_complete_stack_complete(slide, ckpt, tmp_path):
+    session = hs.open_session(slide, tmp_path / "sess")
+    assert hs.tasks.run("expression", session, ckpt).summary()["complete"]
+    part = hs.tasks.run("expression", session, ckpt, region=(64, 64, 40, 40))
+    assert part.patches["done"] == part.patches["total"] and part.summary()["complete"]

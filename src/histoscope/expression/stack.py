@@ -143,6 +143,8 @@ class StackWriter:
                 "slide_mpp": float(slide_mpp), "bin_px": float(bin_um) / float(slide_mpp),
                 "patch_bins": self.p, "chunk": self.chunk, **(attrs or {})}  # fmt: skip
         self.group = self._open(meta)
+        #: Whether the stack was already finished when opened (it stays so: patches are kept).
+        self.was_complete = bool(dict(self.group.attrs)[KEY].get("complete", False))
         n = len(dict(self.group.attrs)["multiscales"][0]["datasets"])
         self.levels = [self.group[str(k)] for k in range(n)]
         self.done = self.group["done"]
@@ -238,11 +240,15 @@ class StackWriter:
             self.done[r0:r1, c0:c1] = self._done[r0:r1, c0:c1].astype(np.uint8)
 
     def close(self, complete: bool) -> None:
-        """Write every chunk still in memory; record whether the slide is finished."""
+        """Write every chunk still in memory; record whether the slide is finished.
+
+        A stack that was complete when opened stays complete.
+        """
         for key in list(self._bufs):
             self._flush(key)
         self._left.clear()
-        self.group.attrs[KEY] = {**dict(self.group.attrs)[KEY], "complete": bool(complete)}
+        done = bool(complete) or self.was_complete
+        self.group.attrs[KEY] = {**dict(self.group.attrs)[KEY], "complete": done}
 
 
 # ------------------------------------------------------------------- reading

@@ -370,7 +370,10 @@ def _run(session, checkpoint, params: ExpressionParams, *, region=None, near=Non
             cancelled = out.cancelled
         finally:
             writer.close(complete=False)
-    complete = not cancelled and region is None and counts["done"] == counts["total"]
+    complete = not cancelled and counts["done"] == counts["total"]
+    if complete and region is not None:  # a region finishes the slide if the rest was there
+        whole = _patches(session, cfg, params, None)
+        complete = bool(writer.is_done(whole).all()) if len(whole) else True
     writer.close(complete=complete)
     yield Step(counts["done"], counts["total"], "expression patches")
     res = result(cancelled)
