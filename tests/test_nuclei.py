@@ -7,6 +7,7 @@ import importlib.util
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from histoscope.nuclei import (
@@ -206,6 +207,23 @@ def test_cancel_returns_the_finished_tiles():
     out = stop.value.value
     assert len(out) == len(first) + len(second)
     assert len(out) < len(detect_slide(ArraySlide(img), NucleiParams(tile_size=128)))
+
+
+def test_threads_give_the_same_nuclei_in_the_same_order_and_stop_too():
+    img, _ = _grid_image(seed=3)
+    one = detect_slide(ArraySlide(img), NucleiParams(tile_size=96))
+    two = detect_slide(ArraySlide(img), NucleiParams(tile_size=96), workers=3)
+    np.testing.assert_array_equal(one.x, two.x)
+    np.testing.assert_array_equal(one.y, two.y)
+    pd.testing.assert_frame_equal(one.measurements, two.measurements)
+    gen = iter_detect(ArraySlide(img), NucleiParams(tile_size=96), workers=3)
+    steps = [next(gen), gen.send(None)]
+    with pytest.raises(StopIteration) as stop:
+        gen.send(False)
+    assert [s[0] for s in steps] == [1, 2]
+    assert len(stop.value.value) == sum(len(s[2]) for s in steps) < len(one)
+    with pytest.raises(ValueError, match="workers"):
+        next(iter_detect(ArraySlide(img), NucleiParams(), workers=0))
 
 
 def test_tissue_mask_skips_tiles_and_near_goes_first():

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Generator
+from concurrent.futures import Future, ThreadPoolExecutor
+from itertools import islice
 from typing import TYPE_CHECKING
 
 from histoscope.errors import SlideError
@@ -72,6 +75,7 @@ def iter_detect(
     region: tuple[float, float, float, float] | None = None,
     tissue: TissueMask | None = None,
     near: tuple[float, float] | None = None,
+    workers: int = 1,
 ) -> Generator[tuple[int, int, Nuclei], bool | None, Nuclei]:
     """Detect nuclei over a slide tile by tile.
 
@@ -88,6 +92,9 @@ def iter_detect(
         (they count as done).
     near
         ``(x, y)`` level-0 px: tiles nearest that point first.
+    workers
+        Tiles searched at once in threads (the detector's NumPy, SciPy and
+        scikit-image work releases the GIL); results still come in tile order.
 
     Yields
     ------
@@ -116,16 +123,41 @@ def iter_detect(
     cores = tile_cores((x0, y0, w0, h0), step)
     order = _order(cores, near)
     pad = params.overlap_um / 2 / slide.mpp
+    if int(workers) < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
     parts: list[Nuclei] = []
-    for done, k in enumerate(order, start=1):
+
+    def work(k: int) -> Nuclei:
         core = cores[k]
         if tissue is not None and not _has_tissue(tissue, core, float(slide.mpp), pad):
-            found = Nuclei.empty(float(slide.mpp))
-        else:
-            found = detect_tile(slide, core, mpp, params, detect)
-        parts.append(found)
-        if (yield (done, len(cores), found)) is False:
-            break
+            return Nuclei.empty(float(slide.mpp))
+        return detect_tile(slide, core, mpp, params, detect)
+
+    if int(workers) == 1:
+        for done, k in enumerate(order, start=1):
+            found = work(k)
+            parts.append(found)
+            if (yield (done, len(cores), found)) is False:
+                break
+        return Nuclei.concat(parts, float(slide.mpp))
+    pool = ThreadPoolExecutor(int(workers), thread_name_prefix="histoscope-nuclei")
+    todo = iter(order)
+    pending: deque[Future] = deque(pool.submit(work, k) for k in islice(todo, int(workers)))
+    try:
+        done = 0
+        while pending:
+            found = pending.popleft().result()
+            done += 1
+            parts.append(found)
+            k = next(todo, None)
+            if k is not None:
+                pending.append(pool.submit(work, k))
+            if (yield (done, len(cores), found)) is False:
+                break
+    finally:  # a stop or close: tiles not started are dropped, running ones finish
+        for fut in pending:
+            fut.cancel()
+        pool.shutdown(wait=True)
     return Nuclei.concat(parts, float(slide.mpp))
 
 

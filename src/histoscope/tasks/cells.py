@@ -106,6 +106,7 @@ class CellsParams:
     organ: str = param("unknown", "organ the slide comes from, for the tissue conditioning "
                        "(unknown: the checkpoint's organ-agnostic token)")  # fmt: skip
     batch: int = param(256, "cells per batch when typing", min=1, max=65536)
+    threads: int = param(2, "tiles searched for nuclei at once (threads)", min=1, max=64)
 
     def __post_init__(self) -> None:
         check(self, "cells")
@@ -432,7 +433,8 @@ def iter_cells(
     tissue = session.tissue()
     tissue_um2 = _tissue_area_um2(session, region)
     nparams = params.nuclei_params()
-    det = iter_detect(slide, nparams, region=region, tissue=tissue, near=near)
+    det = iter_detect(slide, nparams, region=region, tissue=tissue, near=near,
+                      workers=params.threads)  # fmt: skip
     parts_n: list[Nuclei] = []
     parts_t: list = []
     cancelled = False
