@@ -88,3 +88,15 @@ def test_cancel_keeps_the_patches_predicted(make_napari_viewer, he_slide, ckpt, 
     assert 0 < res.patches["done"] < res.patches["total"]
     assert widget.status.text().startswith("Cancelled")
     assert "EPCAM (2 µm)" in widget.viewer.layers
+
+
+def test_a_checkpoint_of_another_family_is_refused_at_once(widget, ckpt):
+    from histoscope.tasks import get
+
+    other = get("tumour").default_checkpoint_path()
+    widget.checkpoint.setText(str(other))
+    assert widget.genes.count() == 0
+    assert "not an expression one" in widget.status.text()
+    assert widget.run() is None and "not an expression one" in widget.status.text()
+    widget.checkpoint.setText(str(ckpt))
+    assert widget.genes.count() == len(GENES) and widget.status.text() == ""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qtpy.QtCore import Qt
@@ -35,6 +36,7 @@ class ExpressionWidget(TaskWidget):
         super().__init__(napari_viewer, "Predict expression")
         self.max_genes = MAX_SHOWN
         self.result = None
+        self._problem: str | None = None  # why the checkpoint cannot be used, if it cannot
         self.layer_combo = RGBLayerCombo(napari_viewer)
         self.picker = CheckpointPicker(DEFAULT_CHECKPOINT, "expression checkpoint (.safetensors)")
         self.checkpoint = self.picker.edit
@@ -60,14 +62,29 @@ class ExpressionWidget(TaskWidget):
 
     # --------------------------------------------------------------- genes
     def _load_genes(self, *_: object) -> None:
-        """Fill the list from the checkpoint's card (its gene names), first two chosen."""
+        """Fill the list from the checkpoint's card (its gene names), first two chosen.
+
+        A checkpoint of another family fills nothing and says so in the status
+        line at once (Run refuses it too).
+        """
         from histoscope.checkpoints import read_card
         from histoscope.errors import HistoScopeError
 
         self.genes.clear()
+        was, self._problem = self._problem, None
+        path = self.picker.path()
         try:
-            card = read_card(self.picker.path())
+            card = read_card(path) if path else None
         except (HistoScopeError, OSError, ValueError):
+            card = None  # the picker's own line says why
+        if card is not None and card.family != "expression":
+            self._problem = (f"{Path(path).name} is a {card.family!r} checkpoint, not an "
+                             "expression one: choose an expression checkpoint.")  # fmt: skip
+            self.status.setText(self._problem)
+            return
+        if was is not None and self.status.text() == was:
+            self.status.setText("")
+        if card is None:
             return
         names = list((card.config or {}).get("genes") or card.classes)
         self.genes.addItems(names)
@@ -118,6 +135,8 @@ class ExpressionWidget(TaskWidget):
             ckpt = self.picker.path()
             if not ckpt:
                 raise ValueError("Choose an expression checkpoint.")
+            if self._problem is not None:
+                raise ValueError(self._problem)
             genes = self.chosen_genes()
             if len(genes) > self.max_genes:
                 raise ValueError(f"Choose at most {self.max_genes} genes (chosen: {len(genes)}).")
