@@ -100,3 +100,33 @@ def test_a_checkpoint_of_another_family_is_refused_at_once(widget, ckpt):
     assert widget.run() is None and "not an expression one" in widget.status.text()
     widget.checkpoint.setText(str(ckpt))
     assert widget.genes.count() == len(GENES) and widget.status.text() == ""
+
+
+def test_new_results_update_the_gene_layers_in_place_and_keep_the_users_contrast(
+    widget, qtbot, monkeypatch
+):
+    from dataclasses import replace
+
+    from histoscope.tasks.expression import ExpressionResult
+
+    widget.select_genes(["EPCAM", "KRT8"])
+    assert widget.run() is not None
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=180_000)
+    res = widget.result
+    assert res is not None and set(res.limits) == {"EPCAM", "KRT8"}, widget.status.text()
+    mine, auto = widget.viewer.layers["EPCAM (2 µm)"], widget.viewer.layers["KRT8 (2 µm)"]
+    assert tuple(auto.contrast_limits) == pytest.approx(res.limits["KRT8"])
+    mine.colormap, mine.contrast_limits = "gray", (0.0, 1e-3)  # the user's own
+    auto.opacity = 0.5
+
+    def read_on_gui_thread(*_):
+        raise AssertionError("contrast measured on the GUI thread")
+
+    monkeypatch.setattr(ExpressionResult, "_measure", read_on_gui_thread)
+    limits = {"EPCAM": (0.25, 0.5), "KRT8": (0.125, 0.75)}
+    widget._show({"expression": replace(res, limits=limits)})
+    assert (
+        widget.viewer.layers["EPCAM (2 µm)"] is mine and widget.viewer.layers["KRT8 (2 µm)"] is auto
+    )
+    assert mine.colormap.name == "gray" and tuple(mine.contrast_limits) == pytest.approx((0, 1e-3))
+    assert tuple(auto.contrast_limits) == pytest.approx((0.125, 0.75)) and auto.opacity == 0.5

@@ -22,6 +22,8 @@ if TYPE_CHECKING:
     import napari
 
 DEFAULT_CHECKPOINT = "expression_default.safetensors"
+#: Layer metadata key: the contrast limits HistoScope last set (a user's change differs).
+AUTO_CONTRAST = "histoscope_auto_contrast"
 SCOPES = ("Whole slide (view first)", "Visible region", "Drawn region (last shape)")
 
 
@@ -152,23 +154,45 @@ class ExpressionWidget(TaskWidget):
                               on_partial=self._live)  # fmt: skip
 
     def _live(self, result) -> None:
-        """Show the stack while it fills: layers once, then a refresh per step."""
-        names = [f"{g} (2 µm)" for g in result.shown]
-        if self.result is None or any(n not in self.viewer.layers for n in names):
-            self.result = result
-            for data, kwargs, kind in result.to_layers():
-                self.replace_layer(data, kwargs, kind)
-            return
-        for n in names:
-            self.viewer.layers[n].refresh()
+        """Show the stack while it fills: the gene layers placed or updated at each step."""
+        self.result = result
+        self._put_layers(result)
+
+    def _put_layers(self, result) -> None:
+        """Add the shown genes' layers, or update those already there in place.
+
+        An existing layer keeps its colour map, opacity and visibility; its
+        contrast follows the task's (measured in the worker) only while the
+        user has not changed it since HistoScope last set it.
+        """
+        import numpy as np
+
+        for data, kwargs, kind in result.to_layers():
+            name, lim = kwargs["name"], tuple(float(v) for v in kwargs["contrast_limits"])
+            if name not in self.viewer.layers:
+                layer = self.replace_layer(data, kwargs, kind)
+                layer.metadata = {**layer.metadata, AUTO_CONTRAST: lim}
+                continue
+            layer = self.viewer.layers[name]
+            auto = layer.metadata.get(AUTO_CONTRAST)
+            if layer.metadata.get("stack") != kwargs["metadata"]["stack"]:
+                layer.data = data  # another stack (checkpoint or slide) under the same name
+            else:
+                layer.refresh()
+            untouched = auto is not None and np.allclose(layer.contrast_limits, auto,
+                                                         rtol=1e-6, atol=1e-12)  # fmt: skip
+            layer.metadata = {**kwargs["metadata"], AUTO_CONTRAST: lim if untouched else auto}
+            if untouched and lim != tuple(auto):
+                lo, hi = layer.contrast_limits_range
+                layer.contrast_limits_range = (min(lo, lim[0]), max(hi, lim[1]))
+                layer.contrast_limits = lim
 
     def _show(self, outcome) -> None:
         result = outcome.get("expression")
         if result is None:
             return
         self.result = result
-        for data, kwargs, kind in result.to_layers():  # final contrast from the whole stack
-            self.replace_layer(data, kwargs, kind)
+        self._put_layers(result)  # final contrast from the whole stack, where the user left it
         s = result.summary()
         p = s["patches"]
         self.status.setText(f"{p['done']} of {p['total']} patches predicted "

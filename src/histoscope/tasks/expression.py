@@ -83,6 +83,9 @@ class ExpressionResult(Result):
         The session's cells (:class:`~histoscope.tasks.cells.CellsResult`) when it had
         any, and the mean predicted expression under each nucleus, ``(n_cells, n_genes)``
         (NaN where no bin under it was predicted).
+    limits
+        Contrast limits of the shown genes, measured by the task (``None``:
+        measured when asked, see :meth:`contrast`).
     scratch
         For a session without a folder, the :class:`ScratchFolder` holding the
         stack: the folder is deleted once no session or result holds it.
@@ -96,6 +99,7 @@ class ExpressionResult(Result):
     cells: Any = None
     cell_values: np.ndarray | None = None
     scratch: Any = field(default=None, repr=False, compare=False)
+    limits: dict[str, tuple[float, float]] | None = field(default=None, repr=False)
 
     def meta(self) -> dict[str, Any]:
         from histoscope.expression.stack import read_stack_attrs
@@ -109,15 +113,38 @@ class ExpressionResult(Result):
         return (m["bin_um"], m["bin_um"]), (off, off)
 
     def contrast(self, gene: str) -> tuple[float, float]:
-        """Contrast limits from the 1st and ``percentile``-th percentile of the top level."""
+        """Contrast limits: the 1st and ``percentile``-th percentile of the top level.
+
+        Taken from :attr:`limits` when the task measured them (in its worker,
+        so a viewer never reads the stack on its GUI thread): ``(0, 1)`` for a
+        gene not measured yet (nothing predicted).
+        """
+        if self.limits is not None:
+            return self.limits.get(gene, (0.0, 1.0))
+        return self._measure(gene) or (0.0, 1.0)
+
+    def _measure(self, gene: str) -> tuple[float, float] | None:
+        """Percentile contrast of ``gene`` read from the stack's top level (None: no values)."""
         from histoscope.expression.stack import open_levels
 
         top = np.asarray(open_levels(self.stack, gene)[-1])
         v = top[np.isfinite(top)]
         if not v.size:
-            return 0.0, 1.0
+            return None
         lo, hi = (float(q) for q in np.percentile(v, [1.0, self.percentile]))
         return lo, hi if hi > lo else lo + 1e-6
+
+    def measured(self, keep: dict[str, tuple[float, float]] | None = None) -> ExpressionResult:
+        """This result with the shown genes' contrast limits read from the stack now.
+
+        Genes in ``keep`` take those limits instead (no read). Reads the stack:
+        call it off the GUI thread.
+        """
+        limits = dict(keep or {})
+        for gene in self.shown:
+            if gene not in limits and (lim := self._measure(gene)) is not None:
+                limits[gene] = lim
+        return replace(self, limits=limits)
 
     def to_layers(self) -> list:
         """One multiscale image layer per shown gene, 2 µm per pixel, additive, own colour map."""
@@ -344,10 +371,15 @@ def _run(session, checkpoint, params: ExpressionParams, *, region=None, near=Non
     writer.expect(todo)
     counts = {"total": len(origins), "done": len(origins) - len(todo)}
 
+    live: dict[str, tuple[float, float]] = {}  # contrast of the live results, once measurable
+
     def result(cancelled: bool = False) -> ExpressionResult:
-        return ExpressionResult(provenance=replace(prov, cancelled=cancelled), stack=path,
-                                genes=genes, shown=shown, patches=dict(counts),
-                                percentile=params.percentile, scratch=scratch)  # fmt: skip
+        res = ExpressionResult(provenance=replace(prov, cancelled=cancelled), stack=path,
+                               genes=genes, shown=shown, patches=dict(counts),
+                               percentile=params.percentile, scratch=scratch)  # fmt: skip
+        res = res.measured(keep=live)  # in the worker: a viewer only places layers
+        live.update(res.limits)
+        return res
 
     cancelled = False
     if len(todo):
@@ -376,6 +408,7 @@ def _run(session, checkpoint, params: ExpressionParams, *, region=None, near=Non
         complete = bool(writer.is_done(whole).all()) if len(whole) else True
     writer.close(complete=complete)
     yield Step(counts["done"], counts["total"], "expression patches")
+    live.clear()  # the final contrast, from the whole stack
     res = result(cancelled)
     cells = session.results.get("cells")
     if cancelled or cells is None or not getattr(cells, "n_cells", 0):
