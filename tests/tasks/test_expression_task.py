@@ -264,3 +264,31 @@ def test_a_region_run_keeps_a_complete_stack_complete(slide, ckpt, tmp_path):
     assert hs.tasks.run("expression", session, ckpt).summary()["complete"]
     part = hs.tasks.run("expression", session, ckpt, region=(64, 64, 40, 40))
     assert part.patches["done"] == part.patches["total"] and part.summary()["complete"]
+
+
+def test_the_stack_tells_ome_zarr_viewers_each_genes_window_and_shows_two(tmp_path):
+    from histoscope.expression.stack import StackWriter, _open_group
+
+    rng = np.random.default_rng(3)
+    w = StackWriter(tmp_path / "s.ome.zarr", ["a", "b", "c", "d"], (16, 16), 2.0, 0.5, 4,
+                    chunk=8, max_top=8)  # fmt: skip
+    origins = np.array([(r, c) for r in range(0, 16, 4) for c in range(0, 16, 4)])
+    vals = rng.random((len(origins), 4, 4, 4)).astype(np.float32)
+    vals *= np.array([1.0, 10.0, 100.0, 0.0], np.float32)[None, :, None, None]
+    w.expect(origins)
+    w.write(origins, vals)
+    w.close(complete=True)
+    chans = dict(_open_group(tmp_path / "s.ome.zarr", "r").attrs)["omero"]["channels"]
+    assert [c["active"] for c in chans] == [True, True, False, False]
+    assert [c["label"] for c in chans] == ["a", "b", "c", "d"]
+    top = np.asarray(w.levels[-1][...])
+    for g, ch in enumerate(chans[:3]):
+        lo, hi = np.percentile(top[g], [1, 99.5])
+        assert ch["window"]["start"] == pytest.approx(lo) and ch["window"]["end"] == pytest.approx(
+            hi
+        )
+        assert ch["window"]["max"] == pytest.approx(top[g].max())
+    assert chans[2]["window"]["end"] > 10 * chans[1]["window"]["end"] > 0
+    assert (
+        chans[3]["window"]["end"] > chans[3]["window"]["start"] == 0.0
+    )  # all zero: a valid window

@@ -29,6 +29,12 @@ KEY = "histoscope"
 #: Mantissa bits kept of each predicted value (relative error < 2^-7 = 0.8%; in practice
 #: < 0.4%): rounding the bits noise lives in makes the stack ~3x smaller after zstd.
 KEEP_BITS = 7
+#: OME-Zarr viewers show the first this many genes (as HistoScope does by default).
+N_ACTIVE = 2
+#: ``omero`` channel colours, in order (HistoScope's gene colour maps).
+COLORS = ("FF00FF", "00FF00", "00FFFF", "FFFF00", "FF0000", "0000FF")
+#: ``omero`` window: these percentiles of a gene's predicted values (top pyramid level).
+WINDOW_PERCENTILES = (1.0, 99.5)
 
 
 def _n_levels(shape: tuple[int, int], max_top: int = 256) -> int:
@@ -179,9 +185,9 @@ class StackWriter:
         off = meta["bin_um"] / 2 - meta["slide_mpp"] / 2  # bin centres on the slide layer
         ms = _multiscales(n, (meta["bin_um"],) * 2, (off, off), True, "expression", "mean")
         omero = {"name": "expression", "channels": [
-            {"label": gname, "color": "FFFFFF", "active": False,
+            {"label": gname, "color": COLORS[i % len(COLORS)], "active": i < N_ACTIVE,
              "window": {"start": 0.0, "end": 1.0, "min": 0.0, "max": 1.0}}
-            for gname in self.genes]}  # fmt: skip
+            for i, gname in enumerate(self.genes)]}  # fmt: skip
         group.attrs.update({"multiscales": [ms], "omero": omero,
                             KEY: {**meta, "complete": False}})  # fmt: skip
         return group
@@ -248,7 +254,33 @@ class StackWriter:
             self._flush(key)
         self._left.clear()
         done = bool(complete) or self.was_complete
-        self.group.attrs[KEY] = {**dict(self.group.attrs)[KEY], "complete": done}
+        attrs = dict(self.group.attrs)
+        self.group.attrs.update({KEY: {**attrs[KEY], "complete": done},
+                                 "omero": self._omero(attrs.get("omero", {}))})  # fmt: skip
+
+    def _omero(self, old: dict[str, Any]) -> dict[str, Any]:
+        """``omero`` with each gene's display window from its predicted values (top level).
+
+        ``start``/``end`` are the :data:`WINDOW_PERCENTILES` of the gene's values,
+        ``min``/``max`` their range; a gene with no value yet keeps ``0..1``.
+        """
+        top = np.asarray(self.levels[-1][...], np.float32)  # (G, <= max_top, <= max_top)
+        chans = list(old.get("channels") or [])
+        out = []
+        for i, gene in enumerate(self.genes):
+            ch = dict(chans[i]) if i < len(chans) else {}
+            ch.setdefault("label", gene)
+            ch.setdefault("color", COLORS[i % len(COLORS)])
+            ch.setdefault("active", i < N_ACTIVE)
+            v = top[i][np.isfinite(top[i])]
+            if v.size:
+                lo, hi = (float(q) for q in np.percentile(v, WINDOW_PERCENTILES))
+                ch["window"] = {"start": lo, "end": hi if hi > lo else lo + 1e-6,
+                                "min": float(v.min()), "max": float(v.max())}  # fmt: skip
+            else:
+                ch.setdefault("window", {"start": 0.0, "end": 1.0, "min": 0.0, "max": 1.0})
+            out.append(ch)
+        return {**old, "name": old.get("name", "expression"), "channels": out}
 
 
 # ------------------------------------------------------------------- reading
