@@ -217,3 +217,44 @@ def test_edits_are_appended_beside_the_draft_and_survive_a_torn_line(tmp_path):
 def test_an_unknown_entry_kind_is_refused():
     with pytest.raises(ValueError, match="draft"):
         Entry(kind="note", text="x")
+
+
+def test_two_drafts_in_the_same_second_keep_their_own_edits(tmp_path, monkeypatch):
+    from histoscope.reports import store as store_mod
+
+    monkeypatch.setattr(store_mod, "_now", lambda: "2026-01-01T00:00:00+00:00")
+    path = tmp_path / "report_edits.jsonl"
+    store = ReportStore(path)
+    first = store.add_draft(_Res())
+    store.add_edit("Edit of the first draft.")
+    second = store.add_draft(_Res(text="Colon. Necrosis is present."))
+    assert first.draft_id and second.draft_id and first.draft_id != second.draft_id
+    for s in (store, ReportStore(path)):
+        assert s.edits() == [] and s.current().text == "Colon. Necrosis is present."
+    store.add_edit("Edit of the second draft.")
+    again = ReportStore(path)
+    assert [e.text for e in again.edits()] == ["Edit of the second draft."]
+    assert again.edits()[0].draft_id == second.draft_id
+
+
+def test_a_file_from_before_draft_ids_is_read_by_position(tmp_path):
+    t = "2026-01-01T00:00:00+00:00"
+    old = [{"kind": "draft", "text": "First.", "time": t},
+           {"kind": "edit", "text": "First, edited.", "draft_time": t, "time": t},
+           {"kind": "draft", "text": "Second.", "time": t},
+           {"kind": "edit", "text": "Second, edited.", "draft_time": t, "time": t}]  # fmt: skip
+    path = tmp_path / "report_edits.jsonl"
+    path.write_text("".join(json.dumps(x) + "\n" for x in old))
+    store = ReportStore(path)
+    assert store.draft().text == "Second."
+    assert [e.text for e in store.edits()] == ["Second, edited."]
+    store.add_edit("Second, edited again.")
+    assert [e.text for e in ReportStore(path).edits()] == ["Second, edited.",
+                                                           "Second, edited again."]  # fmt: skip
+
+
+def test_editing_without_a_draft_is_a_report_error(tmp_path):
+    from histoscope.errors import HistoScopeError
+
+    with pytest.raises(HistoScopeError, match="no draft"):
+        ReportStore(tmp_path / "r.jsonl").add_edit("x")

@@ -123,3 +123,23 @@ def test_bad_params_are_refused(slide_path, checkpoint):
 
     with pytest.raises(ParamError, match="beam_size"):
         hs.tasks.run("report", slide_path, checkpoint=checkpoint, beam_size=0)
+
+
+def test_kept_evidence_shows_the_same_report_again(tmp_path, slide_path, checkpoint):
+    from histoscope.reports.store import ReportError
+    from histoscope.tasks.report import ReportResult
+
+    res = hs.tasks.run("report", slide_path, checkpoint=checkpoint, beam_size=1)
+    back = ReportResult.load_evidence(res.save_evidence(tmp_path / "e.npz"))
+    assert back.text == res.text and back.sentences == res.sentences
+    np.testing.assert_array_equal(back.attention, res.attention)
+    np.testing.assert_array_equal(back.grid.coords, res.grid.coords)
+    assert back.evidence(1) == res.evidence(1)
+    (img, kw, _), _ = back.to_layers(sentence=1)
+    np.testing.assert_array_equal(img, res.to_layers(sentence=1)[0][0])
+    assert kw["scale"] == res.to_layers(sentence=1)[0][1]["scale"]
+    (tmp_path / "bad.npz").write_bytes(b"not a zip")
+    with pytest.raises(ReportError, match="bad.npz"):
+        ReportResult.load_evidence(tmp_path / "bad.npz")
+    with pytest.raises(ReportError, match="missing"):
+        ReportResult.load_evidence(tmp_path / "gone.npz")

@@ -18,6 +18,14 @@ def he_slide(tmp_path_factory):
                     mpp=1.0).slide  # fmt: skip
 
 
+@pytest.fixture(autouse=True)
+def no_modal_question(monkeypatch):
+    """Generating over kept edits asks; a test answers Yes unless it says otherwise."""
+    from histoscope._widgets.report import ReportWidget
+
+    monkeypatch.setattr(ReportWidget, "ask_replace", lambda self, n: True)
+
+
 @pytest.fixture
 def widget(make_napari_viewer, he_slide):
     from histoscope._widgets.report import ReportWidget
@@ -63,9 +71,70 @@ def test_generate_show_evidence_edit_and_export(widget, qtbot, tmp_path):
     assert "MACHINE-GENERATED" in files["md"].read_text()
 
 
-def test_checkpoint_of_another_family_is_reported(widget, qtbot):
+def test_checkpoint_of_another_family_is_reported(make_napari_viewer, fresh_slide, qtbot):
+    widget = _report_widget(make_napari_viewer, fresh_slide)  # a slide without a kept draft
     widget.picker.edit.setText(str(sample_data_path("clam_default.safetensors")))
     assert widget.run() is not None
     qtbot.waitUntil(lambda: widget.worker is None, timeout=60_000)
     assert "histgen" in widget.status.text() and widget.result is None
     assert widget.save_edit() is False  # nothing to edit yet
+
+
+@pytest.fixture
+def fresh_slide(tmp_path):
+    from histoscope.synthetic import generate
+
+    return generate(tmp_path / "slide", kind="he", size=(768, 768), seed=4, mpp=1.0).slide
+
+
+def _report_widget(make_napari_viewer, slide):
+    from histoscope._widgets.report import ReportWidget
+
+    viewer = make_napari_viewer()
+    viewer.open(str(slide), plugin="napari-histoscope")
+    return ReportWidget(viewer)
+
+
+def _generate(widget, qtbot):
+    assert widget.run() is not None, widget.status.text()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=180_000)
+    assert widget.result is not None, widget.status.text()
+    return widget.result
+
+
+def test_a_restart_brings_back_the_edit_and_evidence_and_regenerating_asks(
+    make_napari_viewer, fresh_slide, qtbot, tmp_path, monkeypatch
+):
+    first = _report_widget(make_napari_viewer, fresh_slide)
+    res = _generate(first, qtbot)
+    first.editor.setPlainText("Edited before the restart.")
+    first.show()
+    first.hide()  # hiding the panel keeps the typing at once (no waiting for the pause)
+    assert first.store.current().text == "Edited before the restart."
+
+    # a restart: a new viewer and panel on the same slide
+    again = _report_widget(make_napari_viewer, fresh_slide)
+    assert again.editor.toPlainText() == "Edited before the restart."
+    assert again.sentences.count() == len(res.sentences)
+    assert again.result is not None and again.result.sentences == res.sentences
+    np.testing.assert_allclose(again.result.attention, res.attention, atol=1e-6)
+    assert "report evidence: sentence 1" in again.viewer.layers
+    again.editor.setPlainText("Typed just before closing.")
+    again.close()
+    assert again.store.current().text == "Typed just before closing."
+
+    # generating again over the edit asks first; No keeps everything as it is
+    asked = []
+    monkeypatch.setattr(type(again), "ask_replace", lambda self, n: asked.append(n) or False)
+    n_lines = len(again.store.path.read_text().splitlines())
+    assert again.run() is None and asked == [2]
+    assert len(again.store.path.read_text().splitlines()) == n_lines
+    assert again.editor.toPlainText() == "Typed just before closing."
+    doc = json.loads(again.export(str(tmp_path / "kept"))["json"].read_text())
+    assert doc["edited"]["text"] == "Typed just before closing."
+    # Yes: a new draft replaces the edit in the editor and the export
+    monkeypatch.setattr(type(again), "ask_replace", lambda self, n: True)
+    _generate(again, qtbot)
+    assert again.editor.toPlainText() == again.result.text
+    doc = json.loads(again.export(str(tmp_path / "new"))["json"].read_text())
+    assert doc["edited"] is None and doc["n_edits"] == 0

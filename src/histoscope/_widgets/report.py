@@ -5,8 +5,11 @@ appears as text and as a list of sentences; selecting a sentence shows its
 attention as a heatmap layer and centres the view on its most attended
 region. The pathologist edits the text; each edit is appended to the slide's
 ``report_edits.jsonl`` beside the original draft (fsynced, never rewritten)
-shortly after typing stops, or at once with Save edit. Export writes both
-versions with the evidence coordinates as Markdown and JSON.
+shortly after typing stops, at once with Save edit, and when the panel is
+hidden or closed. Choosing a slide brings back its latest draft, its
+sentences and evidence and the pathologist's latest text; generating again
+over edited text asks first. Export writes both versions with the evidence
+coordinates as Markdown and JSON.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from qtpy.QtWidgets import (
     QHBoxLayout,
     QLabel,
     QListWidget,
+    QMessageBox,
     QPlainTextEdit,
     QPushButton,
     QVBoxLayout,
@@ -47,6 +51,7 @@ class ReportWidget(TaskWidget):
         super().__init__(napari_viewer, "Generate report")
         self.result = None
         self.store = None
+        self._session = None
         self.layer_combo = RGBLayerCombo(napari_viewer)
         self.picker = CheckpointPicker(DEFAULT_CHECKPOINT, "HistGen checkpoint (.safetensors)")
         self.picker.edit.textChanged.connect(self._describe_model)
@@ -86,6 +91,97 @@ class ReportWidget(TaskWidget):
         layout.addWidget(self.saved)
         self._loading = False
         self._describe_model()
+        self.layer_combo.chosen_changed.connect(self.load_slide)
+        self.load_slide()
+
+    # ------------------------------------------------------------ the slide's kept report
+    def load_slide(self, *_: object) -> None:
+        """Open the chosen slide's report store and show its latest draft and text.
+
+        Pending typing on the previous slide is saved first.
+        """
+        from histoscope.reports.store import ReportStore
+
+        self.flush()
+        self.result = self.store = self._session = None
+        self._clear_evidence()
+        self._set_text("")
+        self.sentences.clear()
+        self.saved.setText("")
+        try:
+            session, _ = self.chosen_session(self.layer_combo)
+        except ValueError:
+            return
+        self._session = session
+        try:
+            self.store = ReportStore.for_session(session)
+        except OSError as exc:
+            self.status.setText(f"The slide's kept report cannot be read: {exc}")
+            return
+        self._show_kept()
+
+    def _show_kept(self) -> None:
+        """Put the store's draft (its sentences, its evidence) and current text on screen."""
+        from histoscope.reports.store import ReportError
+        from histoscope.tasks.report import ReportResult
+
+        draft = self.store.draft()
+        if draft is None:
+            return
+        note = ""
+        path = self.store.evidence_path(draft)
+        if path is None:
+            note = " Its evidence was not kept (drafted by an older version)."
+        else:
+            try:
+                self.result = ReportResult.load_evidence(path)
+            except ReportError as exc:
+                note = f" Its evidence cannot be shown: {exc}"
+        self._set_text(self.store.current().text)
+        for s in draft.sentences:
+            self.sentences.addItem(f"{s['index'] + 1}. {s['text']}")
+        if draft.trained_on:
+            self.banner.setText(f"<b>{self.machine_text}</b><br>Model trained on: "
+                                f"{draft.trained_on}")  # fmt: skip
+        n = len(self.store.edits())
+        self.status.setText(f"Draft of {draft.time} and {n} edit(s) brought back from "
+                            f"{self.store.path.name}.{note}")  # fmt: skip
+        if self.result is not None and self.result.sentences:
+            self.sentences.setCurrentRow(0)
+
+    def _set_text(self, text: str) -> None:
+        self._loading = True
+        try:
+            self.editor.setPlainText(text)
+        finally:
+            self._loading = False
+
+    def _clear_evidence(self) -> None:
+        for name in [ly.name for ly in self.viewer.layers if ly.name.startswith("report evidence")]:
+            self.viewer.layers.remove(name)
+
+    def flush(self) -> None:
+        """Save typing not yet saved (the pause timer still running, or text not yet kept)."""
+        if self.store is not None and self.store.draft() is not None:
+            self.save_edit()
+
+    def hideEvent(self, event) -> None:  # noqa: N802 - Qt's name
+        self.flush()
+        super().hideEvent(event)
+
+    def closeEvent(self, event) -> None:  # noqa: N802 - Qt's name
+        self.flush()
+        super().closeEvent(event)
+
+    def ask_replace(self, n_edits: int) -> bool:
+        """Ask whether a new draft may replace the edited text (Yes: generate)."""
+        answer = QMessageBox.question(
+            self, "Replace the edited report?",
+            f"The current draft has {n_edits} edit(s) by the pathologist. A new draft "
+            "replaces them in the editor and in the export (they stay kept in "
+            f"{self.store.path.name}). Generate a new draft?",
+            QMessageBox.Yes | QMessageBox.No, QMessageBox.No)  # fmt: skip
+        return answer == QMessageBox.Yes
 
     # ------------------------------------------------------------ model card
     def _describe_model(self, *_: object) -> None:
@@ -115,28 +211,46 @@ class ReportWidget(TaskWidget):
         except ValueError as exc:
             self.status.setText(str(exc))
             return None
-        self._session = session
+        if session is not self._session:
+            self.load_slide()
+        self.flush()
+        n_edits = len(self.store.edits()) if self.store is not None else 0
+        if n_edits and not self.ask_replace(n_edits):
+            self.status.setText("Kept the edited report: no new draft was generated.")
+            return None
         job = Job("report", session, ckpt, near=self.view_centre(session.slide, layer))
-        return self.run_tasks([job], text="Encoding tissue tiles…", on_result=self._show)
+        return self.run_tasks([job], text="Encoding tissue tiles…",
+                              on_result=lambda outcome: self._show(outcome, session))  # fmt: skip
 
-    def _show(self, outcome) -> None:
+    def _show(self, outcome, session=None) -> None:
         from histoscope.reports.store import ReportStore
 
         result = outcome.get("report")
         if result is None:
             return
+        session = session or self._session
+        if session is not self._session:  # another slide was chosen meanwhile: keep it there
+            try:
+                kept = ReportStore.for_session(session).add_draft(result)
+                self.status.setText(f"The draft of {kept.slide} was kept with that slide.")
+            except OSError as exc:
+                self.status.setText(f"<span style='color:#e05050'>Draft NOT kept: {exc}</span>")
+            return
+        self.store = ReportStore.for_session(session)
+        kept = f"kept in {self.store.path.name}"
+        try:
+            self.store.add_draft(result)
+        except OSError as exc:  # edits cannot be kept beside a draft that is not there
+            self.store = None
+            kept = f"<span style='color:#e05050'>NOT kept, edits will not be saved: {exc}</span>"
         self.result = result
-        self.store = ReportStore.for_session(self._session)
-        self.store.add_draft(result)
-        self._loading = True
-        self.editor.setPlainText(result.text)
-        self._loading = False
+        self._set_text(result.text)
         self.sentences.clear()
         for i, s in enumerate(result.sentences):
             self.sentences.addItem(f"{i + 1}. {s}")
         self.banner.setText(f"<b>{self.machine_text}</b><br>Model trained on: {result.trained_on}")
         self.status.setText(f"Draft of {len(result.sentences)} sentences from "
-                            f"{len(result.grid)} tiles; kept in {self.store.path.name}.")  # fmt: skip
+                            f"{len(result.grid)} tiles; {kept}.")  # fmt: skip
         if result.sentences:
             self.sentences.setCurrentRow(0)
 
@@ -145,8 +259,7 @@ class ReportWidget(TaskWidget):
         """Show one sentence's attention heatmap and centre the view on its top region."""
         if self.result is None or not 0 <= row < len(self.result.sentences):
             return
-        for name in [ly.name for ly in self.viewer.layers if ly.name.startswith("report evidence")]:
-            self.viewer.layers.remove(name)
+        self._clear_evidence()
         for data, kwargs, kind in self.result.to_layers(sentence=row):
             self.replace_layer(data, kwargs, kind)
         top = self.result.evidence(row)[0]
@@ -158,14 +271,14 @@ class ReportWidget(TaskWidget):
 
     # ------------------------------------------------------------ edits
     def _edited(self) -> None:
-        if not self._loading and self.store is not None:
+        if not self._loading and self.store is not None and self.store.draft() is not None:
             self.saved.setText("Editing… (saved when you pause)")
             self._timer.start()
 
     def save_edit(self) -> bool:
         """Append the editor's text as an edit of the draft (if it changed); True when saved."""
         self._timer.stop()
-        if self.store is None:
+        if self.store is None or self.store.draft() is None:
             self.saved.setText("Generate a draft first.")
             return False
         text = self.editor.toPlainText()
@@ -183,7 +296,7 @@ class ReportWidget(TaskWidget):
 
     def export(self, out_dir: str | None = None) -> dict[str, Path] | None:
         """Write both versions with evidence as Markdown and JSON (asks for a folder if none)."""
-        if self.store is None:
+        if self.store is None or self.store.draft() is None:
             self.status.setText("Generate a draft first.")
             return None
         self.save_edit()

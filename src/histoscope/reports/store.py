@@ -8,23 +8,37 @@ before the call returns, as the co-assessment calls are
 stays beside every edit, and the last edit after the last draft is the
 pathologist's current text. A torn last line (a crash mid-write) is skipped
 with a warning when the file is read back.
+
+Each draft has a unique ``draft_id`` and each edit names the draft it revises
+by that id (files written before ids existed are read by position: an edit
+revises the draft written before it). A draft's per-tile attention is kept
+beside the file (``<store>.<draft_id>.evidence.npz``) so its evidence can be
+shown again after a restart.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import uuid
 import warnings
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from histoscope.errors import HistoScopeWarning
+from histoscope.errors import HistoScopeError, HistoScopeWarning
 
 EDITS_FILE = "report_edits.jsonl"
 MACHINE_GENERATED = ("MACHINE-GENERATED DRAFT: written by a model, not by a pathologist; "
                      "every statement must be checked against the slide.")  # fmt: skip
+
+
+class ReportError(HistoScopeError, ValueError):
+    """A report store cannot be edited or its kept evidence cannot be read.
+
+    The message names the file and the reason.
+    """
 
 
 def _now() -> str:
@@ -54,6 +68,12 @@ class Entry:
         (Edits) the time of the draft this edit revises.
     time
         UTC time of writing.
+    draft_id
+        (Drafts) the draft's unique id; (edits) the id of the draft revised.
+        Empty in files written before ids existed.
+    evidence
+        (Drafts) file name, beside the store, of the draft's attention
+        (:meth:`histoscope.tasks.report.ReportResult.save_evidence`), or ``""``.
     """
 
     kind: str
@@ -65,6 +85,8 @@ class Entry:
     user: str = ""
     draft_time: str = ""
     time: str = ""
+    draft_id: str = ""
+    evidence: str = ""
 
     def __post_init__(self) -> None:
         if self.kind not in ("draft", "edit"):
@@ -87,7 +109,22 @@ class ReportStore:
 
     def __init__(self, path: str | os.PathLike) -> None:
         self.path = Path(path)
-        self.entries: list[Entry] = list(read_entries(self.path)) if self.path.exists() else []
+        self.entries: list[Entry] = []
+        if self.path.exists():
+            for e in read_entries(self.path):
+                self.entries.append(self._identified(e))
+
+    def _identified(self, entry: Entry) -> Entry:
+        """``entry`` with its draft id (files from before ids: by position in the file)."""
+        from dataclasses import replace
+
+        if entry.draft_id:
+            return entry
+        if entry.kind == "draft":
+            n = sum(e.kind == "draft" for e in self.entries)
+            return replace(entry, draft_id=f"legacy-{n}")
+        before = next((e for e in reversed(self.entries) if e.kind == "draft"), None)
+        return replace(entry, draft_id=before.draft_id if before is not None else "")
 
     @classmethod
     def for_session(cls, session) -> ReportStore:
@@ -109,28 +146,43 @@ class ReportStore:
         self.entries.append(entry)
         return entry
 
+    def evidence_path(self, draft: Entry) -> Path | None:
+        """Where ``draft``'s attention is kept, or ``None`` when it was not kept."""
+        return self.path.parent / draft.evidence if draft.evidence else None
+
     def add_draft(self, result) -> Entry:
-        """Keep a :class:`histoscope.tasks.report.ReportResult` as the current draft."""
+        """Keep a :class:`histoscope.tasks.report.ReportResult` as the current draft.
+
+        Its attention is written beside the store first (when the result can
+        write it), so the draft line never names a file that is not there.
+        """
         s = result.summary()
+        draft_id = uuid.uuid4().hex
+        evidence = ""
+        if hasattr(result, "save_evidence"):
+            name = f"{self.path.stem}.{draft_id}.evidence.npz"
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            evidence = result.save_evidence(self.path.parent / name).name
         return self.append(Entry(kind="draft", text=result.text,
                                  slide=Path(result.provenance.slide).name,
                                  sentences=s["sentences"],
                                  checkpoint_sha256=result.provenance.checkpoint_sha256,
-                                 trained_on=result.trained_on))  # fmt: skip
+                                 trained_on=result.trained_on, draft_id=draft_id,
+                                 evidence=evidence))  # fmt: skip
 
     def add_edit(self, text: str, user: str = "") -> Entry:
         """Keep the pathologist's text as an edit of the current draft.
 
         Raises
         ------
-        ValueError
+        ReportError
             If there is no draft to edit.
         """
         draft = self.draft()
         if draft is None:
-            raise ValueError(f"{self.path}: no draft to edit (generate a report first)")
+            raise ReportError(f"{self.path}: no draft to edit (generate a report first)")
         return self.append(Entry(kind="edit", text=text, slide=draft.slide, user=user,
-                                 draft_time=draft.time))  # fmt: skip
+                                 draft_time=draft.time, draft_id=draft.draft_id))  # fmt: skip
 
     def draft(self) -> Entry | None:
         """The latest draft."""
@@ -141,7 +193,7 @@ class ReportStore:
         d = self.draft()
         if d is None:
             return []
-        return [e for e in self.entries if e.kind == "edit" and e.draft_time == d.time]
+        return [e for e in self.entries if e.kind == "edit" and e.draft_id == d.draft_id]
 
     def current(self) -> Entry | None:
         """The pathologist's latest text, else the draft."""
@@ -166,7 +218,7 @@ class ReportStore:
         lines = [f"# Report: {d.slide}", "", "## Pathologist's version", ""]
         if cur is not None and cur.kind == "edit":
             lines += [cur.text, "", f"_Edited {cur.time}{' by ' + cur.user if cur.user else ''}; "
-                      f"revises the draft of {d.time}._"]  # fmt: skip
+                      f"revises the draft of {d.time} ({d.draft_id})._"]  # fmt: skip
         else:
             lines += ["_Not edited: the draft below has not been revised._"]
         lines += ["", "## Machine-generated draft", "", f"> **{MACHINE_GENERATED}**",

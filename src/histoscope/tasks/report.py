@@ -142,6 +142,61 @@ class ReportResult(Result):
                              f"square, attention {e['attention']:.3f}")  # fmt: skip
         return "\n".join(lines) + "\n"
 
+    def save_evidence(self, path: str | os.PathLike) -> Path:
+        """Write everything :meth:`load_evidence` needs to show this report again (``.npz``).
+
+        The text, sentences, attention, tile grid and provenance, written atomically.
+        """
+        import io
+
+        from histoscope.atomic import atomic_write_bytes
+
+        g = self.grid
+        meta = {"text": self.text, "sentences": list(self.sentences),
+                "trained_on": self.trained_on, "top_regions": self.top_regions,
+                "grid": {"shape": list(g.shape), "tile_size": g.tile_size, "mpp": g.mpp,
+                         "slide_mpp": g.slide_mpp},
+                "provenance": self.provenance.to_dict()}  # fmt: skip
+        buf = io.BytesIO()
+        np.savez_compressed(buf, attention=self.attention.astype(np.float32), coords=g.coords,
+                            index=g.index, tissue=g.tissue, meta=np.array(json.dumps(meta)))  # fmt: skip
+        return atomic_write_bytes(path, buf.getvalue())
+
+    @classmethod
+    def load_evidence(cls, path: str | os.PathLike) -> ReportResult:
+        """The report :meth:`save_evidence` wrote to ``path``.
+
+        Raises
+        ------
+        ReportError
+            If the file is missing or is not a saved report (the message says which).
+        """
+        from histoscope.reports.store import ReportError
+        from histoscope.tissue import TileGrid
+
+        path = Path(path)
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                meta = json.loads(str(z["meta"]))
+                att, coords, index, tissue = (z[k] for k in ("attention", "coords", "index",
+                                                             "tissue"))  # fmt: skip
+            g = meta["grid"]
+            grid = TileGrid(coords=coords, index=index, shape=tuple(g["shape"]),
+                            tile_size=int(g["tile_size"]), mpp=float(g["mpp"]),
+                            slide_mpp=float(g["slide_mpp"]), tissue=tissue)  # fmt: skip
+            res = cls(provenance=Provenance(**meta["provenance"]), text=meta["text"],
+                      sentences=tuple(meta["sentences"]), attention=att, grid=grid,
+                      trained_on=meta.get("trained_on", ""),
+                      top_regions=int(meta.get("top_regions", 5)))  # fmt: skip
+        except FileNotFoundError:
+            raise ReportError(f"{path}: the report's evidence file is missing") from None
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ReportError(f"{path}: not a saved report evidence file ({exc})") from None
+        if att.shape != (len(res.sentences), len(grid)):
+            raise ReportError(f"{path}: attention of shape {att.shape} does not match "
+                              f"{len(res.sentences)} sentences over {len(grid)} tiles")  # fmt: skip
+        return res
+
     def save(self, out_dir: str | os.PathLike) -> list[Path]:
         """Write ``report.json`` (text, sentences, evidence, attention, provenance) and ``report.md``."""
         out = Path(out_dir)
