@@ -222,8 +222,10 @@ class CellsWidget(TaskWidget):
         self.result = result
         data, kwargs, kind = result.to_layers(LAYER_NAME)[0]
         layer = self.viewer.layers[LAYER_NAME] if LAYER_NAME in self.viewer.layers else None
-        if layer is None:
-            self.replace_layer(data, kwargs, kind)
+        fresh = layer is None
+        if fresh:
+            self.replace_layer(data, kwargs, kind)  # drawn with the class colours already
+            self._rim = False
         else:
             layer.data = data
             layer.features = kwargs["features"]
@@ -233,7 +235,10 @@ class CellsWidget(TaskWidget):
             f"<i>Typing model: {result.trained_on}. Cell types on tissue unlike that are "
             "guesses.</i>" if result.trained_on else "")  # fmt: skip
         self._fill_legend(result)
-        self.recolour()
+        if fresh and self.color_by.currentIndex() == 0:
+            self.apply_filters()  # each colour change re-sends every point: only when needed
+        else:
+            self.recolour()
 
     def _fill_legend(self, result) -> None:
         hidden = {self.legend.item(i).data(Qt.UserRole) for i in range(self.legend.count())
@@ -263,15 +268,19 @@ class CellsWidget(TaskWidget):
             return
         mode = self.color_by.currentIndex()
         if mode == 0 or result.types is None:
-            layer.border_width = 0
+            if getattr(self, "_rim", False):
+                layer.border_width = 0
+                self._rim = False
             layer.face_color = result.rgba()
             self.scale.setText("")
         else:
             from napari.utils.colormaps import ensure_colormap
 
             values = result.types.g if mode == 1 else result.types.confidence
-            layer.border_color = "white"
-            layer.border_width = 0.15
+            if not getattr(self, "_rim", False):  # a white rim: dark values stay visible
+                layer.border_color = "white"
+                layer.border_width = 0.15
+                self._rim = True
             layer.face_color = ensure_colormap(VALUE_CMAP).map(np.asarray(values, np.float32))
             what = "g" if mode == 1 else "confidence"
             self.scale.setText(f"{VALUE_CMAP}: dark purple = {what} 0 … green … yellow = 1")
