@@ -143,3 +143,40 @@ def test_kept_evidence_shows_the_same_report_again(tmp_path, slide_path, checkpo
         ReportResult.load_evidence(tmp_path / "bad.npz")
     with pytest.raises(ReportError, match="missing"):
         ReportResult.load_evidence(tmp_path / "gone.npz")
+
+
+def test_evidence_that_singles_out_nothing_is_called_not_sentence_specific(
+    tmp_path, slide_path, checkpoint
+):
+    from dataclasses import replace
+
+    from histoscope.reports.store import ReportStore
+    from histoscope.tasks.report import NOT_SPECIFIC
+
+    res = hs.tasks.run("report", slide_path, checkpoint=checkpoint, beam_size=1)
+    n = len(res.grid)
+    # the heatmap runs from attention 0, not from the map's own minimum
+    (img, kw, _), _ = res.to_layers(sentence=0)
+    assert kw["contrast_limits"] == (0.0, pytest.approx(float(res.attention[0].max())))
+    specific = np.full((3, n), 0.1 / n, np.float32)
+    specific[[0, 1, 2], [0, 1, 2]] += 0.9
+    assert [replace(res, attention=specific).evidence_note(i) for i in range(3)] == [""] * 3
+    uniform = np.full((3, n), 1.0 / n, np.float32)
+    uniform[0, 0] *= 1.005  # max/min 1.005: still noise
+    same = np.repeat(specific[:1], 3, axis=0)
+    one_region = replace(res, attention=np.ones((3, 1), np.float32))
+    for r, why in [(replace(res, attention=uniform), "near-uniform"),
+                   (replace(res, attention=same), "same attention as sentence"),
+                   (one_region, "one tissue region")]:  # fmt: skip
+        assert r.evidence_note(1).startswith(NOT_SPECIFIC) and why in r.evidence_note(1)
+        doc = json.loads(r.save(tmp_path / why)[0].read_text())
+        assert NOT_SPECIFIC in doc["evidence_note"]
+        assert doc["sentences"][1]["evidence_specific"] is False
+        assert NOT_SPECIFIC in (tmp_path / why / "report.md").read_text()
+        if r is not one_region:
+            assert r.to_layers(sentence=1)[0][1]["metadata"]["report"]["evidence_note"]
+    store = ReportStore(tmp_path / "report_edits.jsonl")
+    store.add_draft(replace(res, attention=same))
+    files = store.export(tmp_path / "out")
+    assert NOT_SPECIFIC in files["md"].read_text()
+    assert NOT_SPECIFIC in json.loads(files["json"].read_text())["evidence_note"]

@@ -46,6 +46,7 @@ def test_generate_show_evidence_edit_and_export(widget, qtbot, tmp_path):
     # the first sentence's evidence is on the slide and the view is on its top region
     layer = widget.viewer.layers["report evidence: sentence 1"]
     assert np.nanmax(layer.data) == pytest.approx(res.attention[0].max())
+    assert tuple(layer.contrast_limits) == pytest.approx((0.0, float(res.attention[0].max())))
     top = res.evidence(0)[0]
     g = res.grid
     v = widget.viewer
@@ -55,6 +56,16 @@ def test_generate_show_evidence_edit_and_export(widget, qtbot, tmp_path):
         widget.sentences.setCurrentRow(1)
         assert "report evidence: sentence 2" in widget.viewer.layers
         assert "report evidence: sentence 1" not in widget.viewer.layers
+    # a sentence whose map singles out nothing says so in the panel
+    from dataclasses import replace
+
+    flat = np.full_like(res.attention, 1.0 / len(res.grid))
+    widget.result = replace(res, attention=flat)
+    widget.show_sentence(0)
+    assert "not sentence-specific" in widget.evidence_label.text()
+    widget.result = res
+    widget.show_sentence(0)
+    assert "not sentence-specific" not in widget.evidence_label.text() or res.evidence_note(0)
     # the pathologist edits: kept at once beside the untouched draft
     widget.editor.setPlainText("Edited by the pathologist.")
     qtbot.waitUntil(lambda: "Edit saved" in widget.saved.text(), timeout=5_000)

@@ -64,6 +64,8 @@ class ReportWidget(TaskWidget):
         self.machine_text = MACHINE_GENERATED
         self.sentences = QListWidget()
         self.sentences.currentRowChanged.connect(self.show_sentence)
+        self.evidence_label = QLabel("")
+        self.evidence_label.setWordWrap(True)
         self.editor = QPlainTextEdit()
         self.editor.setPlaceholderText("The draft appears here; edit it to make it yours.")
         self.editor.textChanged.connect(self._edited)
@@ -85,6 +87,7 @@ class ReportWidget(TaskWidget):
         layout.addWidget(self.banner)
         layout.addWidget(QLabel("Sentences (select one to see its evidence)"))
         layout.addWidget(self.sentences, stretch=1)
+        layout.addWidget(self.evidence_label)
         layout.addWidget(QLabel("Report (edit here)"))
         layout.addWidget(self.editor, stretch=2)
         layout.addLayout(buttons)
@@ -105,6 +108,7 @@ class ReportWidget(TaskWidget):
         self.flush()
         self.result = self.store = self._session = None
         self._clear_evidence()
+        self.evidence_label.setText("")
         self._set_text("")
         self.sentences.clear()
         self.saved.setText("")
@@ -139,7 +143,7 @@ class ReportWidget(TaskWidget):
                 note = f" Its evidence cannot be shown: {exc}"
         self._set_text(self.store.current().text)
         for s in draft.sentences:
-            self.sentences.addItem(f"{s['index'] + 1}. {s['text']}")
+            self.sentences.addItem(_label(s["index"], s["text"], s.get("evidence_note", "")))
         if draft.trained_on:
             self.banner.setText(f"<b>{self.machine_text}</b><br>Model trained on: "
                                 f"{draft.trained_on}")  # fmt: skip
@@ -247,7 +251,7 @@ class ReportWidget(TaskWidget):
         self._set_text(result.text)
         self.sentences.clear()
         for i, s in enumerate(result.sentences):
-            self.sentences.addItem(f"{i + 1}. {s}")
+            self.sentences.addItem(_label(i, s, result.evidence_note(i)))
         self.banner.setText(f"<b>{self.machine_text}</b><br>Model trained on: {result.trained_on}")
         self.status.setText(f"Draft of {len(result.sentences)} sentences from "
                             f"{len(result.grid)} tiles; {kept}.")  # fmt: skip
@@ -268,6 +272,12 @@ class ReportWidget(TaskWidget):
         camera = self.viewer.scene.camera if hasattr(self.viewer, "scene") else self.viewer.camera
         camera.center = ((top["y"] + half) * g.slide_mpp, (top["x"] + half) * g.slide_mpp)
         camera.zoom = min(self.viewer.canvas.size) / (4 * g.stride * g.slide_mpp)
+        note = self.result.evidence_note(row)
+        self.evidence_label.setText(
+            f"<span style='color:#e0a030'>Sentence {row + 1}: {note}; its top regions are "
+            "no evidence for it.</span>" if note else f"Sentence {row + 1}: attention shown "
+            "from 0 (none) to its highest tile."
+        )  # fmt: skip
 
     # ------------------------------------------------------------ edits
     def _edited(self) -> None:
@@ -307,3 +317,8 @@ class ReportWidget(TaskWidget):
         files = self.store.export(out_dir)
         self.status.setText(f"Exported {files['md'].name} and {files['json'].name} to {out_dir}.")
         return files
+
+
+def _label(index: int, text: str, note: str) -> str:
+    """A sentence as listed, flagged when its evidence is not specific to it."""
+    return f"{index + 1}. {text}" + ("  [evidence not sentence-specific]" if note else "")

@@ -207,7 +207,8 @@ class ReportStore:
         return {"machine_generated": MACHINE_GENERATED,
                 "draft": asdict(d) if d else None,
                 "edited": asdict(cur) if cur is not None and cur.kind == "edit" else None,
-                "n_edits": len(self.edits())}  # fmt: skip
+                "n_edits": len(self.edits()),
+                "evidence_note": evidence_note(d) if d else ""}  # fmt: skip
 
     def to_markdown(self) -> str:
         """Both versions and the evidence of each draft sentence as Markdown."""
@@ -224,8 +225,12 @@ class ReportStore:
         lines += ["", "## Machine-generated draft", "", f"> **{MACHINE_GENERATED}**",
                   f"> Model trained on: {d.trained_on}", "", d.text, "",
                   "### Evidence per draft sentence (level-0 px; µm)", ""]  # fmt: skip
+        if evidence_note(d):
+            lines += [f"> **{evidence_note(d)}**", ""]
         for s in d.sentences:
             lines.append(f"{s['index'] + 1}. {s['text']}")
+            if s.get("evidence_note"):
+                lines.append(f"   - **{s['evidence_note']}**")
             for r in s["top_regions"]:
                 lines.append(f"   - x={r['x']} y={r['y']} w={r['width']:.0f} px; "
                              f"x={r['x_um']:.1f} y={r['y_um']:.1f} w={r['width_um']:.1f} µm; "
@@ -240,6 +245,14 @@ class ReportStore:
         return {"md": atomic_write_text(out / "report_final.md", self.to_markdown()),
                 "json": atomic_write_text(out / "report_final.json",
                                           json.dumps(self.to_dict(), indent=1) + "\n")}  # fmt: skip
+
+
+def evidence_note(draft: Entry) -> str:
+    """Which of a draft's sentences have evidence that is not specific to them, or ``""``."""
+    which = [str(s["index"] + 1) for s in draft.sentences if s.get("evidence_note")]
+    if not which:
+        return ""
+    return f"evidence is not sentence-specific for sentence(s) {', '.join(which)}"
 
 
 def read_entries(path: Path):

@@ -29,7 +29,12 @@ if TYPE_CHECKING:
     from histoscope.results import LayerDataTuple
     from histoscope.tissue import TileGrid
 
-__all__ = ["MACHINE_GENERATED", "ReportParams", "ReportResult"]
+__all__ = ["MACHINE_GENERATED", "NOT_SPECIFIC", "ReportParams", "ReportResult"]
+
+#: Said (panel, ``report.md``, ``report.json``) where a sentence's evidence singles out nothing.
+NOT_SPECIFIC = "evidence is not sentence-specific"
+#: A map whose largest attention is under this times its smallest is near-uniform.
+UNIFORM_RATIO = 1.01
 
 
 @dataclass(frozen=True)
@@ -85,6 +90,26 @@ class ReportResult(Result):
                  "y_um": float(self.grid.coords[i, 1] * mpp), "width_um": float(size * mpp),
                  "height_um": float(size * mpp)} for r, i in enumerate(order)]  # fmt: skip
 
+    def evidence_note(self, sentence: int) -> str:
+        """``""`` when the sentence's attention singles out tiles of its own, else why not.
+
+        Not specific: the slide has one tissue region, the map is near-uniform
+        (max/min under :data:`UNIFORM_RATIO`), or it is the same map as another
+        sentence's (its most attended tiles are then no evidence of this sentence).
+        """
+        att = np.asarray(self.attention, np.float64)
+        a = att[sentence]
+        if a.size <= 1:
+            return f"{NOT_SPECIFIC}: the slide has one tissue region"
+        lo, hi = float(a.min()), float(a.max())
+        if hi < UNIFORM_RATIO * lo:
+            return (f"{NOT_SPECIFIC}: attention is near-uniform over the {a.size} tiles "
+                    f"(max/min {hi / lo:.3f})")  # fmt: skip
+        for j, b in enumerate(att):
+            if j != sentence and np.allclose(a, b, rtol=1e-3, atol=1e-3 * max(hi, b.max())):
+                return f"{NOT_SPECIFIC}: the same attention as sentence {j + 1}"
+        return ""
+
     def heatmap(self, sentence: int) -> TileHeatmap:
         """One sentence's attention as a heatmap over the slide (NaN off tissue)."""
         from histoscope.engine import TileOutputs
@@ -101,8 +126,13 @@ class ReportResult(Result):
         if not self.sentences:
             return []
         data, kwargs, kind = self.heatmap(sentence).to_layers()[0]
+        note = self.evidence_note(sentence)
         kwargs["metadata"]["report"] = {"sentence": sentence, "text": self.sentences[sentence],
-                                        "machine_generated": MACHINE_GENERATED}  # fmt: skip
+                                        "machine_generated": MACHINE_GENERATED,
+                                        "evidence_note": note}  # fmt: skip
+        # attention 0 is "none": a min-max stretch would make near-uniform noise look like signal
+        top = float(np.max(self.attention[sentence]))
+        kwargs["contrast_limits"] = (0.0, top if top > 0 else 1.0)
         kwargs["metadata"]["colorbar"] = {"visible": True,
                                           "label": f"attention of sentence {sentence + 1}"}  # fmt: skip
         ev = self.evidence(sentence)
@@ -116,15 +146,27 @@ class ReportResult(Result):
         return [(data, kwargs, kind), points]
 
     def summary(self) -> dict[str, Any]:
-        """The report, its sentences and per sentence the top regions, as plain data."""
+        """The report, its sentences and per sentence the top regions, as plain data.
+
+        Each sentence says whether its evidence is specific to it (``evidence_note``
+        says why not); the top-level ``evidence_note`` sums that up.
+        """
+        notes = [self.evidence_note(i) for i in range(len(self.sentences))]
         return {
             "machine_generated": MACHINE_GENERATED,
             "trained_on": self.trained_on,
             "text": self.text,
             "sentences": [
-                {"index": i, "text": s, "top_regions": self.evidence(i)}
+                {
+                    "index": i,
+                    "text": s,
+                    "top_regions": self.evidence(i),
+                    "evidence_specific": not notes[i],
+                    "evidence_note": notes[i],
+                }
                 for i, s in enumerate(self.sentences)
             ],  # fmt: skip
+            "evidence_note": _overall(notes),
             "n_tiles": len(self.grid),
             "cancelled": self.cancelled,
         }
@@ -134,8 +176,13 @@ class ReportResult(Result):
         lines = [f"# Draft report: {Path(self.provenance.slide).name}", "",
                  f"> **{MACHINE_GENERATED}**", f"> Model trained on: {self.trained_on}", "",
                  self.text, "", "## Evidence per sentence", ""]  # fmt: skip
+        notes = [self.evidence_note(i) for i in range(len(self.sentences))]
+        if _overall(notes):
+            lines += [f"> **{_overall(notes)}**", ""]
         for i, s in enumerate(self.sentences):
             lines.append(f"{i + 1}. {s}")
+            if notes[i]:
+                lines.append(f"   - **{notes[i]}**")
             for e in self.evidence(i):
                 lines.append(f"   - region {e['rank']}: x={e['x']} y={e['y']} px "
                              f"({e['x_um']:.1f}, {e['y_um']:.1f} µm), {e['width']:.0f} px "
@@ -206,6 +253,16 @@ class ReportResult(Result):
                "provenance": self.provenance.to_dict()}  # fmt: skip
         return [atomic_write_text(out / "report.json", json.dumps(doc, indent=1) + "\n"),
                 atomic_write_text(out / "report.md", self.to_markdown())]  # fmt: skip
+
+
+def _overall(notes: list[str]) -> str:
+    """One line on the sentences whose evidence is not specific, or ``""``."""
+    which = [str(i + 1) for i, n in enumerate(notes) if n]
+    if not which:
+        return ""
+    if len(which) == len(notes):
+        return f"{NOT_SPECIFIC} (no sentence's attention singles out tiles of its own)"
+    return f"{NOT_SPECIFIC} for sentence(s) {', '.join(which)}"
 
 
 def _run(session, checkpoint, params: ReportParams, *, region=None, near=None, engine=None):
