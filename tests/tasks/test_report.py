@@ -67,8 +67,9 @@ def test_report_runs_from_the_registry_and_saves_json_and_markdown(
 ):
     res = hs.tasks.run("report", slide_path, checkpoint=checkpoint)
     assert clean_report(res.text) == clean_report(REPORT)
-    assert res.sentences == ("specimen colon", "there is infiltrating adenocarcinoma",
-                             "necrosis is absent")  # fmt: skip
+    assert res.sentences == ("Specimen colon.", "There is infiltrating adenocarcinoma.",
+                             "Necrosis is absent.")  # fmt: skip
+    assert " ".join(res.sentences) == res.text  # the list reads as the text does
     n = len(res.grid)
     assert res.attention.shape == (3, n)
     np.testing.assert_allclose(res.attention.sum(1), 1.0, atol=1e-5)
@@ -96,7 +97,7 @@ def test_the_evidence_layer_of_a_sentence_is_placed_like_the_tile_heatmaps(slide
     r, c = res.grid.index[int(np.argmax(res.attention[2]))]
     assert img[r, c] == pytest.approx(res.attention[2].max())
     assert np.isnan(img).sum() == img.size - len(res.grid)  # background is not "attention 0"
-    assert kw["metadata"]["report"]["text"] == "necrosis is absent"
+    assert kw["metadata"]["report"]["text"] == "Necrosis is absent."
     with pytest.raises(IndexError):
         res.heatmap(3)
 

@@ -43,6 +43,7 @@ def test_generate_show_evidence_edit_and_export(widget, qtbot, tmp_path):
     assert res is not None, widget.status.text()
     assert widget.editor.toPlainText() == res.text
     assert widget.sentences.count() == len(res.sentences) >= 1
+    assert all(s[:1].isupper() and s.endswith(".") for s in res.sentences)
     # the first sentence's evidence is on the slide and the view is on its top region
     layer = widget.viewer.layers["report evidence: sentence 1"]
     assert np.nanmax(layer.data) == pytest.approx(res.attention[0].max())

@@ -61,7 +61,7 @@ class ReportResult(Result):
     text
         The report as prose (sentences capitalised, full stops).
     sentences
-        Its sentences, in order.
+        Its sentences, in order, written as in :attr:`text` (capitalised, full stops).
     attention
         ``(S, N)``: per sentence, attention over the grid's tiles (rows sum to 1).
     grid
@@ -295,7 +295,9 @@ def _run(session, checkpoint, params: ReportParams, *, region=None, near=None, e
                       checkpoint_sha256=card.sha256 or "", params=params, mpp=fm.spec.mpp,
                       tile_grid=grid.to_dict())  # fmt: skip
     yield Step(1, 1, "writing the report")
-    return ReportResult(provenance=prov, text=display(g.text), sentences=tuple(g.sentences),
+    # each sentence written as the text writes it: capitalised, ended by a full stop
+    sentences = tuple(display(s) or s for s in g.sentences)
+    return ReportResult(provenance=prov, text=display(g.text), sentences=sentences,
                         attention=g.attention.astype(np.float32), grid=grid,
                         trained_on=str((card.data or {}).get("trained_on", "")),
                         top_regions=params.top_regions)  # fmt: skip
