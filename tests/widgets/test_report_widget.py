@@ -150,3 +150,11 @@ def test_a_restart_brings_back_the_edit_and_evidence_and_regenerating_asks(
     assert again.editor.toPlainText() == again.result.text
     doc = json.loads(again.export(str(tmp_path / "new"))["json"].read_text())
     assert doc["edited"] is None and doc["n_edits"] == 0
+    # closing the slide saves pending typing and clears its report from the panel
+    again.editor.setPlainText("Typed, then the slide was closed.")
+    slide_layer = again.layer_combo.layer()
+    store = again.store
+    again.viewer.layers.remove(slide_layer)
+    assert store.current().text == "Typed, then the slide was closed."
+    assert again.store is None and again.editor.toPlainText() == ""
+    assert not [ly for ly in again.viewer.layers if ly.name.startswith("report evidence")]
