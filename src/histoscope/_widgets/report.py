@@ -103,6 +103,7 @@ class ReportWidget(TaskWidget):
 
         Pending typing on the previous slide is saved first.
         """
+        from histoscope.errors import HistoScopeError
         from histoscope.reports.store import ReportStore
 
         self.flush()
@@ -114,7 +115,10 @@ class ReportWidget(TaskWidget):
         self.saved.setText("")
         try:
             session, _ = self.chosen_session(self.layer_combo)
-        except ValueError:
+        except ValueError:  # no slide chosen
+            return
+        except HistoScopeError as exc:
+            self.status.setText(f"The slide's kept report cannot be opened: {exc}")
             return
         self._session = session
         try:
