@@ -128,3 +128,15 @@ def test_cancel_keeps_the_cells_found(make_napari_viewer, qtbot, tmp_path_factor
     assert grid["tiles_done"] < grid["tiles"] and res.n_cells > 0
     assert len(widget.viewer.layers["cells"].data) == res.n_cells
     assert "Cancelled" in widget.status.text()
+
+
+def test_the_panel_scrolls_instead_of_clipping_in_a_short_dock(widget, qtbot):
+    from qtpy.QtWidgets import QScrollArea
+
+    scroll = widget.findChild(QScrollArea)
+    assert scroll is not None and scroll.widget().isAncestorOf(widget.explained)
+    widget.resize(600, 300)
+    widget.show()
+    qtbot.waitExposed(widget)
+    assert scroll.verticalScrollBar().maximum() > 0  # the rest is reachable by scrolling
+    assert scroll.horizontalScrollBar().maximum() == 0

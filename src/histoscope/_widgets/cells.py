@@ -18,7 +18,9 @@ from qtpy.QtWidgets import (
     QListWidget,
     QListWidgetItem,
     QPushButton,
+    QScrollArea,
     QVBoxLayout,
+    QWidget,
 )
 
 from histoscope._widgets._common import CheckpointPicker, RGBLayerCombo, TaskWidget
@@ -127,17 +129,26 @@ class CellsWidget(TaskWidget):
         self.trained_on = QLabel("")
         self.trained_on.setWordWrap(True)
 
-        layout = QVBoxLayout(self)
+        body = QWidget()  # scrolls as a whole when the dock is shorter than the panel
+        layout = QVBoxLayout(body)
         layout.addLayout(form)
         layout.addWidget(self.controls)
         layout.addWidget(self.trained_on)
         layout.addWidget(QLabel("Classes (count; untick to hide)"))
+        self.legend.setMinimumHeight(120)
         layout.addWidget(self.legend, stretch=1)
         layout.addLayout(view)
         layout.addWidget(self.outlines_button)
         layout.addWidget(self.explain_box)
         layout.addLayout(crop_row)
         layout.addWidget(self.explained)
+        scroll = QScrollArea()
+        scroll.setWidgetResizable(True)
+        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
+        scroll.setWidget(body)
+        outer = QVBoxLayout(self)
+        outer.setContentsMargins(0, 0, 0, 0)
+        outer.addWidget(scroll)
 
     # ----------------------------------------------------------------- running
     def params(self):
