@@ -101,3 +101,31 @@ def test_a_save_killed_midway_leaves_the_previous_complete_session(slide, tmp_pa
         for data, kwargs, _ in layers:
             want = 1.0 if kwargs["name"] == "a" else float(kwargs["name"][1:])
             assert data.shape in ((4, 4), (2048, 2048)) and (data == want).all()
+
+
+def test_expression_gene_layers_are_saved_as_a_reference_to_their_stack(tmp_path):
+    from histoscope.expression.stack import StackWriter, open_levels
+    from histoscope.session_store import SessionFileError, load_layer, save_layer
+
+    values = np.random.default_rng(0).random((2, 64, 96)).astype(np.float32)
+    stack = tmp_path / "expr.ome.zarr"
+    sw = StackWriter(stack, ["G0", "G1"], (64, 96), 2.0, 0.5, 16, 32, max_top=16)
+    sw.levels[0][...] = values
+    sw.close(complete=True)
+    layer = (open_levels(stack, "G1"), {"name": "G1 (2 µm)", "multiscale": True,
+             "scale": (2.0, 2.0), "metadata": {"stack": str(stack), "gene": "G1"}}, "image")  # fmt: skip
+    gen = tmp_path / "gen"
+    gen.mkdir()
+    entry = save_layer(gen, 0, layer)
+    assert entry["data"] == {"$stack": str(stack), "gene": "G1"}
+    with np.load(gen / entry["file"]) as npz:  # no pixels copied into the session
+        assert not [k for k in npz.files if k.startswith("l")]
+    data, kwargs, kind = load_layer(gen, entry)
+    assert kind == "image" and tuple(kwargs["scale"]) == (2.0, 2.0)
+    np.testing.assert_array_equal(np.asarray(data[0]), np.asarray(layer[0][0]))  # same pixels
+    np.testing.assert_allclose(np.asarray(data[0]), values[1], rtol=0.01)  # 7-bit storage
+    import shutil
+
+    shutil.rmtree(stack)
+    with pytest.raises(SessionFileError, match="G1"):
+        load_layer(gen, entry)

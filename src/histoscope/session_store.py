@@ -134,9 +134,14 @@ def save_layer(folder: Path, index: int, layer: LayerDataTuple) -> dict[str, Any
                 settings[k] = enc.encode(v)
             except TypeError:
                 continue  # a setting of a type this version cannot save: napari's default
+    meta = kwargs.get("metadata") or {}
     if kind == "shapes":
         parts = {f"d{i}": np.asarray(d) for i, d in enumerate(data)}
         data_entry: Any = {"$shapes": len(parts)}
+    elif kind == "image" and kwargs.get("multiscale") and meta.get("stack") and meta.get("gene"):
+        # a gene of an expression stack on disk: saved as a reference, never copied
+        parts = {}
+        data_entry = {"$stack": str(meta["stack"]), "gene": str(meta["gene"])}
     elif kind == "image" and kwargs.get("multiscale"):
         levels = list(data)
         size = sum(int(np.prod(lv.shape)) * np.dtype(lv.dtype).itemsize for lv in levels)
@@ -158,8 +163,12 @@ def load_layer(folder: Path, entry: dict[str, Any]) -> LayerDataTuple:
     try:
         with np.load(folder / entry["file"], allow_pickle=False) as npz:
             arrays = {k: npz[k] for k in npz.files}
-        if "$shapes" in entry["data"]:
-            data: Any = [arrays[f"d{i}"] for i in range(int(entry["data"]["$shapes"]))]
+        if "$stack" in entry["data"]:
+            from histoscope.expression.stack import open_levels
+
+            data: Any = open_levels(entry["data"]["$stack"], entry["data"]["gene"])
+        elif "$shapes" in entry["data"]:
+            data = [arrays[f"d{i}"] for i in range(int(entry["data"]["$shapes"]))]
         elif "$levels" in entry["data"]:
             data = [arrays[f"l{i}"] for i in range(int(entry["data"]["$levels"]))]
         else:
@@ -170,7 +179,7 @@ def load_layer(folder: Path, entry: dict[str, Any]) -> LayerDataTuple:
             import pandas as pd
 
             kwargs["features"] = pd.read_parquet(folder / feats["$parquet"])
-    except (OSError, KeyError, ValueError, TypeError) as exc:
+    except (OSError, KeyError, ValueError, TypeError, HistoScopeError) as exc:
         raise SessionFileError(f"{folder}: layer {entry.get('name')!r} cannot be read "
                                f"({type(exc).__name__}: {exc})") from None  # fmt: skip
     return data, kwargs, entry["type"]
