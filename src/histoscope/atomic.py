@@ -4,6 +4,7 @@ Every file HistoScope writes goes through here: the data land in a uniquely
 named temporary file beside the target, are flushed and fsynced, and the
 file is renamed over the target in one step. :func:`atomic_path` gives the
 temporary path to libraries that write by path (tifffile, h5py, safetensors).
+Append-only logs (co-assessment calls, report edits) grow by :func:`append_line`.
 """
 
 from __future__ import annotations
@@ -79,3 +80,30 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """UTF-8 text version of :func:`atomic_write_bytes`."""
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def append_line(path: str | os.PathLike, line: str) -> Path:
+    """Append one text line to an append-only log, flushed and fsynced before returning.
+
+    A line torn by an earlier crash (a file not ending in a newline) is never
+    continued: the new line starts on a line of its own.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = line.rstrip("\n") + "\n"
+    if _ends_torn(path):
+        text = "\n" + text
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return path
+
+
+def _ends_torn(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(-1, os.SEEK_END)
+            return fh.read(1) != b"\n"
+    except OSError:  # missing or empty file
+        return False

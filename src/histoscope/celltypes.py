@@ -339,12 +339,9 @@ def iter_classify(
 
 def classify(slide, x, y, model, card, **kw: Any) -> CellTypes:
     """:func:`iter_classify` run to the end."""
-    gen = iter_classify(slide, x, y, model, card, **kw)
-    while True:
-        try:
-            next(gen)
-        except StopIteration as stop:
-            return stop.value
+    from histoscope.progress import drive
+
+    return drive(iter_classify(slide, x, y, model, card, **kw))
 
 
 # ------------------------------------------------------------------ explain

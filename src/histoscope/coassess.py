@@ -21,6 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from histoscope.atomic import append_line
 from histoscope.errors import HistoScopeWarning
 
 SESSION_SUFFIX = ".histoscope-calls.jsonl"
@@ -112,14 +113,7 @@ class Session:
 
     def record(self, call: Call) -> Call:
         """Append ``call`` to the file (flushed and fsynced) and to memory."""
-        line = json.dumps(asdict(call), ensure_ascii=False) + "\n"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if _ends_torn(self.path):  # never glue a new call onto a line torn by a crash
-            line = "\n" + line
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(line)
-            fh.flush()
-            os.fsync(fh.fileno())
+        append_line(self.path, json.dumps(asdict(call), ensure_ascii=False))
         self.calls.append(call)
         return call
 
@@ -171,15 +165,6 @@ class Session:
             "csv": atomic_write_text(out / "calls.csv", self.to_csv()),
             "json": atomic_write_text(out / "calls.json", json.dumps(doc, indent=2) + "\n"),
         }
-
-
-def _ends_torn(path: Path) -> bool:
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(-1, os.SEEK_END)
-            return fh.read(1) != b"\n"
-    except OSError:  # missing or empty file
-        return False
 
 
 def read_calls(path: Path) -> Iterable[Call]:

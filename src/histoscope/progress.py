@@ -94,7 +94,8 @@ def drive(
     Parameters
     ----------
     gen
-        Yields :class:`Step` s or ``(done, total)``; returns the result.
+        Yields :class:`Step` s or ``(done, total)``; returns the result. Without
+        ``progress`` what it yields is not looked at (any generator runs).
     progress
         Called with each :class:`Step`; returning ``False`` asks to stop.
     cancel
@@ -109,8 +110,7 @@ def drive(
             value = gen.send(reply)
         except StopIteration as stop:
             return stop.value
-        step = as_step(value, what)
-        stop_now = progress is not None and progress(step) is False
+        stop_now = progress is not None and progress(as_step(value, what)) is False
         reply = False if stop_now or is_cancelled(cancel) else None
 
 

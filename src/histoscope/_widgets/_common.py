@@ -305,6 +305,14 @@ class TaskWidget(QWidget):
         self.worker.start()
         return self.worker
 
+    def _toggle_click(self, on: bool) -> None:
+        """Send canvas clicks to the panel's ``_on_click`` while ``on`` (a checkbox's toggle)."""
+        callbacks = self.viewer.mouse_drag_callbacks
+        if on and self._on_click not in callbacks:
+            callbacks.append(self._on_click)
+        elif not on and self._on_click in callbacks:
+            callbacks.remove(self._on_click)
+
     def cancel(self) -> None:
         """Ask the running task to stop; it keeps what it has finished."""
         if self.worker is not None:

@@ -343,13 +343,6 @@ class CellsWidget(TaskWidget):
         return out
 
     # ---------------------------------------------------------------- explain
-    def _toggle_click(self, on: bool) -> None:
-        callbacks = self.viewer.mouse_drag_callbacks
-        if on and self._on_click not in callbacks:
-            callbacks.append(self._on_click)
-        elif not on and self._on_click in callbacks:
-            callbacks.remove(self._on_click)
-
     def _on_click(self, _viewer, event) -> None:
         active = self.viewer.layers.selection.active
         if event.type == "mouse_press" and active is not None and active.name == LAYER_NAME:

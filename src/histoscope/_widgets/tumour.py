@@ -137,13 +137,6 @@ class TumourWidget(TaskWidget):
         self.status.setText(f"Tissue: {100 * result.mask.fraction:.0f}% of the slide.")
 
     # ---------------------------------------------------------------- Grad-CAM
-    def _toggle_click(self, on: bool) -> None:
-        callbacks = self.viewer.mouse_drag_callbacks
-        if on and self._on_click not in callbacks:
-            callbacks.append(self._on_click)
-        elif not on and self._on_click in callbacks:
-            callbacks.remove(self._on_click)
-
     def _on_click(self, _viewer, event) -> None:
         """A click explains a tile only while the heatmap is the active layer (not while annotating)."""
         active = self.viewer.layers.selection.active

@@ -163,9 +163,6 @@ def iter_detect(
 
 def detect_slide(slide: Slide, params: NucleiParams | None = None, **kwargs) -> Nuclei:
     """Run :func:`iter_detect` to the end (same keyword arguments) and return every nucleus."""
-    gen = iter_detect(slide, params, **kwargs)
-    while True:
-        try:
-            next(gen)
-        except StopIteration as stop:
-            return stop.value
+    from histoscope.progress import drive
+
+    return drive(iter_detect(slide, params, **kwargs))

@@ -241,27 +241,9 @@ def default_feature_model():
 
 def slide_feature_file(slide_path: Path, fm, features_dir: Path, min_tissue: float = 0.5) -> Path:
     """``features_dir/<stem>.h5`` of a slide's tissue tiles (written once, then reused)."""
-    from histoscope.engine import EngineParams
-    from histoscope.features import write_features
-    from histoscope.slide import open_slide
-    from histoscope.tasks.mil import iter_features, tile_grid_for
+    from histoscope.training.clam_data import write_slide_features
 
-    path = Path(features_dir) / f"{slide_path.stem}.h5"
-    if path.is_file():
-        return path
-    with open_slide(slide_path) as slide:
-        grid = tile_grid_for(slide, fm.spec, min_tissue=min_tissue)
-        gen = iter_features(slide, fm, grid, EngineParams(batch_size=64, workers=1, prefetch=2))
-        while True:
-            try:
-                next(gen)
-            except StopIteration as stop:
-                table = stop.value
-                break
-        attrs = {"patch_size": int(grid.tile_size), "patch_size_level0": float(grid.stride),
-                 "patch_level": 0, "mpp": float(grid.mpp), "slide_mpp": float(grid.slide_mpp),
-                 "min_tissue": float(min_tissue), "encoder": fm.descriptor["backbone"],
-                 "encoder_checkpoint": fm.descriptor.get("checkpoint") or "",
-                 "encoder_sha256": fm.descriptor["weights_sha256"], "name": slide_path.stem}  # fmt: skip
-        write_features(path, table.outputs, grid.coords, attrs)
+    path = Path(features_dir) / f"{Path(slide_path).stem}.h5"
+    if not path.is_file():
+        write_slide_features(Path(slide_path), fm, path, min_tissue)
     return path

@@ -133,16 +133,9 @@ class ReportStore:
 
     def append(self, entry: Entry) -> Entry:
         """Write ``entry`` as one line (flushed and fsynced), then keep it in memory."""
-        from histoscope.coassess import _ends_torn  # the same torn-line guard as the calls
+        from histoscope.atomic import append_line
 
-        line = json.dumps(asdict(entry), ensure_ascii=False) + "\n"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if _ends_torn(self.path):
-            line = "\n" + line
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(line)
-            fh.flush()
-            os.fsync(fh.fileno())
+        append_line(self.path, json.dumps(asdict(entry), ensure_ascii=False))
         self.entries.append(entry)
         return entry
 

@@ -33,7 +33,7 @@ import numpy as np
 from histoscope.atomic import atomic_write_text
 from histoscope.nuclei import METHODS, NucleiParams
 from histoscope.params import ParamError, check, param
-from histoscope.progress import Step
+from histoscope.progress import Step, drive
 from histoscope.results import Provenance, Result, plain
 from histoscope.tasks._registry import TaskSpec, register
 
@@ -476,7 +476,7 @@ def iter_cells(
             if len(nuc) and params.classify:
                 cls = iter_classify(slide, nuc.x, nuc.y, model, card, path=params.path,
                                     organ=organ, batch=params.batch)  # fmt: skip
-                parts_t.append(_finish(cls))
+                parts_t.append(drive(cls))
             parts_n.append(nuc)
             partial = None
             now = time.monotonic()
@@ -542,15 +542,6 @@ def _empty_types(card):
     z = np.zeros((0, c), np.float32)
     return CellTypes(classes=tuple(card.classes), prob=z, p_local=z, p_global=z,
                      g=np.zeros(0, np.float32))  # fmt: skip
-
-
-def _finish(gen: Generator):
-    """Drive a generator to its end and return its value."""
-    try:
-        while True:
-            next(gen)
-    except StopIteration as stop:
-        return stop.value
 
 
 def _trained_on(card) -> str:

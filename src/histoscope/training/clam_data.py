@@ -218,9 +218,7 @@ def slide_features(slide_path: str | os.PathLike, fm, cache: Path, *, min_tissue
         :func:`~histoscope.training._stain_aug.stain_shift` before encoding
         (the held-out stain-shifted evaluation).
     """
-    from histoscope.engine import EngineParams
-    from histoscope.slide import open_slide
-    from histoscope.tasks.mil import FeatureModel, iter_features, tile_grid_for
+    from histoscope.tasks.mil import FeatureModel
 
     slide_path = Path(slide_path)
     key = f"{fm.descriptor['weights_sha256'][:12]}_t{min_tissue:g}"
@@ -233,22 +231,28 @@ def slide_features(slide_path: str | os.PathLike, fm, cache: Path, *, min_tissue
         mod = _Restained(fm.module, fm.spec, shift["stains"], shift["seed"], shift["degrees"],
                          shift["amount"])  # fmt: skip
         fm = FeatureModel(mod, fm.spec, fm.descriptor)
+    write_slide_features(slide_path, fm, path, min_tissue)
+    return read_features(path)
+
+
+def write_slide_features(slide_path: Path, fm, path: Path, min_tissue: float) -> Path:
+    """Encode a slide's tissue tiles with ``fm`` and write them to ``path`` (CLAM/TRIDENT .h5)."""
+    from histoscope.engine import EngineParams
+    from histoscope.progress import drive
+    from histoscope.slide import open_slide
+    from histoscope.tasks.mil import iter_features, tile_grid_for
+
+    slide_path = Path(slide_path)
     with open_slide(slide_path) as slide:
         grid = tile_grid_for(slide, fm.spec, min_tissue=min_tissue)
-        gen = iter_features(slide, fm, grid, EngineParams(batch_size=64, workers=1, prefetch=2))
-        while True:
-            try:
-                next(gen)
-            except StopIteration as stop:
-                out = stop.value
-                break
+        out = drive(iter_features(slide, fm, grid, EngineParams(batch_size=64, workers=1,
+                                                                 prefetch=2)))  # fmt: skip
         attrs = {"patch_size": int(grid.tile_size), "patch_size_level0": float(grid.stride),
                  "patch_level": 0, "mpp": float(grid.mpp), "slide_mpp": float(grid.slide_mpp),
                  "min_tissue": float(min_tissue), "encoder": fm.descriptor["backbone"],
                  "encoder_checkpoint": fm.descriptor.get("checkpoint") or "",
                  "encoder_sha256": fm.descriptor["weights_sha256"], "name": slide_path.stem}  # fmt: skip
-        write_features(path, out.outputs, grid.coords, attrs)
-    return read_features(path)
+        return write_features(path, out.outputs, grid.coords, attrs)
 
 
 def load_bags(root: str | os.PathLike, split: str, fm, cache: str | os.PathLike, *,
