@@ -57,3 +57,38 @@ def test_dataset_with_extras_has_reports_by_split(tmp_path):
         assert entry["image_path"] == r["slide"] and entry["report"]
         assert (tmp_path / r["visium_matrix"]).is_file()
         assert (tmp_path / r["nuclass_patches_224"]).is_file()
+
+
+def test_synth_tumour_extent_keeps_only_slides_of_that_extent(tmp_path):
+    from histoscope.synthetic._params import sample_params
+
+    out = tmp_path / "foci"
+    rc = main(["synth", str(out), "--size", "384", "384", "--mpp", "1.0", "--seed", "40",
+               "--count", "3", "--tumour-extent", "focus", "--quiet"])  # fmt: skip
+    assert rc == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    seeds = manifest["seeds"]
+    assert len(seeds) == 3 and seeds == sorted(seeds) and seeds[0] >= 40
+    skipped = [s for s in range(40, seeds[-1]) if s not in seeds]
+    assert skipped, "seeds 40.. are not all focus slides, so some must have been skipped"
+    assert all(sample_params("he", s, (384, 384), 1.0).tumour_extent != "focus" for s in skipped)
+    rows = manifest["slides"]
+    assert [r["seed"] for r in rows] == seeds
+    assert {r["tumour_extent"] for r in rows} == {"focus"}
+    label = json.loads((out / rows[0]["label_json"]).read_text())
+    assert label["tumour_extent"] == "focus" and 0 < label["tumour_fraction"] < 0.1
+    assert sorted(sum(manifest["splits"].values(), [])) == sorted(r["name"] for r in rows)
+    csv_rows = list(csv.DictReader(open(out / "manifest.csv")))
+    assert [int(r["seed"]) for r in csv_rows] == seeds
+    assert all((out / r["slide"]).is_file() for r in rows)
+
+
+def test_synth_benign_set_and_bad_extent(tmp_path, capsys):
+    from histoscope.synthetic.cli import seeds_with_extent
+
+    seeds = seeds_with_extent("he", "none", 0, 4, (512, 512), 1.0)
+    assert len(seeds) == 4 and seeds != seeds_with_extent("he", "extensive", 0, 4, (512, 512), 1.0)
+    with pytest.raises(ValueError, match="tumour extent"):
+        seeds_with_extent("he", "huge", 0, 1, (512, 512), 1.0)
+    assert main(["synth", str(tmp_path / "x"), "--tumour-extent", "huge"]) == 2
+    assert "huge" in capsys.readouterr().err

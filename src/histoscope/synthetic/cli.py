@@ -3,7 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import csv
+import json
 import sys
+from collections.abc import Callable
+from pathlib import Path
+
+#: ``--tumour-extent`` choices; ``any`` keeps every seed (the generator's own mix).
+EXTENT_CHOICES = ("any", "none", "focus", "moderate", "extensive")
+#: Seeds looked at per slide asked for before giving up on an extent.
+MAX_SEEDS_PER_SLIDE = 200
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -19,10 +28,98 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="first slide seed")
     p.add_argument("--count", type=int, default=1, help="number of slides")
     p.add_argument("--mpp", type=float, default=0.5, help="µm per level-0 pixel")
+    p.add_argument("--tumour-extent", choices=EXTENT_CHOICES, default="any",
+                   help="keep only seeds (from --seed upwards) whose slide has this tumour "
+                        "extent: none (benign), focus (1-4.5%% of the tissue), moderate "
+                        "(10-35%%), extensive (40-75%%); 'any' takes consecutive seeds")  # fmt: skip
     p.add_argument("--extras", action="store_true",
                    help="also write 2 µm expression, NuClass patches and a report per slide")  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=run)
+
+
+def seeds_with_extent(
+    kind: str, extent: str, first: int, count: int, size: tuple[int, int], mpp: float
+) -> list[int]:
+    """The first ``count`` seeds from ``first`` up whose slide has tumour ``extent``.
+
+    Only the slide-level parameters are drawn (no pixels), so this is cheap.
+
+    Raises
+    ------
+    ValueError
+        If ``extent`` is unknown, or ``count`` slides of it are not found among
+        ``count * MAX_SEEDS_PER_SLIDE`` seeds.
+    """
+    from histoscope.synthetic._params import TUMOUR_EXTENTS, sample_params
+
+    if extent not in TUMOUR_EXTENTS:
+        raise ValueError(f"tumour extent must be one of {TUMOUR_EXTENTS}, got {extent!r}")
+    if count < 1:
+        raise ValueError(f"count must be a positive integer, got {count!r}")
+    if first < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {first!r}")
+    seeds: list[int] = []
+    for s in range(first, first + count * MAX_SEEDS_PER_SLIDE):
+        if sample_params(kind, s, size, mpp).tumour_extent == extent:
+            seeds.append(s)
+            if len(seeds) == count:
+                return seeds
+    raise ValueError(f"only {len(seeds)} of {count} {kind} slides with tumour extent {extent!r} "
+                     f"among seeds {first}-{first + count * MAX_SEEDS_PER_SLIDE - 1}")  # fmt: skip
+
+
+def write_selected(
+    out_dir: str | Path,
+    kind: str,
+    size: tuple[int, int],
+    seeds: list[int],
+    mpp: float,
+    *,
+    extras: bool = False,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> Path:
+    """A dataset of the slides of ``seeds`` (any order), laid out as ``write_dataset`` does.
+
+    Each slide is written by :func:`histoscope.synthetic.write_dataset` (so its
+    files and manifest row are exactly those of a consecutive dataset); the
+    splits are then drawn over the whole list (seeded by its first seed) and
+    the manifest, ``hpa.csv`` (IHC) and ``reports.json`` (extras) rewritten for
+    all of them. The manifest also lists ``seeds``.
+    """
+    from histoscope.synthetic._dataset import (
+        SPLITS,
+        _merge_hpa,
+        _merge_reports,
+        assign_splits,
+        write_dataset,
+    )
+
+    out = Path(out_dir)
+    splits = assign_splits(len(seeds), seeds[0])
+    rows = []
+    for k, s in enumerate(seeds):
+        one = write_dataset(out, kind, size, seed=s, count=1, mpp=mpp, extras=extras)
+        (row,) = json.loads(one.read_text())["slides"]
+        rows.append({**row, "split": splits[k]})
+        if progress is not None:
+            progress(k + 1, len(seeds), row["name"])
+    manifest = {
+        "kind": kind, "size": [int(v) for v in size], "mpp": mpp, "first_seed": seeds[0],
+        "count": len(seeds), "seeds": list(seeds),
+        "splits": {sp: [r["name"] for r in rows if r["split"] == sp] for sp in SPLITS},
+        "slides": rows,
+    }  # fmt: skip
+    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    with open(out / "manifest.csv", "w", newline="") as fh:
+        wr = csv.DictWriter(fh, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+        wr.writeheader()
+        wr.writerows(rows)
+    if kind == "ihc":
+        _merge_hpa(out, rows)
+    if extras:
+        _merge_reports(out, rows)
+    return out / "manifest.json"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -33,17 +130,17 @@ def run(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(f"[{done}/{total}] {name}", file=sys.stderr, flush=True)
 
+    size = tuple(args.size)
     try:
-        manifest = write_dataset(
-            args.out_dir,
-            kind=args.kind,
-            size=tuple(args.size),
-            seed=args.seed,
-            count=args.count,
-            mpp=args.mpp,
-            extras=args.extras,
-            progress=progress,
-        )
+        if args.tumour_extent == "any":
+            manifest = write_dataset(args.out_dir, kind=args.kind, size=size, seed=args.seed,
+                                     count=args.count, mpp=args.mpp, extras=args.extras,
+                                     progress=progress)  # fmt: skip
+        else:
+            seeds = seeds_with_extent(args.kind, args.tumour_extent, args.seed, args.count,
+                                      size, args.mpp)  # fmt: skip
+            manifest = write_selected(args.out_dir, args.kind, size, seeds, args.mpp,
+                                      extras=args.extras, progress=progress)  # fmt: skip
     except ValueError as exc:
         print(f"histoscope synth: error: {exc}", file=sys.stderr)
         return 2
