@@ -1,0 +1,185 @@
+"""Outside-training-data reference: fit, threshold, report, card round trip."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import histoscope as hs
+from histoscope.checkpoints import ModelCard, read_card
+from histoscope.errors import CheckpointError
+from histoscope.models import TileClassifier
+from histoscope.ood import (
+    NO_REFERENCE_MESSAGE,
+    OUTSIDE_MESSAGE,
+    FeatureReference,
+    OutsideTrainingDataWarning,
+    assess,
+    assess_card,
+    calibrate_threshold,
+    fit_reference,
+    item_distances,
+    ood_summary,
+    reference_from_card,
+    warn_if_outside,
+    write_reference,
+)
+
+D = 24
+
+
+def _mixing(rng) -> np.ndarray:
+    """A fixed linear map giving correlated features with a few strong directions."""
+    scales = np.r_[np.full(4, 5.0), np.full(D - 4, 0.5)]
+    q, _ = np.linalg.qr(rng.normal(size=(D, D)))
+    return q * scales
+
+
+def _slides(rng, mix, n, shift=None, items=(40, 200)) -> list[np.ndarray]:
+    out = []
+    for _ in range(n):
+        m = int(rng.integers(*items))
+        x = rng.normal(size=(m, D)) @ mix.T + 3.0
+        out.append(x if shift is None else x + shift)
+    return out
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    rng = np.random.default_rng(0)
+    mix = _mixing(rng)
+    ref = fit_reference(_slides(rng, mix, 30), _slides(rng, mix, 20), rank=6, level=0.99,
+                        features="gaussian test features")  # fmt: skip
+    return ref, mix
+
+
+def test_training_like_slides_are_within_at_the_expected_rate(fitted):
+    ref, mix = fitted
+    rng = np.random.default_rng(1)
+    flags = [assess(ref, x).outside for x in _slides(rng, mix, 300)]
+    assert np.mean(flags) <= 0.05
+    d = item_distances(ref, _slides(rng, mix, 1, items=(5000, 5001))[0])
+    assert 0.8 < np.median(d) < 1.2  # about 1 for training-like items
+
+
+def test_shift_along_a_weak_direction_is_flagged(fitted):
+    ref, mix = fitted
+    rng = np.random.default_rng(2)
+    # 6 sd along a low-variance direction: small to a plain Euclidean radius
+    weak = mix[:, -1] / np.linalg.norm(mix[:, -1]) * 0.5 * 6
+    for x in _slides(rng, mix, 20, shift=weak):
+        r = assess(ref, x)
+        assert r.outside is True and r.message == OUTSIDE_MESSAGE
+        assert r.score > r.threshold
+    # the same Euclidean length along a strong direction stays within
+    strong = mix[:, 0] / np.linalg.norm(mix[:, 0]) * 0.5 * 6
+    assert np.mean([assess(ref, x).outside for x in _slides(rng, mix, 50, shift=strong)]) <= 0.1
+
+
+def test_a_few_odd_items_do_not_flag_a_slide(fitted):
+    ref, mix = fitted
+    rng = np.random.default_rng(3)
+    x = _slides(rng, mix, 1, items=(200, 201))[0]
+    x[:20] += 50.0  # 10 % of the tiles are pen marks
+    assert assess(ref, x).outside is False
+
+
+def test_threshold_rule_and_its_floor():
+    scores = [1.0, 1.1, 0.9, 1.05]
+    logs = np.log(scores)
+    z = 2.3263478740408408
+    want = np.exp(logs.mean() + z * logs.std(ddof=1))
+    assert calibrate_threshold(scores, 0.99) == pytest.approx(want, rel=1e-6)
+    # identical scores: the floor keeps a margin, and the threshold is never below the max
+    assert calibrate_threshold([2.0, 2.0], 0.99) == pytest.approx(2.0 * np.exp(z * 0.05))
+    assert calibrate_threshold([1.0, 5.0], 0.5) == 5.0
+    with pytest.raises(ValueError, match="no calibration slide"):
+        calibrate_threshold([float("nan")], 0.99)
+
+
+def test_slide_level_features_one_row_each():
+    rng = np.random.default_rng(4)
+    train = [rng.normal(size=(1, 8)) for _ in range(60)]
+    calib = [rng.normal(size=(1, 8)) for _ in range(40)]
+    ref = fit_reference(train, calib, rank=3, level=0.95)
+    assert ref.n_fit == 60 and ref.n_calib == 40
+    assert assess(ref, rng.normal(size=8) + 6.0).outside is True
+    assert assess(ref, np.zeros(8)).outside is False
+
+
+def test_bad_inputs_are_named(fitted):
+    ref, _ = fitted
+    with pytest.raises(ValueError, match="12-d, the reference is 24-d"):
+        assess(ref, np.zeros((3, 12)))
+    with pytest.raises(ValueError, match="level must be in"):
+        fit_reference([np.zeros((3, 2))], [np.zeros((3, 2))], level=1.0)
+    with pytest.raises(ValueError, match="different dimensions"):
+        fit_reference([np.ones((3, 2)), np.ones((3, 4))], [np.ones((3, 2))])
+    nan_rows = np.full((5, D), np.nan)
+    r = assess(ref, nan_rows)
+    assert r.outside is None and "no features" in r.message
+
+
+def test_dict_round_trip_and_malformed(fitted):
+    ref, mix = fitted
+    back = FeatureReference.from_dict(json.loads(json.dumps(ref.to_dict())))
+    x = np.random.default_rng(5).normal(size=(50, D)) @ mix.T
+    assert np.allclose(item_distances(back, x), item_distances(ref, x))
+    assert back.threshold == ref.threshold and back.features == ref.features
+    bad = ref.to_dict()
+    del bad["basis"]
+    with pytest.raises(CheckpointError, match=r"missing key\(s\) \['basis'\]"):
+        FeatureReference.from_dict(bad)
+    bad = ref.to_dict() | {"eigenvalues": [1.0]}
+    with pytest.raises(CheckpointError, match="do not fit"):
+        FeatureReference.from_dict(bad)
+    with pytest.raises(CheckpointError, match="positive"):
+        FeatureReference.from_dict(ref.to_dict() | {"threshold": -1.0})
+    with pytest.raises(CheckpointError, match="JSON object"):
+        FeatureReference.from_dict([1, 2])
+
+
+def test_card_without_reference_says_so():
+    card = ModelCard(family="tile_classifier", config={}, data={"trained_on": "x"})
+    assert reference_from_card(card) is None
+    r = assess_card(card, np.zeros((3, 4)))
+    assert r.outside is None and r.message == NO_REFERENCE_MESSAGE
+    assert ood_summary(r)["outside_training_data"] is None
+    json.dumps(ood_summary(r))
+
+
+def test_write_reference_keeps_tensors_and_other_keys(tmp_path, fitted):
+    ref, _ = fitted
+    cfg = {"backbone": "test_cnn", "num_classes": 2, "dropout": 0.0, "backbone_kwargs": {}}
+    model = TileClassifier.from_config(cfg)
+    path = hs.save_checkpoint(tmp_path / "m.safetensors", model,
+                              {"family": "tile_classifier", "config": cfg,
+                               "data": {"calibration": {"t": 1.5}},
+                               "metrics": {"auc": 0.9}})  # fmt: skip
+    before = read_card(path)
+    write_reference(path, ref)
+    loaded, card = hs.load_checkpoint(path, family="tile_classifier")  # hash still verified
+    assert card.sha256 == before.sha256 and card.metrics == {"auc": 0.9}
+    assert card.data["calibration"] == {"t": 1.5}
+    got = reference_from_card(card)
+    assert got is not None and got.threshold == ref.threshold
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        assert torch.equal(loaded(x), model.eval()(x))
+    write_reference(path, None)
+    assert reference_from_card(read_card(path)) is None
+    assert read_card(path).data == {"calibration": {"t": 1.5}}
+
+
+def test_warning_only_when_outside(fitted):
+    ref, mix = fitted
+    far = assess(ref, np.full((10, D), 100.0))
+    with pytest.warns(OutsideTrainingDataWarning, match="slide.svs: outside training data"):
+        warn_if_outside(far, "slide.svs")
+    near = assess(ref, np.random.default_rng(6).normal(size=(100, D)) @ mix.T + 3.0)
+    assert near.outside is False
+    warn_if_outside(near, "slide.svs")  # warnings are errors in tests: none may be issued
+    assert "vs threshold" in far.detail
