@@ -321,3 +321,123 @@ def test_an_empty_geometry_collection_is_reported_and_spares_the_other_centroids
     with pytest.warns(hs.HistoScopeWarning):
         df = hs.read_geojson(path, on_error="skip")
     assert df[["x", "y"]].values.tolist() == [[5.0, 5.0]]
+
+
+# ------------------------------------------------------------- centroid mode
+def _assert_same_but_geometry(centroid: pd.DataFrame, full: pd.DataFrame) -> None:
+    plain = [c for c in full.columns if c not in ("geometry", "nucleus", "x", "y")]
+    pd.testing.assert_frame_equal(centroid[plain], full[plain])
+    np.testing.assert_allclose(centroid[["x", "y"]], full[["x", "y"]], rtol=0, atol=1e-6)
+    keep = (full["object_type"] == "annotation").to_numpy()
+    assert all(a.equals(b) for a, b in zip(centroid["geometry"][keep], full["geometry"][keep],
+                                           strict=True))  # fmt: skip
+    assert centroid.loc[~keep, "geometry"].isna().all() and centroid["nucleus"].isna().all()
+
+
+@pytest.mark.parametrize("form", FORMS, ids=[f.id for f in FORMS])
+def test_centroid_mode_reads_every_form_as_the_full_reader_does(tmp_path, form):
+    path = tmp_path / ("objects.geojson.gz" if form.gz else "objects.geojson")
+    text = json.dumps(form.doc, indent=2)
+    path.write_bytes(gzip.compress(text.encode()) if form.gz else text.encode())
+    _assert_same_but_geometry(hs.read_geojson(path, geometry="centroid"), hs.read_geojson(path))
+
+
+def _detection(coords, kind="Polygon") -> dict:
+    return feature({"type": kind, "coordinates": coords}, objectType="detection")
+
+
+BAD_FAST = BAD + [
+    Bad("detection_string_coordinates",
+        _bad_doc(_detection([[["a", 0], [1, 0], [1, 1], ["a", 0]]])), "not numbers"),
+    Bad("detection_nan_coordinates",
+        _bad_doc(_detection([[[float("nan"), 0], [1, 0], [1, 1], [0, 0]]])), "not finite"),
+    Bad("detection_collinear", _bad_doc(_detection([[[0, 0], [5, 0], [10, 0], [0, 0]]])),
+        "cannot be repaired"),
+    Bad("detection_two_points", _bad_doc(_detection([[[0, 0], [10, 0]]])), "cannot be repaired"),
+    Bad("detection_null_in_ring",
+        _bad_doc(_detection([[[0, 0], [10, 0], None, [10, 10], [0, 0]]])), "not numbers"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("bad", BAD_FAST, ids=[b.id for b in BAD_FAST])
+def test_centroid_mode_raises_and_skips_like_the_full_reader(tmp_path, bad):
+    path = tmp_path / "broken.geojson"
+    path.write_text(json.dumps({"type": "FeatureCollection", "features": bad.doc}, indent=1))
+    with pytest.raises(GeoJSONError, match=rf"broken\.geojson: feature 1: .*{bad.reason}"):
+        hs.read_geojson(path, geometry="centroid")
+    with pytest.warns(HistoScopeWarning, match="skipped 1 of 3 features"):
+        df = hs.read_geojson(path, on_error="skip", geometry="centroid")
+    assert len(df) == 2 and df.attrs["skipped"][0][0] == 1
+
+
+def _cells_table(n: int, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    geoms, nuclei = [], []
+    for cx, cy in rng.uniform(0, 150_000, (n, 2)):
+        k = int(rng.integers(3, 24))
+        t = np.sort(rng.uniform(0, 2 * np.pi, k))
+        r = rng.uniform(4, 12, k)
+        ring = np.round(np.column_stack([cx + r * np.cos(t), cy + r * np.sin(t)]), 3)
+        geoms.append(shapely.Polygon(ring))
+        nuclei.append(shapely.Point(cx, cy).buffer(2, quad_segs=3))
+    geoms = [g if g.is_valid else g.convex_hull for g in geoms]
+    return pd.DataFrame({"object_type": "cell", "classification": rng.choice(["A", "B"], n),
+                         "geometry": geoms, "nucleus": nuclei, "m": rng.normal(size=n)})  # fmt: skip
+
+
+def test_centroid_mode_matches_shapely_centroids_and_builds_no_polygon(tmp_path, monkeypatch):
+    table = _cells_table(400)
+    path = hs.write_geojson(tmp_path / "cells.geojson", table)
+    full = hs.read_geojson(path)
+    want = shapely.centroid(table["geometry"].to_numpy())
+    np.testing.assert_allclose(full["x"], shapely.get_x(want), atol=1e-6)
+
+    def no_polygons(*args, **kwargs):
+        raise AssertionError("a polygon was built")
+
+    monkeypatch.setattr(hs.export.geojson, "_one_geometry", no_polygons)
+    monkeypatch.setattr(hs.export.geojson.shapely, "polygons", no_polygons)
+    got = hs.read_geojson(path, geometry="centroid")
+    np.testing.assert_allclose(got["x"], shapely.get_x(want), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(got["y"], shapely.get_y(want), rtol=0, atol=1e-6)
+    assert got["m"].tolist() == full["m"].tolist() and got["id"].tolist() == full["id"].tolist()
+
+
+def test_centroid_mode_streams_across_blocks(tmp_path, monkeypatch):
+    from histoscope.export import _geojson_stream
+
+    table = _cells_table(300, seed=1)
+    path = hs.write_geojson(tmp_path / "cells.geojson.gz", table)
+    monkeypatch.setattr(_geojson_stream, "_CHUNK", 7)  # chunks and blocks end mid-feature
+    block = _geojson_stream._Stripped.__init__.__defaults__
+    monkeypatch.setattr(_geojson_stream._Stripped.__init__, "__defaults__", (301,))
+    got = hs.read_geojson(path, geometry="centroid")
+    monkeypatch.setattr(_geojson_stream._Stripped.__init__, "__defaults__", block)
+    _assert_same_but_geometry(got, hs.read_geojson(path))
+
+
+def test_bbox_and_limit_keep_objects_centred_inside_with_full_geometry(tmp_path):
+    table = _cells_table(500, seed=2)
+    path = hs.write_geojson(tmp_path / "cells.geojson", table)
+    full = hs.read_geojson(path)
+    box = (20_000.0, 30_000.0, 90_000.0, 110_000.0)
+    inside = full[(full.x >= box[0]) & (full.x < box[2]) & (full.y >= box[1]) & (full.y < box[3])]
+    got = hs.read_geojson(path, bbox=box)
+    assert got.attrs["matched"] == len(inside) > 10
+    assert got["id"].tolist() == inside["id"].tolist()
+    assert all(a.equals(b) for a, b in zip(got["geometry"], inside["geometry"], strict=True))
+    assert all(a.equals(b) for a, b in zip(got["nucleus"], inside["nucleus"], strict=True))
+    capped = hs.read_geojson(path, bbox=box, limit=5, geometry="centroid")
+    assert capped["id"].tolist() == inside["id"].tolist()[:5]
+    assert capped.attrs["matched"] == len(inside) and capped["geometry"].isna().all()
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [({"geometry": "outline"}, "geometry must be"), ({"bbox": (0, 0, 1)}, "bbox must be"),
+     ({"bbox": (0, 0, np.nan, 1)}, "bbox must be"), ({"limit": -1}, "limit must be")],
+)  # fmt: skip
+def test_scan_options_out_of_range_are_refused(tmp_path, kwargs, match):
+    path = hs.write_geojson(tmp_path / "c.geojson", _cells_table(2))
+    with pytest.raises(ValueError, match=match):
+        hs.read_geojson(path, **kwargs)

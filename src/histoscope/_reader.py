@@ -151,11 +151,15 @@ def viewer_slide_mpp() -> float | None:
 
 
 def _rgba(colors) -> np.ndarray:
-    out = np.tile(np.asarray(_DEFAULT_RGBA), (len(colors), 1))
-    for i, c in enumerate(colors):
-        if c is not None and not (isinstance(c, float) and np.isnan(c)):
-            out[i, :3] = np.asarray(c[:3], dtype=float) / 255.0
-    return out
+    """RGBA rows for ``(r, g, b)`` colours (0-255); the default where there is none."""
+    import pandas as pd
+
+    colors = [tuple(c) if isinstance(c, list | np.ndarray) else c for c in colors]
+    codes, uniques = pd.factorize(pd.Series(colors, dtype=object))  # a few classes
+    palette = np.tile(np.asarray(_DEFAULT_RGBA), (len(uniques) + 1, 1))
+    for i, c in enumerate(uniques):
+        palette[i, :3] = np.asarray(c[:3], dtype=float) / 255.0
+    return palette[codes]  # code -1 (no colour) takes the last row: the default
 
 
 def _features(table) -> Any:
@@ -261,7 +265,8 @@ def read_geojson_layers(path: str | list[str]) -> list:
     out = []
     for p in paths:
         stem = Path(p).name.split(".")[0]
-        layers, notes = geojson_layers(read_geojson(p), stem, mpp, path=str(p))
+        table = read_geojson(p, geometry="centroid")  # no polygon built for cells
+        layers, notes = geojson_layers(table, stem, mpp, path=str(p))
         for note in notes:
             show_info(note)
         out.extend(layers)

@@ -11,6 +11,7 @@ import contextlib
 import gc
 import gzip
 import json
+import re
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
@@ -148,3 +149,83 @@ def _open_text(path: Path):
     with open(path, "rb") as fh:
         gz = fh.read(2) == b"\x1f\x8b"
     return gzip.open(path, "rt", encoding="utf-8-sig") if gz else open(path, encoding="utf-8-sig")
+
+
+# ------------------------------------------------------- coordinates cut out
+#: A cut-out coordinate array is replaced by the string ``PLACE + its number``.
+PLACE = "\ue000"  # a private-use character
+_COORDS = re.compile(r'"coordinates"\s*:\s*(?=\[)')
+
+
+class _Stripped(_Stream):
+    """A :class:`_Stream` whose decoded text has every ``"coordinates"`` array cut out.
+
+    Each array stays unparsed text in :attr:`spans` and its place in the JSON
+    holds the string ``PLACE + number``, so decoding a feature builds no list
+    for any vertex: the caller parses only the coordinates it needs (the cell
+    outline, not the nucleus) with numpy. Text is cut only after a ``}`` (a
+    coordinate array never holds one), so an array is never split between
+    blocks. An array whose text cannot be cut safely (a string inside it) is
+    left in place for the JSON decoder and its checks.
+    """
+
+    def __init__(self, fh, block: int = 1 << 22) -> None:
+        super().__init__(fh, block)
+        self.raw = ""
+        self.spans: list[str] = []
+        self.base = 0  # number of the first span still held
+
+    def _more(self) -> bool:
+        data = self.fh.read(max(self.block, len(self.buf) - self.pos))
+        if data:
+            raw = self.raw + data
+            cut = raw.rfind("}") + 1
+        else:
+            raw, cut = self.raw, len(self.raw)
+            if not raw:
+                self.eof = True
+                return False
+        self.raw = raw[cut:]
+        self.buf = self.buf[self.pos :] + self._strip(raw[:cut])
+        self.pos = 0
+        return True
+
+    def _strip(self, text: str) -> str:
+        out, s, find, spans = [], 0, text.find, self.spans
+        at = find('"coordinates"')
+        while at >= 0:
+            k = at + 14
+            if not text.startswith(":[", k - 1):  # white space around the colon
+                m = _COORDS.match(text, at)
+                if m is None:
+                    at = find('"coordinates"', k)
+                    continue
+                k = m.end()
+            end = find("}", k)
+            end = len(text) if end < 0 else end
+            quote = find('"', k, end)
+            if quote >= 0:  # more members follow the array: it ends at the comma before them
+                body = text[k:quote].rstrip()
+                if not body.endswith(","):  # a string inside: the decoder says what is wrong
+                    at = find('"coordinates"', k)
+                    continue
+                body = body[:-1]
+            else:
+                body = text[k:end]
+            out.append(text[s:k])
+            out.append(f'"{PLACE}{self.base + len(spans)}"')
+            spans.append(body)
+            s = k + len(body)
+            at = find('"coordinates"', s)
+        out.append(text[s:])
+        return "".join(out)
+
+    def span(self, ref: str) -> str:
+        """The coordinate text a placeholder stands for."""
+        return self.spans[int(ref[1:]) - self.base]
+
+    def release(self, ref: str) -> None:
+        """Forget the spans before ``ref`` and itself (features already handled)."""
+        n = int(ref[1:]) - self.base + 1
+        del self.spans[:n]
+        self.base += n
