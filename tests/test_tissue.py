@@ -125,3 +125,59 @@ def test_background_margin_keeps_pale_tissue_when_glass_is_scarce():
     assert capped.threshold < otsu.threshold
     with pytest.raises(ValueError, match="background_margin"):
         TissueParams(background_margin=1.5)
+
+
+def test_inside_slide_drops_only_the_tiles_that_cross_the_slide_edge(slide):
+    from histoscope.tissue import inside_slide
+
+    grid = tile_grid(slide, None, mpp=0.5, tile_size=500)  # 3072 x 2048: last column/row cross
+    inner = inside_slide(grid, slide)
+    assert inner.shape == grid.shape == (5, 7)
+    end = inner.coords + inner.stride
+    assert (end[:, 0] <= W).all() and (end[:, 1] <= H).all()
+    assert len(inner) == 4 * 6  # every whole tile stays
+    exact = tile_grid(slide, None, mpp=0.5, tile_size=512)  # 2048 x 3072: nothing crosses
+    assert inside_slide(exact, slide) is exact
+
+
+def test_an_edited_mask_becomes_the_sessions_tissue_and_keys_its_grids(slide):
+    from histoscope.errors import HistoScopeError
+    from histoscope.session import open_session
+    from histoscope.tasks.tissue import use_edited_mask
+    from histoscope.tissue import EditedTissue, mask_sha256
+
+    session = open_session(slide, in_memory=True)
+    computed = session.tissue()
+    before = session.grid(2.0, 64, 0.5)
+    edited = computed.mask.copy()
+    edited[:, edited.shape[1] // 2 :] = False  # the user erases the right half
+    key = use_edited_mask(session, edited.astype(np.uint8))
+    assert isinstance(key, EditedTissue) and session.tissue_params is key
+    assert key.edit_sha256 == mask_sha256(edited)
+    assert np.array_equal(session.tissue().mask, edited)
+    after = session.grid(2.0, 64, 0.5)
+    assert len(after) < len(before)
+    assert (after.coords[:, 0] + after.stride <= W / 2 + 1).all()  # nothing on the erased half
+    # the tissue task shows the edit again and says it is one
+    from histoscope.tasks._registry import run
+
+    res = run("tissue", session, params=key)
+    assert res.summary()["edited"] and res.summary()["threshold"] is None
+    with pytest.raises(ValueError, match="must be 128 x 192 pixels"):
+        use_edited_mask(session, edited[:, :-1])
+    with pytest.raises(ValueError, match="not in this session"):
+        tissue_mask(slide, key)  # the pixels of an edit live in the session only
+    with pytest.raises(HistoScopeError, match="edit_sha256"):
+        EditedTissue(edit_sha256="abc")
+
+
+def test_tissue_layer_is_an_outline_in_a_colour_that_stands_out_on_he(slide):
+    from histoscope.tasks.tissue import MASK_COLOR, find_tissue
+    from histoscope.tissue import mask_sha256
+
+    [(data, kwargs, kind)] = find_tissue(slide).to_layers()
+    assert kind == "labels" and kwargs["colormap"][1] == MASK_COLOR
+    assert kwargs["colormap"][0][3] == 0  # glass stays transparent
+    r, g, b, _ = MASK_COLOR
+    assert g > 0.8 and r < 0.2  # green: neither haematoxylin blue nor eosin pink
+    assert kwargs["metadata"]["mask_sha256"] == mask_sha256(data)

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Literal
 import numpy as np
 
 from histoscope.errors import SlideError
-from histoscope.params import check, param
+from histoscope.params import ParamError, check, param
 
 if TYPE_CHECKING:
     from histoscope.slide import Slide
@@ -134,6 +134,40 @@ def mask_from_rgb(rgb: np.ndarray, mpp: float, params: TissueParams | None = Non
     return TissueMask(mask=np.asarray(mask, dtype=bool), mpp=float(mpp), threshold=thr)
 
 
+@dataclass(frozen=True)
+class EditedTissue(TissueParams):
+    """The tissue in force is a mask the user edited, not one :func:`tissue_mask` computes.
+
+    It keys the edited mask in a session's cache (see
+    :func:`histoscope.tasks.tissue.use_edited_mask`): the detection settings the
+    mask started from, plus the SHA-256 of the edited pixels, so two different
+    edits never share a tile grid or a feature table.
+    """
+
+    edit_sha256: str = param("", "SHA-256 of the edited mask's pixels")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if len(self.edit_sha256) != 64:
+            raise ParamError(f"tissue.edit_sha256={self.edit_sha256!r}: must be a SHA-256 hex "
+                             "digest (64 characters)")  # fmt: skip
+
+
+def mask_sha256(mask: np.ndarray) -> str:
+    """SHA-256 of a mask's tissue pixels (any dtype; nonzero is tissue) and its shape."""
+    import hashlib
+
+    m = np.ascontiguousarray(np.asarray(mask) != 0)
+    return hashlib.sha256(repr(m.shape).encode() + np.packbits(m).tobytes()).hexdigest()
+
+
+def mask_shape(slide: Slide, mpp: float) -> tuple[int, int]:
+    """``(rows, cols)`` of a tissue mask of ``slide`` at ``mpp`` µm/px (as :func:`tissue_mask`)."""
+    h0, w0 = slide.shape
+    f = mpp / slide.mpp
+    return max(1, math.ceil(h0 / f)), max(1, math.ceil(w0 / f))
+
+
 def tissue_mask(slide: Slide, params: TissueParams | None = None) -> TissueMask:
     """Detect tissue on a low-resolution read of ``slide``.
 
@@ -150,11 +184,12 @@ def tissue_mask(slide: Slide, params: TissueParams | None = None) -> TissueMask:
         The mask covering the whole slide and its µm/px.
     """
     p = params or TissueParams()
+    if isinstance(p, EditedTissue):  # its pixels live in a session's cache, not in the slide
+        raise ValueError(f"{slide.path}: the edited tissue mask {p.edit_sha256[:12]} is not "
+                         "in this session any more; run tissue detection again")  # fmt: skip
     if not slide.mpp:
         raise SlideError(f"{slide.path}: tissue detection needs the slide's µm/px")
-    h0, w0 = slide.shape
-    f = p.mpp / slide.mpp
-    w, h = max(1, math.ceil(w0 / f)), max(1, math.ceil(h0 / f))
+    h, w = mask_shape(slide, p.mpp)
     rgb = slide.read_region(0, 0, w, h, mpp=p.mpp)
     return mask_from_rgb(rgb, p.mpp, p)
 
@@ -258,6 +293,25 @@ def tile_grid(
         slide_mpp=float(slide.mpp),
         tissue=frac[rr, cc].astype(np.float32),
     )
+
+
+def inside_slide(grid: TileGrid, slide: Slide) -> TileGrid:
+    """``grid`` without the tiles that cross the slide's edge (the grid's shape is kept).
+
+    A tile reaching past the right or bottom edge would be read half as glass
+    padding, and a model trained on whole tiles scores such a tile on what it
+    never saw; the tumour map and MIL therefore score only tiles that lie
+    wholly on the slide.
+    """
+    h0, w0 = slide.shape
+    end = grid.coords + grid.stride
+    tol = 1e-6 * grid.stride
+    keep = (end[:, 0] <= w0 + tol) & (end[:, 1] <= h0 + tol)
+    if keep.all():
+        return grid
+    return TileGrid(coords=grid.coords[keep], index=grid.index[keep], shape=grid.shape,
+                    tile_size=grid.tile_size, mpp=grid.mpp, slide_mpp=grid.slide_mpp,
+                    tissue=grid.tissue[keep])  # fmt: skip
 
 
 def _coverage(mask: TissueMask, rows: int, cols: int, tile_um: float) -> np.ndarray:

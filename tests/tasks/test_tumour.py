@@ -162,3 +162,42 @@ def test_stain_normalisation_follows_the_checkpoint_card():
     assert not TumourParams().normalise(plain)
     assert TumourParams(stain_norm="on").normalise(plain)
     assert not TumourParams(stain_norm="off").normalise(trained_normalised)
+
+
+@pytest.fixture(scope="module")
+def edge_slide(tmp_path_factory):
+    """Red ("tumour") tissue up to the right edge; the last tile column is half off the slide."""
+    import histoscope as hs
+    from histoscope.slide import write_pyramidal_tiff
+
+    rng = np.random.default_rng(2)
+    img = np.full((768, 1088, 3), 245, np.uint8)  # 1088 px = 8.5 tiles of 128 level-0 px
+    img[256:] = (170, 60, 120)
+    img[256:] = np.clip(img[256:] + rng.normal(0, 8, img[256:].shape), 0, 255).astype(np.uint8)
+    path = write_pyramidal_tiff(tmp_path_factory.mktemp("e") / "edge.tif", img, mpp=MPP)
+    return hs.open_slide(path)
+
+
+def test_a_tile_half_off_the_slide_is_not_scored(edge_slide):
+    # min_tissue 0.3 lets the half-off column (tissue fraction ~0.5) into the tissue grid;
+    # read with glass padding, RedIsTumour would score it 0.88: it must stay unscored
+    heat = drive(iter_heatmap(edge_slide, RedIsTumour(), params=TumourParams(min_tissue=0.3)))
+    g = heat.grid
+    assert g.shape[1] == 9 and g.stride == 128
+    assert np.isnan(heat.values[:, 8]).all()
+    assert np.isfinite(heat.values[3:, 7]).all() and np.nanmin(heat.values[3:, :8]) > 0.9
+    assert ((g.coords + g.stride) <= np.array([1088, 768])).all()
+
+
+def test_the_map_scores_the_edited_tissue_mask(slide):
+    from histoscope.session import open_session
+    from histoscope.tasks.tissue import use_edited_mask
+
+    session = open_session(slide, in_memory=True)
+    mask = session.tissue().mask.copy()
+    mask[:, : mask.shape[1] // 2] = False  # the user erases the left half (the "normal" tissue)
+    use_edited_mask(session, mask)
+    heat = drive(iter_heatmap(session, RedIsTumour()))
+    cols = heat.values.shape[1]
+    assert np.isnan(heat.values[:, : cols // 2]).all()
+    assert np.isfinite(heat.values[3:, cols // 2 + 1 :]).all()

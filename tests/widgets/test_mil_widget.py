@@ -76,3 +76,23 @@ def test_cancel_keeps_the_tiles_encoded_and_marks_the_call_provisional(
     att = widget.viewer.layers["MIL attention"].data
     assert int(np.isfinite(att).sum()) == s["tiles_encoded"]
     assert "provisional" in widget.prediction.text() and "Cancelled" in widget.status.text()
+
+
+def test_mil_bags_only_the_tiles_of_the_edited_tissue_mask(widget, qtbot):
+    from histoscope._widgets.tumour import TumourWidget
+
+    tumour = TumourWidget(widget.viewer)  # the tissue layer comes from the tumour panel
+    assert tumour.run_tissue() is not None
+    qtbot.waitUntil(lambda: tumour.worker is None, timeout=120_000)
+    tissue = widget.viewer.layers["tissue"]
+    data = tissue.data.copy()
+    data[:, data.shape[1] // 2 :] = 0  # the user erases the right half
+    tissue.data = data
+    assert widget.run() is not None
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=180_000)
+    assert widget.result is not None, widget.status.text()
+    g = widget.result.attention.grid
+    half_um = data.shape[1] // 2 * tissue.scale[1]
+    right = (g.coords[:, 0] + g.stride) * g.slide_mpp > half_um + tissue.scale[1]
+    assert not right.any()  # no tile of the erased half entered the bag
+    assert len(g) > 0

@@ -157,3 +157,30 @@ def test_cancel_while_loading_stops_before_any_tile(widget, qtbot):
     _wait(qtbot, widget, worker)
     assert widget.status.text().startswith("Cancelled before any tile was scored.")
     assert "tumour probability" not in widget.viewer.layers and widget.run_button.isEnabled()
+
+
+def test_tissue_mask_is_drawn_as_a_visible_outline(widget, qtbot):
+    from histoscope.tasks.tissue import MASK_COLOR, MASK_CONTOUR
+
+    _wait(qtbot, widget, widget.run_tissue())
+    tissue = widget.viewer.layers["tissue"]
+    assert tissue.contour == MASK_CONTOUR  # an outline: the H&E inside stays visible
+    np.testing.assert_allclose(tissue.colormap.map(np.array([1]))[0], MASK_COLOR)
+    assert tissue.colormap.map(np.array([0]))[0][3] == 0
+
+
+def test_heatmap_scores_the_tissue_mask_as_the_user_edited_it(widget, qtbot):
+    _wait(qtbot, widget, widget.run_tissue())
+    tissue = widget.viewer.layers["tissue"]
+    _wait(qtbot, widget, widget.run())
+    before = np.isfinite(widget.viewer.layers["tumour probability"].data)
+    half = tissue.data.shape[1] // 2
+    assert before[:, 2:].any()  # tissue tiles on the right half were scored
+    data = tissue.data.copy()
+    data[:, half:] = 0  # the user erases the right half of the mask
+    tissue.data = data
+    _wait(qtbot, widget, widget.run())
+    after = np.isfinite(widget.viewer.layers["tumour probability"].data)
+    assert not after[:, 2:].any()  # 4 x 4 tiles of 128 µm: columns 2-3 lie on the erased half
+    assert np.array_equal(after[:, :2], before[:, :2])
+    assert not widget.viewer.layers["tissue"].data[:, half:].any()  # the edit is kept as drawn

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from qtpy.QtWidgets import QFormLayout, QLabel, QListWidget, QVBoxLayout
+from qtpy.QtWidgets import QFormLayout, QLabel, QListWidget
 
-from histoscope._widgets._common import CheckpointPicker, RGBLayerCombo, TaskWidget
+from histoscope._widgets._common import (
+    CheckpointPicker,
+    RGBLayerCombo,
+    TaskWidget,
+    show_training_data_flag,
+)
 
 if TYPE_CHECKING:
     import napari
@@ -33,7 +38,7 @@ class MILWidget(TaskWidget):
         self.top_list = QListWidget()
         self.top_list.currentRowChanged.connect(self.go_to_tile)
         self.top_list.itemClicked.connect(lambda item: self.go_to_tile(self.top_list.row(item)))
-        layout = QVBoxLayout(self)
+        layout = self.body_layout()
         layout.addLayout(form)
         layout.addWidget(self.controls)
         layout.addWidget(QLabel("Slide call"))
@@ -44,12 +49,14 @@ class MILWidget(TaskWidget):
     def run(self):
         """Classify the chosen slide in a worker; returns the worker or None."""
         from histoscope._widgets._worker import Job
+        from histoscope._widgets.tumour import edited_tissue
 
         try:
             session, layer = self.chosen_session(self.layer_combo)
             ckpt = self.picker.path()
             if not ckpt:
                 raise ValueError("Choose a CLAM checkpoint.")
+            edited_tissue(self.viewer, session)  # the user's edits to the tissue layer count
         except ValueError as exc:
             self.status.setText(str(exc))
             return None
@@ -68,6 +75,7 @@ class MILWidget(TaskWidget):
             f"{c}: {p:.2f}" for c, p in zip(result.classes, result.probability, strict=True)
         )
         s = result.summary()
+        show_training_data_flag(self.controls, s)
         note = (f"<br><i>provisional: {s['tiles_encoded']} of {s['n_tiles']} tiles encoded</i>"
                 if result.cancelled else "")  # fmt: skip
         self.prediction.setText(f"<b>{result.label}</b> ({probs}){note}")

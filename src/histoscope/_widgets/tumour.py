@@ -4,9 +4,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from qtpy.QtWidgets import QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QVBoxLayout
+import numpy as np
+from qtpy.QtWidgets import QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout
 
-from histoscope._widgets._common import CheckpointPicker, RGBLayerCombo, TaskWidget
+from histoscope._widgets._common import (
+    CheckpointPicker,
+    RGBLayerCombo,
+    TaskWidget,
+    show_training_data_flag,
+)
 from histoscope.tissue import TissueParams
 
 if TYPE_CHECKING:
@@ -14,6 +20,30 @@ if TYPE_CHECKING:
 
 DEFAULT_CHECKPOINT = "tumour_patch_default.safetensors"
 HEATMAP_NAME = "tumour probability"
+
+
+def edited_tissue(viewer, session):
+    """The session's tissue as the user edited it in the viewer, or ``None`` if unedited.
+
+    Looks for the tissue labels layer HistoScope made for this slide; when its
+    pixels differ from what was drawn (the user painted or erased), the edited
+    mask becomes the session's tissue in force and its key is returned.
+    """
+    from histoscope.tasks.tissue import use_edited_mask
+    from histoscope.tissue import TissueParams, mask_sha256
+
+    for layer in viewer.layers:
+        meta = layer.metadata
+        prov = meta.get("histoscope") or {}
+        if (layer._type_string != "labels" or meta.get("histoscope_task") != "tissue"
+                or prov.get("slide") != str(session.slide.path)):  # fmt: skip
+            continue
+        if mask_sha256(layer.data) == meta.get("mask_sha256"):
+            return None  # as detected: the form's settings decide
+        names = TissueParams.__dataclass_fields__
+        base = TissueParams(**{k: v for k, v in (prov.get("params") or {}).items() if k in names})
+        return use_edited_mask(session, np.asarray(layer.data), base)
+    return None
 
 
 class TumourWidget(TaskWidget):
@@ -56,7 +86,7 @@ class TumourWidget(TaskWidget):
         )
         self.gradcam_box = QCheckBox("Grad-CAM of the tile I click")
         self.gradcam_box.toggled.connect(self._toggle_click)
-        layout = QVBoxLayout(self)
+        layout = self.body_layout()
         layout.addLayout(form)
         layout.addWidget(self.stain_box)
         layout.addWidget(self.gradcam_box)
@@ -101,12 +131,18 @@ class TumourWidget(TaskWidget):
         except ValueError as exc:
             self.status.setText(str(exc))
             return None
+        try:
+            edited = edited_tissue(self.viewer, session)
+        except ValueError as exc:
+            self.status.setText(str(exc))
+            return None
         self.heatmap, self._heatmap_checkpoint, self._heatmap_session = None, ckpt, session
         centre = self.view_centre(session.slide, layer)
-        jobs = [Job("tissue", session, params=tissue),
+        jobs = [Job("tissue", session, params=edited or tissue),
                 Job("tumour", session, ckpt, params=params, near=centre)]  # fmt: skip
-        return self.run_tasks(jobs, text="Scoring tiles in view first…",
-                              on_result=self._finished_heatmap, on_partial=self._live)  # fmt: skip
+        text = "Scoring tiles in view first" + (" (your edited tissue mask)…" if edited else "…")
+        return self.run_tasks(jobs, text=text, on_result=self._finished_heatmap,
+                              on_partial=self._live)  # fmt: skip
 
     def _live(self, heatmap) -> None:
         """Show the map as it fills in (the same array, updated in place)."""
@@ -125,6 +161,7 @@ class TumourWidget(TaskWidget):
         self._live(heatmap)
         self.heatmap = heatmap
         s = heatmap.summary()
+        show_training_data_flag(self.controls, s)
         self.status.setText(f"{s['scored']} of {s['tiles']} tissue tiles scored; "
                             f"{s['tumour_tiles']} at p >= 0.5; background left transparent.")  # fmt: skip
 
@@ -132,8 +169,10 @@ class TumourWidget(TaskWidget):
         result = outcome.get("tissue")
         if result is None:
             return
+        from histoscope.tasks.tissue import MASK_CONTOUR
+
         for layer_data in result.to_layers():
-            self.replace_layer(*layer_data)
+            self.replace_layer(*layer_data).contour = MASK_CONTOUR  # an outline: H&E stays visible
         self.status.setText(f"Tissue: {100 * result.mask.fraction:.0f}% of the slide.")
 
     # ---------------------------------------------------------------- Grad-CAM

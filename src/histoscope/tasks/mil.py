@@ -126,6 +126,7 @@ class MILResult(Result):
     attention: TileHeatmap
     top_tiles: tuple[dict[str, Any], ...]
     tile_attention: np.ndarray
+    ood: Any = None  # OODReport: is the slide outside the training data?
 
     @property
     def label(self) -> str:
@@ -171,7 +172,7 @@ class MILResult(Result):
             "n_tiles": int(len(self.tile_attention)),
             "tiles_encoded": int(np.isfinite(self.tile_attention).sum()),
             "cancelled": self.cancelled,
-        }  # fmt: skip
+        } | (_ood_keys(self.ood) if self.ood is not None else {})  # fmt: skip
 
     def save(self, out_dir: str | os.PathLike) -> list[Path]:
         """Write ``mil.json`` (prediction, probabilities, top tiles, provenance) and the attention.
@@ -266,6 +267,7 @@ def iter_mil(
         If stopped before any tile was encoded.
     """
     from histoscope.session import open_session
+    from histoscope.tissue import inside_slide
 
     m = mil or MILParams()
     min_t = min_tissue if min_tissue is not None else m.min_tissue
@@ -284,6 +286,7 @@ def iter_mil(
         grid = tile_grid_for(slide, fm.spec, tissue=tissue, min_tissue=min_t)
     else:
         grid = session.grid(fm.spec.mpp, fm.spec.tile_size, min_t)
+    grid = inside_slide(grid, slide)  # a tile half off the slide is half glass padding
     if len(grid) == 0:
         raise ValueError(f"{slide.path}: no tissue tiles for MIL (min_tissue={min_t})")
     want = getattr(clam_model, "in_dim", None)
@@ -372,8 +375,18 @@ def _mil_result(slide, clam_model, card, fm, grid, features, done, min_tissue, t
     ]
     top = tuple({"rank": r + 1, "x": int(grid.coords[i, 0]), "y": int(grid.coords[i, 1]),
                  "attention": float(tile_att[i])} for r, i in enumerate(order))  # fmt: skip
-    return MILResult(provenance=prov, classes=classes, probability=prob, predicted=pred,
-                     attention=heat, top_tiles=top, tile_attention=tile_att)  # fmt: skip
+    res = MILResult(provenance=prov, classes=classes, probability=prob, predicted=pred,
+                    attention=heat, top_tiles=top, tile_attention=tile_att)  # fmt: skip
+    # outside training data (issue 11): the bag's tile features against the card's reference
+    from histoscope.ood import with_ood
+
+    return with_ood(res, card, features[done], slide.path.name)
+
+
+def _ood_keys(report) -> dict[str, Any]:
+    from histoscope.ood import ood_summary
+
+    return ood_summary(report)
 
 
 def run_mil(slide, clam_model, card, **kwargs: Any) -> MILResult:

@@ -20,7 +20,12 @@ from histoscope.atomic import atomic_path, atomic_write_bytes, atomic_write_text
 from histoscope.progress import Step
 from histoscope.results import Provenance, Result, plain
 from histoscope.tasks._registry import TaskSpec, register
-from histoscope.tissue import TissueMask, TissueParams
+from histoscope.tissue import EditedTissue, TissueMask, TissueParams, mask_sha256, mask_shape
+
+#: How the tissue mask is drawn: an outline in a colour that stands out on H&E and IHC.
+MASK_COLOR = (0.0, 1.0, 0.4, 1.0)
+#: Outline width of the tissue layer in mask pixels (the widget sets it; 0 fills).
+MASK_CONTOUR = 2
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -33,13 +38,20 @@ class TissueResult(Result):
     def to_layers(self) -> list:
         m = self.mask
         off = (m.mpp - self.slide_mpp) / 2  # mask pixel centres over level-0 pixel centres
-        kwargs = {"name": "tissue", "scale": (m.mpp, m.mpp), "translate": (off, off), "units": ("um", "um"),
-                  "opacity": 0.3, "metadata": {"histoscope": self.provenance.to_dict()}}  # fmt: skip
-        return [(m.mask.astype(np.uint8), kwargs, "labels")]
+        data = m.mask.astype(np.uint8)
+        meta = {"histoscope": self.provenance.to_dict(), "histoscope_task": "tissue",
+                "mask_sha256": mask_sha256(data), "mask_mpp": m.mpp}  # fmt: skip
+        kwargs = {"name": "tissue", "scale": (m.mpp, m.mpp), "translate": (off, off),
+                  "units": ("um", "um"), "opacity": 0.9, "metadata": meta,
+                  "colormap": {None: (0.0, 0.0, 0.0, 0.0), 0: (0.0, 0.0, 0.0, 0.0),
+                               1: MASK_COLOR}}  # fmt: skip
+        return [(data, kwargs, "labels")]
 
     def summary(self) -> dict[str, Any]:
         m = self.mask
-        return {"tissue_fraction": m.fraction, "mask_mpp": m.mpp, "threshold": m.threshold,
+        edited = not np.isfinite(m.threshold)  # a user's edit has no threshold
+        return {"tissue_fraction": m.fraction, "mask_mpp": m.mpp,
+                "threshold": None if edited else m.threshold, "edited": edited,
                 "shape": list(m.mask.shape)}  # fmt: skip
 
     def save(self, out_dir) -> list[Path]:
@@ -79,6 +91,50 @@ def find_tissue(slide, params: TissueParams | None = None) -> TissueResult:
     from histoscope.tasks._registry import run
 
     return run("tissue", slide, params=params or TissueParams())
+
+
+def use_edited_mask(session, mask: np.ndarray, base: TissueParams | None = None) -> EditedTissue:
+    """Make a mask the user edited the session's tissue in force.
+
+    Later tile grids (the tumour map, MIL, every task that needs tissue) use
+    ``mask`` as it is; the ``tissue`` task run with the returned parameters
+    shows it again.
+
+    Parameters
+    ----------
+    session
+        The :class:`~histoscope.session.Session` of the slide the mask covers.
+    mask
+        ``(H, W)`` mask, nonzero on tissue, at ``base.mpp`` µm/px over the
+        whole slide (the shape :func:`histoscope.tissue.tissue_mask` gives).
+    base
+        The detection settings the mask was made with (default: the session's).
+
+    Returns
+    -------
+    EditedTissue
+        The key the edited mask is kept under; it is also set as
+        ``session.tissue_params``.
+
+    Raises
+    ------
+    ValueError
+        When the mask is not 2-D or its shape does not cover the slide at ``base.mpp``.
+    """
+    from dataclasses import asdict, fields
+
+    b = base if base is not None else session.tissue_params
+    m = np.asarray(mask)
+    want = mask_shape(session.slide, b.mpp)
+    if m.ndim != 2 or m.shape != want:
+        raise ValueError(f"{session.slide.path}: an edited tissue mask at {b.mpp:g} µm/px must be "
+                         f"{want[0]} x {want[1]} pixels, got shape {m.shape}")  # fmt: skip
+    plain_base = {f.name: asdict(b)[f.name] for f in fields(TissueParams)}
+    key = EditedTissue(**plain_base, edit_sha256=mask_sha256(m))
+    edited = TissueMask(mask=m != 0, mpp=float(b.mpp), threshold=float("nan"))
+    session.product("tissue", key, lambda: edited)
+    session.tissue_params = key
+    return key
 
 
 def _run(session, checkpoint, params: TissueParams, *, region=None, near=None, engine=None):

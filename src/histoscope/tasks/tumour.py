@@ -69,6 +69,7 @@ class TumourMap(TileHeatmap):
 
     name: str = "tumour probability"
     slide: Any = field(default=None, repr=False, compare=False)
+    ood: Any = field(default=None, compare=False)  # OODReport: outside the training data?
 
     def to_layers(self) -> list:
         """The probability map over the slide: fades to transparent at 0, solid at 1."""
@@ -85,6 +86,10 @@ class TumourMap(TileHeatmap):
         v = self.values[np.isfinite(self.values)]
         out["tumour_tiles"] = int((v >= 0.5).sum())
         out["tumour_fraction"] = float((v >= 0.5).mean()) if v.size else None
+        if self.ood is not None:
+            from histoscope.ood import ood_summary
+
+            out.update(ood_summary(self.ood))
         return out
 
     def save(self, out_dir) -> list[Path]:
@@ -137,13 +142,14 @@ def iter_heatmap(
     """
     from histoscope.engine import iter_tiles
     from histoscope.session import open_session
+    from histoscope.tissue import inside_slide
 
     p = params or TumourParams()
     session = open_session(target, in_memory=True)
     slide, spec = session.slide, model.input_spec
     if (yield Step(0, 0, "finding tissue")) is False:
         raise Cancelled("tumour map stopped before any tile was scored")
-    grid = session.grid(spec.mpp, spec.tile_size, p.min_tissue)
+    grid = inside_slide(session.grid(spec.mpp, spec.tile_size, p.min_tissue), slide)
     if p.normalise(card) and (yield Step(0, 0, "fitting stain normalisation")) is False:
         raise Cancelled("tumour map stopped before any tile was scored")
     normalizer = _normalizer(session, p, card)
@@ -169,14 +175,19 @@ def iter_heatmap(
         idx = np.flatnonzero(done)  # every tile, also when the table was read back whole
         _head_probs(model, target_class, on_batch)(idx, table.features[done])
         cancelled = not table.complete
+        feats = table.features[done]  # scored against the training data below
     else:
+        feats = None  # stain-normalised tiles: no feature table to compare
         net = _prob_model(model, spec, normalizer, target_class)
         out = yield from tagged(iter_tiles(net, slide, grid, spec, engine, near=near,
                                            on_batch=on_batch), "tumour tiles", lambda: heat)  # fmt: skip
         cancelled = out.cancelled
     if cancelled:
         return replace(heat, provenance=replace(prov, cancelled=True))
-    return heat
+    # outside training data (issue 11): the tile features against the card's reference
+    from histoscope.ood import with_ood
+
+    return with_ood(heat, card, feats, slide.path.name)
 
 
 def _splits_into_backbone_and_head(model) -> bool:
