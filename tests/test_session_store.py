@@ -129,3 +129,70 @@ def test_expression_gene_layers_are_saved_as_a_reference_to_their_stack(tmp_path
     shutil.rmtree(stack)
     with pytest.raises(SessionFileError, match="G1"):
         load_layer(gen, entry)
+
+
+HOLDER = textwrap.dedent(
+    """
+    import sys, time
+    from histoscope.session_store import folder_lock
+    with folder_lock(sys.argv[1]):
+        print("locked", flush=True)
+        time.sleep(120)
+    """
+)
+
+
+def test_a_second_process_waits_then_fails_naming_folder_and_holder(slide, tmp_path, monkeypatch):
+    from histoscope import session_store
+    from histoscope.session_store import SessionLockedError
+
+    folder = tmp_path / "s"
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(folder)], stdout=subprocess.PIPE,
+                            text=True)  # fmt: skip
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        monkeypatch.setattr(session_store, "LOCK_TIMEOUT_S", 0.6)
+        with hs.open_session(slide, folder) as s:
+            t0 = time.monotonic()
+            with pytest.raises(SessionLockedError, match=rf"{folder.name}.*pid {proc.pid} on "):
+                s.save_layers([(np.ones((2, 2)), {"name": "mine"}, "image")])
+            assert 0.5 < time.monotonic() - t0 < 10
+            assert isinstance(SessionLockedError("x"), SessionError)
+            assert not (folder / "session.json").exists() or not s.layers()
+            proc.kill()  # the holder dies without letting go: its lock goes with it
+            proc.wait()
+            s.save_layers([(np.ones((2, 2)), {"name": "mine"}, "image")])
+            assert [k["name"] for _, k, _ in s.layers()] == ["mine"]
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+WRITER = textwrap.dedent(
+    """
+    import sys, numpy as np, histoscope as hs
+    s = hs.open_session(sys.argv[1], sys.argv[2])
+    tag = sys.argv[3]
+    for i in range(8):
+        s.save_layers([(np.full((64, 64), float(i)), {"name": f"{tag}{i}"}, "image")] * 3)
+    print("done", flush=True)
+    """
+)
+
+
+def test_two_processes_saving_one_folder_take_turns(slide, tmp_path):
+    from histoscope.session_store import LAYERS_DIR, read_manifest
+
+    folder = tmp_path / "s"
+    with hs.open_session(slide, folder) as s:
+        s.save_manifest()  # the fingerprint once, so both children start at once
+    procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(slide), str(folder), tag],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for tag in "pq"]  # fmt: skip
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
+    doc = read_manifest(folder)
+    assert [e["name"] for e in doc["layers"]] in (["p7"] * 3, ["q7"] * 3)
+    assert [p.name for p in (folder / LAYERS_DIR).iterdir()] == [doc["layers_dir"].split("/")[1]]
+    with hs.open_session(slide, folder) as s:
+        assert all((d == 7.0).all() for d, _, _ in s.layers())

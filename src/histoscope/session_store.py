@@ -11,13 +11,25 @@ Saving is crash-safe: each save writes a new generation folder
 (``layers/<n>/``) completely, then replaces the manifest atomically, and only
 then removes older generations. A process killed mid-save leaves the previous
 manifest and every file it names.
+
+Saves are serialised across processes and threads by :func:`folder_lock`
+(``fcntl.flock`` on ``.session.lock`` in the folder): a second writer waits up
+to :data:`LOCK_TIMEOUT_S`, then raises :class:`SessionLockedError` naming the
+folder and the holder (pid, host, since when). The kernel drops the lock when
+its holder exits or is killed, so a crashed save never leaves a stale lock.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from datetime import datetime, timezone
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -27,6 +39,12 @@ import numpy as np
 from histoscope.atomic import atomic_path, atomic_write_text
 from histoscope.errors import HistoScopeError
 from histoscope.layers import LayerDataTuple
+from histoscope.session import SessionError
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: saves are not locked across processes
+    fcntl = None
 
 MANIFEST = "session.json"
 #: Largest multiscale layer saved into a session (larger ones reopen from their own files).
@@ -39,8 +57,85 @@ SKIP_KEYS = frozenset({"properties", "property_choices", "feature_defaults", "nd
 LIVE_METADATA = frozenset({"slide", "histoscope_session"})
 
 
+#: Lock file inside a session folder; never removed (removing a flock file races).
+LOCK_FILE = ".session.lock"
+#: Seconds a writer waits for another save of the same folder before giving up.
+LOCK_TIMEOUT_S = 30.0
+_held = threading.local()
+
+
 class SessionFileError(HistoScopeError):
     """A session folder's manifest or layer files are missing or malformed."""
+
+
+class SessionLockedError(SessionError):
+    """Another process (or thread) kept saving the session folder for too long."""
+
+
+def _holder(path: Path) -> str:
+    try:
+        info = json.loads(path.read_text(encoding="utf-8") or "{}")
+    except (OSError, ValueError):
+        info = {}
+    if not info.get("pid"):
+        return "holder unknown"
+    return f"pid {info['pid']} on {info.get('host', '?')} since {info.get('since', '?')}"
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike, timeout: float | None = None) -> Iterator[None]:
+    """Hold the session folder's save lock (re-entrant within one thread).
+
+    Parameters
+    ----------
+    folder
+        The session folder (made if missing).
+    timeout
+        Seconds to wait for another holder; :data:`LOCK_TIMEOUT_S` if ``None``.
+
+    Raises
+    ------
+    SessionLockedError
+        If the lock is still held after ``timeout``, naming the folder and
+        the holder's pid, host and start time.
+    """
+    root = Path(folder)
+    key = str(root.resolve())
+    held = _held.__dict__.setdefault("folders", set())
+    if key in held or fcntl is None:
+        yield
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    path = root / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        wait = LOCK_TIMEOUT_S if timeout is None else float(timeout)
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise SessionLockedError(
+                        f"{root}: another save of this session folder is in progress "
+                        f"({_holder(path)}); gave up after waiting {wait:g} s"
+                    ) from None
+                time.sleep(0.05)
+        since = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": since,
+              "thread": threading.current_thread().name}  # fmt: skip
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(me).encode(), 0)
+        held.add(key)
+        try:
+            yield
+        finally:
+            held.discard(key)
+            os.ftruncate(fd, 0)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
 
 
 def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
@@ -58,8 +153,9 @@ def read_manifest(folder: str | os.PathLike) -> dict[str, Any]:
 
 
 def write_manifest(folder: str | os.PathLike, doc: dict[str, Any]) -> Path:
-    """Replace the manifest atomically."""
-    return atomic_write_text(Path(folder) / MANIFEST, json.dumps(doc, indent=1) + "\n")
+    """Replace the manifest atomically (holding the folder's save lock)."""
+    with folder_lock(folder):
+        return atomic_write_text(Path(folder) / MANIFEST, json.dumps(doc, indent=1) + "\n")
 
 
 # ------------------------------------------------------------------ encoding
@@ -195,9 +291,23 @@ def save_layers(
     """Save ``layers`` (in viewer order) as a new generation and point the manifest at it.
 
     Returns the manifest path. Older generations are removed only after the
-    new manifest is in place.
+    new manifest is in place. The whole save holds :func:`folder_lock`.
+
+    Raises
+    ------
+    SessionLockedError
+        If another process keeps the folder locked for :data:`LOCK_TIMEOUT_S`.
     """
-    root = Path(folder)
+    with folder_lock(folder):
+        return _save_generation(Path(folder), layers, manifest, slide_display)
+
+
+def _save_generation(
+    root: Path,
+    layers: list[LayerDataTuple],
+    manifest: dict[str, Any],
+    slide_display: dict[str, Any] | None,
+) -> Path:
     base = root / LAYERS_DIR
     base.mkdir(parents=True, exist_ok=True)
     gens = [int(p.name) for p in base.iterdir() if p.name.isdigit()]
