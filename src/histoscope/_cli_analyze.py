@@ -57,8 +57,10 @@ def run(args: argparse.Namespace) -> int:
     finally:
         close()
     for name, summary in doc["tasks"].items():
-        brief = {k: v for k, v in summary.items() if k not in ("top_tiles", "percent_by_score")}
+        brief = {k: v for k, v in summary.items()
+                 if k not in ("top_tiles", "percent_by_score", "ood")}  # fmt: skip
         print(f"{name}: {json.dumps(brief)}")
+        _print_training_data(name, summary)
     for path in doc["paths"]:
         print(f"wrote {path}")
     return 0
@@ -79,3 +81,16 @@ def _note_mpp_override(slide: str, mpp: float) -> None:
     if own and abs(own - mpp) > 1e-6 * own:
         print(f"histoscope analyze: note: {slide} records {own:g} µm/px; using --mpp {mpp:g}",
               file=sys.stderr)  # fmt: skip
+
+
+def _print_training_data(name: str, summary: dict) -> None:
+    """One plain line on whether the slide is outside the model's training data (issue 11)."""
+    ood = summary.get("ood")
+    if not isinstance(ood, dict):
+        return
+    flag = summary.get("outside_training_data")
+    head = {True: "OUTSIDE TRAINING DATA: treat calls as unreliable",
+            False: "within training data"}.get(flag, ood.get("message", ""))  # fmt: skip
+    if ood.get("score") is not None and ood.get("threshold") is not None:
+        head += f" (distance {ood['score']:.3g} vs threshold {ood['threshold']:.3g})"
+    print(f"{name}: {head}")

@@ -49,9 +49,9 @@ if TYPE_CHECKING:
     from histoscope.checkpoints import ModelCard
 
 __all__ = ["NO_REFERENCE_MESSAGE", "OUTSIDE_MESSAGE", "WITHIN_MESSAGE", "FeatureReference",
-           "OODReport", "OutsideTrainingDataWarning", "assess", "assess_card", "fit_reference",
-           "item_distances", "ood_summary", "reference_from_card", "slide_score",
-           "warn_if_outside", "write_reference"]  # fmt: skip
+           "FeatureTap", "OODReport", "OutsideTrainingDataWarning", "assess", "assess_card",
+           "fit_reference", "item_distances", "ood_summary", "reference_from_card",
+           "slide_score", "warn_if_outside", "with_ood", "write_reference"]  # fmt: skip
 
 #: What a task says when a slide is outside the training data.
 OUTSIDE_MESSAGE = "outside training data: treat calls as unreliable"
@@ -455,3 +455,96 @@ def write_reference(path: str | os.PathLike, reference: FeatureReference | None)
     with atomic_path(path, suffix=".safetensors") as tmp:
         save_file(state, str(tmp), metadata={FORMAT_KEY: FORMAT, HEADER_KEY: text})
     return path
+
+
+class FeatureTap:
+    """Collect what a torch module receives (or returns) while a task runs.
+
+    A forward (pre-)hook copies each batch's ``(B, ...)`` tensor to the CPU,
+    averages any spatial dimensions (``(B, C, H, W)`` -> ``(B, C)``) and keeps
+    at most ``max_items`` rows (a seeded random subset once more arrive), so a
+    task scores the features its model actually consumed without a second pass.
+
+    Parameters
+    ----------
+    module
+        The ``torch.nn.Module`` to watch (e.g. a model's first learned layer).
+    kind
+        ``"input"`` (its first positional argument) or ``"output"``.
+    max_items
+        Rows kept.
+    """
+
+    def __init__(self, module, kind: str = "input", max_items: int = 20_000) -> None:
+        if kind not in ("input", "output"):
+            raise ValueError(f"kind must be 'input' or 'output', not {kind!r}")
+        self.module, self.kind, self.max_items = module, kind, int(max_items)
+        self._parts: list[np.ndarray] = []
+        self._n = 0
+        self._handle = None
+        self._rng = np.random.default_rng(0)
+
+    def _keep(self, t) -> None:
+        x = t.detach().float()
+        if x.ndim > 2:
+            x = x.flatten(2).mean(-1)
+        self._parts.append(x.cpu().numpy().reshape(len(x), -1))
+        self._n += len(x)
+        if self._n > 2 * self.max_items:  # keep memory bounded on big slides
+            self._parts = [self.features()]
+            self._n = len(self._parts[0])
+
+    def attach(self) -> FeatureTap:
+        """Start collecting (idempotent)."""
+        if self._handle is None:
+            if self.kind == "input":
+                self._handle = self.module.register_forward_pre_hook(
+                    lambda _m, args: self._keep(args[0])
+                )
+            else:
+                self._handle = self.module.register_forward_hook(
+                    lambda _m, _args, out: self._keep(out)
+                )
+        return self
+
+    def detach(self) -> None:
+        """Stop collecting (idempotent)."""
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def __enter__(self) -> FeatureTap:
+        return self.attach()
+
+    def __exit__(self, *exc: object) -> None:
+        self.detach()
+
+    def features(self) -> np.ndarray | None:
+        """``(n, d)`` rows collected so far (None when none)."""
+        if not self._parts:
+            return None
+        x = np.concatenate(self._parts)
+        if len(x) > self.max_items:
+            x = x[np.sort(self._rng.choice(len(x), self.max_items, replace=False))]
+        return x
+
+
+def with_ood(result, card: ModelCard | None, feats: np.ndarray | None, what: str):
+    """``result`` with its slide scored against ``card``'s training-data reference.
+
+    Sets the result's ``ood`` field (an :class:`OODReport`), records the report
+    in its provenance (``params["ood"]``) and issues an
+    :class:`OutsideTrainingDataWarning` naming ``what`` when the slide is outside.
+    A reference that cannot be used (another feature dimension) gives an
+    unknown report saying why, never a failed analysis.
+    """
+    from dataclasses import replace as _replace
+
+    try:
+        report = assess_card(card, feats)
+    except ValueError as exc:
+        report = OODReport(float("nan"), float("nan"), None, f"training-data check skipped: {exc}")
+    warn_if_outside(report, what)
+    prov = result.provenance
+    prov = _replace(prov, params={**prov.params, "ood": report.to_dict()})
+    return _replace(result, ood=report, provenance=prov)

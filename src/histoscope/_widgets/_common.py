@@ -335,3 +335,37 @@ class TaskWidget(QWidget):
     def _done(self) -> None:
         self.controls.busy(False)
         self.worker = None
+
+
+#: The panels' line for a slide outside the model's training data (issue 11).
+OUTSIDE_TRAINING_TEXT = "Outside training data: treat calls as unreliable"
+
+
+def show_training_data_flag(controls: RunControls, summary) -> QLabel:
+    """Say under a panel's status line whether a result's slide is outside the training data.
+
+    ``summary`` is a task result's ``summary()`` (its ``outside_training_data``
+    and ``ood`` keys, see :mod:`histoscope.ood`). Outside: a red line
+    :data:`OUTSIDE_TRAINING_TEXT`, with the score against the threshold in its
+    tooltip; within, or unknown (a checkpoint without a reference): the line is
+    hidden. The line is created under ``controls.status`` on first use.
+    """
+    label = getattr(controls, "training_data_flag", None)
+    if label is None:
+        label = QLabel("")
+        label.setWordWrap(True)
+        label.setStyleSheet("color: #e04040; font-weight: bold;")
+        layout = controls.layout()
+        layout.insertWidget(layout.indexOf(controls.status) + 1, label)
+        controls.training_data_flag = label
+    ood = (summary or {}).get("ood") or {}
+    score, thr = ood.get("score"), ood.get("threshold")
+    tip = ood.get("message", "")
+    if score is not None and thr is not None:
+        tip = (f"Training-data distance {score:.3g} vs threshold {thr:.3g} "
+               f"({ood.get('n_items', 0)} items; {ood.get('features', '')})")  # fmt: skip
+    outside = (summary or {}).get("outside_training_data") is True
+    label.setText(OUTSIDE_TRAINING_TEXT if outside else "")
+    label.setToolTip(tip)
+    label.setVisible(outside)
+    return label

@@ -23,7 +23,12 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from histoscope._widgets._common import CheckpointPicker, RGBLayerCombo, TaskWidget
+from histoscope._widgets._common import (
+    CheckpointPicker,
+    RGBLayerCombo,
+    TaskWidget,
+    show_training_data_flag,
+)
 
 if TYPE_CHECKING:
     import napari
@@ -224,6 +229,7 @@ class CellsWidget(TaskWidget):
             return
         self._show(result)
         s = result.summary()
+        show_training_data_flag(self.controls, s)
         dens = f", {s['cells_per_mm2']:,.0f} per mm² of tissue" if s["cells_per_mm2"] else ""
         part = " in the finished tiles (no density: part of the tissue)" if result.cancelled else ""
         self.status.setText(f"{s['n_cells']:,} cells{part}{dens}.")

@@ -16,7 +16,13 @@ from qtpy.QtWidgets import (
     QVBoxLayout,
 )
 
-from histoscope._widgets._common import CheckpointPicker, RGBLayerCombo, TaskWidget, visible_region
+from histoscope._widgets._common import (
+    CheckpointPicker,
+    RGBLayerCombo,
+    TaskWidget,
+    show_training_data_flag,
+    visible_region,
+)
 
 if TYPE_CHECKING:
     import napari
@@ -194,6 +200,7 @@ class ExpressionWidget(TaskWidget):
         self.result = result
         self._put_layers(result)  # final contrast from the whole stack, where the user left it
         s = result.summary()
+        show_training_data_flag(self.controls, s)
         p = s["patches"]
         self.status.setText(f"{p['done']} of {p['total']} patches predicted "
                             f"({s['predicted_mm2']:.2f} mm² in the stack); genes shown: "

@@ -30,7 +30,12 @@ from qtpy.QtWidgets import (
     QVBoxLayout,
 )
 
-from histoscope._widgets._common import CheckpointPicker, RGBLayerCombo, TaskWidget
+from histoscope._widgets._common import (
+    CheckpointPicker,
+    RGBLayerCombo,
+    TaskWidget,
+    show_training_data_flag,
+)
 
 if TYPE_CHECKING:
     import napari
@@ -252,6 +257,7 @@ class ReportWidget(TaskWidget):
             self.store = None
             kept = f"<span style='color:#e05050'>NOT kept, edits will not be saved: {exc}</span>"
         self.result = result
+        show_training_data_flag(self.controls, result.summary())
         self._set_text(result.text)
         self.sentences.clear()
         for i, s in enumerate(result.sentences):

@@ -157,6 +157,7 @@ class CellsResult(Result):
     tissue_um2: float = 0.0
     trained_on: str = ""
     colors: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+    ood: Any = field(default=None, compare=False)  # OODReport: outside the training data?
 
     @property
     def n_cells(self) -> int:
@@ -241,6 +242,10 @@ class CellsResult(Result):
             disagree = np.asarray(t.local_pred) != np.asarray(t.global_pred)
             out["local_global_disagree"] = round(float(disagree.mean()), 4) if some else None
             out["trained_on"] = self.trained_on
+        if self.ood is not None:
+            from histoscope.ood import ood_summary
+
+            out.update(ood_summary(self.ood))
         return out
 
     # ------------------------------------------------------------------ napari
@@ -464,7 +469,13 @@ def iter_cells(
     # (scikit-image and torch both release the GIL); a stop discards that tile
     pool = ThreadPoolExecutor(1, thread_name_prefix="histoscope-nuclei") if PREFETCH else None
     ahead = _Ahead(det, pool)
+    # outside training data (issue 11): the local-path features NuClass pools at each cell
+    from histoscope.ood import FeatureTap, with_ood
+
+    tap = FeatureTap(model.local_norm, "input") if model is not None else None
     try:
+        if tap is not None:
+            tap.attach()
         while True:
             try:
                 step = ahead.take()
@@ -487,8 +498,13 @@ def iter_cells(
                 ahead.stop()
     finally:
         ahead.close()
+        if tap is not None:
+            tap.detach()
     cancelled = cancelled or done < total
-    return result(final=True)  # the registry keeps it as session.results["cells"]
+    res = result(final=True)  # the registry keeps it as session.results["cells"]
+    if tap is None:
+        return res
+    return with_ood(res, card, tap.features(), slide.path.name)
 
 
 class _Ahead:

@@ -100,6 +100,7 @@ class ExpressionResult(Result):
     cell_values: np.ndarray | None = None
     scratch: Any = field(default=None, repr=False, compare=False)
     limits: dict[str, tuple[float, float]] | None = field(default=None, repr=False)
+    ood: Any = field(default=None, compare=False)  # OODReport: outside the training data?
 
     def meta(self) -> dict[str, Any]:
         from histoscope.expression.stack import read_stack_attrs
@@ -170,7 +171,12 @@ class ExpressionResult(Result):
                 "patches": dict(self.patches), "predicted_mm2": round(area, 4),
                 "bin_um": m["bin_um"], "complete": bool(m.get("complete")),
                 "cells": 0 if self.cell_values is None else len(self.cell_values),
-                "cancelled": self.cancelled}  # fmt: skip
+                "cancelled": self.cancelled} | self._ood_keys()  # fmt: skip
+
+    def _ood_keys(self) -> dict[str, Any]:
+        from histoscope.ood import ood_summary
+
+        return ood_summary(self.ood) if self.ood is not None else {}
 
     def save(self, out_dir) -> list[Path]:
         """``expression.ome.zarr`` (the stack), ``expression_bins_{002,008,016}um.h5ad``, ``expression.json``."""
@@ -382,7 +388,12 @@ def _run(session, checkpoint, params: ExpressionParams, *, region=None, near=Non
         return res
 
     cancelled = False
+    # outside training data (issue 11): the 2 µm encoder's output, averaged per patch
+    from histoscope.ood import FeatureTap, with_ood
+
+    tap = FeatureTap(model.local, "output")
     if len(todo):
+        tap.attach()
         stash = _Stash(model)
         sampler = sampler_for(todo, cfg, bin_px)
         sampler.cell = max(8, int(chunk * bin_px))  # the engine's near-first squares = chunks
@@ -402,6 +413,7 @@ def _run(session, checkpoint, params: ExpressionParams, *, region=None, near=Non
             cancelled = out.cancelled
         finally:
             writer.close(complete=False)
+            tap.detach()
     complete = not cancelled and counts["done"] == counts["total"]
     if complete and region is not None:  # a region finishes the slide if the rest was there
         whole = _patches(session, cfg, params, None)
@@ -409,7 +421,7 @@ def _run(session, checkpoint, params: ExpressionParams, *, region=None, near=Non
     writer.close(complete=complete)
     yield Step(counts["done"], counts["total"], "expression patches")
     live.clear()  # the final contrast, from the whole stack
-    res = result(cancelled)
+    res = with_ood(result(cancelled), card, tap.features(), slide.path.name)
     cells = session.results.get("cells")
     if cancelled or cells is None or not getattr(cells, "n_cells", 0):
         return res

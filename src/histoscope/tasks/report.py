@@ -78,6 +78,7 @@ class ReportResult(Result):
     grid: TileGrid
     trained_on: str = ""
     top_regions: int = 5
+    ood: Any = None  # OODReport: is the slide outside the training data?
 
     def evidence(self, sentence: int) -> list[dict[str, Any]]:
         """The most attended tiles of one sentence: rank, attention, level-0 box and µm box."""
@@ -169,7 +170,12 @@ class ReportResult(Result):
             "evidence_note": _overall(notes),
             "n_tiles": len(self.grid),
             "cancelled": self.cancelled,
-        }
+        } | self._ood_keys()
+
+    def _ood_keys(self) -> dict[str, Any]:
+        from histoscope.ood import ood_summary
+
+        return ood_summary(self.ood) if self.ood is not None else {}
 
     def to_markdown(self) -> str:
         """``report.md``: the label, the text and each sentence's top regions."""
@@ -297,10 +303,14 @@ def _run(session, checkpoint, params: ReportParams, *, region=None, near=None, e
     yield Step(1, 1, "writing the report")
     # each sentence written as the text writes it: capitalised, ended by a full stop
     sentences = tuple(display(s) or s for s in g.sentences)
-    return ReportResult(provenance=prov, text=display(g.text), sentences=sentences,
-                        attention=g.attention.astype(np.float32), grid=grid,
-                        trained_on=str((card.data or {}).get("trained_on", "")),
-                        top_regions=params.top_regions)  # fmt: skip
+    res = ReportResult(provenance=prov, text=display(g.text), sentences=sentences,
+                       attention=g.attention.astype(np.float32), grid=grid,
+                       trained_on=str((card.data or {}).get("trained_on", "")),
+                       top_regions=params.top_regions)  # fmt: skip
+    # outside training data (issue 11): the tile features against the card's reference
+    from histoscope.ood import with_ood
+
+    return with_ood(res, card, table.features, session.slide.path.name)
 
 
 SPEC = register(TaskSpec(name="report", title="Draft report (HistGen)", params=ReportParams,
