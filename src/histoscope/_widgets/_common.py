@@ -2,18 +2,352 @@
 
 from __future__ import annotations
 
-from qtpy.QtCore import Signal
+from qtpy.QtCore import QEvent, QSize, Qt, QTimer, Signal
+from qtpy.QtGui import QPainter
 from qtpy.QtWidgets import (
     QComboBox,
+    QDockWidget,
     QFileDialog,
+    QFormLayout,
+    QFrame,
     QHBoxLayout,
     QLabel,
     QLineEdit,
+    QMainWindow,
     QProgressBar,
     QPushButton,
+    QScrollArea,
+    QSizePolicy,
+    QStyle,
+    QStyleOptionFrame,
+    QTabBar,
+    QToolButton,
     QVBoxLayout,
     QWidget,
 )
+
+
+# ------------------------------------------------------------------ layout
+def elide_middle(text: str, n: int = 60) -> str:
+    """``text`` cut to at most ``n`` characters by an ellipsis in the middle (both ends kept)."""
+    if len(text) <= n:
+        return text
+    head = (n - 1) // 2
+    return f"{text[:head]}…{text[len(text) - (n - 1 - head) :]}"
+
+
+class PathLabel(QLabel):
+    """A path, whole when it fits, else elided in the middle; the full path is the tooltip.
+
+    The label asks for no more width than a short path, so a long one never
+    widens its panel; the start (the drive or top folder) and the file name
+    both stay in view.
+    """
+
+    def __init__(self, path: object = "", empty: str = "–") -> None:
+        super().__init__()
+        self._path = ""
+        self._empty = empty
+        self.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
+        self.set_path(path)
+
+    def set_path(self, path: object) -> None:
+        """Show ``path`` (``None`` or ``""``: the empty text)."""
+        self._path = "" if path is None else str(path)
+        self.setToolTip(self._path)
+        self._elide()
+
+    def path(self) -> str:
+        """The full path shown (``""`` when none)."""
+        return self._path
+
+    def _elide(self) -> None:
+        if not self._path:
+            super().setText(self._empty)
+            return
+        width = max(self.contentsRect().width(), 40)
+        text = self.fontMetrics().elidedText(self._path, Qt.TextElideMode.ElideMiddle, width)
+        super().setText(text)
+
+    def resizeEvent(self, event) -> None:  # noqa: N802 - Qt's name
+        super().resizeEvent(event)
+        self._elide()
+
+    def sizeHint(self) -> QSize:  # noqa: N802 - Qt's name
+        fm = self.fontMetrics()
+        return QSize(min(fm.horizontalAdvance(self._path or self._empty) + 4, 240),
+                     super().sizeHint().height())  # fmt: skip
+
+    def minimumSizeHint(self) -> QSize:  # noqa: N802 - Qt's name
+        return QSize(40, super().minimumSizeHint().height())
+
+
+class PathEdit(QLineEdit):
+    """A path field that, when not being edited, shows a long path elided in the middle.
+
+    :meth:`text` is always the full path (also the tooltip); the elision is
+    only drawn, so editing, copying and the widget's signals see the whole path.
+    """
+
+    def __init__(self, text: str = "") -> None:
+        super().__init__(text)
+        self.setToolTip(text)
+        self.textChanged.connect(self.setToolTip)
+        self.setMinimumWidth(80)
+
+    def shown_text(self) -> str:
+        """The text as drawn now: the full path, or its middle elided to fit."""
+        text = self.text()
+        if self.hasFocus() or not text:
+            return text
+        width = self._text_rect().width()
+        return self.fontMetrics().elidedText(text, Qt.TextElideMode.ElideMiddle, width)
+
+    def _text_rect(self):
+        opt = QStyleOptionFrame()
+        self.initStyleOption(opt)
+        rect = self.style().subElementRect(QStyle.SubElement.SE_LineEditContents, opt, self)
+        return rect.adjusted(2, 0, -2, 0)
+
+    def paintEvent(self, event) -> None:  # noqa: N802 - Qt's name
+        shown = self.shown_text()
+        if shown == self.text():
+            super().paintEvent(event)
+            return
+        opt = QStyleOptionFrame()
+        self.initStyleOption(opt)
+        painter = QPainter(self)
+        self.style().drawPrimitive(QStyle.PrimitiveElement.PE_PanelLineEdit, opt, painter, self)
+        painter.setPen(self.palette().color(self.foregroundRole()))
+        painter.drawText(self._text_rect(), Qt.AlignmentFlag.AlignVCenter, shown)
+        painter.end()
+
+
+def explain(exc: BaseException, name: str | None = None) -> tuple[str, str]:
+    """``(what the user reads, the technical detail)`` for a failure.
+
+    A damaged or unreadable file is said in user terms (which file, what to
+    do; ``name`` names the file when the caller knows it); messages HistoScope
+    writes for the user (a wrong checkpoint family, a parameter out of range)
+    are kept as they are. The detail is the exception and its traceback, for
+    the panel's Details toggle and for bug reports.
+    """
+    import re
+    import traceback
+
+    from histoscope.errors import HistoScopeError
+
+    detail = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).strip()
+    message = str(exc)
+    match = re.search(r"([^\s/\\'\"]+\.[A-Za-z][A-Za-z0-9.]{1,11})\b", message)
+    named = name or (match.group(1) if match else None)
+    damaged = {"SlideError": "the slide file", "FeatureFileError": "the slide's feature file",
+               "SessionFileError": "a file of the slide's saved session",
+               "ExpressionDataError": "the expression data", "ReportError": "the kept report",
+               "GeoJSONError": "the objects file"}  # fmt: skip
+    kind = next((damaged[c.__name__] for c in type(exc).__mro__ if c.__name__ in damaged), None)
+    if kind is not None and isinstance(exc, HistoScopeError):
+        what = named or f"{kind[:1].upper()}{kind[1:]}"  # a file name keeps its own case
+        user = (f"{what} cannot be read: it is damaged, incomplete or "
+                "not in a format HistoScope reads. Check the file, or open another copy.")  # fmt: skip
+    elif isinstance(exc, MemoryError):
+        user = "Not enough memory for this job: choose a smaller region or close other programs."
+    elif isinstance(exc, OSError) and not isinstance(exc, HistoScopeError):
+        name = getattr(exc, "filename", None)
+        where = f"{name}" if name else "A file"
+        user = f"{where} could not be read or written: {exc.strerror or message}."
+    elif isinstance(exc, HistoScopeError | ValueError):
+        user = message
+    else:
+        user = f"The job stopped on an unexpected error ({type(exc).__name__}: {message})."
+    return user, detail
+
+
+class ErrorDetails(QWidget):
+    """A "Details" toggle under a status line: the technical side of the last error.
+
+    Hidden until :meth:`set_detail` gets some; the detail text is selectable
+    so it can be copied into a bug report.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.toggle = QToolButton()
+        self.toggle.setText("Details")
+        self.toggle.setCheckable(True)
+        self.toggle.setArrowType(Qt.ArrowType.RightArrow)
+        self.toggle.setToolButtonStyle(Qt.ToolButtonStyle.ToolButtonTextBesideIcon)
+        self.toggle.toggled.connect(self._open)
+        self.text = QLabel("")
+        self.text.setTextFormat(Qt.TextFormat.PlainText)
+        self.text.setWordWrap(True)
+        self.text.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.text.setStyleSheet("font-family: monospace; font-size: small")
+        self.text.hide()
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.addWidget(self.toggle, alignment=Qt.AlignmentFlag.AlignLeft)
+        layout.addWidget(self.text)
+        self.hide()
+
+    def set_detail(self, detail: str) -> None:
+        """Offer ``detail`` behind the (closed) toggle; an empty one hides the toggle."""
+        self.text.setText(detail)
+        self.toggle.setChecked(False)
+        self.setVisible(bool(detail))
+
+    def clear(self) -> None:
+        self.set_detail("")
+
+    def _open(self, on: bool) -> None:
+        self.toggle.setArrowType(Qt.ArrowType.DownArrow if on else Qt.ArrowType.RightArrow)
+        self.text.setVisible(on)
+
+
+def form_layout() -> QFormLayout:
+    """A form whose fields move under their labels when the dock is narrow."""
+    form = QFormLayout()
+    form.setRowWrapPolicy(QFormLayout.RowWrapPolicy.WrapLongRows)
+    form.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
+    return form
+
+
+def fit_combo(combo: QComboBox, chars: int = 12) -> QComboBox:
+    """Let a combo box be narrower than its longest item (the list still shows it whole)."""
+    from qtpy.QtWidgets import QApplication
+
+    combo.setSizeAdjustPolicy(QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon)
+    combo.setMinimumContentsLength(chars)
+    QApplication.sendEvent(combo, QEvent(QEvent.Type.StyleChange))  # drops a cached minimum
+    combo.updateGeometry()
+    return combo
+
+
+#: The width (px) a panel asks for; it takes less only when its content fits in less.
+PANEL_WIDTH = 380
+
+
+class _FitScroll(QScrollArea):
+    """Scrolls vertically only, and is never narrower than its content needs."""
+
+    def __init__(self, body: QWidget) -> None:
+        super().__init__()
+        self.setWidgetResizable(True)
+        self.setFrameShape(QFrame.Shape.NoFrame)
+        self.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.setWidget(body)  # the scroll area filters the body's events from here on
+
+    def eventFilter(self, obj, event) -> bool:  # noqa: N802 - Qt's name
+        if obj is self.widget() and event.type() == QEvent.Type.LayoutRequest:
+            self.updateGeometry()  # the body's needs changed: the dock may have to widen
+        return super().eventFilter(obj, event)
+
+    def minimumSizeHint(self) -> QSize:  # noqa: N802 - Qt's name
+        body = self.widget()
+        need = body.minimumSizeHint().width() if body is not None else 0
+        bar = self.verticalScrollBar().sizeHint().width()
+        return QSize(need + bar + 2 * self.frameWidth(), super().minimumSizeHint().height())
+
+    def sizeHint(self) -> QSize:  # noqa: N802 - Qt's name
+        hint = super().sizeHint()  # a modest width leaves the canvas room on a laptop screen
+        return QSize(max(self.minimumSizeHint().width(), min(hint.width(), PANEL_WIDTH)),
+                     hint.height())  # fmt: skip
+
+
+class Panel(QWidget):
+    """A HistoScope dock panel: its content scrolls vertically, never sideways.
+
+    Subclasses lay out their content in :meth:`body_layout` (not on the panel
+    itself). The dock is never narrower than the content's minimum width, so
+    nothing is clipped; a short dock scrolls. When napari docks the panel in
+    an area that already holds another HistoScope panel, it joins that one as
+    a tab (whichever way it was opened: the Plugins menu, a script or the
+    demo), and the tab titles are shown whole, with scroll arrows.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = QWidget()
+        self.scroll = _FitScroll(self.body)
+        self._tabs_joined = False
+
+    def body_layout(self) -> QVBoxLayout:
+        """The vertical layout of the scrolling content (made on first call)."""
+        layout = self.body.layout()
+        if isinstance(layout, QVBoxLayout):
+            return layout
+        outer = QVBoxLayout(self)  # the panel itself holds only the scroll area
+        outer.setContentsMargins(0, 0, 0, 0)
+        outer.addWidget(self.scroll)
+        return QVBoxLayout(self.body)
+
+    def showEvent(self, event) -> None:  # noqa: N802 - Qt's name
+        if not self._tabs_joined:
+            self._tabs_joined = True
+            fit_narrow(self.body)
+            if not join_panel_tabs(self):  # not docked yet: once napari has placed it
+                QTimer.singleShot(0, self._join_tabs)
+        super().showEvent(event)
+
+    def _join_tabs(self) -> None:
+        try:
+            join_panel_tabs(self)
+        except RuntimeError:  # closed before the event loop came back
+            pass
+
+
+def fit_narrow(widget: QWidget) -> None:
+    """Let every form and combo box under ``widget`` fit a narrow dock.
+
+    Form fields move under their labels when a row does not fit, and combo
+    boxes may be narrower than their longest item (the open list shows it).
+    """
+    for form in widget.findChildren(QFormLayout):
+        form.setRowWrapPolicy(QFormLayout.RowWrapPolicy.WrapLongRows)
+        form.setFieldGrowthPolicy(QFormLayout.FieldGrowthPolicy.AllNonFixedFieldsGrow)
+    for combo in widget.findChildren(QComboBox):
+        fit_combo(combo)
+
+
+def _dock_of(widget: QWidget) -> QDockWidget | None:
+    parent = widget.parentWidget()
+    while parent is not None and not isinstance(parent, QDockWidget):
+        parent = parent.parentWidget()
+    return parent
+
+
+def join_panel_tabs(panel: QWidget) -> bool:
+    """Tabify ``panel``'s dock with the other HistoScope panels docked in its area.
+
+    Returns True when it joined (or already was in) a tab group. The tab bars
+    of the main window show HistoScope's titles whole, scrolling when they
+    do not fit.
+    """
+    dock = _dock_of(panel)
+    main = dock.parentWidget() if dock is not None else None
+    if dock is None or dock.isFloating() or not isinstance(main, QMainWindow):
+        return False
+    if main.dockWidgetArea(dock) == Qt.DockWidgetArea.NoDockWidgetArea:
+        return False
+    joined = bool(main.tabifiedDockWidgets(dock))
+    if not joined:
+        area = main.dockWidgetArea(dock)
+        others = [d for d in main.findChildren(QDockWidget)
+                  if d is not dock and not d.isFloating() and d.isVisible()
+                  and main.dockWidgetArea(d) == area and isinstance(d.widget(), Panel)]  # fmt: skip
+        if others:
+            main.tabifyDockWidget(others[-1], dock)
+            dock.show()
+            dock.raise_()
+            joined = True
+    titles = {
+        d.windowTitle() for d in main.findChildren(QDockWidget) if isinstance(d.widget(), Panel)
+    }
+    for bar in main.findChildren(QTabBar):
+        if any(bar.tabText(i) in titles for i in range(bar.count())):
+            bar.setElideMode(Qt.TextElideMode.ElideNone)
+            bar.setUsesScrollButtons(True)
+    return joined
 
 
 class RGBLayerCombo(QComboBox):
@@ -74,7 +408,7 @@ class CheckpointPicker(QWidget):
         from histoscope._data import sample_data_path
 
         default = sample_data_path(default_name)
-        self.edit = QLineEdit(str(default) if default else "")
+        self.edit = PathEdit(str(default) if default else "")
         self.edit.setPlaceholderText(placeholder)
         browse = QPushButton("…")
         browse.setMaximumWidth(32)
@@ -131,6 +465,7 @@ class RunControls(QWidget):
         self.progress = QProgressBar()
         self.status = QLabel("")
         self.status.setWordWrap(True)
+        self.details = ErrorDetails()
         self._runners = [self.run_button]
         self._buttons = QHBoxLayout()
         self._buttons.addWidget(self.run_button)
@@ -140,6 +475,7 @@ class RunControls(QWidget):
         layout.addLayout(self._buttons)
         layout.addWidget(self.progress)
         layout.addWidget(self.status)
+        layout.addWidget(self.details)
 
     def add_run_button(self, text: str, on_click) -> QPushButton:
         """Another button that starts a job (placed first; disabled while one runs)."""
@@ -154,11 +490,18 @@ class RunControls(QWidget):
         for button in self._runners:
             button.setEnabled(not on)
         self.cancel_button.setEnabled(on)
+        if on:
+            self.details.clear()
         if text is not None:
             self.status.setText(text)
 
     def error(self, exc: Exception | str) -> None:
-        self.status.setText(f"<span style='color:#e05050'>{exc}</span>")
+        """Say what failed in user terms; an exception's technical side goes behind Details."""
+        from html import escape
+
+        user, detail = explain(exc) if isinstance(exc, BaseException) else (str(exc), "")
+        self.status.setText(f"<span style='color:#e05050'>{escape(user, quote=False)}</span>")
+        self.details.set_detail(detail)
 
     def set_progress(self, done: int, total: int, fmt: str = "%v/%m") -> None:
         self.progress.setRange(0, total)
@@ -201,10 +544,11 @@ def session_for(layer, slide):
     return session
 
 
-class TaskWidget(QWidget):
+class TaskWidget(Panel):
     """Base of the dock widgets that run registry tasks in a worker thread.
 
-    Subclasses lay out their inputs, add :attr:`controls` to their layout and
+    Subclasses lay out their inputs in :meth:`~Panel.body_layout` (it scrolls
+    vertically), add :attr:`controls` to it and
     call :meth:`run_tasks`; progress fills the bar, Cancel asks the running
     task to stop and keeps what it finished, errors land in the status line
     (never a crash), and :attr:`worker` is ``None`` again once it has finished.

@@ -25,18 +25,21 @@ class TaskRow(QGroupBox):
         self._model: str | None = None
         self._measurement: str | None = None
         grid = QGridLayout(self)
+        grid.setColumnStretch(1, 1)
         self.bars: dict[str, QProgressBar] = {}
         for i, name in enumerate(self.classes):
             bar = QProgressBar()
             bar.setRange(0, 1000)
             bar.setValue(0)
             bar.setFormat("–")
-            grid.addWidget(QLabel(name), i, 0)
+            grid.addWidget(_name_label(name), i, 0)
             grid.addWidget(bar, i, 1)
             self.bars[name] = bar
         n = len(self.classes)
         self.measurement_label = QLabel("measurement: –")
+        self.measurement_label.setWordWrap(True)
         self.flag = QLabel("")
+        self.flag.setWordWrap(True)
         self.flag.setStyleSheet("color: #e0a030; font-weight: bold")
         self.call_box = QComboBox()
         self.call_box.addItems([NO_CALL, *self.classes])
@@ -44,7 +47,7 @@ class TaskRow(QGroupBox):
         self.call_box.activated.connect(self._picked)
         grid.addWidget(self.measurement_label, n, 0, 1, 2)
         grid.addWidget(self.flag, n + 1, 0, 1, 2)
-        grid.addWidget(QLabel("Final call"), n + 2, 0)
+        grid.addWidget(_name_label("Final call"), n + 2, 0)
         grid.addWidget(self.call_box, n + 2, 1)
 
     # ------------------------------------------------------------------- input
@@ -97,3 +100,14 @@ class TaskRow(QGroupBox):
         self.flag.setText(
             f"model ({m}) and measurement ({s}) disagree" if m and s and m != s else ""
         )
+
+
+def _name_label(text: str) -> QLabel:
+    """A first-column label, the same width in every row (so the call boxes line up).
+
+    A long class name wraps at its slashes and plus signs instead of widening the row.
+    """
+    label = QLabel(text)
+    label.setWordWrap(True)
+    label.setFixedWidth(label.fontMetrics().horizontalAdvance("membranous+nucl"))
+    return label

@@ -13,14 +13,11 @@ from qtpy.QtWidgets import (
     QComboBox,
     QDoubleSpinBox,
     QFormLayout,
-    QHBoxLayout,
+    QGridLayout,
     QLabel,
     QListWidget,
     QListWidgetItem,
     QPushButton,
-    QScrollArea,
-    QVBoxLayout,
-    QWidget,
 )
 
 from histoscope._widgets._common import (
@@ -124,18 +121,17 @@ class CellsWidget(TaskWidget):
         self.explain_box = QCheckBox("Explain the cell I click (crops and Grad-CAM)")
         self.explain_box.toggled.connect(self._toggle_click)
         self.crops = [QLabel() for _ in range(4)]
-        crop_row = QHBoxLayout()
-        for lab in self.crops:
+        crop_row = QGridLayout()  # two by two: fits a narrow dock
+        for i, lab in enumerate(self.crops):
             lab.setFixedSize(112, 112)
             lab.setAlignment(Qt.AlignCenter)
-            crop_row.addWidget(lab)
+            crop_row.addWidget(lab, i // 2, i % 2)
         self.explained = QLabel("")
         self.explained.setWordWrap(True)
         self.trained_on = QLabel("")
         self.trained_on.setWordWrap(True)
 
-        body = QWidget()  # scrolls as a whole when the dock is shorter than the panel
-        layout = QVBoxLayout(body)
+        layout = self.body_layout()  # scrolls as a whole when the dock is shorter than the panel
         layout.addLayout(form)
         layout.addWidget(self.controls)
         layout.addWidget(self.trained_on)
@@ -147,13 +143,6 @@ class CellsWidget(TaskWidget):
         layout.addWidget(self.explain_box)
         layout.addLayout(crop_row)
         layout.addWidget(self.explained)
-        scroll = QScrollArea()
-        scroll.setWidgetResizable(True)
-        scroll.setHorizontalScrollBarPolicy(Qt.ScrollBarAlwaysOff)
-        scroll.setWidget(body)
-        outer = QVBoxLayout(self)
-        outer.setContentsMargins(0, 0, 0, 0)
-        outer.addWidget(scroll)
 
     # ----------------------------------------------------------------- running
     def params(self):

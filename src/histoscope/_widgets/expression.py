@@ -13,7 +13,6 @@ from qtpy.QtWidgets import (
     QLabel,
     QLineEdit,
     QListWidget,
-    QVBoxLayout,
 )
 
 from histoscope._widgets._common import (
@@ -60,7 +59,7 @@ class ExpressionWidget(TaskWidget):
         form.addRow("Slide", self.layer_combo)
         form.addRow("Checkpoint", self.picker)
         form.addRow("Predict", self.scope)
-        layout = QVBoxLayout(self)
+        layout = self.body_layout()
         layout.addLayout(form)
         layout.addWidget(QLabel(f"Genes to show (up to {MAX_SHOWN})"))
         layout.addWidget(self.search)

@@ -27,7 +27,6 @@ from qtpy.QtWidgets import (
     QMessageBox,
     QPlainTextEdit,
     QPushButton,
-    QVBoxLayout,
 )
 
 from histoscope._widgets._common import (
@@ -86,7 +85,7 @@ class ReportWidget(TaskWidget):
         buttons = QHBoxLayout()
         buttons.addWidget(self.save_button)
         buttons.addWidget(self.export_button)
-        layout = QVBoxLayout(self)
+        layout = self.body_layout()
         layout.addLayout(form)
         layout.addWidget(self.controls)
         layout.addWidget(self.banner)

@@ -2,21 +2,27 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from qtpy.QtWidgets import (
     QComboBox,
     QDoubleSpinBox,
     QFileDialog,
-    QFormLayout,
     QHBoxLayout,
     QLabel,
     QProgressBar,
     QPushButton,
-    QVBoxLayout,
-    QWidget,
 )
 
+from histoscope._widgets._common import (
+    ErrorDetails,
+    Panel,
+    PathLabel,
+    explain,
+    fit_combo,
+    form_layout,
+)
 from histoscope.layers import SLIDE_KEY, layer_slide
 from histoscope.slide import Slide
 
@@ -27,12 +33,30 @@ _FILTER = (
     "Slides (*.svs *.ndpi *.mrxs *.scn *.bif *.tif *.tiff *.ome.tif *.dcm *.vms *.png *.jpg"
     " *.jpeg);;All files (*)"
 )
-#: What the µm/px field says when no µm/px is known (it is never guessed).
-MPP_UNKNOWN = "µm/px unknown: enter it and press Set µm/px"
-_FIELDS = ("vendor", "backend", "dimensions", "levels", "mpp", "magnification")
+#: What the µm/px field and box say when no µm/px is known (it is never guessed).
+MPP_UNKNOWN = "unknown — set it"
+#: The fields shown, in words.
+_FIELDS = {"vendor": "Scanner", "backend": "Read with", "dimensions": "Size (full resolution)",
+           "levels": "Pyramid levels", "mpp": "µm per pixel",
+           "magnification": "Magnification"}  # fmt: skip
 
 
-class SlideWidget(QWidget):
+class MppBox(QDoubleSpinBox):
+    """µm per pixel as the slide states it (0.499 stays 0.499); 0 shows "unknown — set it"."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setDecimals(6)
+        self.setRange(0.0, 100.0)
+        self.setSingleStep(0.01)
+        self.setSpecialValueText(MPP_UNKNOWN)
+        self.setSuffix(" µm/px")
+
+    def textFromValue(self, value: float) -> str:  # noqa: N802 - Qt's name
+        return f"{value:.6g}"
+
+
+class SlideWidget(Panel):
     """Open a slide, see what the file says about it, set its µm/px if missing."""
 
     def __init__(self, napari_viewer: napari.viewer.Viewer) -> None:
@@ -47,33 +71,36 @@ class SlideWidget(QWidget):
         self.busy.hide()
         self.status = QLabel("")
         self.status.setWordWrap(True)
+        self.details = ErrorDetails()
 
-        self.layer_combo = QComboBox()
+        self.layer_combo = fit_combo(QComboBox())
         self.layer_combo.currentIndexChanged.connect(self._show_info)
+        self.file = PathLabel()
+        self.folder = PathLabel(empty="none yet (made when a task runs)")
+        self.folder.setToolTip("")
         self.info = {name: QLabel("–") for name in _FIELDS}
-        form = QFormLayout()
+        form = form_layout()
         form.addRow("Slide layer", self.layer_combo)
+        form.addRow("File", self.file)
+        form.addRow("Session folder", self.folder)
         for name, label in self.info.items():
             label.setWordWrap(True)
-            form.addRow(name, label)
+            form.addRow(_FIELDS[name], label)
 
-        self.mpp_spin = QDoubleSpinBox()
-        self.mpp_spin.setRange(0.01, 100.0)
-        self.mpp_spin.setDecimals(4)
-        self.mpp_spin.setValue(0.5)
-        self.mpp_spin.setSuffix(" µm/px")
+        self.mpp_spin = MppBox()
         self.mpp_button = QPushButton("Set µm/px")
         self.mpp_button.clicked.connect(self._apply_mpp)
         row = QHBoxLayout()
-        row.addWidget(self.mpp_spin)
+        row.addWidget(self.mpp_spin, stretch=1)
         row.addWidget(self.mpp_button)
 
-        layout = QVBoxLayout(self)
+        layout = self.body_layout()
         layout.addWidget(self.open_button)
         layout.addWidget(self.busy)
         layout.addLayout(form)
         layout.addLayout(row)
         layout.addWidget(self.status)
+        layout.addWidget(self.details)
         layout.addStretch()
 
         for event in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
@@ -94,7 +121,9 @@ class SlideWidget(QWidget):
 
         self.open_button.setEnabled(False)
         self.busy.show()
-        self.status.setText(f"Opening {path}…")
+        self.details.clear()
+        self.status.setText(f"Opening {Path(path).name}…")
+        self._opening = Path(path).name
         connect = {"returned": self._add_layers, "errored": self._failed, "finished": self._done}
         worker = create_worker(read_slides, path, _connect=connect, _start_thread=False)
         self._worker = worker
@@ -107,7 +136,12 @@ class SlideWidget(QWidget):
         self.status.setText("")
 
     def _failed(self, exc: Exception) -> None:
-        self.status.setText(f"<span style='color:#e05050'>{exc}</span>")
+        """Say in user terms why the file did not open; the technical detail behind Details."""
+        from html import escape
+
+        user, detail = explain(exc, name=getattr(self, "_opening", None))
+        self.status.setText(f"<span style='color:#e05050'>{escape(user, quote=False)}</span>")
+        self.details.set_detail(detail)
 
     def _done(self) -> None:
         self.open_button.setEnabled(True)
@@ -167,10 +201,18 @@ class SlideWidget(QWidget):
             elif name == "dimensions" and meta:
                 text = "{} × {} px".format(*meta["dimensions"])
             elif name == "mpp" and meta:
-                text = f"{meta['mpp']:.4g} µm/px" if meta.get("mpp") else MPP_UNKNOWN
+                text = f"{meta['mpp']:.6g} µm/px" if meta.get("mpp") else MPP_UNKNOWN
+            elif name == "magnification" and meta:
+                mag = meta.get("magnification")
+                text = f"{mag:g}x" if isinstance(mag, int | float) else "not stated in the file"
             else:
-                text = str(meta.get(name, "–"))
+                value = meta.get(name)
+                text = "–" if value is None else str(value)
             label.setText(text)
+        self.mpp_spin.setValue(float(meta.get("mpp") or 0.0))  # the slide's own value, or unknown
+        path = meta.get("path")
+        self.file.set_path(path if path and Path(path).exists() else None)
+        self.folder.set_path(_session_folder(layer))
 
     def _apply_mpp(self) -> None:
         layer = self.current_layer()
@@ -178,6 +220,9 @@ class SlideWidget(QWidget):
             self.status.setText("Open a slide first.")
             return
         mpp = float(self.mpp_spin.value())
+        if mpp <= 0:
+            self.status.setText("Enter the µm per pixel first (the scan's resolution).")
+            return
         slide = layer.metadata.get("slide")
         if isinstance(slide, Slide):
             slide.mpp = mpp
@@ -186,3 +231,19 @@ class SlideWidget(QWidget):
         layer.units = ("um", "um")
         self.status.setText("")
         self._show_info()
+
+
+def _session_folder(layer) -> str | None:
+    """The folder where the layer's session keeps its work, if it has one yet."""
+    from histoscope.session import default_folder
+
+    if layer is None:
+        return None
+    session = layer.metadata.get("histoscope_session")
+    folder = getattr(session, "folder", None)
+    if folder is not None:
+        return str(folder)
+    path = (layer.metadata.get(SLIDE_KEY) or {}).get("path")
+    if path and default_folder(path).is_dir():
+        return str(default_folder(path))
+    return None
