@@ -32,5 +32,17 @@ def run(args: argparse.Namespace) -> int:
         kw["split"] = args.split
     metrics = evaluate(args.checkpoint, args.data, args.out, **kw)
     print(json.dumps(metrics, indent=2, default=str))
+    table = _table(args.checkpoint, metrics)
+    if table:
+        print(table)
     print(f"wrote {args.out / 'metrics.json'}")
     return 0
+
+
+def _table(checkpoint: str, metrics: dict) -> str | None:
+    """The family's Markdown table of these metrics (as RESULTS.md shows it), if it has one."""
+    from histoscope.checkpoints import read_card
+    from histoscope.training import family_module
+
+    fn = getattr(family_module(read_card(checkpoint).family), "markdown_table", None)
+    return fn(metrics) if callable(fn) else None

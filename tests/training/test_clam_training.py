@@ -112,7 +112,7 @@ def test_recipe_keys_are_checked(tmp_path):
         settings({**r, "data": {}})
 
 
-def test_train_caches_features_resumes_and_evaluates(tmp_path, dataset):
+def test_train_caches_features_resumes_and_evaluates(tmp_path, dataset, capsys):
     from histoscope.checkpoints import load_checkpoint, read_card
     from histoscope.training import evaluate, run
 
@@ -151,6 +151,25 @@ def test_train_caches_features_resumes_and_evaluates(tmp_path, dataset):
     assert len(rows) == 1 + 12
     model, _ = load_checkpoint(res3["checkpoint"], family="clam")
     assert model.config["k_sample"] == 2
+    # Wilson intervals; `evaluate -O record=final_test` writes the figures into the card
+    lo, hi = m["sensitivity_ci95"]
+    assert 0 <= lo <= m["sensitivity"] <= hi <= 1 and m["specificity_ci95"][0] <= m["specificity"]
+    from histoscope.cli import main
+
+    before = read_card(res3["checkpoint"])
+    capsys.readouterr()
+    assert main(["evaluate", res3["checkpoint"], "--data", str(dataset), "--split", "all",
+                 "--out", str(tmp_path / "ev2"), "-O", f"cache={out / 'cache'}",
+                 "-O", "record=final_test"]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "| CLAM | " in printed and f"{m['auc']:.4f}" in printed
+    after = read_card(res3["checkpoint"])
+    assert after.sha256 == before.sha256 and after.metrics["final_test"]["auc"] == m["auc"]
+    seeds = [r["seed"] for r in json.loads((dataset / "manifest.json").read_text())["slides"]]
+    assert (
+        after.metrics["final_test"]["seeds"] == seeds
+        and after.metrics["best_epoch"] == before.metrics["best_epoch"]
+    )
 
 
 def test_stain_shifted_bags_restain_the_tiles_once_per_slide(tmp_path, dataset):

@@ -96,3 +96,31 @@ def test_fit_temperature_sharpens_when_everything_is_right():
     z = np.array([[1.0, 0.0], [0.0, 1.0]] * 10)
     y = np.array([0, 1] * 10)
     assert M.fit_temperature(z, y, t_min=0.05) < 0.06
+
+
+def test_fit_logit_affine_recovers_a_known_platt_scaling():
+    rng = np.random.default_rng(0)
+    d = rng.normal(0, 2, 4000)
+    y = (rng.random(4000) < 1 / (1 + np.exp(-(0.5 * d + 1.5)))).astype(int)
+    logits = np.stack([-d / 2, d / 2], 1)  # margin d
+    scale, shift = M.fit_logit_affine(logits, y)
+    assert scale[0] == pytest.approx(scale[1]) and scale[0] == pytest.approx(0.5, abs=0.08)
+    assert shift[1] - shift[0] == pytest.approx(1.5, abs=0.2) and shift.sum() == pytest.approx(0)
+    assert M.nll(logits * scale + shift, y) < M.nll(logits, y)
+    with pytest.raises(ValueError, match="every class"):
+        M.fit_logit_affine(logits[y == 1], y[y == 1])
+
+
+def test_wilson_interval_and_reliability_table():
+    lo, hi = M.wilson(50, 50)
+    assert hi == pytest.approx(1.0) and lo == pytest.approx(0.9287, abs=1e-4)
+    lo, hi = M.wilson(10, 20)
+    assert lo == pytest.approx(0.2993, abs=1e-4) and hi == pytest.approx(0.7007, abs=1e-4)
+    with pytest.raises(ValueError):
+        M.wilson(3, 2)
+    p = np.array([[0.9, 0.1], [0.2, 0.8], [0.4, 0.6], [0.7, 0.3]])
+    y = np.array([0, 1, 0, 1])
+    rows = M.reliability_table(p, y, n_bins=5)
+    assert sum(r["n"] for r in rows) == 4
+    ece = sum(r["n"] * abs(r["accuracy"] - r["confidence"]) for r in rows if r["n"]) / 4
+    assert ece == pytest.approx(M.ece(p, y, n_bins=5))

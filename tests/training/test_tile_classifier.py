@@ -345,3 +345,92 @@ def test_macenko_trained_model_is_evaluated_on_normalised_tiles(dataset, tmp_pat
     recipe["data"]["stain_norm"] = "vahadane"
     with pytest.raises(RecipeError, match="data.stain_norm must be null or 'macenko'"):
         run_recipe(recipe)
+
+
+# -------------------------------------------------------------- calibration
+def test_calibration_is_fitted_stored_in_the_head_and_used_by_the_heatmap(trained, dataset,
+                                                                          tmp_path):  # fmt: skip
+    """eval.calibrate.from_checkpoint: the head gains Platt scaling; other card keys are kept."""
+    import histoscope as hs
+    from histoscope.checkpoints import load_checkpoint, save_checkpoint
+    from histoscope.training.tile_classifier import predict, predict_logits
+
+    _, result, _ = trained
+    model, card = load_checkpoint(result["checkpoint"], family="tile_classifier")
+    src = save_checkpoint(tmp_path / "src.safetensors", model,
+                          {**card.to_dict(), "data": {**card.data, "other_tool": {"kept": 1}}})  # fmt: skip
+    recipe = _recipe(dataset, tmp_path / "cal")
+    recipe["eval"] = {"calibrate": {"from_checkpoint": str(src), "path": str(dataset)}}
+    out = run_recipe(recipe)
+    cal_model, cal_card = load_checkpoint(out["checkpoint"], family="tile_classifier")
+    c = cal_card.metrics["calibration"]
+    assert cal_card.config["calibrated"] is True and cal_card.data["other_tool"] == {"kept": 1}
+    assert c["nll_after"] <= c["nll_before"] + 1e-9
+    assert c["scale"][0] == pytest.approx(c["scale"][1]) and c["scale"][0] > 0
+    assert sum(c["shift"]) == pytest.approx(0, abs=1e-9) and c["n"]["tumour"] > 0
+    assert cal_card.metrics["uncalibrated"]["test"] == card.metrics["test"]
+    assert cal_card.recipe["eval"]["calibrate"]["from_checkpoint"] == str(src)
+    tiles = load_split(dataset, "test", mpp=2.0, tile_size=32)
+    raw = predict_logits(cal_model, tiles.images, cal_card.input_spec, raw=True)
+    np.testing.assert_allclose(raw, predict_logits(model, tiles.images, card.input_spec),
+                               atol=1e-5)  # fmt: skip
+    want = np.asarray(c["scale"]) * raw + np.asarray(c["shift"])
+    np.testing.assert_allclose(predict_logits(cal_model, tiles.images, cal_card.input_spec),
+                               want, atol=1e-4)  # fmt: skip
+    row = next(r for r in json.loads((dataset / "manifest.json").read_text())["slides"]
+               if r["split"] == "test")  # fmt: skip
+    with hs.open_session(dataset / row["slide"], in_memory=True) as session:
+        heat = hs.tasks.run("tumour", session, out["checkpoint"])
+    stride = heat.grid.stride
+    rc = np.rint(tiles.coords[:, ::-1] / stride).astype(int)
+    seen = np.isfinite(heat.values[rc[:, 0], rc[:, 1]])
+    assert seen.sum() >= len(tiles) // 2
+    ours = predict(cal_model, tiles.images[seen], cal_card.input_spec)
+    np.testing.assert_allclose(heat.values[rc[seen, 0], rc[seen, 1]], ours, atol=1e-4)
+    plain = predict(model, tiles.images[seen], card.input_spec)
+    assert np.abs(ours - plain).max() > 1e-3  # the map shows the calibrated probability
+
+
+def test_calibrated_head_round_trips_and_old_checkpoints_still_load(tmp_path):
+    from histoscope.checkpoints import load_checkpoint, save_checkpoint
+    from histoscope.models import TileClassifier
+
+    torch.manual_seed(0)
+    m = TileClassifier("test_cnn", 2, backbone_kwargs={"tile_size": 32})
+    old = save_checkpoint(tmp_path / "old", m, {"family": "tile_classifier", "config": m.config})
+    loaded, _ = load_checkpoint(old)
+    assert "calibrated" not in loaded.config and "head.logit_scale" not in loaded.state_dict()
+    x = torch.rand(4, 3, 32, 32)
+    before = m(x)
+    m.set_calibration([0.5, 0.5], [-1.0, 1.0])
+    np.testing.assert_allclose(m(x).detach(), before.detach() * 0.5 + torch.tensor([-1.0, 1.0]),
+                               atol=1e-5)  # fmt: skip
+    np.testing.assert_allclose(m.raw_logits(x).detach(), before.detach(), atol=1e-6)
+    new = save_checkpoint(tmp_path / "new", m, {"family": "tile_classifier", "config": m.config})
+    again, card = load_checkpoint(new)
+    assert card.config["calibrated"] is True
+    np.testing.assert_allclose(again(x).detach(), m(x).detach(), atol=1e-6)
+    with pytest.raises(ValueError, match="positive"):
+        m.set_calibration([0.0, 1.0], [0.0, 0.0])
+    with pytest.raises(ValueError, match="2 scales"):
+        m.set_calibration([1.0], [0.0])
+
+
+def test_tile_metrics_give_intervals_ece_and_per_slide_floors():
+    from histoscope.training.tile_classifier import markdown_table, metrics_for
+
+    y = np.array([1] * 10 + [0] * 10 + [1] * 6 + [0] * 4)
+    p = np.r_[np.full(9, 0.9), 0.1, np.full(10, 0.1), np.full(3, 0.8), np.full(3, 0.2),
+              np.full(4, 0.3)]  # fmt: skip
+    slide = np.r_[np.zeros(20, int), np.ones(10, int)]
+    m = metrics_for(y, p, slide, ("a", "b"))
+    assert m["sensitivity"] == pytest.approx(12 / 16)
+    lo, hi = m["sensitivity_ci95"]
+    assert lo < 12 / 16 < hi
+    ps = m["per_slide"]
+    assert ps["slides"]["a"]["sensitivity"] == pytest.approx(0.9)
+    assert ps["min_sensitivity"] == pytest.approx(0.5) and ps["slides_below_0.7"] == ["b"]
+    assert "specificity" not in ps["slides"]["b"]  # 4 normal tiles < MIN_SLIDE_TILES
+    assert m["ece"] > 0
+    table = markdown_table({"n_slides": 2, "test": m})
+    assert "| test | 2 | 14 / 16 |" in table and "0.750 [" in table

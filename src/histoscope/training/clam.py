@@ -146,16 +146,23 @@ def predict(model: nn.Module, bags: Sequence[Bag]) -> tuple[np.ndarray, list[np.
 
 # ----------------------------------------------------------------- metrics
 def slide_metrics(bags: Sequence[Bag], prob: np.ndarray) -> dict[str, Any]:
-    """Slide ROC AUC of the tumour probability, accuracy and balanced accuracy at argmax."""
-    from histoscope.training.metrics import accuracy, balanced_accuracy, roc_auc
+    """Slide ROC AUC of the tumour probability; accuracy, balanced accuracy, sensitivity and
+    specificity at argmax (p >= 0.5), the last two with Wilson 95 % intervals over slides."""
+    from histoscope.training.metrics import accuracy, balanced_accuracy, roc_auc, wilson
 
     y = np.array([b.label for b in bags])
     pred = prob.argmax(1)
     both = len(np.unique(y)) == 2
+    pos, neg = y == 1, y == 0
+    k_pos, k_neg = int((pred[pos] == 1).sum()), int((pred[neg] == 0).sum())
     return {
         "auc": roc_auc(y, prob[:, 1]) if both else None,
         "accuracy": accuracy(y, pred),
         "balanced_accuracy": balanced_accuracy(y, pred) if both else None,
+        "sensitivity": k_pos / int(pos.sum()) if pos.any() else None,
+        "sensitivity_ci95": list(wilson(k_pos, int(pos.sum()))) if pos.any() else None,
+        "specificity": k_neg / int(neg.sum()) if neg.any() else None,
+        "specificity_ci95": list(wilson(k_neg, int(neg.sum()))) if neg.any() else None,
         "n": {c: int((y == i).sum()) for i, c in enumerate(CLASSES)},
     }
 
@@ -374,6 +381,7 @@ def evaluate(
     split: str = "test",
     baseline: str | os.PathLike | None = None,
     cache: str | os.PathLike | None = None,
+    record: str | None = None,
 ) -> dict[str, Any]:
     """Slide and attention metrics of a ``clam`` checkpoint on a labelled H&E folder.
 
@@ -394,6 +402,10 @@ def evaluate(
         A mean-pooling ``clam`` checkpoint to compare on the same slides.
     cache
         Feature cache folder.
+    record
+        Also write the figures into the checkpoint's card under
+        ``metrics.<record>`` (e.g. ``final_test``), with the slides' seeds; the
+        tensors stay as they are (:func:`histoscope.training._claims.record`).
 
     Returns
     -------
@@ -428,7 +440,39 @@ def evaluate(
                  f"{x['n_tiles']},{x['p_tumour']}" for x in sets[split]["slides"]]  # fmt: skip
     atomic_write_text(out / "slides.csv", "\n".join(rows) + "\n")
     atomic_write_text(out / "metrics_detail.json", json.dumps(results, indent=2) + "\n")
-    metrics = {"split": split, **_summary(results["clam"][split])}
+    metrics = {"split": split, **_strip_per_slide(_summary(results["clam"][split]))}
     if "mean_pool" in results:
-        metrics["mean_pool"] = _summary(results["mean_pool"][split])
+        metrics["mean_pool"] = _strip_per_slide(_summary(results["mean_pool"][split]))
+    if record:
+        from histoscope.training._claims import record as record_card
+
+        record_card(checkpoint_path, record, metrics, data=data_path, split=split)
     return metrics
+
+
+def markdown_table(metrics: Mapping[str, Any]) -> str:
+    """The table RESULTS.md shows for an evaluation (what ``histoscope evaluate`` prints).
+
+    One row per model (CLAM, and mean pooling when a baseline was given):
+    slides, slide AUC, sensitivity and specificity at p >= 0.5 with Wilson
+    95 % intervals, and the share of small-focus slides called tumour.
+    """
+
+    def f(v: Any, d: int = 3) -> str:
+        return "-" if v is None else f"{v:.{d}f}"
+
+    rows = ["| model | slides (benign / tumour) | slide AUC | sensitivity [95 % CI] | "
+            "specificity [95 % CI] | foci called tumour |", "|" + " --- |" * 6]  # fmt: skip
+    for name, m in (("CLAM", metrics), ("mean pooling", metrics.get("mean_pool"))):
+        if not m:
+            continue
+        se, sp = (
+            m.get("sensitivity_ci95") or [None, None],
+            m.get("specificity_ci95") or [None, None],
+        )
+        foc = (m.get("by_extent") or {}).get("focus")
+        foci = f"{round(foc['called_tumour'] * foc['n'])} of {foc['n']}" if foc else "-"
+        rows.append(f"| {name} | {m['n']['normal']} / {m['n']['tumour']} | {f(m.get('auc'), 4)} "
+                    f"| {f(m.get('sensitivity'))} [{f(se[0])}, {f(se[1])}] "
+                    f"| {f(m.get('specificity'))} [{f(sp[0])}, {f(sp[1])}] | {foci} |")  # fmt: skip
+    return "\n".join(rows)

@@ -8,7 +8,8 @@ definitions follow scikit-learn where it has one (balanced accuracy is the
 mean recall over the classes present in ``y_true``; weighted F1 weights each
 class's F1 by its support in ``y_true``; a class never predicted has precision
 0), so numbers are comparable with the reference tools; scikit-learn itself is
-not a dependency. Only :func:`fit_temperature` uses torch, imported inside it.
+not a dependency. Only :func:`fit_temperature` and :func:`fit_logit_affine` use
+torch, imported inside them.
 """
 
 from __future__ import annotations
@@ -22,11 +23,14 @@ __all__ = [
     "balanced_accuracy",
     "confusion_matrix",
     "ece",
+    "fit_logit_affine",
     "fit_temperature",
     "nll",
+    "reliability_table",
     "roc_auc",
     "softmax",
     "weighted_f1",
+    "wilson",
 ]
 
 
@@ -337,3 +341,116 @@ def fit_temperature(
     if math.isfinite(refined) and nll(z, t, refined) <= best_loss:
         return refined
     return best_t
+
+
+def fit_logit_affine(
+    logits, y_true, *, t_bounds: tuple[float, float] = (0.02, 50.0), max_iter: int = 200
+) -> tuple[np.ndarray, np.ndarray]:
+    """One temperature and a bias per output: ``softmax(logits / T + shift)`` fitted by NLL.
+
+    For two classes this is Platt scaling of the logit margin
+    (``p = sigmoid((z1 - z0) / T + shift1 - shift0)``); for more it is
+    temperature scaling plus a bias per class. One shared temperature keeps
+    the fit identified when the logits move together (a two-class head's
+    logits are nearly each other's negatives, so separate scales per output
+    are not). The shift is returned centred (mean 0), which the softmax
+    ignores. Fit it on validation data, never on the test set.
+
+    Parameters
+    ----------
+    logits
+        ``(n_samples, n_classes)`` validation logits of the uncalibrated model.
+    y_true
+        1-D integer labels.
+    t_bounds
+        Range the temperature is kept in.
+    max_iter
+        L-BFGS iterations.
+
+    Returns
+    -------
+    scale, shift
+        ``(n_classes,)`` float64 arrays, applied as ``logits * scale + shift``
+        (``scale`` is ``1/T`` for every output); ``(1, ..), (0, ..)`` leave the
+        model unchanged.
+
+    Raises
+    ------
+    ValueError
+        If a class has no sample (its bias could grow without bound).
+    """
+    import torch
+
+    z, t = _probs(logits, y_true)
+    k = z.shape[1]
+    missing = [c for c in range(k) if not (t == c).any()]
+    if missing:
+        raise ValueError(f"fit_logit_affine needs samples of every class; none of {missing}")
+    t0 = fit_temperature(z, t, t_min=t_bounds[0], t_max=t_bounds[1])
+    zt = torch.as_tensor(z, dtype=torch.float64)
+    tt = torch.as_tensor(t)
+    log_a = torch.tensor(-math.log(t0), dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(k, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([log_a, b], lr=0.5, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(zt * log_a.exp() + b, tt)
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    a = float(np.clip(math.exp(float(log_a.detach())), 1 / t_bounds[1], 1 / t_bounds[0]))
+    shift = b.detach().numpy().astype(np.float64)
+    shift = shift - shift.mean()
+    if not (math.isfinite(a) and np.isfinite(shift).all()) or nll(z * a + shift, t) > nll(z, t, t0):
+        return np.full(k, 1.0 / t0), np.zeros(k)  # never worse than one temperature
+    return np.full(k, a), shift
+
+
+def reliability_table(probs, y_true, n_bins: int = 15) -> list[dict[str, float | int | None]]:
+    """Per confidence bin (the bins of :func:`ece`): range, count, mean confidence, accuracy.
+
+    Parameters
+    ----------
+    probs
+        ``(n_samples, n_classes)`` probabilities.
+    y_true
+        1-D integer labels.
+    n_bins
+        Number of equal-width bins over (0, 1].
+
+    Returns
+    -------
+    list of dict
+        ``{"lo", "hi", "n", "confidence", "accuracy"}`` per bin (``None`` when empty).
+    """
+    p, t = _probs(probs, y_true)
+    conf = p.max(axis=1)
+    correct = p.argmax(axis=1) == t
+    idx = np.clip(np.ceil(conf * n_bins).astype(np.int64) - 1, 0, n_bins - 1)
+    rows = []
+    for b in range(n_bins):
+        s = idx == b
+        rows.append({"lo": round(b / n_bins, 4), "hi": round((b + 1) / n_bins, 4),
+                     "n": int(s.sum()),
+                     "confidence": float(conf[s].mean()) if s.any() else None,
+                     "accuracy": float(correct[s].mean()) if s.any() else None})  # fmt: skip
+    return rows
+
+
+def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score interval of the proportion ``k / n`` (95 % by default).
+
+    Raises
+    ------
+    ValueError
+        If ``n < 1`` or ``k`` is outside ``[0, n]``.
+    """
+    if n < 1 or not 0 <= k <= n:
+        raise ValueError(f"wilson needs 0 <= k <= n and n >= 1, got k={k}, n={n}")
+    p = k / n
+    d = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / d
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
+    return max(0.0, centre - half), min(1.0, centre + half)

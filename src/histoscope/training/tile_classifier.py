@@ -20,7 +20,16 @@ Recipe sections (defaults in :data:`DEFAULTS`):
     ``flips`` (the 8 flips/rotations), ``hed_sigma`` and ``hed_bias`` (HED jitter).
 ``eval``
     ``shift_degrees``, ``shift_amount``, ``seed``: the stain-shifted copy of
-    the test split (see :mod:`._stain_aug`).
+    the test split (see :mod:`._stain_aug`); ``calibrate`` (``null`` or
+    ``{path, generate, split, max_per_slide, from_checkpoint}``): after
+    training, fit a temperature and a bias per output on the logits
+    (:func:`histoscope.training.metrics.fit_logit_affine`) on the labelled
+    tiles of ``split`` of the synth folder ``path`` (made with ``generate``
+    when missing; default: the validation split), store it in the model's head
+    (:class:`histoscope.models.tile_classifier.CalibratedLinear`) and its
+    reliability and ECE in the card (``metrics.calibration``). With
+    ``from_checkpoint`` nothing is trained: that checkpoint is calibrated and
+    re-evaluated, and its card is kept with the calibration added.
 ``export``
     Optional path the checkpoint is also copied to.
 
@@ -61,8 +70,13 @@ DEFAULTS: dict[str, dict[str, Any]] = {
              "tumour_min": 0.5, "normal_max": 0.0, "max_per_slide": None, "stain_norm": None},
     "model": {"backbone": "hs_cnn_small", "backbone_kwargs": {}, "dropout": 0.0},
     "augment": {"flips": True, "hed_sigma": 0.0, "hed_bias": 0.0},
-    "eval": {"shift_degrees": 12.0, "shift_amount": [1.45, 1.7], "seed": 0},
+    "eval": {"shift_degrees": 12.0, "shift_amount": [1.45, 1.7], "seed": 0, "calibrate": None},
 }  # fmt: skip
+CALIBRATE_DEFAULTS: dict[str, Any] = {"path": None, "generate": None, "split": "all",
+                                      "max_per_slide": None, "from_checkpoint": None}  # fmt: skip
+#: A slide counts in the per-slide sensitivity (specificity) with at least this many
+#: tumour (normal) tiles.
+MIN_SLIDE_TILES = 5
 LABEL_KEYS = ("mpp", "tile_size", "min_tissue", "tumour_min", "normal_max")
 GENERATE_KEYS = ("count", "size", "seed", "mpp")
 
@@ -88,11 +102,20 @@ def settings(recipe: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     gen = out["data"]["generate"]
     if gen is not None:
         check_keys(gen, GENERATE_KEYS, "data.generate")
+    cal = out["eval"]["calibrate"]
+    if cal is not None:
+        if not isinstance(cal, Mapping):
+            raise RecipeError(f"recipe key eval.calibrate must be null or a mapping, got {cal!r}")
+        check_keys(cal, CALIBRATE_DEFAULTS, "eval.calibrate")
+        cal = out["eval"]["calibrate"] = {**CALIBRATE_DEFAULTS, **cal}
+        if cal["generate"] is not None:
+            check_keys(cal["generate"], GENERATE_KEYS, "eval.calibrate.generate")
     return out
 
 
 def _ensure_data(data: Mapping[str, Any]) -> Path:
     path = Path(data["path"])
+    data = {**data, "generate": data.get("generate")}
     if (path / "manifest.json").is_file() or is_patch_folder(path) or data["generate"] is None:
         return path  # load_split names a missing folder or manifest
     from histoscope.synthetic._dataset import write_dataset
@@ -131,11 +154,27 @@ def _dihedral(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 @torch.no_grad()
+def predict_logits(
+    model: nn.Module, images: np.ndarray, spec: Mapping[str, Any], batch: int = 128,
+    device: torch.device | str = "cpu", *, raw: bool = False,
+) -> np.ndarray:  # fmt: skip
+    """Logits ``(N, C)`` of ``(T, T, 3)`` uint8 tiles; ``raw`` skips the head's calibration."""
+    model.eval()
+    out = []
+    for i in range(0, len(images), batch):
+        x = _normalise(torch.from_numpy(images[i : i + batch]).permute(0, 3, 1, 2).float(), spec)
+        z = model.raw_logits(x.to(device)) if raw else model(x.to(device))
+        out.append(z.float().cpu().numpy())
+    n_out = getattr(model, "config", {}).get("num_classes", len(CLASSES))
+    return np.concatenate(out) if out else np.zeros((0, n_out), np.float32)
+
+
+@torch.no_grad()
 def predict(
     model: nn.Module, images: np.ndarray, spec: Mapping[str, Any], batch: int = 128,
     device: torch.device | str = "cpu",
 ) -> np.ndarray:  # fmt: skip
-    """Tumour probability of each ``(T, T, 3)`` uint8 tile, in order.
+    """Tumour probability of each ``(T, T, 3)`` uint8 tile, in order (calibrated if the model is).
 
     Parameters
     ----------
@@ -153,31 +192,128 @@ def predict(
     numpy.ndarray
         ``(N,)`` float probabilities of class ``"tumour"``.
     """
-    model.eval()
-    out = []
-    for i in range(0, len(images), batch):
-        x = torch.from_numpy(images[i : i + batch]).permute(0, 3, 1, 2).float()
-        logits = model(_normalise(x, spec).to(device))
-        out.append(torch.softmax(logits.float(), 1)[:, 1].cpu().numpy())
-    return np.concatenate(out) if out else np.zeros(0, np.float32)
+    z = predict_logits(model, images, spec, batch, device)
+    if len(z) == 0:
+        return np.zeros(0, np.float32)
+    return torch.softmax(torch.from_numpy(z), 1)[:, 1].numpy()
 
 
-def metrics_for(labels: np.ndarray, prob: np.ndarray) -> dict[str, Any]:
-    """Patch ROC AUC; accuracy, balanced accuracy, sensitivity, specificity at 0.5; confusion; counts."""
-    from histoscope.training.metrics import accuracy, balanced_accuracy, confusion_matrix, roc_auc
+def metrics_for(
+    labels: np.ndarray, prob: np.ndarray, slide: np.ndarray | None = None,
+    names: tuple[str, ...] | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """Tile metrics at the 0.5 threshold the map shows, with 95 % intervals and per-slide floors.
+
+    Returns patch ROC AUC; accuracy, balanced accuracy, sensitivity and
+    specificity at 0.5 (with Wilson 95 % intervals over tiles); ECE (15 bins);
+    confusion; counts. With ``slide`` (index per tile into ``names``) also
+    ``per_slide``: each slide's sensitivity (slides with at least
+    :data:`MIN_SLIDE_TILES` tumour tiles) and specificity (as many normal
+    tiles), their minima and the slides below 0.7.
+    """
+    from histoscope.training.metrics import (
+        accuracy,
+        balanced_accuracy,
+        confusion_matrix,
+        ece,
+        roc_auc,
+        wilson,
+    )
 
     pred = (prob >= 0.5).astype(np.int64)
     both = len(np.unique(labels)) == 2
     pos, neg = labels == 1, labels == 0
-    return {
+    k_pos, k_neg = int(pred[pos].sum()), int((1 - pred[neg]).sum())
+    out = {
         "auc": roc_auc(labels, prob) if both else None,
         "accuracy": accuracy(labels, pred),
         "balanced_accuracy": balanced_accuracy(labels, pred),
         "sensitivity": float(pred[pos].mean()) if pos.any() else None,
         "specificity": float(1 - pred[neg].mean()) if neg.any() else None,
+        "sensitivity_ci95": list(wilson(k_pos, int(pos.sum()))) if pos.any() else None,
+        "specificity_ci95": list(wilson(k_neg, int(neg.sum()))) if neg.any() else None,
+        "ece": ece(np.stack([1 - prob, prob], 1), labels) if len(labels) else None,
         "confusion": np.asarray(confusion_matrix(labels, pred, n_classes=2)).tolist(),
         "n": {c: int((labels == i).sum()) for i, c in enumerate(CLASSES)},
     }
+    if slide is not None:
+        out["per_slide"] = per_slide(labels, pred, slide, names)
+    return out
+
+
+def per_slide(labels: np.ndarray, pred: np.ndarray, slide: np.ndarray,
+              names: tuple[str, ...] | None = None) -> dict[str, Any]:  # fmt: skip
+    """Each slide's sensitivity and specificity at 0.5, their minima and the slides below 0.7."""
+    rows, sens, spec = {}, {}, {}
+    for k in np.unique(slide):
+        sel = slide == k
+        y, p = labels[sel], pred[sel]
+        name = names[k] if names is not None else str(int(k))
+        row = {"n_tumour": int((y == 1).sum()), "n_normal": int((y == 0).sum())}
+        if row["n_tumour"] >= MIN_SLIDE_TILES:
+            row["sensitivity"] = sens[name] = float(p[y == 1].mean())
+        if row["n_normal"] >= MIN_SLIDE_TILES:
+            row["specificity"] = spec[name] = float(1 - p[y == 0].mean())
+        rows[name] = row
+    below = sorted({n for d in (sens, spec) for n, v in d.items() if v < 0.7})
+    return {
+        "min_sensitivity": min(sens.values()) if sens else None,
+        "min_specificity": min(spec.values()) if spec else None,
+        "n_slides_sensitivity": len(sens), "n_slides_specificity": len(spec),
+        "slides_below_0.7": below, "min_tiles": MIN_SLIDE_TILES, "slides": rows,
+    }  # fmt: skip
+
+
+def calibrate_on(model: nn.Module, spec: Mapping[str, Any], tiles: TileSet) -> dict[str, Any]:
+    """Fit the head's per-output temperature and bias on ``tiles`` and set it in ``model``.
+
+    Returns
+    -------
+    dict
+        What the card records: method, scale, shift, slides, tile counts, NLL and
+        ECE before and after, the reliability table after, and the tile metrics
+        at 0.5 after calibration on the same tiles.
+    """
+    from histoscope.training import metrics as M
+
+    if min(tiles.counts().values()) == 0:
+        raise RecipeError(f"calibration tiles have no tiles of some class ({tiles.counts()}); "
+                          "calibrate on slides with tumour and normal tissue")  # fmt: skip
+    z = predict_logits(model, tiles.images, spec, raw=True).astype(np.float64)
+    y = tiles.labels
+    scale, shift = M.fit_logit_affine(z, y)
+    model.set_calibration(scale, shift)
+    zc = z * scale + shift
+    p0, p1 = M.softmax(z), M.softmax(zc)
+    return {
+        "method": "temperature and per-output bias on the logits (Platt scaling of the margin), "
+                  "NLL fit",
+        "scale": [float(v) for v in scale],
+        "shift": [float(v) for v in shift],
+        "slides": list(tiles.names),
+        "n": tiles.counts(),
+        "nll_before": M.nll(z, y), "nll_after": M.nll(zc, y),
+        "ece_before": M.ece(p0, y), "ece_after": M.ece(p1, y),
+        "reliability_after": M.reliability_table(p1, y),
+        "at_0.5_before": _brief(metrics_for(y, p0[:, 1], tiles.slide, tiles.names)),
+        "at_0.5_after": _brief(metrics_for(y, p1[:, 1], tiles.slide, tiles.names)),
+    }  # fmt: skip
+
+
+def _brief(m: Mapping[str, Any]) -> dict[str, Any]:
+    """Metrics without the per-slide rows (kept small for a card)."""
+    out = dict(m)
+    if "per_slide" in out:
+        out["per_slide"] = {k: v for k, v in out["per_slide"].items() if k != "slides"}
+    return out
+
+
+def _calibration_tiles(cal: Mapping[str, Any], data: Mapping[str, Any], root: Path) -> TileSet:
+    """The labelled tiles the calibration is fitted on (the val split when no folder is named)."""
+    if cal["path"] is None:
+        return _load(root, "val", {**data, "max_per_slide": cal["max_per_slide"]})
+    path = _ensure_data({**data, "path": cal["path"], "generate": cal["generate"]})
+    return _load(path, cal["split"], {**data, "max_per_slide": cal["max_per_slide"]})
 
 
 def shifted(tiles: TileSet, ev: Mapping[str, Any]) -> TileSet:
@@ -224,6 +360,9 @@ def train(
     from histoscope.engine import pick_device
 
     cfg = settings(recipe)
+    cal = cfg["eval"]["calibrate"]
+    if cal is not None and cal["from_checkpoint"]:
+        return recalibrate(recipe, out_dir)
     ts = TrainSettings.from_recipe(recipe["train"])
     data, aug = cfg["data"], cfg["augment"]
     out = Path(out_dir)
@@ -255,11 +394,19 @@ def train(
     fitted = fit(model, batches, loss_fn, ts, out, steps_per_epoch=steps, validate=validate,
                  resume=resume, progress=progress, fingerprint=fingerprint(recipe))  # fmt: skip
     model.cpu().eval()
+    calibration = None
+    if cal is not None:
+        cal_set = _calibration_tiles(cal, data, root)
+        if data["stain_norm"]:
+            cal_set = macenko(cal_set)
+        calibration = calibrate_on(model, spec, cal_set)
     # every test tile, as `histoscope evaluate` reads them (the cap only balances training)
     test_set = _load(root, "test", {**data, "max_per_slide": None})
     test = evaluate_tiles(model, spec, test_set, cfg["eval"], out)
     val = metrics_for(val_set.labels, predict(model, val_set.images, spec))
     card_metrics = {"best_epoch": fitted.best_epoch, "val": val, **test}
+    if calibration is not None:
+        card_metrics["calibration"] = calibration
     card = ModelCard(
         family=FAMILY,
         config=model.config,
@@ -281,6 +428,64 @@ def train(
         with atomic_path(recipe["export"]) as tmp:
             shutil.copyfile(ckpt, tmp)
     return {"checkpoint": str(ckpt), "metrics": card_metrics, "history": fitted.history}
+
+
+def recalibrate(recipe: Mapping[str, Any], out_dir: str | os.PathLike) -> dict[str, Any]:
+    """Calibrate an existing checkpoint (``eval.calibrate.from_checkpoint``) without training.
+
+    The checkpoint's weights are kept; its head gains the fitted calibration.
+    Its card is kept whole (other tools' keys included) with: ``config``
+    (``calibrated: true``), ``metrics.calibration``, the test-split metrics
+    re-measured with the calibration (``metrics.test``, ``metrics.test_stain_shifted``,
+    ``metrics.val``; the figures before it move to ``metrics.uncalibrated``) and
+    ``recipe.eval.calibrate``. Written to ``out_dir/<name>.safetensors`` and to
+    ``export`` when set.
+
+    Raises
+    ------
+    histoscope.CheckpointError
+        If the checkpoint is unreadable or not a tumour/normal tile classifier.
+    """
+    from histoscope.checkpoints import ModelCard, load_checkpoint, save_checkpoint
+
+    cfg = settings(recipe)
+    cal, data = cfg["eval"]["calibrate"], cfg["data"]
+    src = Path(cal["from_checkpoint"])
+    if not src.exists():
+        from histoscope._data import sample_data_path
+
+        src = sample_data_path(str(src))
+    model, card = load_checkpoint(src, family=FAMILY)
+    if tuple(card.classes) != CLASSES:
+        raise RecipeError(f"{src}: classes {card.classes} are not {CLASSES}")
+    spec = dict(card.input_spec)
+    data = {**data, **{k: card.data[k] for k in LABEL_KEYS if k in card.data}}
+    data["mpp"], data["tile_size"] = spec["mpp"], spec["tile_size"]
+    data["stain_norm"] = spec.get("stain_norm")
+    out = Path(out_dir)
+    root = _ensure_data(data)
+    cal_set = _calibration_tiles(cal, data, root)
+    if data["stain_norm"]:
+        cal_set = macenko(cal_set)
+    calibration = calibrate_on(model, spec, cal_set)
+    model.eval()
+    test = evaluate_tiles(model, spec, _load(root, "test", {**data, "max_per_slide": None}),
+                          cfg["eval"], out)  # fmt: skip
+    val_set = _load(root, "val", data)
+    old = dict(card.metrics)
+    moved = {k: old.pop(k) for k in ("val", "test", "test_stain_shifted") if k in old}
+    metrics = {**old, "val": metrics_for(val_set.labels, predict(model, val_set.images, spec)),
+               **test, "uncalibrated": moved, "calibration": calibration}  # fmt: skip
+    new_recipe = dict(card.recipe)
+    new_recipe["eval"] = {**(new_recipe.get("eval") or {}), "calibrate": dict(cal)}
+    new_card = ModelCard.from_dict({**card.to_dict(), "config": dict(model.config),
+                                    "recipe": new_recipe, "metrics": metrics})  # fmt: skip
+    name = recipe.get("name") or FAMILY
+    ckpt = save_checkpoint(out / f"{name}.safetensors", model, new_card)
+    if recipe.get("export"):
+        with atomic_path(recipe["export"]) as tmp:
+            shutil.copyfile(ckpt, tmp)
+    return {"checkpoint": str(ckpt), "metrics": metrics, "history": []}
 
 
 def _build_model(cfg: Mapping[str, Any], seed: int) -> tuple[nn.Module, dict[str, Any]]:
@@ -363,7 +568,8 @@ def evaluate_tiles(
     elif stain_norm:
         sets.update({f"{k}_macenko": macenko(t) for k, t in list(sets.items())})
     probs = {k: predict(model, t.images, spec) for k, t in sets.items()}
-    result = {k: metrics_for(tiles.labels, p) for k, p in probs.items()}
+    result = {k: _brief(metrics_for(tiles.labels, p, tiles.slide, tiles.names))
+              for k, p in probs.items()}  # fmt: skip
     write_report(out, tiles, probs, result)
     return result
 
@@ -375,6 +581,7 @@ def evaluate(
     *,
     split: str = "test",
     stain_norm: bool = False,
+    record: str | None = None,
 ) -> dict[str, Any]:
     """Patch metrics of a checkpoint on a labelled synth folder or patch folder.
 
@@ -383,13 +590,18 @@ def evaluate(
     checkpoint_path
         A ``tile_classifier`` checkpoint (another family is refused).
     data_path
-        Dataset folder.
+        Dataset folder, or several synth folders joined by ``os.pathsep``
+        (``a:b``), whose slides are pooled.
     out_dir
         Receives ``tiles.csv`` (per-tile truth and probabilities) and ``roc.png``.
     split
         Which slides: ``"test"`` (default), ``"val"``, ``"train"`` or ``"all"``.
     stain_norm
         Also score every set after per-slide Macenko normalisation.
+    record
+        Also write the figures into the checkpoint's card under
+        ``metrics.<record>`` (e.g. ``final_test``), with the slides' seeds; the
+        tensors stay as they are (:func:`histoscope.training._claims.record`).
 
     Returns
     -------
@@ -413,6 +625,53 @@ def evaluate(
     data = {**DEFAULTS["data"], **{k: card.data[k] for k in LABEL_KEYS if k in card.data}}
     data["mpp"], data["tile_size"] = card.input_spec["mpp"], card.input_spec["tile_size"]
     ev = {**DEFAULTS["eval"], **(card.recipe.get("eval") or {})}
-    tiles = _load(Path(data_path), split, data)
+    folders = [Path(p) for p in str(data_path).split(os.pathsep)]
+    tiles = _concat([_load(f, split, data) for f in folders])
     res = evaluate_tiles(model, card.input_spec, tiles, ev, Path(out_dir), stain_norm=stain_norm)
-    return {"split": split, **res}
+    result = {"split": split, "n_slides": len(tiles.names), **res}
+    if record:
+        from histoscope.training._claims import record as record_card
+
+        record_card(checkpoint_path, record, result, data=data_path, split=split)
+    return result
+
+
+def _concat(sets: list[TileSet]) -> TileSet:
+    """Several tile sets as one (slide indices renumbered)."""
+    if len(sets) == 1:
+        return sets[0]
+    offsets = np.cumsum([0] + [len(t.names) for t in sets[:-1]])
+    return TileSet(
+        images=np.concatenate([t.images for t in sets]),
+        labels=np.concatenate([t.labels for t in sets]),
+        slide=np.concatenate([t.slide + o for t, o in zip(sets, offsets, strict=True)]),
+        coords=np.concatenate([t.coords for t in sets]),
+        tumour_fraction=np.concatenate([t.tumour_fraction for t in sets]),
+        names=tuple(n for t in sets for n in t.names),
+        stains=tuple(st for t in sets for st in t.stains),
+    )
+
+
+def _fmt(v: float | None, digits: int = 3) -> str:
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
+def markdown_table(metrics: Mapping[str, Any]) -> str:
+    """The table RESULTS.md shows for an evaluation (what ``histoscope evaluate`` prints)."""
+    head = ("| set | slides | tiles (normal / tumour) | AUC | sensitivity at 0.5 [95 % CI] | "
+            "specificity at 0.5 [95 % CI] | ECE | min slide sens. / spec. | slides < 0.7 |")  # fmt: skip
+    rows = [head, "|" + " --- |" * 9]
+    for name, m in metrics.items():
+        if not isinstance(m, Mapping) or "confusion" not in m:
+            continue
+        ps = m.get("per_slide") or {}
+        ci = {k: m.get(f"{k}_ci95") or [None, None] for k in ("sensitivity", "specificity")}
+        rows.append(
+            f"| {name} | {metrics.get('n_slides', '-')} | {m['n']['normal']} / {m['n']['tumour']} "
+            f"| {_fmt(m.get('auc'), 4)} "
+            f"| {_fmt(m['sensitivity'])} [{_fmt(ci['sensitivity'][0])}, {_fmt(ci['sensitivity'][1])}] "
+            f"| {_fmt(m['specificity'])} [{_fmt(ci['specificity'][0])}, {_fmt(ci['specificity'][1])}] "
+            f"| {_fmt(m.get('ece'))} | {_fmt(ps.get('min_sensitivity'), 2)} / "
+            f"{_fmt(ps.get('min_specificity'), 2)} | {len(ps.get('slides_below_0.7', []))} |"
+        )  # fmt: skip
+    return "\n".join(rows)

@@ -1,0 +1,133 @@
+"""Final-test figures recorded in a checkpoint's card, and the claims documents make of them.
+
+A *final test* is one evaluation on slides that were never used for a choice;
+:func:`record` writes its figures into the card of the checkpoint (under
+``metrics.<key>``, with the data folder and the slides' seeds), keeping the
+tensors, and every other key of the card, as they are.
+
+A *claim* is a machine-readable line next to a human table in a Markdown file
+(``benchmarks/RESULTS.md``, ``README.md``)::
+
+    <!-- claim tumour_patch_default.safetensors metrics/final_test/test/sensitivity = 0.934 -->
+
+naming a checkpoint in ``sample_data/``, a ``/``-separated path into its card
+(list items by index) and the value as printed: the card's value rounded to the
+printed number of decimals must equal it (:func:`check_claim`). Any family can
+add claims; ``tests/test_claims.py`` checks every one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+#: ``<!-- claim FILE PATH = VALUE -->``
+CLAIM_RE = re.compile(r"<!--\s*claim\s+(\S+)\s+(\S+)\s*=\s*(\S+)\s*-->")
+
+
+def manifest_seeds(data: str | os.PathLike, split: str = "all") -> list[int]:
+    """Seeds of the slides of ``split`` in one or more ``os.pathsep``-joined synth folders."""
+    seeds = []
+    for folder in str(data).split(os.pathsep):
+        doc = json.loads((Path(folder) / "manifest.json").read_text())
+        seeds += [
+            int(r["seed"]) for r in doc["slides"] if split == "all" or r.get("split") == split
+        ]
+    return seeds
+
+
+def record(
+    checkpoint: str | os.PathLike, key: str, metrics: Mapping[str, Any], *,
+    data: str | os.PathLike, split: str,
+) -> Path:  # fmt: skip
+    """Write ``metrics`` into the card of ``checkpoint`` at ``metrics.<key>``.
+
+    The current file is read, only ``metrics.<key>`` changes (with ``data``,
+    ``split`` and the ``seeds`` of the slides added), and the file is rewritten
+    atomically with the same tensors.
+
+    Raises
+    ------
+    ValueError
+        If ``key`` is not a plain name.
+    RuntimeError
+        If the rewritten file's tensor hash differs (it never should).
+    """
+    from histoscope.checkpoints import load_checkpoint, save_checkpoint
+
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+        raise ValueError(f"record key must be a plain name, got {key!r}")
+    model, card = load_checkpoint(checkpoint)
+    entry = {**metrics, "data": str(data), "split": split, "seeds": manifest_seeds(data, split)}
+    new = replace(card, metrics={**card.metrics, key: json.loads(json.dumps(entry, default=float))})
+    path = save_checkpoint(checkpoint, model, new)
+    from histoscope.checkpoints import read_card
+
+    if read_card(path).sha256 != card.sha256:
+        raise RuntimeError(f"{path}: tensors changed while rewriting the card")
+    return path
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One ``<!-- claim ... -->`` line: where it is and what it says."""
+
+    source: str
+    line: int
+    checkpoint: str
+    path: str
+    value: str
+
+
+def find_claims(paths: Sequence[str | os.PathLike]) -> list[Claim]:
+    """Every claim in the given Markdown files, in order."""
+    out = []
+    for p in paths:
+        for i, text in enumerate(Path(p).read_text().splitlines(), 1):
+            out += [Claim(str(p), i, *m.groups()) for m in CLAIM_RE.finditer(text)]
+    return out
+
+
+def card_value(card: Mapping[str, Any], path: str) -> Any:
+    """The value at a ``/``-separated ``path`` in a card dict (list items by index).
+
+    Raises
+    ------
+    KeyError
+        Naming the first part of the path that is missing.
+    """
+    node: Any = card
+    for part in path.split("/"):
+        if isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        elif isinstance(node, Mapping) and part in node:
+            node = node[part]
+        else:
+            raise KeyError(f"card has no {part!r} on the path {path!r}")
+    return node
+
+
+def check_claim(card: Mapping[str, Any], claim: Claim) -> str | None:
+    """``None`` when the card backs the claim, else why not (one line)."""
+    try:
+        got = card_value(card, claim.path)
+    except KeyError as exc:
+        return f"{claim.source}:{claim.line}: {exc.args[0]}"
+    text = claim.value
+    if isinstance(got, bool) or not isinstance(got, int | float):
+        ok = str(got) == text
+    else:
+        decimals = len(text.split(".")[1]) if "." in text else 0
+        try:
+            ok = round(float(got), decimals) == round(float(text), decimals)
+        except ValueError:
+            ok = False
+    if ok:
+        return None
+    return (f"{claim.source}:{claim.line}: {claim.checkpoint} {claim.path} is {got!r}, "
+            f"the document says {text}")  # fmt: skip
