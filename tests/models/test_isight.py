@@ -99,3 +99,49 @@ def test_optical_density_input_is_what_the_backbone_sees():
     with torch.no_grad():
         torch.testing.assert_close(twin.encode_tiles(x), got)
     assert "input_space" not in ISight("test_cnn", TISSUES).config  # RGB, as older cards
+
+
+def _temps(text: float, image: float) -> dict:
+    return {"text": dict.fromkeys(TASKS, text), "image": dict.fromkeys(TASKS, image)}
+
+
+def test_each_sample_is_divided_by_the_temperature_of_its_case():
+    model = make()
+    x = tiles(3, 4)
+    meta = encode_metadata(["breast HER2", None, "colon CDX2"])
+    raw = model(x, meta_tokens=meta)  # one buffer (all ones) for both cases
+    model.set_temperatures({"text": dict.fromkeys(TASKS, 2.0), "image": dict.fromkeys(TASKS, 0.5)})
+    got = model(x, meta_tokens=meta)
+    for t in TASKS:
+        torch.testing.assert_close(got[t][[0, 2]], raw[t][[0, 2]] / 2.0)  # with text
+        torch.testing.assert_close(got[t][1], raw[t][1] / 0.5)  # the image alone
+    alone = model(x)  # no tokens at all: every sample is on the image alone
+    torch.testing.assert_close(alone["intensity"][1], got["intensity"][1])
+    # the temperatures travel in the config (not the tensors) and come back with it
+    twin = ISight.from_config(model.config).eval()
+    twin.load_state_dict(model.state_dict())
+    torch.testing.assert_close(twin(x, meta_tokens=meta)["quantity"], got["quantity"])
+    assert set(model.state_dict()) == set(make().state_dict())
+
+
+def test_without_per_case_temperatures_the_buffer_serves_both_cases():
+    model = make()
+    model.temperature.fill_(4.0)
+    x, meta = tiles(2, 3), encode_metadata(["breast", None])
+    out = model(x, meta_tokens=meta)
+    model.temperature.fill_(1.0)
+    raw = model(x, meta_tokens=meta)
+    torch.testing.assert_close(out["location"], raw["location"] / 4.0)
+    assert "temperatures" not in model.config
+
+
+@pytest.mark.parametrize(
+    "bad, match",
+    [({"text": dict.fromkeys(TASKS, 1.0)}, "image"),
+     ({"text": dict.fromkeys(TASKS, 1.0), "image": {"intensity": 1.0}}, "lacks head"),
+     (_temps(1.0, 0.0), "positive"), (_temps(float("nan"), 1.0), "positive")],
+    ids=["no-image-case", "missing-head", "zero", "nan"],
+)  # fmt: skip
+def test_bad_temperatures_are_refused(bad, match):
+    with pytest.raises(ValueError, match=match):
+        make().set_temperatures(bad)

@@ -25,7 +25,15 @@ Metadata text (tissue, SNOMED, antibody) is encoded by a small trained
 hashed bag-of-words encoder by default, so no tokenizer or weights need
 downloading, or by a frozen CLIP text tower (``meta_encoder="open_clip:..."``,
 see :mod:`histoscope.models.text`). In training it is dropped with
-probability ``meta_dropout`` per sample.
+probability ``meta_dropout`` per sample; a sample without text (``None`` or
+"": all-padding tokens) adds nothing, which is how the model runs on the
+image alone.
+
+Calibration is per case (:data:`CASES`): a head's logits are divided by the
+temperature fitted on validation slides *with* the clinical text when the
+sample has text, and by the one fitted on the *image alone* when it has none
+(``temperatures`` in the card's config). Older cards carry one set, the
+``temperature`` buffer, which then serves both cases.
 """
 
 from __future__ import annotations
@@ -41,12 +49,15 @@ from histoscope.models.attention import GatedAttention, masked_softmax
 from histoscope.models.backbones import create_backbone
 from histoscope.models.text import create_text_encoder, encode_metadata
 
-__all__ = ["INPUT_SPACES", "TASKS", "ISight", "encode_metadata", "to_optical_density"]
+__all__ = ["CASES", "INPUT_SPACES", "TASKS", "ISight", "encode_metadata", "to_optical_density"]
 
 TASKS = ISIGHT_TASKS
 
 #: What the backbone is given: normalised RGB or optical density.
 INPUT_SPACES = ("rgb", "od")
+
+#: The two cases a head is calibrated for: with the clinical text, and on the image alone.
+CASES = ("text", "image")
 
 
 def to_optical_density(rgb: torch.Tensor) -> torch.Tensor:
@@ -83,6 +94,10 @@ class ISight(nn.Module):
         Attention dropout; probability of dropping metadata per sample in training.
     input_space
         ``"rgb"`` or ``"od"`` (optical density; see the module docstring).
+    temperatures
+        ``{"text": {task: T}, "image": {task: T}}``: one temperature per head
+        and case (see the module docstring); ``None`` uses the ``temperature``
+        buffer for both.
     """
 
     def __init__(
@@ -100,6 +115,7 @@ class ISight(nn.Module):
         input_space: str = "rgb",
         meta_encoder: str = "hashed",
         meta_weights: str | None = None,
+        temperatures: Mapping[str, Mapping[str, float]] | None = None,
     ) -> None:
         super().__init__()
         if pooling not in ("tile", "token"):
@@ -139,11 +155,62 @@ class ISight(nn.Module):
         self.meta_dropout = meta_dropout
         self.heads = nn.ModuleDict({t: nn.Linear(dim, len(c)) for t, c in self.classes.items()})
         self.register_buffer("temperature", torch.ones(len(TASKS)))
+        # per-case temperatures live in the card's config, not in the tensors
+        self.register_buffer("_t_text", torch.ones(len(TASKS)), persistent=False)
+        self.register_buffer("_t_image", torch.ones(len(TASKS)), persistent=False)
+        self.per_case = False
+        if temperatures is not None:
+            self.set_temperatures(temperatures)
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> ISight:
         """Build from a checkpoint card's ``config``."""
         return cls(**dict(config))
+
+    def set_temperatures(self, temperatures: Mapping[str, Mapping[str, float]] | None) -> None:
+        """Use one temperature per head and case from now on (``None``: the buffer for both).
+
+        Raises
+        ------
+        ValueError
+            A case or head missing, or a temperature that is not a positive number.
+        """
+        if temperatures is None:
+            self.per_case = False
+            self.config.pop("temperatures", None)
+            return
+        plain: dict[str, dict[str, float]] = {}
+        for case in CASES:
+            given = dict((temperatures or {}).get(case) or {})
+            missing = [t for t in TASKS if t not in given]
+            if missing:
+                raise ValueError(f"temperatures[{case!r}] lacks head(s) {missing}")
+            values = [float(given[t]) for t in TASKS]
+            if not all(v > 0 and v < float("inf") for v in values):
+                raise ValueError(f"temperatures[{case!r}] must be positive numbers: {given}")
+            getattr(self, f"_t_{case}").copy_(torch.tensor(values))
+            plain[case] = dict(zip(TASKS, values, strict=True))
+        self.config["temperatures"] = plain
+        self.per_case = True
+
+    def case_temperatures(self, has_text: torch.Tensor) -> torch.Tensor:
+        """``(B, n_tasks)`` temperatures for samples with (True) or without (False) text."""
+        if not self.per_case:
+            return self.temperature.expand(len(has_text), -1)
+        return torch.where(has_text[:, None], self._t_text, self._t_image)
+
+    def has_text(self, meta_tokens: torch.Tensor | None, batch: int) -> torch.Tensor:
+        """``(batch,)`` bool: which samples carry clinical text.
+
+        The hashed encoder pads with 0, so a row of zeros is a sample without
+        text; an open_clip tower encodes "" too, so there every row counts
+        as text once any sample of the batch has some.
+        """
+        if self.meta is None or meta_tokens is None:
+            return torch.zeros(batch, dtype=torch.bool, device=self.temperature.device)
+        if isinstance(self.meta, nn.EmbeddingBag):
+            return (meta_tokens != 0).any(dim=1).to(self.temperature.device)
+        return torch.ones(batch, dtype=torch.bool, device=self.temperature.device)
 
     # ------------------------------------------------------------------ parts
     def tokenize(self, texts: Sequence[str | None]) -> torch.Tensor | None:
@@ -184,7 +251,7 @@ class ISight(nn.Module):
         meta_tokens: torch.Tensor | None = None,
         cell_type: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Logits per task (temperature-scaled) plus ``"attention"`` ``(B, N)``.
+        """Logits per task (scaled by each sample's case temperature) plus ``"attention"``.
 
         Parameters
         ----------
@@ -217,6 +284,7 @@ class ISight(nn.Module):
             keep = torch.rand(pooled.shape[0], 1, device=pooled.device) >= self.meta_dropout
             extra = extra * keep
         z = pooled + extra
-        out = {t: self.heads[t](z) / self.temperature[i] for i, t in enumerate(TASKS)}
+        temp = self.case_temperatures(self.has_text(meta_tokens, len(z))).to(z.dtype)
+        out = {t: self.heads[t](z) / temp[:, i : i + 1] for i, t in enumerate(TASKS)}
         out["attention"] = weights
         return out

@@ -3,13 +3,21 @@
 Tiles come from the tissue mask at the checkpoint's input spec; they are
 encoded in batches by the engine (so reading overlaps compute), then pooled
 by the model's gated attention, so the attention over tiles becomes a heatmap.
+
+Each head is in one of two cases: with the clinical text or on the image
+alone. Which one follows ``text`` (``auto``: the checkpoint's own validation
+decision per head, ``card.metrics["text_decision"]``; ``always``; ``never``);
+the model divides by the temperature fitted for that case, and a head whose
+calibration in that case was not acceptable on validation slides
+(``card.metrics["calibration"]``) is marked hidden, with the reason, in
+:meth:`ISightCalls.summary` and in the panel.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Generator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,10 +41,27 @@ class ISightCalls(Result):
         ``task -> {class: probability}`` (temperature-scaled softmax).
     attention
         Heatmap of attention over the tiles that were read.
+    heads
+        ``task -> {"case", "shown", "hidden"}``: the case the head ran in
+        (``"text"`` or ``"image"``), whether its calibration in that case is
+        acceptable, and otherwise the line saying why it is hidden.
+    ood
+        How far the slide's tile features are from the training slides'
+        (:func:`histoscope.ood.ood_summary`).
     """
 
     probabilities: dict[str, dict[str, float]]
     attention: TileHeatmap
+    heads: dict[str, dict[str, Any]] = field(default_factory=dict)
+    ood: dict[str, Any] = field(default_factory=dict)
+
+    def shown(self, task: str) -> bool:
+        """Whether ``task``'s bars are shown (its calibration is acceptable in its case)."""
+        return bool(self.heads.get(task, {}).get("shown", True))
+
+    def hidden(self) -> dict[str, str]:
+        """``task -> why it is hidden`` for every hidden head."""
+        return {t: h["hidden"] for t, h in self.heads.items() if not h.get("shown", True)}
 
     def call(self, task: str) -> tuple[str, float]:
         """The most probable class of ``task`` and its probability."""
@@ -49,7 +74,10 @@ class ISightCalls(Result):
         out = {}
         for task, probs in self.probabilities.items():
             best, p = self.call(task)
-            out[task] = {"call": best, "confidence": p, "probabilities": probs}
+            head = self.heads.get(task, {})
+            out[task] = {"call": best, "confidence": p, "probabilities": probs,
+                         "case": head.get("case"), "shown": self.shown(task),
+                         "hidden": head.get("hidden")}  # fmt: skip
         return out
 
     def to_layers(self) -> list:
@@ -63,9 +91,18 @@ class ISightCalls(Result):
         return [(data, kwargs, kind)]
 
     def summary(self) -> dict[str, Any]:
-        """Per task: the call, its confidence and all probabilities."""
+        """Per task: the call, its confidence, all probabilities, its case and whether shown.
+
+        ``hidden`` lists the heads whose bars the panel hides and why; ``text``
+        says whether clinical text was given and which heads used it.
+        """
+        prm = self.provenance.params
         return {"calls": self.calls(), "tiles": len(self.attention.grid),
-                "warning": self.provenance.params.get("warning")}  # fmt: skip
+                "warning": prm.get("warning"), "hidden": self.hidden(),
+                "text": {"given": bool(prm.get("metadata")), "mode": prm.get("text", "auto"),
+                         "used_by": sorted(t for t, h in self.heads.items()
+                                           if h.get("case") == "text")},
+                **self.ood}  # fmt: skip
 
     def save(self, out_dir) -> list[Path]:
         """Write ``isight.json`` (calls and provenance) and the attention heatmap."""
@@ -77,6 +114,10 @@ class ISightCalls(Result):
         return files + self.attention.save(out)
 
 
+#: How the clinical text is used: as the card decided per head, for every head, or never.
+TEXT_MODES = ("auto", "always", "never")
+
+
 @dataclass(frozen=True)
 class ISightParams:
     """Settings of iSight's staining calls."""
@@ -85,6 +126,8 @@ class ISightParams:
                           "'Tissue: breast. Antibody: HER2.'")  # fmt: skip
     max_tiles: int = param(64, "at most this many tiles (evenly spread) are read", min=1,
                            max=4096)  # fmt: skip
+    text: str = param("auto", "use the clinical text: auto (per head, as the checkpoint's "
+                      "validation decided), always, or never", choices=TEXT_MODES)  # fmt: skip
 
     def __post_init__(self) -> None:
         check(self, "isight")
@@ -109,6 +152,72 @@ def card_tissue(card) -> TissueParams:
         raise CheckpointError(
             f"the iSight card's data.tissue {given!r} is not valid: {exc}"
         ) from exc
+
+
+_CASE_WORDS = {"text": "with clinical text", "image": "without clinical text"}
+
+
+def _card_metric(card, key: str):
+    metrics = getattr(card, "metrics", None) or {}
+    return metrics.get(key)
+
+
+def text_heads(card, tasks, *, given: bool, mode: str = "auto") -> set[str]:
+    """The heads that are given the clinical text.
+
+    None without text or with ``mode="never"``; all with ``"always"``; with
+    ``"auto"`` the heads whose ``use_text`` the card's ``text_decision`` sets
+    (a card without a decision, older than issue 17: every head, as trained).
+
+    Raises
+    ------
+    CheckpointError
+        The card's ``metrics.text_decision`` is malformed.
+    """
+    if mode not in TEXT_MODES:
+        raise ValueError(f"text must be one of {', '.join(TEXT_MODES)}, not {mode!r}")
+    if not given or mode == "never":
+        return set()
+    decision = _card_metric(card, "text_decision")
+    if mode == "always" or decision is None:
+        return set(tasks)
+    try:
+        return {t for t in tasks if decision["heads"][t]["use_text"]}
+    except (KeyError, TypeError) as exc:
+        raise CheckpointError(f"the iSight card's metrics.text_decision is malformed ({exc!r} "
+                              "missing or of the wrong type)") from exc  # fmt: skip
+
+
+def head_status(card, task: str, case: str) -> dict[str, Any]:
+    """``{"case", "shown", "hidden"}`` of one head in one case, from the card's calibration.
+
+    A card without ``metrics.calibration`` (older than issue 11) shows every
+    head; a head the calibration has no entry for in ``case`` is hidden.
+
+    Raises
+    ------
+    CheckpointError
+        The card's ``metrics.calibration`` is malformed.
+    """
+    cal = _card_metric(card, "calibration")
+    if cal is None:
+        return {"case": case, "shown": True, "hidden": None}
+    try:
+        entry = cal["cases"].get(case, {}).get(task)
+        if entry is None:
+            return {"case": case, "shown": False,
+                    "hidden": f"{task} head hidden {_CASE_WORDS[case]}: not calibrated "
+                              "for this case"}  # fmt: skip
+        if entry["acceptable"]:
+            return {"case": case, "shown": True, "hidden": None}
+        line = entry.get("hidden_line") or (
+            f"{task} head hidden {_CASE_WORDS[case]}: validation accuracy "
+            f"{entry['accuracy']:.2f}, ECE {entry['ece']:.2f}"
+        )
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"the iSight card's metrics.calibration is malformed ({exc!r} "
+                              "missing or of the wrong type)") from exc  # fmt: skip
+    return {"case": case, "shown": False, "hidden": line}
 
 
 def isight_grid(
@@ -152,6 +261,7 @@ def iter_isight(
     card=None,
     *,
     metadata: str | None = None,
+    text: str = "auto",
     region: tuple[int, int, int, int] | None = None,
     max_tiles: int = 64,
     batch: int = 16,
@@ -169,6 +279,9 @@ def iter_isight(
         Its checkpoint card (tissue detection, provenance).
     metadata
         Clinical text (tissue, SNOMED, antibody) given to the metadata encoder.
+    text
+        Which heads get that text (:func:`text_heads`); the others, and every
+        head without text, run on the image alone.
     region
         Level-0 ``(x, y, w, h)`` to assess instead of the whole slide.
 
@@ -206,14 +319,26 @@ def iter_isight(
         raise Cancelled("iSight stopped before every tile was read; no calls made")
     model.eval()
     dev = next(model.parameters()).device  # where the engine put it
-    tokens = model.tokenize([metadata])
+    use = text_heads(card, model.classes, given=bool(metadata), mode=text)
+    tokens = model.tokenize([metadata]) if use else None
+    if tokens is None:
+        use = set()
+    feats = np.asarray(out.outputs)
+    runs = {}
     with torch.no_grad():
-        h = torch.from_numpy(np.asarray(out.outputs)).to(dev)
-        out = model.classify(h[None].float(), None, None if tokens is None else tokens.to(dev))
-    probs = {}
+        h = torch.from_numpy(feats).to(dev)[None].float()
+        if use:
+            runs["text"] = model.classify(h, None, tokens.to(dev))
+        if len(use) < len(model.classes):  # never given text: the image alone
+            runs["image"] = model.classify(h, None, None)
+    probs, heads = {}, {}
     for task, classes in model.classes.items():
-        p = torch.softmax(out[task][0].float(), dim=0).tolist()
+        case = "text" if task in use else "image"
+        p = torch.softmax(runs[case][task][0].float(), dim=0).tolist()
         probs[task] = dict(zip(classes, p, strict=True))
+        heads[task] = head_status(card, task, case)
+    out = next(iter(runs.values()))  # attention does not depend on the text
+    ood = _ood(card, feats)
     att = out["attention"][0].float().cpu().numpy()
     rows, cols = grid.shape
     img = np.full((rows, cols), np.nan, np.float32)
@@ -221,12 +346,22 @@ def iter_isight(
     prov = Provenance(
         task="isight", slide=str(slide.path),
         checkpoint_sha256=getattr(card, "sha256", "") if card is not None else "",
-        params={"metadata": metadata, "region": list(region) if region else None,
-                "max_tiles": max_tiles, "tissue": asdict(tissue), "warning": warning},
+        params={"metadata": metadata, "text": text, "text_used_by": sorted(use),
+                "region": list(region) if region else None, "max_tiles": max_tiles,
+                "tissue": asdict(tissue), "warning": warning, **ood},
         mpp=spec.mpp, tile_grid=grid.to_dict(),
     )  # fmt: skip
     heat = TileHeatmap(provenance=prov, values=img, grid=grid, name="iSight attention")
-    return ISightCalls(provenance=prov, probabilities=probs, attention=heat)
+    return ISightCalls(provenance=prov, probabilities=probs, attention=heat, heads=heads,
+                       ood=ood)  # fmt: skip
+
+
+def _ood(card, feats: np.ndarray) -> dict[str, Any]:
+    """Whether the slide's tile features lie outside the training slides' (card reference)."""
+    from histoscope.ood import assess_card, ood_summary
+
+    items = feats.mean(axis=1) if feats.ndim == 3 else feats  # token features: per tile
+    return ood_summary(assess_card(card, items))
 
 
 def run_isight(slide, model, card=None, **kwargs) -> ISightCalls:
@@ -239,7 +374,8 @@ def run_isight(slide, model, card=None, **kwargs) -> ISightCalls:
 def _run(session, checkpoint, params: ISightParams, *, region=None, near=None, engine=None):
     model, card = checkpoint
     return (yield from iter_isight(session, model, card, metadata=params.metadata or None,
-                                   region=region, max_tiles=params.max_tiles, engine=engine))  # fmt: skip
+                                   text=params.text, region=region, max_tiles=params.max_tiles,
+                                   engine=engine))  # fmt: skip
 
 
 SPEC = register(TaskSpec(name="isight", title="iSight IHC calls", params=ISightParams, run=_run,

@@ -31,10 +31,13 @@ Recipe sections (defaults in :data:`DEFAULTS`; unknown keys are refused):
 Training runs the shared loop (:func:`histoscope.training._loop.fit`: seeded
 per epoch, resumable from ``out_dir/last_state.pt``, best validation epoch
 kept). Metadata dropout is the model's own (``meta_dropout`` in training
-mode). Afterwards one temperature per task is fitted on the validation logits
-(:func:`histoscope.training.metrics.fit_temperature`) and stored in the
-model's ``temperature`` buffer. Only then is the held-out split evaluated; its
-metrics are recorded, never used to choose anything.
+mode). Afterwards one temperature per task and case (with the clinical text,
+and on the image alone) is fitted on the validation logits
+(:mod:`histoscope.training.isight_calibrate`): the card's config carries both
+sets, its metrics the validation figures of every head in both cases, whether
+each is acceptable, and per head whether the text is used. Only then is the
+held-out split evaluated; its metrics are recorded, never used to choose
+anything.
 """
 
 from __future__ import annotations
@@ -52,7 +55,6 @@ import numpy as np
 from histoscope.atomic import atomic_path
 from histoscope.models.isight import TASKS
 from histoscope.tissue import TissueParams
-from histoscope.training import metrics as M
 from histoscope.training._recipe import RecipeError, check_keys, fingerprint
 from histoscope.training.isight_data import (
     MISSING,
@@ -251,27 +253,34 @@ def _splits(data: Mapping[str, Any]) -> tuple[Path, list, list]:
 
 
 def _calibrate(model, val_bags, val_meta, y_val: np.ndarray) -> dict[str, Any]:
-    """Fit one temperature per task on the validation split and set the model's buffer.
+    """Fit one temperature per task and case on the validation split; set them on the model.
 
-    Returns the card metrics: ``temperature``, ``val`` (calibrated) and
-    ``val_before_temperature``.
+    Cases are the validation slides with their clinical text and the same
+    slides on the image alone (:mod:`histoscope.training.isight_calibrate`).
+    Returns the card metrics: ``temperature`` and ``val`` (the with-text case,
+    as older cards had them), ``val_before_temperature``, ``calibration``
+    (both cases: temperatures, figures with intervals, ``acceptable``) and
+    ``text_decision`` (per head, whether the clinical text is used).
     """
     import torch
 
-    model.temperature.fill_(1.0)
-    raw = predict(model, val_bags, val_meta)
-    temps = []
-    for j, t in enumerate(TASKS):
-        keep = y_val[:, j] != MISSING
-        temps.append(M.fit_temperature(raw[t][keep], y_val[keep, j]) if keep.any() else 1.0)
+    from histoscope.training.isight_calibrate import calibrate_cases, case_logits, decide_text
+
+    raw = case_logits(model, val_bags, val_meta)
+    cal = calibrate_cases(raw, y_val)
+    model.set_temperatures(cal["temperatures"])
+    temps = [cal["temperatures"]["text"][t] for t in TASKS]
     model.temperature.copy_(torch.tensor(temps, dtype=model.temperature.dtype))
     return {
         "temperature": dict(zip(TASKS, temps, strict=True)),
-        "val": {t: task_metrics(y_val[:, j], raw[t] / temps[j]) for j, t in enumerate(TASKS)},
+        "val": {t: task_metrics(y_val[:, j], raw["text"][t] / temps[j])
+                for j, t in enumerate(TASKS)},
         "val_before_temperature": {
-            t: task_metrics(y_val[:, j], raw[t]) for j, t in enumerate(TASKS)
+            t: task_metrics(y_val[:, j], raw["text"][t]) for j, t in enumerate(TASKS)
         },
-    }
+        "calibration": cal,
+        "text_decision": decide_text(raw, y_val, cal),
+    }  # fmt: skip
 
 
 def _save(model, card, path: Path, table: Path, cfg: Mapping[str, Any]) -> tuple[Path, Any]:

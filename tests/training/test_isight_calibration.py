@@ -1,0 +1,219 @@
+"""iSight per-case calibration, the hidden-head rule and the clinical-text decision."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from histoscope.checkpoints import ModelCard, read_card
+from histoscope.errors import CheckpointError
+from histoscope.models.isight import CASES, TASKS, ISight
+from histoscope.tasks.isight import ISightParams, head_status, run_isight, text_heads
+from histoscope.training.isight_calibrate import (
+    BOUNDS,
+    ECE_MAX,
+    calibrate_cases,
+    decide_text,
+    head_entry,
+    mcnemar,
+    wilson,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_wilson_and_mcnemar_match_hand_computed_values():
+    lo, hi = wilson(8, 10)
+    assert (round(lo, 4), round(hi, 4)) == (0.4902, 0.9433)
+    assert wilson(0, 50)[0] == 0.0 and wilson(50, 50)[1] == 1.0
+    # 9 slides only A got right, 1 only B: two-sided exact p = 2 * (1 + 10) / 2**10
+    res = mcnemar(np.r_[np.ones(9), 0, np.ones(5)], np.r_[np.zeros(9), 1, np.ones(5)])
+    assert res == {"only_a": 9, "only_b": 1, "p": pytest.approx(22 / 1024)}
+    assert mcnemar(np.ones(4), np.ones(4))["p"] == 1.0
+
+
+def _labels_from(logits: np.ndarray, seed: int) -> np.ndarray:
+    """Labels drawn from softmax(logits): those logits are calibrated by construction."""
+    p = np.exp(logits - logits.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    rng = np.random.default_rng(seed)
+    return np.array([rng.choice(len(r), p=r) for r in p])
+
+
+def test_an_overconfident_head_is_cooled_a_separable_one_flagged_a_blind_one_refused():
+    rng = np.random.default_rng(0)
+    true = rng.normal(0, 2.0, (600, 4))
+    y = _labels_from(true, 1)
+    cooled = head_entry(true * 5, y, temperature=5.0, n_boot=50)  # what the fit should find
+    assert cooled["acceptable"] and cooled["ece"] <= ECE_MAX
+    # a head that is always right with a huge margin: the fit runs to the lower bound
+    sep = np.eye(4)[y] * 50
+    entry = calibrate_cases({c: {t: sep for t in TASKS} for c in CASES},
+                            np.repeat(y[:, None], len(TASKS), 1), n_boot=20)["cases"]["image"]["intensity"]  # fmt: skip
+    assert entry["at_bound"] and entry["temperature"] == pytest.approx(BOUNDS[0])
+    assert not entry["acceptable"] and "bound" in entry["hidden_line"]
+    # logits that know nothing of the label: not clearly above chance
+    blind = head_entry(rng.normal(0, 0.1, (600, 4)), y, temperature=1.0, n_boot=50)
+    assert not blind["acceptable"] and any("chance" in w for w in blind["failed"])
+
+
+def test_temperatures_are_fitted_per_case():
+    rng = np.random.default_rng(2)
+    true = rng.normal(0, 2.0, (500, 4))
+    y = np.repeat(_labels_from(true, 3)[:, None], len(TASKS), 1)
+    raw = {"text": {t: true * 0.5 for t in TASKS}, "image": {t: true * 4.0 for t in TASKS}}
+    cal = calibrate_cases(raw, y, n_boot=20)
+    for t in TASKS:  # the fit undoes each case's own scale
+        assert cal["temperatures"]["text"][t] == pytest.approx(0.5, rel=0.2)
+        assert cal["temperatures"]["image"][t] == pytest.approx(4.0, rel=0.2)
+        assert cal["cases"]["image"][t]["acceptable"]
+
+
+def test_text_is_used_only_where_it_clearly_helps_and_its_case_is_acceptable():
+    rng = np.random.default_rng(4)
+    n = 300
+    y = rng.integers(0, 4, (n, len(TASKS)))
+    good = {t: np.eye(4)[y[:, j]] * 3 + rng.normal(0, 1, (n, 4)) for j, t in enumerate(TASKS)}
+    poor = {t: np.eye(4)[y[:, j]] * 0.8 + rng.normal(0, 1, (n, 4)) for j, t in enumerate(TASKS)}
+    text = {t: good[t] if t in ("intensity", "tissue") else poor[t] for t in TASKS}
+    raw = {"text": text, "image": poor}
+    cal = calibrate_cases(raw, y, n_boot=20)
+    cal["cases"]["text"]["tissue"]["acceptable"] = False  # as when its fit sits at a bound
+    dec = decide_text(raw, y, cal, n_boot=500)
+    assert dec["uses_text"] == ["intensity"]
+    assert dec["heads"]["intensity"]["difference_ci"][0] > 0
+    assert not dec["heads"]["tissue"]["use_text"]  # helps, but not calibrated with text
+
+
+# ---------------------------------------------------------------- the task
+def _card(model, *, use_text: bool, tissue_ok: bool = True) -> ModelCard:
+    entry = {"acceptable": True, "accuracy": 0.9, "ece": 0.03}
+    cases = {c: {t: dict(entry) for t in TASKS} for c in CASES}
+    cases["image"]["tissue"] = {"acceptable": tissue_ok, "accuracy": 0.43, "ece": 0.53,
+                                "hidden_line": "tissue head hidden without clinical text: "
+                                               "validation accuracy 0.43, ECE 0.53"}  # fmt: skip
+    heads = {t: {"use_text": use_text} for t in TASKS}
+    return ModelCard(family="isight", config=model.config,
+                     metrics={"calibration": {"cases": cases},
+                              "text_decision": {"heads": heads}})  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    m = ISight("test_cnn", ("breast", "colon"), dim=16, hidden=8,
+               backbone_kwargs={"tile_size": 64, "mpp": 2.0}).eval()  # fmt: skip
+    m.set_temperatures({"text": dict.fromkeys(TASKS, 0.5), "image": dict.fromkeys(TASKS, 3.0)})
+    return m
+
+
+def _spy(model, monkeypatch) -> list:
+    seen = []
+    real = model.classify
+
+    def classify(h, mask=None, meta_tokens=None, cell_type=None):
+        seen.append(meta_tokens)
+        return real(h, mask, meta_tokens, cell_type)
+
+    monkeypatch.setattr(model, "classify", classify)
+    return seen
+
+
+def test_the_default_never_gives_the_model_text_when_the_card_says_ignore(
+    pyramid_tiff, model, monkeypatch
+):
+    import histoscope as hs
+
+    seen = _spy(model, monkeypatch)
+    slide = hs.open_slide(pyramid_tiff)
+    card = _card(model, use_text=False)
+    res = run_isight(slide, model, card, metadata="Tissue: breast. Antibody: HER2.", max_tiles=6)
+    assert seen and all(tokens is None for tokens in seen)
+    assert {h["case"] for h in res.heads.values()} == {"image"}
+    assert res.summary()["text"] == {"given": True, "mode": "auto", "used_by": []}
+    # the same slide and text with text="always": the model does get the text
+    seen.clear()
+    forced = run_isight(slide, model, card, metadata="Tissue: breast.", text="always", max_tiles=6)
+    assert any(tokens is not None for tokens in seen)
+    assert forced.heads["intensity"]["case"] == "text"
+    # and the probabilities follow each case's temperature: hotter without text
+    assert max(res.probabilities["location"].values()) < max(
+        forced.probabilities["location"].values()
+    )
+
+
+def test_a_head_not_acceptable_in_its_case_is_hidden_with_the_reason(pyramid_tiff, model):
+    import histoscope as hs
+
+    slide = hs.open_slide(pyramid_tiff)
+    res = run_isight(slide, model, _card(model, use_text=True, tissue_ok=False), max_tiles=6)
+    want = "tissue head hidden without clinical text: validation accuracy 0.43, ECE 0.53"
+    assert res.summary()["hidden"] == {"tissue": want}
+    calls = res.calls()
+    assert not calls["tissue"]["shown"] and calls["tissue"]["hidden"] == want
+    assert calls["intensity"]["shown"] and calls["intensity"]["case"] == "image"
+    # with the text, the tissue head is in the text case, which is acceptable
+    told = run_isight(slide, model, _card(model, use_text=True, tissue_ok=False),
+                      metadata="Tissue: colon.", max_tiles=6)  # fmt: skip
+    assert told.summary()["hidden"] == {} and told.heads["tissue"]["case"] == "text"
+
+
+def test_case_rules_and_bad_cards_are_named(model):
+    old = ModelCard(family="isight", config=model.config)  # before issue 11 / 17
+    assert text_heads(old, TASKS, given=True) == set(TASKS)
+    assert head_status(old, "tissue", "image")["shown"]
+    assert text_heads(_card(model, use_text=True), TASKS, given=False) == set()
+    assert text_heads(_card(model, use_text=True), TASKS, given=True, mode="never") == set()
+    bad = replace(old, metrics={"calibration": {"cases": {"image": {"tissue": {"ece": 0.1}}}}})
+    with pytest.raises(CheckpointError, match="calibration"):
+        head_status(bad, "tissue", "image")
+    with pytest.raises(CheckpointError, match="text_decision"):
+        text_heads(replace(old, metrics={"text_decision": {"heads": {}}}), TASKS, given=True)
+    with pytest.raises(ValueError, match="text"):
+        ISightParams(text="sometimes")
+
+
+# ------------------------------------------------- the shipped card and its note
+def _rows(md: str, header: str) -> list[list[str]]:
+    """Cells of the Markdown table whose header row starts with ``header``."""
+    lines = md.splitlines()
+    start = next(i for i, ln in enumerate(lines) if ln.startswith(header))
+    rows = []
+    for ln in lines[start + 2 :]:
+        if not ln.startswith("|"):
+            break
+        rows.append([c.strip() for c in ln.strip("|").split("|")])
+    return rows
+
+
+def _nums(cell: str) -> list[float]:
+    return [float(v) for v in re.findall(r"[-+]?\d+\.\d+", cell)]
+
+
+def test_the_default_card_and_training_note_give_the_same_calibration_and_decision():
+    card = read_card(ROOT / "sample_data" / "isight_default.safetensors")
+    cal, dec = card.metrics["calibration"], card.metrics["text_decision"]
+    assert card.config["temperatures"] == cal["temperatures"]
+    md = (ROOT / "training" / "isight.md").read_text()
+    rows = _rows(md, "| head | case | temperature |")
+    assert len(rows) == 2 * len(TASKS)
+    for head, case, temp, acc, ece, ok in rows:
+        e = cal["cases"]["text" if case == "with text" else "image"][head]
+        assert _nums(temp) == [round(e["temperature"], 3)]
+        assert _nums(acc) == [round(v, 3) for v in (e["accuracy"], *e["accuracy_ci"])]
+        assert _nums(ece) == [round(v, 3) for v in (e["ece"], *e["ece_ci"])]
+        assert ok.startswith("yes") == e["acceptable"]
+    rows = _rows(md, "| head | val accuracy with text |")
+    assert [r[0] for r in rows] == list(TASKS)
+    for head, with_text, alone, diff, p_value, uses in rows:
+        h = dec["heads"][head]
+        assert _nums(with_text) == [round(h["accuracy_text"], 3)]
+        assert _nums(alone) == [round(h["accuracy_image"], 3)]
+        assert _nums(diff) == [round(v, 3) for v in (h["difference"], *h["difference_ci"])]
+        assert p_value == f"{h['mcnemar']['p']:.3g}"
+        assert uses.startswith("yes") == h["use_text"]
