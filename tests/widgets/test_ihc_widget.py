@@ -81,3 +81,33 @@ def test_an_image_without_dab_is_flagged_not_scored(make_napari_viewer, qtbot, t
     assert "no DAB staining found" in widget.status.text()  # seed 7: 1.1 % DAB-like pixels
     assert widget.numbers["h_score"].text() == "– (no DAB)"
     assert "0:" in widget.breakdown.text() and "3+:" in widget.breakdown.text()
+
+
+def test_count_inside_a_drawn_tumour_region_names_the_denominator(viewer, qtbot):
+    widget = IHCWidget(viewer)
+    widget.scope.setCurrentIndex(1)
+    assert widget.count_inside.currentText() == "whole tissue"
+    # the user outlines the left half (x < 128 µm) as tumour, and also paints it as labels
+    viewer.add_shapes([np.array([[0, 0], [0, 128], [256, 128], [256, 0]])],
+                      shape_type="rectangle", name="tumour")  # fmt: skip
+    mask = np.zeros((64, 64), np.uint8)
+    mask[:, :32] = 1
+    viewer.add_labels(mask, scale=(4.0, 4.0), translate=(2.0, 2.0), name="painted")  # 0-256 µm
+    assert [widget.count_inside.itemText(i) for i in range(widget.count_inside.count())] == [
+        "whole tissue", "tumour", "painted"]  # fmt: skip
+    widget.count_inside.setCurrentText("tumour")
+    assert widget.run() is not None
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=120_000)
+    res = widget.result
+    left = res.cells["x_um"] < 128
+    s = res.summary()
+    assert 0 < left.sum() < res.n_cells and np.array_equal(res.inside, left)
+    assert s["denominator"] == f"cells inside the tumour region (n={left.sum()})"
+    scores = res.cells["score"][left]
+    assert s["percent_positive"] == pytest.approx(100 * np.mean(scores > 0))
+    assert "cells inside the tumour region" in widget.status.text()
+    widget.count_inside.setCurrentText("painted")
+    assert widget.run() is not None
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=120_000)
+    painted = widget.result.inside
+    assert np.array_equal(painted, left)  # the same half, painted instead of drawn

@@ -83,6 +83,9 @@ class IHCParams:
                                 max=10.0)  # fmt: skip
     mpp: float = param(0.5, "µm/px a slide is read at (never finer than the slide's own)",
                        min=0.1, max=4.0)  # fmt: skip
+    count_inside: str = param("", "QuPath GeoJSON of annotations (e.g. the tumour region, "
+                              "level-0 px): percentages count the cells inside them only; "
+                              "empty: all cells")  # fmt: skip
 
     def __post_init__(self) -> None:
         check(self, "ihc")
@@ -136,6 +139,11 @@ class IHCMeasurement(Result):
         ``(tissue, stained)``: pixels with tissue and, of those, pixels with DAB
         OD at or above the 1+ threshold; :attr:`warning` is decided on them
         (``None``: not counted, no warning).
+    inside
+        Per cell, whether it lies in the region the percentages count (e.g.
+        the tumour region; see :meth:`within`); ``None``: all cells count.
+    region_name
+        What that region is, as the summary's ``denominator`` names it.
     """
 
     provenance: Provenance = field(default_factory=_no_provenance)
@@ -144,6 +152,8 @@ class IHCMeasurement(Result):
     mpp: float
     origin_um: tuple[float, float] = (0.0, 0.0)
     dab_pixels: tuple[int, int] | None = None
+    inside: np.ndarray | None = None
+    region_name: str = ""
 
     @property
     def n_cells(self) -> int:
@@ -157,12 +167,16 @@ class IHCMeasurement(Result):
     def summary(self) -> dict[str, Any]:
         """Percent positive, H-score, Allred, and iSight-style class estimates.
 
-        Percentages count all detected cells (``denominator``), not only the
-        target (e.g. tumour) cells. ``warning`` is a sentence when the image
-        shows no DAB (e.g. H&E, or an IHC stain with no positive cells): do not
-        report the H-score then; ``None`` otherwise.
+        Percentages count all detected cells, or, after :meth:`within`, the
+        cells inside a region (the tumour region, say); ``denominator`` says
+        which, with its count, and ``n_cells`` stays the count of all cells.
+        ``warning`` is a sentence when the image shows no DAB (e.g. H&E, or an
+        IHC stain with no positive cells): do not report the H-score then;
+        ``None`` otherwise.
         """
         scores = self.cells["score"]
+        if self.inside is not None:
+            scores = scores[self.inside]
         n = len(scores)
         pct = [100.0 * float(np.mean(scores == k)) if n else 0.0 for k in range(4)]
         positive = pct[1] + pct[2] + pct[3]
@@ -170,8 +184,13 @@ class IHCMeasurement(Result):
         pos = scores > 0
         mean_pos_score = float(scores[pos].mean()) if pos.any() else 0.0
         intensity = int(round(mean_pos_score)) if pos.any() else 0
+        if self.inside is None:
+            denominator = "all detected cells"
+        else:
+            denominator = f"cells inside the {self.region_name or 'region'} (n={n})"
         return {
-            "n_cells": n,
+            "n_cells": self.n_cells,
+            "n_counted": n,
             "percent_by_score": dict(zip(SCORE_NAMES, pct, strict=True)),
             "percent_positive": positive,
             "h_score": hscore,
@@ -179,10 +198,28 @@ class IHCMeasurement(Result):
             "intensity": INTENSITIES[intensity],
             "quantity": quantity_class(positive),
             "location": self.location(),
-            "denominator": "all detected cells",
+            "denominator": denominator,
             "warning": self.warning,
             "cancelled": self.cancelled,
         }
+
+    def within(self, inside: np.ndarray, name: str = "region") -> IHCMeasurement:
+        """This measurement with percentages over the cells where ``inside`` is true.
+
+        Parameters
+        ----------
+        inside
+            ``(n_cells,)`` bool, e.g. from :func:`cells_in_geometry` or
+            :func:`cells_in_mask`.
+        name
+            What the region is ("tumour region"); the summary's ``denominator``
+            reads "cells inside the <name> (n=...)".
+        """
+        inside = np.asarray(inside, bool)
+        if inside.shape != (self.n_cells,):
+            raise ValueError(f"inside must have one value per cell ({self.n_cells}), "
+                             f"got shape {inside.shape}")  # fmt: skip
+        return replace(self, inside=inside, region_name=name)
 
     def compartment_values(self) -> np.ndarray:
         """Per-cell DAB OD in the compartment the scores use (``auto`` follows :meth:`location`)."""
@@ -228,6 +265,8 @@ class IHCMeasurement(Result):
         coords = np.stack([c["y_um"], c["x_um"]], axis=1) if self.n_cells else np.zeros((0, 2))
         colors = np.asarray(SCORE_COLORS)[c["score"]] if self.n_cells else np.zeros((0, 4))
         features = {k: c[k] for k in CELL_COLUMNS if k not in ("x_um", "y_um")}
+        if self.inside is not None:
+            features["counted"] = self.inside
         meta = {"histoscope_task": "ihc", "summary": self.summary(),
                 "histoscope": self.provenance.to_dict()}  # fmt: skip
         kwargs = {
@@ -303,6 +342,62 @@ def quantity_class(percent_positive: float) -> str:
     """iSight's quantity class from percent positive cells."""
     p = percent_positive
     return QUANTITIES[0 if p < 1 else 1 if p < 25 else 2 if p <= 75 else 3]
+
+
+def cells_in_geometry(m: IHCMeasurement, geometry) -> np.ndarray:
+    """Per cell of ``m``, whether its centroid lies in a shapely ``geometry`` given in slide µm."""
+    import shapely
+
+    return np.asarray(shapely.contains_xy(geometry, m.cells["x_um"], m.cells["y_um"]), bool)
+
+
+def cells_in_mask(m: IHCMeasurement, mask: np.ndarray, scale: tuple[float, float],
+                  translate: tuple[float, float] = (0.0, 0.0)) -> np.ndarray:  # fmt: skip
+    """Per cell of ``m``, whether its centroid falls on a nonzero pixel of ``mask``.
+
+    ``mask`` is placed as a napari layer is: pixel ``(i, j)`` is centred at
+    ``(translate[0] + i * scale[0], translate[1] + j * scale[1])`` µm ``(y, x)``;
+    cells off the mask are outside.
+    """
+    mask = np.asarray(mask)
+    if mask.ndim != 2:
+        raise ValueError(f"a region mask must be 2-D, got shape {mask.shape}")
+    i = np.floor((m.cells["y_um"] - translate[0]) / scale[0] + 0.5).astype(np.int64)
+    j = np.floor((m.cells["x_um"] - translate[1]) / scale[1] + 0.5).astype(np.int64)
+    ok = (i >= 0) & (i < mask.shape[0]) & (j >= 0) & (j < mask.shape[1])
+    out = np.zeros(m.n_cells, bool)
+    out[ok] = mask[i[ok], j[ok]] != 0
+    return out
+
+
+def geojson_region(path: str | Path, slide_mpp: float) -> tuple[Any, str]:
+    """The union of a QuPath GeoJSON's polygon annotations in slide µm, and its name.
+
+    The name is the annotations' classification ("tumor region") when they
+    share one, else "region in <file name>".
+
+    Raises
+    ------
+    GeoJSONError
+        When the file cannot be read or holds no polygon annotation.
+    """
+    import shapely
+    from shapely import affinity
+
+    from histoscope.errors import GeoJSONError
+    from histoscope.export.geojson import read_geojson
+
+    table = read_geojson(path)
+    polys = [g for g, kind in zip(table["geometry"], table["object_type"], strict=True)
+             if kind == "annotation" and g is not None
+             and g.geom_type in ("Polygon", "MultiPolygon")]  # fmt: skip
+    if not polys:
+        raise GeoJSONError(f"{path}: no polygon annotation to count cells inside")
+    geom = affinity.scale(shapely.union_all(polys), slide_mpp, slide_mpp, origin=(0, 0))
+    names = {str(c) for c, kind in zip(table["classification"], table["object_type"], strict=True)
+             if kind == "annotation" and isinstance(c, str) and c}  # fmt: skip
+    name = f"{names.pop().lower()} region" if len(names) == 1 else f"region in {Path(path).name}"
+    return geom, name
 
 
 def measure_region(
@@ -549,7 +644,11 @@ def iter_measure_slide(
 
 
 def _run(session, checkpoint, params: IHCParams, *, region=None, near=None, engine=None):
-    return (yield from iter_measure_slide(session.slide, params, region=region))
+    counted = None
+    if params.count_inside:  # read first: a bad file fails before any tile is measured
+        counted = geojson_region(params.count_inside, session.slide.mpp)
+    m = yield from iter_measure_slide(session.slide, params, region=region)
+    return m if counted is None else m.within(cells_in_geometry(m, counted[0]), counted[1])
 
 
 SPEC = register(TaskSpec(name="ihc", title="IHC measurement", params=IHCParams, run=_run,
