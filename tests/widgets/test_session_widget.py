@@ -151,3 +151,102 @@ def test_a_pyramid_layer_is_saved_and_reopens(make_napari_viewer, slide_path):
     back = again.layers["pyramid"]
     assert back.multiscale and len(back.data) == 2
     np.testing.assert_array_equal(np.asarray(back.data[1]), levels[1])
+
+
+@pytest.fixture
+def slow_writes(monkeypatch):
+    """Every session write takes 1.5 s; records how many ran and the most at once."""
+    import threading
+    import time
+
+    from histoscope import session_store
+
+    real = session_store.save_layers
+    log = {"calls": 0, "now": 0, "most": 0, "names": []}
+    lock = threading.Lock()
+
+    def slow(folder, layers, manifest, slide_display=None):
+        with lock:
+            log["calls"] += 1
+            log["now"] += 1
+            log["most"] = max(log["most"], log["now"])
+        try:
+            time.sleep(1.5)
+            log["names"].append([k.get("name") for _, k, _ in layers])
+            return real(folder, layers, manifest, slide_display)
+        finally:
+            with lock:
+                log["now"] -= 1
+
+    monkeypatch.setattr(session_store, "save_layers", slow)
+    return log
+
+
+def test_a_slow_write_never_blocks_the_viewer_and_the_last_edit_wins(
+    make_napari_viewer, slide_path, qtbot, slow_writes, monkeypatch
+):
+    import time
+
+    from qtpy.QtCore import QTimer
+
+    from histoscope._widgets import _session
+    from histoscope._widgets._session import AutoSave
+
+    monkeypatch.setattr(_session, "DELAY_MS", 50)
+    viewer = make_napari_viewer()
+    viewer.open(str(slide_path), plugin="napari-histoscope")
+    saver = AutoSave.for_viewer(viewer)
+    ticks = []
+    clock = QTimer()
+    clock.timeout.connect(lambda: ticks.append(time.monotonic()))
+    clock.start(20)
+    viewer.add_points([[1.0, 2.0]], name="marks")
+    t0 = time.monotonic()
+    assert saver.save_now(wait=False)  # returns at once: the write runs in its thread
+    assert time.monotonic() - t0 < 1.0 and saver.busy
+    for i in range(4):  # edits while the first write is still on its way
+        qtbot.wait(150)
+        viewer.layers["marks"].add([[10.0 + i, 20.0]])
+    qtbot.waitUntil(lambda: not saver.timer.isActive(), timeout=5_000)  # last snapshot taken
+    viewer.layers["marks"].data[0] = [7.0, 8.0]  # moved in place (no event) after it
+    qtbot.waitUntil(lambda: not saver.busy, timeout=30_000)
+    clock.stop()
+    gaps = np.diff(ticks)
+    assert len(ticks) > 20 and gaps.max() < 1.0, gaps.max()  # the event loop kept running
+    assert slow_writes["most"] == 1  # never two writes at once
+    assert 2 <= slow_writes["calls"] < 6  # snapshots taken while writing were coalesced
+    assert saver.error is None
+    folder = slide_path.with_name("case.tif.histoscope")
+    saved = _saved_points(folder)
+    np.testing.assert_array_equal(saved, [[1.0, 2.0], [10, 20], [11, 20], [12, 20], [13, 20]])
+    assert saver.save_now()  # wait=True: the in-place move is on disk when it returns
+    np.testing.assert_array_equal(_saved_points(folder)[0], [7.0, 8.0])
+
+
+def test_closing_the_viewer_writes_the_pending_edit(make_napari_viewer, slide_path, slow_writes):
+    from histoscope._widgets._session import AutoSave
+
+    viewer = make_napari_viewer()
+    viewer.open(str(slide_path), plugin="napari-histoscope")
+    saver = AutoSave.for_viewer(viewer)
+    viewer.add_points([[1.0, 2.0], [3.0, 4.0]], name="late")
+    assert saver.timer.isActive() and slow_writes["calls"] == 0
+    viewer.close()  # before the quiet period ends: written, and waited for
+    assert slow_writes["calls"] == 1 and not saver.busy
+    assert _saved_names(slide_path.with_name("case.tif.histoscope")) == ["late"]
+
+
+def test_a_snapshot_does_not_change_with_later_edits(make_napari_viewer, slide_path):
+    from histoscope._widgets._session import layer_snapshot
+
+    viewer = make_napari_viewer()
+    pts = viewer.add_points([[1.0, 2.0]], features=pd.DataFrame({"n": [1.0]}), name="p")
+    labels = viewer.add_labels(np.zeros((8, 8), np.int32), name="l")
+    image = viewer.add_image(np.ones((8, 8)), name="i")
+    shots = [layer_snapshot(ly) for ly in (pts, labels, image)]
+    pts.data[0] = [5.0, 5.0]
+    pts.features.loc[0, "n"] = 9.0
+    labels.data[0, 0] = 3
+    assert shots[0][0].tolist() == [[1.0, 2.0]] and shots[0][1]["features"]["n"].tolist() == [1.0]
+    assert shots[1][0][0, 0] == 0
+    assert shots[2][0] is image.data  # pixels napari never edits are shared, not copied

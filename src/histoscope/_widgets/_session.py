@@ -6,16 +6,33 @@ changes: a result arriving, a layer added, removed, moved or edited, its
 opacity, colour map, contrast or visibility changed. Reopening the folder
 (``viewer.open("case.svs.histoscope")``) restores the slide and the layers
 exactly, in order.
+
+Saving never blocks the viewer: the GUI thread only takes a snapshot of the
+layers (arrays are shared where napari never edits them in place, copied
+where it does) and one writer thread writes it. Saves coalesce: while one is
+written, newer snapshots replace each other and only the latest is written
+next, so the last state always wins and two writes never overlap. Closing
+the viewer writes any pending change and waits for the writer.
 """
 
 from __future__ import annotations
 
-from qtpy.QtCore import QTimer
+import copy
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from qtpy.QtCore import QEvent, QObject, QTimer
 
 #: Layer events that change what a saved session would hold.
 EVENTS = ("data", "opacity", "visible", "colormap", "contrast_limits", "gamma", "blending",
           "name", "scale", "translate", "features", "face_color", "border_color")  # fmt: skip
 DELAY_MS = 1000
+#: Seconds closing the viewer waits for the last save.
+CLOSE_WAIT_S = 120.0
+#: Labels larger than this are shared, not copied, in a snapshot (a later save catches up).
+COPY_LABELS_BYTES = 256 << 20
 
 
 #: Metadata key recording which slide a layer was made over (its session).
@@ -41,12 +58,68 @@ def owner(layer) -> str | None:
     return str(tag) if tag else None
 
 
+def _frozen(value: Any) -> Any:
+    """A copy of a layer setting the viewer may change in place (arrays, tables, lists)."""
+    import pandas as pd
+
+    if isinstance(value, np.ndarray):
+        return value.copy()
+    if isinstance(value, pd.DataFrame):
+        return value.copy()
+    if isinstance(value, dict):
+        return {k: _frozen(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_frozen(v) for v in value) if type(value) in (list, tuple) else value
+    return value
+
+
+def _metadata(meta: dict) -> dict:
+    """Metadata for a snapshot: live objects (never saved) dropped, the rest copied."""
+    from histoscope.session_store import LIVE_METADATA
+
+    out = {}
+    for k, v in (meta or {}).items():
+        if k in LIVE_METADATA:
+            continue
+        try:
+            out[k] = copy.deepcopy(v)
+        except Exception:  # an object that cannot be copied: the writer decides (skips it)
+            out[k] = v
+    return out
+
+
+def layer_snapshot(layer) -> tuple:
+    """``(data, kwargs, type)`` of ``layer`` that later edits in the viewer cannot change.
+
+    Image pixels are shared (napari never paints them); points, shapes, vectors
+    and tracks are copied (moved in place by the mouse), and so are labels up to
+    :data:`COPY_LABELS_BYTES` (painted in place; larger ones are shared and the
+    save their painting schedules writes them again). Settings are copied.
+    """
+    from histoscope.session_store import SKIP_KEYS
+
+    data, kwargs, kind = layer.as_layer_data_tuple()
+    if (
+        kind == "labels"
+        and not isinstance(data, list)
+        and getattr(data, "nbytes", 0) <= COPY_LABELS_BYTES
+    ):
+        data = np.array(data)
+    elif kind in ("points", "vectors", "tracks"):
+        data = np.array(data)
+    elif kind == "shapes":
+        data = [np.array(d) for d in data]
+    kwargs = {k: (_metadata(v) if k == "metadata" else _frozen(v))
+              for k, v in kwargs.items() if k not in SKIP_KEYS}  # fmt: skip
+    return data, kwargs, kind
+
+
 def viewer_state(viewer, slide_layer) -> tuple[list, dict]:
-    """``(layers, slide display)``: the layers that belong to ``slide_layer``, in viewer order."""
+    """``(layers, slide display)``: snapshots of the layers over ``slide_layer``, in viewer order."""
     from histoscope.layers import SLIDE_KEY
 
     path = str(slide_layer.metadata["slide"].path)
-    layers = [ly.as_layer_data_tuple() for ly in viewer.layers
+    layers = [layer_snapshot(ly) for ly in viewer.layers
               if SLIDE_KEY not in ly.metadata and owner(ly) == path]  # fmt: skip
     display = {k: getattr(slide_layer, k) for k in ("opacity", "visible", "gamma", "blending")}
     display["contrast_limits"] = list(slide_layer.contrast_limits)
@@ -54,55 +127,109 @@ def viewer_state(viewer, slide_layer) -> tuple[list, dict]:
     return layers, display
 
 
-def save_viewer_session(viewer) -> list[str]:
-    """Save each slide's layers into its own session folder; returns notes on what was not saved.
+@dataclass
+class _Save:
+    """What one slide's session save writes, taken on the GUI thread."""
 
-    A session folder that already holds layers this viewer did not open from
-    it is left alone (saving would replace them), and so is a session kept in
-    memory (its folder cannot be written).
-    """
+    name: str
+    session: Any
+    layers: list = field(default_factory=list)
+    display: dict = field(default_factory=dict)
+    note: str | None = None  # why it is not saved (a session kept in memory)
+
+
+def viewer_snapshot(viewer) -> list[_Save]:
+    """What :func:`write_snapshot` saves for each slide: cheap, on the GUI thread."""
     from histoscope._widgets._common import session_for
-    from histoscope.session_store import read_manifest
 
-    notes = []
+    out = []
     for slide_layer in slide_layers(viewer):
         session = session_for(slide_layer, slide_layer.metadata["slide"])
         if session.folder is None:
             reason = slide_layer.metadata.get("histoscope_session_note") or "it is kept in memory"
-            notes.append(f"{slide_layer.name}: session not saved ({reason})")
+            out.append(_Save(slide_layer.name, session, note=f"session not saved ({reason})"))
+            continue
+        layers, display = viewer_state(viewer, slide_layer)
+        out.append(_Save(slide_layer.name, session, layers, display))
+    return out
+
+
+def write_snapshot(saves: list[_Save]) -> list[str]:
+    """Write each slide's snapshot into its session folder; returns notes on what was not saved.
+
+    A session folder that already holds layers this viewer did not open from
+    it is left alone (saving would replace them), and so is a session kept in
+    memory (its folder cannot be written). Any thread may call it.
+    """
+    from histoscope.session_store import read_manifest
+
+    notes = []
+    for save in saves:
+        session = save.session
+        if save.note:
+            notes.append(f"{save.name}: {save.note}")
             continue
         saved = read_manifest(session.folder).get("layers") or []
         if saved and not getattr(session, "layers_shown", False):
-            notes.append(f"{slide_layer.name}: its session folder holds {len(saved)} saved "
+            notes.append(f"{save.name}: its session folder holds {len(saved)} saved "
                          f"layer(s) not shown here; open {session.folder} to continue it "
                          "(nothing was overwritten)")  # fmt: skip
             continue
-        layers, display = viewer_state(viewer, slide_layer)
-        session.save_layers(layers, display)
+        session.save_layers(save.layers, save.display)
         session.layers_shown = True
         skipped = read_manifest(session.folder).get("not_saved") or []
         notes += [f"{name}: not saved ({why})" for name, why in skipped]
     return notes
 
 
+def save_viewer_session(viewer) -> list[str]:
+    """Save each slide's layers into its own session folder now, on this thread; returns notes."""
+    return write_snapshot(viewer_snapshot(viewer))
+
+
+class _CloseWatcher(QObject):
+    """Calls ``on_close`` when the viewer's window is about to close."""
+
+    def __init__(self, on_close) -> None:
+        super().__init__()
+        self.on_close = on_close
+
+    def eventFilter(self, obj, event) -> bool:  # noqa: N802 - Qt's name
+        if event.type() == QEvent.Type.Close:
+            self.on_close()
+        return False
+
+
 class AutoSave:
-    """Saves the viewer's sessions shortly after each change (one per viewer).
+    """Saves the viewer's sessions shortly after each change (one per viewer), off the GUI thread.
 
     New layers are tagged with the slide they were made over (when one slide
-    is open), so each goes to that slide's session.
+    is open), so each goes to that slide's session. :attr:`error` and
+    :attr:`notes` are those of the latest finished write.
     """
 
     def __init__(self, viewer) -> None:
         self.viewer = viewer
         self.error: Exception | None = None
         self.notes: list[str] = []
+        self.writes = 0  # writes finished (coalesced snapshots count once)
+        self._cond = threading.Condition()
+        self._pending: list[_Save] | None = None
+        self._thread: threading.Thread | None = None
+        self._taken = 0  # number of the latest snapshot handed to the writer
+        self._written = 0  # number of the latest snapshot written (or failed)
         self.timer = QTimer()
         self.timer.setSingleShot(True)
         self.timer.setInterval(DELAY_MS)
-        self.timer.timeout.connect(self.save_now)
+        self.timer.timeout.connect(self._save_later)
         for event in ("inserted", "removed", "moved"):
             getattr(viewer.layers.events, event).connect(self._layers_changed)
+        viewer.layers.events.removing.connect(self._before_removal)
         self._watch()
+        self._closer = _CloseWatcher(self.close)
+        window = getattr(getattr(viewer, "window", None), "_qt_window", None)
+        if window is not None:
+            window.installEventFilter(self._closer)
 
     @classmethod
     def for_viewer(cls, viewer) -> AutoSave:
@@ -129,17 +256,99 @@ class AutoSave:
         self._watch()
         self.schedule()
 
+    def _before_removal(self, *_: object) -> None:
+        """An edit still in its quiet period is saved with the layers as they were.
+
+        ``Viewer.close()`` removes every layer before the window closes: the
+        first removal hands the pending state to the writer, and once the
+        slide layer is gone nothing more is saved for it.
+        """
+        if self.timer.isActive():
+            self.save_now(wait=False)
+
     def schedule(self, *_: object) -> None:
         """Save after a short quiet period (edits come in bursts)."""
         self.timer.start()
 
-    def save_now(self) -> bool:
-        """Save at once; True when saved. Errors are kept (panels show them), never raised."""
+    def _save_later(self) -> None:
+        self.save_now(wait=False)
+
+    def save_now(self, wait: bool = True, timeout: float | None = None) -> bool:
+        """Snapshot the viewer now and hand it to the writer; errors are kept, never raised.
+
+        Parameters
+        ----------
+        wait
+            ``True``: return once this snapshot (or a newer one) is written;
+            ``False``: return at once (the GUI thread never waits for the disk).
+        timeout
+            Seconds to wait at most (``None``: no limit).
+
+        Returns
+        -------
+        bool
+            ``wait=True``: whether the write succeeded (:attr:`error` says why
+            not); ``wait=False``: whether a snapshot could be taken.
+        """
         self.timer.stop()
         try:
-            self.notes = save_viewer_session(self.viewer)
-        except Exception as exc:  # a full disk must not take the viewer down
+            saves = viewer_snapshot(self.viewer)
+        except Exception as exc:  # a layer that cannot be read must not take the viewer down
             self.error = exc
             return False
-        self.error = None
-        return True
+        ticket = self._submit(saves)
+        if not wait:
+            return True
+        if not self.wait(timeout, ticket):
+            return False
+        return self.error is None
+
+    def _submit(self, saves: list[_Save]) -> int:
+        with self._cond:
+            self._taken += 1
+            self._pending = saves  # an older snapshot not yet written is superseded
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._write_loop, name="histoscope-autosave",
+                                                daemon=True)  # fmt: skip
+                self._thread.start()
+            return self._taken
+
+    def _write_loop(self) -> None:
+        while True:
+            with self._cond:
+                if self._pending is None:
+                    self._thread = None  # idle: a later snapshot starts a new writer
+                    self._cond.notify_all()
+                    return
+                saves, ticket, self._pending = self._pending, self._taken, None
+            try:
+                notes, error = write_snapshot(saves), None
+            except Exception as exc:  # a full disk must not take the viewer down
+                notes, error = self.notes, exc
+            with self._cond:
+                self.notes, self.error = notes, error
+                self._written = ticket
+                self.writes += 1
+                self._cond.notify_all()
+
+    @property
+    def busy(self) -> bool:
+        """Whether a snapshot is waiting or being written."""
+        with self._cond:
+            return self._written < self._taken
+
+    def wait(self, timeout: float | None = None, ticket: int | None = None) -> bool:
+        """Wait until the latest snapshot taken (or ``ticket``) is written; False on timeout."""
+        with self._cond:
+            want = self._taken if ticket is None else ticket
+            return self._cond.wait_for(lambda: self._written >= want, timeout)
+
+    def close(self) -> None:
+        """Write a change still waiting for its quiet period, then wait for the writer.
+
+        Called when the viewer's window gets its close event (the close button
+        or ``Viewer.close()``).
+        """
+        if self.timer.isActive():
+            self.save_now(wait=False)
+        self.wait(CLOSE_WAIT_S)
