@@ -169,3 +169,54 @@ def test_no_call_before_assess_and_another_slide_clears_the_panel(widget, qtbot,
     assert widget.session is None
     assert not any(r.call_box.isEnabled() for r in widget.rows.values())
     assert all(r.model_call is None and r.measurement is None for r in widget.rows.values())
+
+
+@pytest.fixture(scope="module")
+def calibrated_checkpoint(tmp_path_factory):
+    """A tiny model whose card hides the tissue head without text and ignores the text."""
+    import torch
+
+    from histoscope.checkpoints import save_checkpoint
+    from histoscope.models.isight import CASES, TASKS, ISight
+    from histoscope.training.isight_calibrate import hidden_line
+
+    torch.manual_seed(0)
+    model = ISight("test_cnn", ("breast", "colon", "stomach"), dim=16, hidden=8,
+                   backbone_kwargs={"tile_size": 64, "mpp": 2.0})  # fmt: skip
+    model.set_temperatures({c: dict.fromkeys(TASKS, 1.0) for c in CASES})
+    ok = {"acceptable": True, "accuracy": 0.9, "ece": 0.03}
+    cases = {c: {t: dict(ok) for t in TASKS} for c in CASES}
+    bad = {"acceptable": False, "accuracy": 0.43, "ece": 0.53, "failed": ["ECE above 0.1"]}
+    cases["image"]["tissue"] = {**bad, "hidden_line": hidden_line("tissue", "image", bad)}
+    card = {"family": "isight", "config": model.config, "input_spec": model.input_spec.to_dict(),
+            "metrics": {"calibration": {"cases": cases},
+                        "text_decision": {"heads": {t: {"use_text": False} for t in TASKS}}}}  # fmt: skip
+    return save_checkpoint(tmp_path_factory.mktemp("ck") / "calibrated", model, card)
+
+
+def test_a_head_not_calibrated_for_its_case_shows_why_instead_of_bars(
+    widget, qtbot, calibrated_checkpoint, checkpoint
+):
+    widget.checkpoint.setText(str(calibrated_checkpoint))
+    for text in ("", "Tissue: breast. Antibody: HER2."):  # the card ignores the text
+        widget.metadata.setText(text)
+        _assess(widget, qtbot)
+        tissue, line = widget.rows["tissue"], widget.hidden_lines["tissue"]
+        assert tissue.model_call is None and all(b.value() == 0 for b in tissue.bars.values())
+        assert {b.format() for b in tissue.bars.values()} == {"–"}
+        assert line.text() == ("tissue head hidden without clinical text: validation accuracy "
+                               "0.43, ECE 0.53 (ECE above 0.1)")  # fmt: skip
+        assert not line.isHidden()
+        shown = widget.rows["intensity"]
+        assert abs(sum(b.value() for b in shown.bars.values()) - 1000) <= 4
+        assert widget.hidden_lines["intensity"].isHidden()
+    # a call on the hidden head records no model answer beside it
+    tissue.call_box.setCurrentIndex(1)
+    tissue.call_box.activated.emit(1)
+    saved = widget.session.calls[-1]
+    assert saved.task == "tissue" and saved.model is None and saved.model_probabilities == {}
+    # a checkpoint older than the per-case calibration shows every head
+    widget.checkpoint.setText(str(checkpoint))
+    _assess(widget, qtbot)
+    assert abs(sum(b.value() for b in widget.rows["tissue"].bars.values()) - 1000) <= 4
+    assert widget.hidden_lines["tissue"].isHidden()

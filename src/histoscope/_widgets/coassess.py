@@ -80,6 +80,8 @@ class CoAssessWidget(TaskWidget):
         form.addRow("Assess", self.scope)
 
         self.rows: dict[str, TaskRow] = {}
+        #: per task, the line saying why its bars are hidden (empty when shown)
+        self.hidden_lines: dict[str, QLabel] = {}
         rows_box = QWidget()
         self._rows_layout = QVBoxLayout(rows_box)
         for task, classes in _ROWS.items():
@@ -117,6 +119,9 @@ class CoAssessWidget(TaskWidget):
             row.set_model(None)
             row.set_measurement(None)
             row.call_box.setEnabled(False)
+        for line in self.hidden_lines.values():
+            line.setText("")
+            line.setVisible(False)
         self.agreement.setText("")
 
     def _set_row(self, task: str, classes) -> TaskRow:
@@ -125,6 +130,12 @@ class CoAssessWidget(TaskWidget):
         if old is not None and old.classes == tuple(classes):
             return old
         row = TaskRow(task, classes)
+        line = QLabel("")
+        line.setWordWrap(True)
+        line.setVisible(False)
+        grid = row.layout()
+        grid.addWidget(line, grid.rowCount(), 0, 1, 2)
+        self.hidden_lines[task] = line
         row.called.connect(self.record_call)
         row.call_box.setEnabled(self.session is not None)
         if old is None:
@@ -198,12 +209,21 @@ class CoAssessWidget(TaskWidget):
         self._show_agreement()
 
     def _show_calls(self, calls) -> None:
-        """The model's bars and attention (``None``: no model run)."""
+        """The model's bars and attention (``None``: no model run).
+
+        A head whose calibration was not acceptable on validation slides in the
+        case it ran in (with or without clinical text) shows no bars, and a
+        line says why instead.
+        """
         if calls is not None:
             self._set_row("tissue", tuple(calls.probabilities["tissue"]))
             self.replace_layer(*calls.to_layers()[0])
+        hidden = calls.hidden() if calls is not None else {}
         for task, row in self.rows.items():
-            row.set_model(calls.probabilities.get(task) if calls is not None else None)
+            shown = calls is not None and task not in hidden
+            row.set_model(calls.probabilities.get(task) if shown else None)
+            self.hidden_lines[task].setText(hidden.get(task, ""))
+            self.hidden_lines[task].setVisible(task in hidden)
 
     # ------------------------------------------------------------------- calls
     def record_call(self, task: str, value: str) -> Call | None:
