@@ -68,6 +68,7 @@ def test_all_docks_fit_a_laptop_screen_as_tabs(make_napari_viewer, qtbot):
         qtbot.wait(30)
         assert isinstance(panel, Panel), name  # the shared scrolling mechanism
         assert dock.isVisible() and dock.width() > 0, name
+        assert dock.width() <= 0.4 * LAPTOP[0], name  # the slide keeps most of the screen
         assert _problems(panel) == [], name
         others = window.tabifiedDockWidgets(dock)  # one tab group, however they were opened
         assert len(others) == len(docks) - 1, name

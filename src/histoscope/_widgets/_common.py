@@ -269,7 +269,7 @@ class Panel(QWidget):
         super().__init__()
         self.body = QWidget()
         self.scroll = _FitScroll(self.body)
-        self._tabs_joined = False
+        self._tabs_joined = self._fitted = False
 
     def body_layout(self) -> QVBoxLayout:
         """The vertical layout of the scrolling content (made on first call)."""
@@ -281,10 +281,18 @@ class Panel(QWidget):
         outer.addWidget(self.scroll)
         return QVBoxLayout(self.body)
 
+    def event(self, event) -> bool:
+        if event.type() == QEvent.Type.ParentChange and not self._fitted:
+            self._fitted = True  # put in a dock: fit before the dock first sizes itself
+            fit_narrow(self.body)
+        return super().event(event)
+
     def showEvent(self, event) -> None:  # noqa: N802 - Qt's name
         if not self._tabs_joined:
             self._tabs_joined = True
-            fit_narrow(self.body)
+            if not self._fitted:
+                self._fitted = True
+                fit_narrow(self.body)
             if not join_panel_tabs(self):  # not docked yet: once napari has placed it
                 QTimer.singleShot(0, self._join_tabs)
         super().showEvent(event)
@@ -329,6 +337,9 @@ def join_panel_tabs(panel: QWidget) -> bool:
         return False
     if main.dockWidgetArea(dock) == Qt.DockWidgetArea.NoDockWidgetArea:
         return False
+    # Qt fixes a dock's minimum width from its content when first shown, before the
+    # panel's combo boxes and forms were made to fit: let the content's own minimum rule
+    dock.setMinimumWidth(min(dock.minimumWidth(), 50))
     joined = bool(main.tabifiedDockWidgets(dock))
     if not joined:
         area = main.dockWidgetArea(dock)
