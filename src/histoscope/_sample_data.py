@@ -26,35 +26,53 @@ def skimage_ihc() -> list[LayerDataTuple]:
     return [(img, kwargs, "image")]
 
 
-def _synthetic(kind: str, label: str) -> list[LayerDataTuple]:
-    """A cached synthetic slide as a layer; generating it shows napari's progress bar."""
-    from napari.utils import progress
+#: The synthetic samples: kind -> what the layer is called.
+SYNTHETIC = {"he": "H&E", "ihc": "IHC"}
 
+
+def synthetic_layers(kind: str, progress=None) -> list[LayerDataTuple]:
+    """A cached synthetic slide (generated on first use) as layer data, ready to add.
+
+    Everything slow happens here (generating, opening the slide, building its
+    pyramid layer), so a worker thread can call it and the GUI thread only adds
+    the layer. ``progress(done, total)`` is called over tiles while generating;
+    raising from it (e.g. :class:`~histoscope.progress.Cancelled`) stops the
+    generation and leaves no half-written slide in the cache.
+    """
     from histoscope.layers import slide_layer
     from histoscope.slide import open_slide
     from histoscope.synthetic import sample_slide
+
+    sample = sample_slide(kind, progress=progress)
+    return [slide_layer(open_slide(sample.slide), name=f"synthetic {SYNTHETIC[kind]}")]
+
+
+def _synthetic(kind: str) -> list[LayerDataTuple]:
+    """For napari's File > Open Sample menu (called on the GUI thread, so it blocks
+    while a slide is generated the first time; napari's progress bar shows how far it
+    is). The Slide panel's "Open sample slide" generates it in a worker instead."""
+    from napari.utils import progress
 
     bar = None
 
     def on_tile(done: int, total: int) -> None:
         nonlocal bar
         if bar is None:
-            bar = progress(total=total, desc=f"Generating the synthetic {label} slide")
+            bar = progress(total=total, desc=f"Generating the synthetic {SYNTHETIC[kind]} slide")
         bar.update(done - bar.n)
 
     try:
-        sample = sample_slide(kind, progress=on_tile)
+        return synthetic_layers(kind, progress=on_tile)
     finally:
         if bar is not None:
             bar.close()
-    return [slide_layer(open_slide(sample.slide), name=f"synthetic {label}")]
 
 
 def synthetic_he() -> list[LayerDataTuple]:
     """A synthetic H&E slide with known ground truth (see docs/synthetic.md)."""
-    return _synthetic("he", "H&E")
+    return _synthetic("he")
 
 
 def synthetic_ihc() -> list[LayerDataTuple]:
     """A synthetic IHC (haematoxylin + DAB) slide with known staining labels."""
-    return _synthetic("ihc", "IHC")
+    return _synthetic("ihc")

@@ -123,3 +123,42 @@ def test_set_mpp_updates_a_slide_a_task_already_wrapped(viewer):
     widget.mpp_spin.setValue(0.5)
     widget._apply_mpp()
     assert layer.metadata["slide"].mpp == 0.5 and widget.info["mpp"].text() == "0.5 µm/px"
+
+
+def test_mpp_box_shows_the_slides_own_value_or_unknown(viewer, tmp_path):
+    from histoscope._widgets.slide import MPP_UNKNOWN
+    from histoscope.slide import write_pyramidal_tiff
+    from tests.conftest import make_rgb
+
+    path = write_pyramidal_tiff(tmp_path / "scan.tif", make_rgb(512, 512), mpp=0.499, min_size=256)
+    viewer.open(str(path), plugin="napari-histoscope")
+    viewer.add_image(np.zeros((64, 64, 3), np.uint8), rgb=True, name="no scale")
+    widget = SlideWidget(viewer)
+    widget.layer_combo.setCurrentText("scan")
+    assert widget.mpp_spin.text() == "0.499 µm/px"  # not rounded to 0.5, no trailing zeros
+    assert widget.info["mpp"].text() == "0.499 µm/px"
+    assert widget.info["magnification"].text() != "None"
+    assert widget.file.path() == str(path) and widget.file.toolTip() == str(path)
+    widget.layer_combo.setCurrentText("no scale")
+    assert widget.mpp_spin.text() == MPP_UNKNOWN == widget.info["mpp"].text()
+    widget._apply_mpp()  # "unknown" is never applied as a value
+    assert "Enter the µm per pixel" in widget.status.text()
+    assert viewer.layers["no scale"].scale[-1] == 1.0
+
+
+def test_damaged_file_is_explained_with_details_behind_a_toggle(viewer, qtbot, tmp_path):
+    bad = tmp_path / "case 12.svs"
+    bad.write_bytes(b"not a slide at all" * 100)
+    widget = SlideWidget(viewer)
+    widget.open_path(str(bad))
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=120_000)
+    said = widget.status.text()
+    assert "case 12.svs cannot be read" in said and "damaged" in said
+    assert "TIFF" not in said and "Traceback" not in said  # no technical words up front
+    assert not widget.details.isHidden() and widget.details.text.isHidden()
+    widget.details.toggle.setChecked(True)
+    assert not widget.details.text.isHidden()
+    assert "SlideError" in widget.details.text.text()
+    widget.open_path(str(bad))  # a new attempt starts with the details closed
+    assert widget.details.isHidden()
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=120_000)

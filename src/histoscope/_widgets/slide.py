@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from qtpy.QtCore import QObject, Signal
 from qtpy.QtWidgets import (
     QComboBox,
     QDoubleSpinBox,
@@ -15,6 +17,7 @@ from qtpy.QtWidgets import (
     QPushButton,
 )
 
+from histoscope._sample_data import SYNTHETIC
 from histoscope._widgets._common import (
     ErrorDetails,
     Panel,
@@ -24,6 +27,7 @@ from histoscope._widgets._common import (
     form_layout,
 )
 from histoscope.layers import SLIDE_KEY, layer_slide
+from histoscope.progress import Cancelled
 from histoscope.slide import Slide
 
 if TYPE_CHECKING:
@@ -39,6 +43,12 @@ MPP_UNKNOWN = "unknown — set it"
 _FIELDS = {"vendor": "Scanner", "backend": "Read with", "dimensions": "Size (full resolution)",
            "levels": "Pyramid levels", "mpp": "µm per pixel",
            "magnification": "Magnification"}  # fmt: skip
+
+
+class _Relay(QObject):
+    """Carries a worker thread's progress to the GUI thread (a queued signal)."""
+
+    step = Signal(int, int)
 
 
 class MppBox(QDoubleSpinBox):
@@ -69,6 +79,22 @@ class SlideWidget(Panel):
         self.busy = QProgressBar()
         self.busy.setRange(0, 0)
         self.busy.hide()
+        self.sample_kind = QComboBox()
+        self.sample_kind.addItems([f"synthetic {label}" for label in SYNTHETIC.values()])
+        self.sample_button = QPushButton("Open sample slide")
+        self.sample_button.setToolTip("Generated once (in the background), then opened from the "
+                                      "cache; the model defaults were trained on such slides")  # fmt: skip
+        self.sample_button.clicked.connect(lambda: self.open_sample())
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        self.cancel_button.clicked.connect(self.cancel)
+        self._cancel = threading.Event()
+        self._relay = _Relay()
+        self._relay.step.connect(self._sample_step)
+        samples = QHBoxLayout()
+        samples.addWidget(self.sample_kind, stretch=1)
+        samples.addWidget(self.sample_button)
+        samples.addWidget(self.cancel_button)
         self.status = QLabel("")
         self.status.setWordWrap(True)
         self.details = ErrorDetails()
@@ -96,6 +122,7 @@ class SlideWidget(Panel):
 
         layout = self.body_layout()
         layout.addWidget(self.open_button)
+        layout.addLayout(samples)
         layout.addWidget(self.busy)
         layout.addLayout(form)
         layout.addLayout(row)
@@ -119,16 +146,65 @@ class SlideWidget(Panel):
 
         from histoscope._reader import read_slides
 
-        self.open_button.setEnabled(False)
-        self.busy.show()
-        self.details.clear()
-        self.status.setText(f"Opening {Path(path).name}…")
+        self._busy(True, f"Opening {Path(path).name}…")
         self._opening = Path(path).name
         connect = {"returned": self._add_layers, "errored": self._failed, "finished": self._done}
         worker = create_worker(read_slides, path, _connect=connect, _start_thread=False)
         self._worker = worker
         worker.start()
         return worker
+
+    def open_sample(self, kind: str | None = None):
+        """Open a synthetic sample slide, generating it in a worker the first time.
+
+        ``kind`` is ``"he"`` or ``"ihc"`` (default: the one chosen in the panel).
+        The bar counts the tiles written; Cancel stops the generation and leaves
+        nothing half-written in the cache. Returns the worker.
+        """
+        from napari.qt.threading import create_worker
+
+        from histoscope._sample_data import synthetic_layers
+
+        kind = kind or list(SYNTHETIC)[self.sample_kind.currentIndex()]
+        cancel, relay = self._cancel, self._relay
+        cancel.clear()
+
+        def on_tile(done: int, total: int) -> None:  # in the worker thread
+            relay.step.emit(done, total)
+            if cancel.is_set():
+                raise Cancelled("sample slide generation cancelled")
+
+        self._busy(True, f"Opening the synthetic {SYNTHETIC[kind]} slide (generated the first "
+                         "time, about 15 s)…")  # fmt: skip
+        self._opening = None
+        connect = {"returned": self._add_layers, "errored": self._failed, "finished": self._done}
+        worker = create_worker(synthetic_layers, kind, progress=on_tile, _connect=connect,
+                               _start_thread=False)  # fmt: skip
+        self._worker = worker
+        worker.start()
+        return worker
+
+    def cancel(self) -> None:
+        """Stop generating a sample slide (the cache keeps nothing of it)."""
+        if self._worker is not None:
+            self._cancel.set()
+            self.status.setText("Cancelling…")
+
+    def _sample_step(self, done: int, total: int) -> None:
+        self.busy.setRange(0, total)
+        self.busy.setValue(done)
+        self.busy.setFormat("generating: tile %v of %m")
+
+    def _busy(self, on: bool, text: str | None = None) -> None:
+        for button in (self.open_button, self.sample_button):
+            button.setEnabled(not on)
+        self.cancel_button.setEnabled(on and text is not None and "synthetic" in text)
+        self.busy.setVisible(on)
+        if on:
+            self.busy.setRange(0, 0)  # busy until a count arrives
+            self.details.clear()
+        if text is not None:
+            self.status.setText(text)
 
     def _add_layers(self, layer_data: list) -> None:
         for data, kwargs, layer_type in layer_data:
@@ -139,13 +215,15 @@ class SlideWidget(Panel):
         """Say in user terms why the file did not open; the technical detail behind Details."""
         from html import escape
 
+        if isinstance(exc, Cancelled):
+            self.status.setText("Cancelled: no sample slide was written.")
+            return
         user, detail = explain(exc, name=getattr(self, "_opening", None))
         self.status.setText(f"<span style='color:#e05050'>{escape(user, quote=False)}</span>")
         self.details.set_detail(detail)
 
     def _done(self) -> None:
-        self.open_button.setEnabled(True)
-        self.busy.hide()
+        self._busy(False)
         self._worker = None
 
     # -------------------------------------------------------------- inspecting
