@@ -9,11 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from histoscope.slide import sniff_format
+
+if TYPE_CHECKING:  # napari resolves the name when it runs the menu command
+    from napari.viewer import Viewer
 
 
 def get_reader(path: str | list[str]) -> Callable[[Any], list] | None:
@@ -271,3 +274,101 @@ def read_geojson_layers(path: str | list[str]) -> list:
             show_info(note)
         out.extend(layers)
     return out
+
+
+# ----------------------------------------------------- outlines in view, on request
+#: Most outlines drawn for one view; more objects centred in it are left out, with a message.
+MAX_OUTLINES = 5_000
+GEOJSON_KEY = "histoscope_geojson"
+
+
+def _geojson_source(viewer) -> Any:
+    """The active layer if it came from a GeoJSON file, else the topmost visible one that did."""
+    active = viewer.layers.selection.active
+    candidates = [active] if active is not None else []
+    candidates += [ly for ly in reversed(viewer.layers) if ly.visible]
+    for layer in candidates:
+        meta = layer.metadata.get(GEOJSON_KEY) or {}
+        if meta.get("path") and type(layer).__name__ == "Points":
+            return layer
+    return None
+
+
+def view_bbox(viewer, layer) -> tuple[float, float, float, float]:
+    """``(x0, y0, x1, y1)`` of the canvas in ``layer``'s data coordinates (level-0 px)."""
+    camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera
+    cy, cx = camera.center[-2:]
+    ch, cw = viewer.canvas.size
+    zoom = camera.zoom
+    corners = [(cy - ch / 2 / zoom, cx - cw / 2 / zoom), (cy + ch / 2 / zoom, cx + cw / 2 / zoom)]
+    (y0, x0), (y1, x1) = (np.asarray(layer.world_to_data(c))[-2:] for c in corners)
+    return min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1)
+
+
+def outline_layer(table, points) -> tuple:
+    """A Shapes layer tuple of ``table``'s outlines placed exactly as the ``points`` layer."""
+    data, shape_type, rows = _shape_parts(table)
+    feats = _features(table).iloc[rows].reset_index(drop=True)
+    edge = _rgba(table["color"].tolist())[rows]
+    face = edge.copy()
+    face[:, 3] = 0.0
+    meta = dict(points.metadata.get(GEOJSON_KEY) or {})
+    kw = {"name": f"{points.name} outlines", "shape_type": shape_type, "features": feats,
+          "face_color": face, "edge_color": edge, "edge_width": 1.5 / float(points.scale[-1]),
+          "scale": tuple(points.scale), "translate": tuple(points.translate),
+          "units": tuple(str(u) for u in points.units),
+          "metadata": {GEOJSON_KEY: {**meta, "outlines_of": points.name}}}  # fmt: skip
+    return data, kw, "shapes"
+
+
+def show_outlines_in_view(viewer: Viewer, limit: int | None = None):
+    """napari command: outlines of the GeoJSON objects centred in the current view.
+
+    Reads the file recorded on the active (else topmost visible) GeoJSON Points
+    layer in a worker thread (a centroid scan of the whole file; polygons built
+    only for objects whose centroid is in view, at most ``limit`` of them,
+    :data:`MAX_OUTLINES` by default) and adds, or replaces, the Shapes layer
+    ``"<points layer> outlines"`` with the same scale and translation, so the
+    outlines lie exactly over the slide. Returns the worker (``None`` when
+    there is nothing to read).
+    """
+    from napari.qt.threading import create_worker
+    from napari.utils.notifications import show_info, show_warning
+
+    from histoscope.export.geojson import read_geojson
+
+    points = _geojson_source(viewer)
+    if points is None:
+        show_info("Show outlines in view: select a Points layer opened from a QuPath GeoJSON file.")
+        return None
+    path = points.metadata[GEOJSON_KEY]["path"]
+    if not Path(path).is_file():
+        show_warning(f"Show outlines in view: {path}, the file {points.name!r} was read from, "
+                     "is not there any more.")  # fmt: skip
+        return None
+    limit = MAX_OUTLINES if limit is None else int(limit)
+    box = view_bbox(viewer, points)
+
+    def done(table) -> None:
+        matched = int(table.attrs.get("matched", len(table)))
+        table = table[table["geometry"].notna()].reset_index(drop=True)
+        name = f"{points.name} outlines"
+        if name in viewer.layers:
+            viewer.layers.remove(name)
+        if len(table):
+            data, kw, _ = outline_layer(table, points)
+            viewer.add_shapes(data, **kw)
+        note = f"{len(table):,} outlines from {Path(path).name} in view"
+        if matched > len(table):
+            note += (f"; {matched:,} objects are centred in view, only the first {limit:,} are "
+                     "drawn: zoom in and ask again for the rest")  # fmt: skip
+        show_info(note + ".")
+
+    def failed(exc) -> None:
+        show_warning(f"Show outlines in view: {exc}")
+
+    worker = create_worker(read_geojson, path, on_error="skip", bbox=box, limit=limit,
+                           _connect={"returned": done, "errored": failed},
+                           _start_thread=False)  # fmt: skip
+    worker.start()
+    return worker

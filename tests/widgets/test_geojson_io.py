@@ -190,3 +190,87 @@ def test_result_rasters_reopen_where_their_layers_were(viewer, tmp_path):
         np.testing.assert_allclose(layer.translate, kw["translate"])
         level0 = layer.data[0] if layer.multiscale else layer.data
         np.testing.assert_array_equal(np.asarray(level0), data)
+
+
+@pytest.fixture
+def grid_cells(tmp_path):
+    """600 cells on a 30 x 20 grid over the slide (level-0 px), each a distinct hexagon."""
+    centres = [(60.0 + 70 * i, 60.0 + 70 * j) for j in range(20) for i in range(30)]
+    table = pd.DataFrame({
+        "object_type": "cell",
+        "classification": ["Tumor" if k % 3 else "Stroma" for k in range(len(centres))],
+        "color": [(200, 0, 0) if k % 3 else (0, 160, 0) for k in range(len(centres))],
+        "geometry": [shapely.Point(x, y).buffer(10 + k % 7, quad_segs=2)
+                     for k, (x, y) in enumerate(centres)],
+        "nucleus": [shapely.Point(x, y).buffer(4) for x, y in centres],
+    })  # fmt: skip
+    return hs.write_geojson(tmp_path / "cells.geojson", table)
+
+
+def _outlines_after(viewer, qtbot, run):
+    name = "cells objects outlines"
+    worker = run()
+    assert worker is not None
+    with qtbot.waitSignal(worker.finished, timeout=30_000):
+        pass
+    qtbot.waitUntil(lambda: name in viewer.layers, timeout=10_000)
+    return viewer.layers[name]
+
+
+def test_outlines_in_view_come_back_on_request_over_the_slide(
+    viewer, qtbot, pyramid_tiff, grid_cells, monkeypatch
+):
+    from histoscope._reader import show_outlines_in_view, view_bbox
+
+    said = []
+    monkeypatch.setattr("napari.utils.notifications.show_info", said.append)
+    viewer.open(str(pyramid_tiff), plugin="napari-histoscope")
+    [points] = viewer.open(str(grid_cells), plugin="napari-histoscope")
+    viewer.scene.camera.center = (301.3, 402.7)  # µm: level-0 (602.6, 805.4), off the grid
+    viewer.scene.camera.zoom = 2.0
+    x0, y0, x1, y1 = view_bbox(viewer, points)
+    assert 0 < x0 < x1 < 2100 and 0 < y0 < y1 < 1400  # a part of the objects, in level-0 px
+    full = hs.read_geojson(grid_cells)
+    inside = full[(full.x >= x0) & (full.x < x1) & (full.y >= y0) & (full.y < y1)]
+    assert 4 < len(inside) < len(full)
+
+    shapes = _outlines_after(viewer, qtbot, lambda: show_outlines_in_view(viewer))
+    assert isinstance(shapes, napari.layers.Shapes)
+    assert shapes.features["id"].tolist() == inside["id"].tolist()
+    np.testing.assert_allclose(shapes.scale, points.scale)
+    np.testing.assert_allclose(shapes.translate, points.translate)
+    for verts, geom in zip(shapes.data, inside["geometry"], strict=True):  # exactly the polygons
+        np.testing.assert_allclose(verts, np.asarray(geom.exterior.coords)[:-1, ::-1], atol=1e-9)
+    first = shapes.data[0][0]
+    np.testing.assert_allclose(shapes.data_to_world(first), first * 0.5)  # µm over the slide
+    assert said and f"{len(inside)} outlines" in said[-1]
+
+    viewer.layers.selection.active = points
+    capped = _outlines_after(viewer, qtbot, lambda: show_outlines_in_view(viewer, limit=3))
+    assert len(capped.data) == 3 and capped.features["id"].tolist() == inside["id"].tolist()[:3]
+    assert [ly.name for ly in viewer.layers].count("cells objects outlines") == 1  # replaced
+    assert f"{len(inside)} objects are centred in view, only the first 3" in said[-1]
+
+
+def test_outlines_in_view_is_a_layer_menu_command(viewer, qtbot, grid_cells, monkeypatch):
+    from napari._app_model import get_app_model
+    from npe2 import PluginManager
+
+    said = []
+    monkeypatch.setattr("napari.utils.notifications.show_info", said.append)
+    manifest = PluginManager.instance().get_manifest("napari-histoscope")
+    [item] = [m for m in manifest.contributions.menus["napari/layers/context"]
+              if m.command == "napari-histoscope.show_outlines_in_view"]  # fmt: skip
+    assert "points" in item.when
+    viewer.add_image(np.zeros((8, 8)), name="not objects")
+    get_app_model().commands.execute_command("napari-histoscope.show_outlines_in_view").result()
+    assert "select a Points layer opened from a QuPath GeoJSON file" in said[-1]
+    [points] = viewer.open(str(grid_cells), plugin="napari-histoscope")
+    viewer.layers.selection.active = points
+    viewer.reset_view()
+    future = get_app_model().commands.execute_command("napari-histoscope.show_outlines_in_view")
+    worker = future.result()
+    with qtbot.waitSignal(worker.finished, timeout=30_000):
+        pass
+    qtbot.waitUntil(lambda: "cells objects outlines" in viewer.layers, timeout=10_000)
+    assert len(viewer.layers["cells objects outlines"].data) == 600  # all in view
