@@ -324,8 +324,8 @@ def _last_ref(value: Any) -> int:
     return max(map(_last_ref, value.get("geometries") or []), default=-1)
 
 
-def _ring_text(g: Any, stream: _Stripped) -> str | None:
-    """The coordinate text of a Polygon with one ring of 2-D positions, else ``None``."""
+def _ring_text(g: Any, stream: _Stripped) -> tuple[str, int] | None:
+    """``(coordinate text, vertices)`` of a Polygon with one ring of 2-D positions, else ``None``."""
     if type(g) is not dict or g.get("type") != "Polygon":
         return None
     ref = g.get("coordinates")
@@ -335,17 +335,17 @@ def _ring_text(g: Any, stream: _Stripped) -> str | None:
     opened = body.count("[")  # [[[x,y],...,[x,y]]]: n + 2 brackets, 2n - 1 commas
     if opened < 5 or opened != body.count("]") or 2 * opened != body.count(",") + 5:
         return None
-    return body
+    return body, opened - 2
 
 
-def _ring_centroids(bodies: list[str]) -> tuple[np.ndarray, np.ndarray] | None:
-    """Area-weighted centroids of one-ring polygons given as coordinate text.
+def _ring_centroids(bodies: list[str], counts: list[int]) -> tuple[np.ndarray, np.ndarray] | None:
+    """Area-weighted centroids of one-ring polygons given as coordinate text (``counts`` vertices).
 
     The shoelace sums run relative to each ring's first vertex (as GEOS does),
     so they match ``shapely.centroid`` to rounding; an unclosed ring is closed.
     NaN where the area is 0; ``None`` if the text is not all finite numbers.
     """
-    counts = np.fromiter((b.count("[") - 2 for b in bodies), np.int64, len(bodies))
+    counts = np.asarray(counts, dtype=np.int64)
     text = ",".join(bodies).translate(_NO_BRACKETS)
     try:
         with warnings.catch_warnings():
@@ -412,12 +412,12 @@ class _Scan:
     def _centroids(self, rows: list[list]) -> None:
         x, y = np.full(len(rows), np.nan), np.full(len(rows), np.nan)
         fast = [(r, _ring_text(row[3], self.stream)) for r, row in enumerate(rows)]
-        fast = [(r, body) for r, body in fast if body is not None]
+        fast = [(r, *ring) for r, ring in fast if ring is not None]
         if fast:
-            got = _ring_centroids([body for _, body in fast])
+            at, bodies, counts = zip(*fast, strict=True)
+            got = _ring_centroids(list(bodies), list(counts))
             if got is not None:
-                at = [r for r, _ in fast]
-                x[at], y[at] = got
+                x[list(at)], y[list(at)] = got
         good = np.ones(len(rows), bool)
         shaped = np.isnan(x)  # outlines kept, and anything the fast path left out
         if not self.full:
