@@ -3,7 +3,8 @@
 Run from the repository root, one thread::
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_isight_cases.py calibrate --write-card
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_isight_cases.py heldout --n 800
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_isight_cases.py ood --write-card
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_isight_cases.py heldout --n 500 --write-card
 
 ``calibrate`` regenerates the validation split of the recipe's dataset (the
 ``val`` rows of ``histoscope synth --kind ihc --count 960 --seed 5000``, the
@@ -22,6 +23,16 @@ any choice), in both cases and as the task runs it by default, and reports per
 head: accuracy with its Wilson 95 % interval, ECE with a bootstrap 95 %
 interval over slides, and the paired with-vs-without-text comparison (exact
 McNemar and a paired bootstrap interval of the accuracy difference).
+With ``--write-card`` its figures are recorded in the card
+(``metrics.heldout_per_case``), which RESULTS.md quotes. It also scores each
+fresh slide against the card's training-data reference and reports the share
+flagged as outside the training data (training-like slides: about 1 % expected).
+
+``ood`` fits that reference (:func:`histoscope.ood.fit_reference`) on the
+per-tile features the task scores (:func:`histoscope.tasks.isight.tile_features`)
+of ``--n-train`` slides of the recipe's train split, its threshold calibrated on
+the validation slides; ``--write-card`` writes it as ``card.data["ood"]``.
+
 Results go to ``benchmarks/_data/isight_cases/<mode>.json``.
 """
 
@@ -44,12 +55,44 @@ RECIPE_COUNT, RECIPE_SEED = 960, 5000
 SIZE, MPP = (1024, 1024), 0.5
 
 
-def validation_seeds() -> list[int]:
-    """Seeds of the recipe dataset's ``val`` rows."""
+def split_seeds(split: str = "val") -> list[int]:
+    """Seeds of the recipe dataset's rows of ``split``."""
     from histoscope.synthetic._dataset import assign_splits
 
     splits = assign_splits(RECIPE_COUNT, RECIPE_SEED)
-    return [RECIPE_SEED + k for k, s in enumerate(splits) if s == "val"]
+    return [RECIPE_SEED + k for k, s in enumerate(splits) if s == split]
+
+
+def features(model, bags) -> list[np.ndarray]:
+    """Per slide, the per-tile features the task scores against the reference."""
+    import torch
+
+    from histoscope.tasks.isight import tile_features
+    from histoscope.training.isight_data import collate
+
+    out = []
+    model.eval()
+    with torch.no_grad():
+        for bag in bags:
+            x, _ = collate([bag], model.input_spec)
+            out.append(tile_features(model.encode_tiles(x)[0].double().numpy()))
+    return out
+
+
+def ood(args) -> dict:
+    from histoscope.ood import fit_reference, write_reference
+
+    train_seeds = split_seeds("train")[: args.n_train]
+    _, _, _, _, train_bags = load(make_table(train_seeds, DATA / "train"), args.checkpoint)
+    model, _, _, _, val_bags = load(make_table(split_seeds("val"), DATA / "val"), args.checkpoint)
+    what = ("iSight per-tile features (the 4 x 4 token features after the projection, averaged; "
+            "hs_cnn_small on 64 px optical-density tiles at 1 um/px)")  # fmt: skip
+    ref = fit_reference(features(model, train_bags), features(model, val_bags), features=what)
+    if args.write_card:
+        write_reference(args.checkpoint, ref)
+    return {"n_train": len(train_seeds), "train_seeds": [train_seeds[0], train_seeds[-1]],
+            "n_calib": len(val_bags), "threshold": ref.threshold, "rank": int(ref.basis.shape[1]),
+            "calib_scores_max": max(ref.calib_scores)}  # fmt: skip
 
 
 def make_table(seeds: list[int], out: Path) -> Path:
@@ -90,7 +133,7 @@ def load(table: Path, checkpoint: str):
 def calibrate(args) -> dict:
     from histoscope.training.isight_calibrate import calibrate_cases, case_logits, decide_text
 
-    seeds = validation_seeds()
+    seeds = split_seeds("val")
     table = make_table(seeds, DATA / "val")
     model, card, samples, y, bags = load(table, args.checkpoint)
     raw = case_logits(model, bags, [s.metadata for s in samples])
@@ -99,12 +142,13 @@ def calibrate(args) -> dict:
                      "first": seeds[0], "last": seeds[-1]}  # fmt: skip
     decision = decide_text(raw, y, cal)
     if args.write_card:
-        write_card(Path(args.checkpoint), cal, decision)
+        rewrite_card(Path(args.checkpoint), config={"temperatures": cal["temperatures"]},
+                     metrics={"calibration": cal, "text_decision": decision})  # fmt: skip
     return {"calibration": cal, "text_decision": decision}
 
 
-def write_card(path: Path, cal: dict, decision: dict) -> None:
-    """Set ``config.temperatures``, ``metrics.calibration`` and ``metrics.text_decision``.
+def rewrite_card(path: Path, *, config: dict | None = None, metrics: dict | None = None) -> None:
+    """Set the given keys of the card's ``config`` and ``metrics``.
 
     The card is read from the file as it is now and only these keys change;
     the tensors are copied unchanged (the card's sha256 still holds) and the
@@ -120,8 +164,8 @@ def write_card(path: Path, cal: dict, decision: dict) -> None:
     if card.sha256 and tensor_hash(state) != card.sha256:
         sys.exit(f"{path}: tensors do not match the card's sha256; not rewriting it")
     d = card.to_dict()
-    d["config"] = {**d["config"], "temperatures": cal["temperatures"]}
-    d["metrics"] = {**d["metrics"], "calibration": cal, "text_decision": decision}
+    d["config"] = {**d["config"], **(config or {})}
+    d["metrics"] = {**d["metrics"], **(metrics or {})}
     with atomic_path(path, suffix=".safetensors") as tmp:
         save_file(
             state, str(tmp), metadata={FORMAT_KEY: FORMAT, CARD_KEY: json.dumps(d, sort_keys=True)}
@@ -155,6 +199,11 @@ def heldout(args) -> dict:
     decision = card.metrics["text_decision"]["heads"]
     cal = card.metrics["calibration"]["cases"]
     out: dict = {"n": len(samples), "seeds": [seeds[0], seeds[-1]], "heads": {}}
+    if "ood" in (card.data or {}):
+        from histoscope.ood import assess_card
+
+        flagged = [bool(assess_card(card, f).outside) for f in features(model, bags)]
+        out["outside_training_data"] = {"n": len(flagged), "flagged": int(sum(flagged))}
     for j, task in enumerate(TASKS):
         t = y[:, j]
         probs = {c: M.softmax(logits[c][task]) for c in ("text", "image")}
@@ -169,6 +218,8 @@ def heldout(args) -> dict:
             "difference_ci": list(bootstrap_ci(lambda i, g=gain: float(g[i].mean()), len(t))),
             "mcnemar_text_vs_image": mcnemar(right["text"], right["image"]),
         }  # fmt: skip
+    if args.write_card:
+        rewrite_card(Path(args.checkpoint), metrics={"heldout_per_case": out})
     return out
 
 
@@ -197,18 +248,19 @@ def table_md(res: dict) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("mode", choices=("calibrate", "heldout"))
+    ap.add_argument("mode", choices=("calibrate", "heldout", "ood"))
     ap.add_argument("--checkpoint", default=str(ROOT.parent / "sample_data" /
                                                 "isight_default.safetensors"))  # fmt: skip
-    ap.add_argument("--write-card", action="store_true", help="calibrate: write into the card")
-    ap.add_argument("--n", type=int, default=800, help="heldout: number of fresh slides")
+    ap.add_argument("--write-card", action="store_true", help="record the result in the card")
+    ap.add_argument("--n-train", type=int, default=120, help="ood: training slides fitted")
+    ap.add_argument("--n", type=int, default=500, help="heldout: number of fresh slides")
     ap.add_argument("--first-seed", type=int, default=60000, help="heldout: first fresh seed")
     args = ap.parse_args(argv)
     import torch
 
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    res = calibrate(args) if args.mode == "calibrate" else heldout(args)
+    res = {"calibrate": calibrate, "heldout": heldout, "ood": ood}[args.mode](args)
     res["seconds"] = round(time.perf_counter() - t0, 1)
     res["machine"] = {"python": platform.python_version(), "cpu": platform.processor()}
     DATA.mkdir(parents=True, exist_ok=True)

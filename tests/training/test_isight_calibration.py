@@ -217,3 +217,55 @@ def test_the_default_card_and_training_note_give_the_same_calibration_and_decisi
         assert _nums(diff) == [round(v, 3) for v in (h["difference"], *h["difference_ci"])]
         assert p_value == f"{h['mcnemar']['p']:.3g}"
         assert uses.startswith("yes") == h["use_text"]
+
+
+def test_slides_are_scored_against_the_training_tile_features(pyramid_tiff, model):
+    import histoscope as hs
+    from histoscope.ood import OutsideTrainingDataWarning, fit_reference
+    from histoscope.tasks.isight import tile_features
+    from histoscope.training.isight_data import collate, read_bag
+
+    slide = hs.open_slide(pyramid_tiff)
+    bag = read_bag(pyramid_tiff, model.input_spec, max_tiles=24)
+    with torch.no_grad():
+        feats = tile_features(model.encode_tiles(collate([bag], model.input_spec)[0])[0].numpy())
+    rng = np.random.default_rng(0)
+    near = [feats[rng.choice(len(feats), 12)] for _ in range(6)]
+    card = _card(model, use_text=False)
+    within = replace(card, data={"ood": fit_reference(near[:3], near[3:]).to_dict()})
+    res = run_isight(slide, model, within, max_tiles=24)
+    assert res.summary()["outside_training_data"] is False
+    far = [f + 25.0 for f in near]  # training tiles unlike anything on this slide
+    outside = replace(card, data={"ood": fit_reference(far[:3], far[3:]).to_dict()})
+    with pytest.warns(OutsideTrainingDataWarning, match="pyramid.tif"):
+        res = run_isight(slide, model, outside, max_tiles=24)
+    assert res.summary()["outside_training_data"] is True
+    assert res.provenance.params["ood"]["outside"] is True
+    # a card without a reference says so instead of guessing
+    assert run_isight(slide, model, card, max_tiles=4).summary()["outside_training_data"] is None
+
+
+def test_results_md_gives_the_cards_fresh_held_out_figures():
+    card = read_card(ROOT / "sample_data" / "isight_default.safetensors")
+    held = card.metrics["heldout_per_case"]
+    md = (ROOT / "benchmarks" / "RESULTS.md").read_text()
+    md = md[md.index("### Fresh held-out, per case (issue 11/17)") :]
+    assert f"{held['n']} fresh slides, seeds {held['seeds'][0]}-{held['seeds'][1]}" in md
+    rows = _rows(md, "| head | case | n | accuracy")
+    assert len(rows) == 2 * len(TASKS)
+    for head, case, n, acc, ece in rows:
+        h = held["heads"][head]
+        s = h[case.split()[0]]
+        assert ("(default)" in case) == (case.split()[0] == h["default_case"])
+        assert int(n) == s["n"] == held["n"]
+        assert _nums(acc) == [round(v, 3) for v in (s["accuracy"], *s["accuracy_ci"])]
+        assert _nums(ece) == [round(v, 3) for v in (s["ece"], *s["ece_ci"])]
+    rows = _rows(md, "| head | text - image accuracy")
+    for head, diff, only_text, only_image, p_value in rows:
+        h = held["heads"][head]
+        assert _nums(diff) == [round(v, 3) for v in (h["difference"], *h["difference_ci"])]
+        m = h["mcnemar_text_vs_image"]
+        assert (int(only_text), int(only_image), p_value) == (m["only_a"], m["only_b"],
+                                                                f"{m['p']:.3g}")  # fmt: skip
+    ood = held["outside_training_data"]
+    assert f"{ood['flagged']} of the {ood['n']} fresh slides" in md

@@ -46,14 +46,14 @@ class ISightCalls(Result):
         (``"text"`` or ``"image"``), whether its calibration in that case is
         acceptable, and otherwise the line saying why it is hidden.
     ood
-        How far the slide's tile features are from the training slides'
-        (:func:`histoscope.ood.ood_summary`).
+        :class:`~histoscope.ood.OODReport`: how far the slide's tile features
+        are from the training slides' (``None`` when not assessed).
     """
 
     probabilities: dict[str, dict[str, float]]
     attention: TileHeatmap
     heads: dict[str, dict[str, Any]] = field(default_factory=dict)
-    ood: dict[str, Any] = field(default_factory=dict)
+    ood: Any = field(default=None, compare=False)
 
     def shown(self, task: str) -> bool:
         """Whether ``task``'s bars are shown (its calibration is acceptable in its case)."""
@@ -96,13 +96,17 @@ class ISightCalls(Result):
         ``hidden`` lists the heads whose bars the panel hides and why; ``text``
         says whether clinical text was given and which heads used it.
         """
+        from histoscope.ood import ood_summary
+
         prm = self.provenance.params
-        return {"calls": self.calls(), "tiles": len(self.attention.grid),
-                "warning": prm.get("warning"), "hidden": self.hidden(),
-                "text": {"given": bool(prm.get("metadata")), "mode": prm.get("text", "auto"),
-                         "used_by": sorted(t for t, h in self.heads.items()
-                                           if h.get("case") == "text")},
-                **self.ood}  # fmt: skip
+        out = {"calls": self.calls(), "tiles": len(self.attention.grid),
+               "warning": prm.get("warning"), "hidden": self.hidden(),
+               "text": {"given": bool(prm.get("metadata")), "mode": prm.get("text", "auto"),
+                        "used_by": sorted(t for t, h in self.heads.items()
+                                          if h.get("case") == "text")}}  # fmt: skip
+        if self.ood is not None:
+            out.update(ood_summary(self.ood))
+        return out
 
     def save(self, out_dir) -> list[Path]:
         """Write ``isight.json`` (calls and provenance) and the attention heatmap."""
@@ -293,6 +297,7 @@ def iter_isight(
     import torch
 
     from histoscope.engine import EngineParams, iter_tiles
+    from histoscope.ood import with_ood
     from histoscope.session import open_session
 
     session = open_session(target, in_memory=True)
@@ -338,7 +343,6 @@ def iter_isight(
         probs[task] = dict(zip(classes, p, strict=True))
         heads[task] = head_status(card, task, case)
     out = next(iter(runs.values()))  # attention does not depend on the text
-    ood = _ood(card, feats)
     att = out["attention"][0].float().cpu().numpy()
     rows, cols = grid.shape
     img = np.full((rows, cols), np.nan, np.float32)
@@ -348,20 +352,21 @@ def iter_isight(
         checkpoint_sha256=getattr(card, "sha256", "") if card is not None else "",
         params={"metadata": metadata, "text": text, "text_used_by": sorted(use),
                 "region": list(region) if region else None, "max_tiles": max_tiles,
-                "tissue": asdict(tissue), "warning": warning, **ood},
+                "tissue": asdict(tissue), "warning": warning},
         mpp=spec.mpp, tile_grid=grid.to_dict(),
     )  # fmt: skip
     heat = TileHeatmap(provenance=prov, values=img, grid=grid, name="iSight attention")
-    return ISightCalls(provenance=prov, probabilities=probs, attention=heat, heads=heads,
-                       ood=ood)  # fmt: skip
+    calls = ISightCalls(provenance=prov, probabilities=probs, attention=heat, heads=heads)
+    return with_ood(calls, card, tile_features(feats), slide.path.name)
 
 
-def _ood(card, feats: np.ndarray) -> dict[str, Any]:
-    """Whether the slide's tile features lie outside the training slides' (card reference)."""
-    from histoscope.ood import assess_card, ood_summary
+def tile_features(encoded: np.ndarray) -> np.ndarray:
+    """One row per tile of the model's encoded tiles (token positions averaged).
 
-    items = feats.mean(axis=1) if feats.ndim == 3 else feats  # token features: per tile
-    return ood_summary(assess_card(card, items))
+    These are what the card's training-data reference (``card.data["ood"]``)
+    was fitted on.
+    """
+    return encoded.mean(axis=1) if encoded.ndim == 3 else encoded
 
 
 def run_isight(slide, model, card=None, **kwargs) -> ISightCalls:
