@@ -36,7 +36,7 @@ def edited_tissue(viewer, session):
         meta = layer.metadata
         prov = meta.get("histoscope") or {}
         if (layer._type_string != "labels" or meta.get("histoscope_task") != "tissue"
-                or prov.get("slide") != str(session.slide.path)):  # fmt: skip
+                or prov.get("slide") != str(session.slide.path) or "mask_sha256" not in meta):  # fmt: skip
             continue
         if mask_sha256(layer.data) == meta.get("mask_sha256"):
             return None  # as detected: the form's settings decide
@@ -139,16 +139,19 @@ class TumourWidget(TaskWidget):
         self.heatmap, self._heatmap_checkpoint, self._heatmap_session = None, ckpt, session
         centre = self.view_centre(session.slide, layer)
         jobs = [Job("tissue", session, params=edited or tissue),
-                Job("tumour", session, ckpt, params=params, near=centre)]  # fmt: skip
+                Job("tumour", session, ckpt, params=params, near=centre, layers=True)]  # fmt: skip
         text = "Scoring tiles in view first" + (" (your edited tissue mask)…" if edited else "…")
         return self.run_tasks(jobs, text=text, on_result=self._finished_heatmap,
                               on_partial=self._live)  # fmt: skip
 
-    def _live(self, heatmap) -> None:
-        """Show the map as it fills in (the same array, updated in place)."""
+    def _live(self, heatmap, built: list | None = None) -> None:
+        """Show the map as it fills in (the same array, updated in place).
+
+        ``built``: the layer data the worker already made (at the end of a run).
+        """
         layer = self.viewer.layers[HEATMAP_NAME] if HEATMAP_NAME in self.viewer.layers else None
         if layer is None or layer.data is not heatmap.values:
-            self.replace_layer(*heatmap.to_layers()[0])
+            self.replace_layer(*(built or heatmap.to_layers())[0])
         else:
             layer.refresh()
 
@@ -158,7 +161,7 @@ class TumourWidget(TaskWidget):
             if outcome.cancelled:
                 self.status.setText("Cancelled before any tile was scored.")
             return
-        self._live(heatmap)
+        self._live(heatmap, outcome.layers("tumour"))
         self.heatmap = heatmap
         s = heatmap.summary()
         show_training_data_flag(self.controls, s)
