@@ -206,6 +206,13 @@ def test_train_resume_load_and_evaluate(dataset, tmp_path):
     np.testing.assert_allclose(
         model.temperature.numpy(), [card.metrics["temperature"][t] for t in TASKS], rtol=1e-6
     )
+    # both cases calibrated on the validation split, and the model uses them
+    cal = card.metrics["calibration"]
+    assert model.per_case and card.config["temperatures"] == cal["temperatures"]
+    assert cal["temperatures"]["text"] == card.metrics["temperature"]
+    n_val = len(read_table(dataset, split="val"))
+    assert {e["n"] for c in cal["cases"].values() for e in c.values()} == {n_val}
+    assert set(card.metrics["text_decision"]["heads"]) == set(TASKS)
     # the held-out split was evaluated after training and recorded in the card
     assert card.metrics["test"]["n_samples"] == len(read_table(dataset, split="test"))
     assert set(card.metrics["test_measurement"]) == {"intensity", "location", "quantity"}
@@ -227,6 +234,6 @@ def test_train_resume_load_and_evaluate(dataset, tmp_path):
     assert "quantity_logit[>75%]" in rows[0] and rows[0]["intensity_true"]
     with open(tmp_path / "eval" / "metrics.csv", newline="") as fh:
         sources = {r["source"] for r in csv.DictReader(fh)}
-    assert sources == {"model", "model_image_only", "measurement"}
+    assert sources == {"model", "model_image_only", "model_default", "measurement"}
     every = evaluate(resumed["checkpoint"], dataset, tmp_path / "all", split="all", measure=False)
     assert every["n_samples"] == 7 and "measurement" not in every

@@ -12,9 +12,11 @@ other way round.
     classical measurement's intensity / quantity / location and H-score.
 ``metrics.csv`` and ``metrics.json``
     Accuracy, balanced accuracy, weighted F1 and 15-bin ECE per task for the
-    model with metadata (as deployed), the model on the image alone, and the
-    measurement (no probabilities, so no ECE); ``metrics.json`` also holds the
-    confusion matrices and the temperatures.
+    model with metadata on every head, the model on the image alone, the model
+    as the task runs it by default (each head with the text only where the
+    card's ``text_decision`` says so), and the measurement (no probabilities,
+    so no ECE); ``metrics.json`` also holds the confusion matrices and the
+    temperatures (per case where the card has them).
 ``confusion_<task>.png`` and ``confusion_<task>_normalised.png``
     Counts and row-normalised confusion matrices of the model (with metadata).
 """
@@ -196,15 +198,22 @@ def evaluate(
 
     with_meta = predict(model, bags, [s.metadata for s in samples])
     image_only = predict(model, bags, [None] * len(samples))
+    from histoscope.tasks.isight import text_heads
+
+    uses = text_heads(card, TASKS, given=True)
+    default = {t: with_meta[t] if t in uses else image_only[t] for t in TASKS}
     results: dict[str, Any] = {
         "checkpoint": str(checkpoint_path),
         "checkpoint_sha256": card.sha256,
         "data": str(data_path),
         "split": split,
         "n_samples": len(samples),
-        "temperature": dict(zip(TASKS, model.temperature.tolist(), strict=True)),
+        "temperature": model.config.get("temperatures")
+        or dict(zip(TASKS, model.temperature.tolist(), strict=True)),
         "model": {t: task_metrics(y[:, j], with_meta[t]) for j, t in enumerate(TASKS)},
         "model_image_only": {t: task_metrics(y[:, j], image_only[t]) for j, t in enumerate(TASKS)},
+        "model_default": {t: task_metrics(y[:, j], default[t]) for j, t in enumerate(TASKS)},
+        "text_used_by": sorted(uses),
         "confusion": {},
     }
     for j, t in enumerate(TASKS):
@@ -271,7 +280,7 @@ def _write_metrics_csv(path: Path, results: Mapping[str, Any]) -> None:
     with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
         wr = csv.writer(fh)
         wr.writerow(cols)
-        for source in ("model", "model_image_only", "measurement"):
+        for source in ("model", "model_image_only", "model_default", "measurement"):
             for task, m in results.get(source, {}).items():
                 vals = [m.get(c, "") for c in cols[2:]]
                 wr.writerow([source, task, *[f"{v:.4f}" if isinstance(v, float) else v
