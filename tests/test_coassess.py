@@ -85,3 +85,13 @@ def test_cohen_kappa_reference_values():
     assert agreement_stats(["x"], ["x"]) == {"n": 1, "accuracy": 1.0, "kappa": 1.0}
     with pytest.raises(ValueError, match="different numbers"):
         cohen_kappa(["a"], ["a", "b"])
+
+
+def test_a_call_on_a_hidden_head_counts_against_no_model_answer(tmp_path):
+    s = Session.for_slide(tmp_path / "case.svs")
+    s.record(Call("case.svs", "tissue", "colon", model=None, measurement=None))  # bars hidden
+    s.record(Call("case.svs", "intensity", "weak", model="strong"))
+    agree = s.agreement()
+    assert agree["tissue"]["n"] == 1 and agree["tissue"]["model"]["n"] == 0
+    assert agree["intensity"]["model"]["n"] == 1
+    assert [c.task for c in s.disagreements()] == ["intensity"]

@@ -295,7 +295,9 @@ def _save(model, card, path: Path, table: Path, cfg: Mapping[str, Any]) -> tuple
     if ev.get("split"):
         held = evaluate(ckpt, table, path.parent / "eval", split=ev["split"],
                         measure=bool(ev["measure"]))  # fmt: skip
-        metrics[ev["split"]] = {k: held[k] for k in ("n_samples", "model", "model_image_only")}
+        metrics[ev["split"]] = {
+            k: held[k] for k in ("n_samples", "model", "model_image_only", "model_default")
+        }
         if "measurement" in held:
             metrics[f"{ev['split']}_measurement"] = held["measurement"]
         # same tensors, card now with the held-out metrics
