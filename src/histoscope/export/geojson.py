@@ -338,12 +338,13 @@ def _ring_text(g: Any, stream: _Stripped) -> tuple[str, int] | None:
     return body, opened - 2
 
 
-def _ring_centroids(bodies: list[str], counts: list[int]) -> tuple[np.ndarray, np.ndarray] | None:
+def _ring_centroids(bodies: list[str], counts: list[int]) -> tuple[np.ndarray, ...] | None:
     """Area-weighted centroids of one-ring polygons given as coordinate text (``counts`` vertices).
 
     The shoelace sums run relative to each ring's first vertex (as GEOS does),
     so they match ``shapely.centroid`` to rounding; an unclosed ring is closed.
-    NaN where the area is 0; ``None`` if the text is not all finite numbers.
+    ``(x, y, vertices)``: NaN where the area is 0; ``None`` if the text is not
+    all finite numbers.
     """
     counts = np.asarray(counts, dtype=np.int64)
     text = ",".join(bodies).translate(_NO_BRACKETS)
@@ -369,7 +370,7 @@ def _ring_centroids(bodies: list[str], counts: list[int]) -> tuple[np.ndarray, n
         cy = np.add.reduceat((y + yn) * cross, starts) / (3 * area2)
     flat = area2 == 0
     cx[flat], cy[flat] = np.nan, np.nan
-    return xy[starts, 0] + cx, xy[starts, 1] + cy
+    return xy[starts, 0] + cx, xy[starts, 1] + cy, xy
 
 
 class _Scan:
@@ -411,17 +412,20 @@ class _Scan:
 
     def _centroids(self, rows: list[list]) -> None:
         x, y = np.full(len(rows), np.nan), np.full(len(rows), np.nan)
+        outline = np.zeros(len(rows), bool)  # annotations keep their geometry
+        if not self.full:
+            outline[:] = [row[1]["object_type"] == "annotation" for row in rows]
         fast = [(r, _ring_text(row[3], self.stream)) for r, row in enumerate(rows)]
         fast = [(r, *ring) for r, ring in fast if ring is not None]
         if fast:
             at, bodies, counts = zip(*fast, strict=True)
             got = _ring_centroids(list(bodies), list(counts))
             if got is not None:
-                x[list(at)], y[list(at)] = got
+                x[list(at)], y[list(at)] = got[:2]
+                self._outlines(rows, np.asarray(at), np.asarray(counts), got[2], outline)
         good = np.ones(len(rows), bool)
-        shaped = np.isnan(x)  # outlines kept, and anything the fast path left out
-        if not self.full:
-            shaped |= np.array([row[1]["object_type"] == "annotation" for row in rows], bool)
+        shaped = np.isnan(x)  # anything the fast path left out, and outlines still to build
+        shaped |= outline & np.array([row[5] is None for row in rows], bool)
         for r in np.flatnonzero(shaped).tolist():
             row = rows[r]
             try:
@@ -446,6 +450,19 @@ class _Scan:
             keep = [r for r in keep if self._full(rows[r])]
         self.kept += len(keep)
         self._gather([rows[r] for r in keep], x[keep], y[keep])
+
+    @staticmethod
+    def _outlines(rows: list[list], at: np.ndarray, counts: np.ndarray, xy: np.ndarray,
+                  outline: np.ndarray) -> None:  # fmt: skip
+        """Polygons for the fast-path rings of annotations in one vectorised call (valid ones)."""
+        want = outline[at]
+        if not want.any():
+            return
+        ring = np.repeat(np.arange(int(want.sum())), counts[want])
+        polys = shapely.polygons(shapely.linearrings(xy[np.repeat(want, counts)], indices=ring))
+        for r, poly, ok in zip(at[want].tolist(), polys, shapely.is_valid(polys), strict=True):
+            if ok and rows[r][5] is None:  # an invalid one is repaired on the slow path
+                rows[r][5] = poly
 
     def _full(self, row: list) -> bool:
         try:
