@@ -13,6 +13,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--size", type=int, nargs=2, default=(6144, 8192), metavar=("H", "W"))
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--screenshot", type=Path, default=None, help="render to this PNG and exit")
+    p.add_argument("--window", type=int, nargs=2, default=(1600, 1000), metavar=("W", "H"),
+                   help="window size in pixels (e.g. 1366 768 for a laptop screen)")  # fmt: skip
     p.set_defaults(func=run)
 
 
@@ -36,5 +38,5 @@ def run(args: argparse.Namespace) -> int:
                 args.out, kind="he", size=tuple(args.size), seed=args.seed, progress=progress
             )
         slide_path = sample.slide
-    show_slide(slide_path, screenshot=args.screenshot)
+    show_slide(slide_path, screenshot=args.screenshot, window=tuple(args.window))
     return 0

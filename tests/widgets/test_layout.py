@@ -11,16 +11,10 @@ import numpy as np
 from qtpy.QtWidgets import QAbstractScrollArea, QLabel, QWidget
 
 from histoscope._widgets._common import Panel, PathEdit, PathLabel
+from histoscope._widgets.demo import widget_names
 
 LAPTOP = (1366, 768)
 LONG_NAME = "2024-03-18 breast core biopsy HER2 block A3 level 2 (rescanned at 40x).svs"
-
-
-def _widget_names() -> list[str]:
-    from npe2 import PluginManager
-
-    manifest = PluginManager.instance().get_manifest("napari-histoscope")
-    return [w.display_name for w in manifest.contributions.widgets]
 
 
 def _open_all(viewer, qtbot) -> dict:
@@ -29,7 +23,7 @@ def _open_all(viewer, qtbot) -> dict:
     rgb = np.zeros((64, 64, 3), np.uint8)
     viewer.add_image(rgb, rgb=True, name=LONG_NAME, scale=(0.5, 0.5), units=("um", "um"))
     docks = {}
-    for name in _widget_names():
+    for name in widget_names():
         docks[name] = viewer.window.add_plugin_dock_widget("napari-histoscope", name)
         qtbot.wait(10)
     qtbot.wait(100)
@@ -83,6 +77,8 @@ def test_final_call_boxes_line_up(make_napari_viewer, qtbot):
     lefts = {row.call_box.mapTo(panel.body, row.call_box.rect().topLeft()).x()
              for row in panel.rows.values()}  # fmt: skip
     assert len(lefts) == 1
+    clinical = panel.metadata  # its hint is a greyed placeholder, never text sent to the model
+    assert clinical.text() == "" and clinical.placeholderText().startswith("e.g. ")
 
 
 def test_long_paths_elide_in_the_middle_with_the_whole_path_as_tooltip(qtbot):
@@ -107,3 +103,48 @@ def test_long_paths_elide_in_the_middle_with_the_whole_path_as_tooltip(qtbot):
     assert "…" in drawn and drawn.startswith("/data") and drawn.endswith(".svs")
     edit.hasFocus = lambda: True  # being edited (Xvfb gives a bare widget no focus)
     assert edit.shown_text() == path  # editing shows the whole path
+
+
+def test_layer_data_is_built_in_the_worker_thread():
+    import threading
+
+    from histoscope._widgets._worker import Job, task_work
+
+    made_in = []
+
+    class Result:
+        cancelled = False
+
+        def to_layers(self):
+            made_in.append(threading.current_thread())
+            return [(np.zeros((2, 2)), {"name": "map"}, "image")]
+
+    def fake_run(name, target, checkpoint, **_):
+        yield from ()
+        return Result()
+
+    import histoscope.tasks as tasks
+
+    original, tasks.iter_run = tasks.iter_run, fake_run
+    try:
+        out = {}
+
+        def work():
+            gen = task_work([Job("tumour", None, layers=True), Job("tissue", None)],
+                            threading.Event())  # fmt: skip
+            try:
+                while True:
+                    next(gen)
+            except StopIteration as stop:
+                out["outcome"] = stop.value
+
+        thread = threading.Thread(target=work)
+        thread.start()
+        thread.join()
+    finally:
+        tasks.iter_run = original
+    outcome = out["outcome"]
+    assert made_in == [thread]  # only the job that asked, and not on this thread
+    assert outcome.layers("tumour")[0][1]["name"] == "map" and made_in == [thread]
+    assert outcome.layers("tissue")[0][1]["name"] == "map"  # built on demand when not asked
+    assert made_in[-1] is threading.current_thread()

@@ -644,13 +644,11 @@ class TaskWidget(Panel):
                 )
                 kept = "" if said.endswith("…") else said  # a progress line is not a result
                 self.status.setText(f"{base} {kept}".strip())
-            saved = self.autosave.save_now()
-            problems = [f"Session NOT saved: {self.autosave.error}"] if not saved else []
-            problems += self.autosave.notes
-            if problems:
-                note = " ".join(problems)
-                self.status.setText(
-                    f"{self.status.text()} <span style='color:#e0a030'>{note}</span>"
+            if self.autosave.save_now(wait=False):  # written in its thread, not on this one
+                self._report_save(self.status.text())
+            else:
+                self._save_problems(
+                    self.status.text(), [f"Session NOT saved: {self.autosave.error}"]
                 )
 
         self.worker = create_worker(task_work, list(jobs), self._cancel, _start_thread=False,
@@ -659,6 +657,22 @@ class TaskWidget(Panel):
         self.controls.busy(True, text)
         self.worker.start()
         return self.worker
+
+    def _report_save(self, said: str) -> None:
+        """Once the session writer is done, add what it could not save to the status line."""
+        try:
+            if self.autosave.busy:  # the GUI thread never waits for the disk: look again soon
+                QTimer.singleShot(100, lambda: self._report_save(said))
+                return
+        except RuntimeError:  # the panel was closed meanwhile
+            return
+        problems = [f"Session NOT saved: {self.autosave.error}"] if self.autosave.error else []
+        self._save_problems(said, problems + list(self.autosave.notes))
+
+    def _save_problems(self, said: str, problems: list[str]) -> None:
+        if problems and self.status.text() == said:  # not if the line moved on meanwhile
+            note = " ".join(problems)
+            self.status.setText(f"{said} <span style='color:#e0a030'>{note}</span>")
 
     def _toggle_click(self, on: bool) -> None:
         """Send canvas clicks to the panel's ``_on_click`` while ``on`` (a checkbox's toggle)."""

@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-#: Dock widgets shown by the demo, as named in napari.yaml.
-DEMO_WIDGETS = ("Slide", "Tumour map")  # the IHC widgets are under Plugins > HistoScope
+#: The dock raised in front of the others (all HistoScope docks open, as tabs).
+DEMO_WIDGET = "Tumour map"
 
 
 def _settle(seconds: float) -> None:
@@ -18,25 +18,40 @@ def _settle(seconds: float) -> None:
         time.sleep(0.05)
 
 
-def show_slide(slide_path: Path, screenshot: Path | None = None, settle_s: float = 3.0) -> None:
-    """Open ``slide_path`` in napari with the HistoScope widgets docked and its tumour map run.
+def widget_names() -> list[str]:
+    """Every HistoScope dock widget, as named in napari.yaml (in its order)."""
+    from npe2 import PluginManager
+
+    manifest = PluginManager.instance().get_manifest("napari-histoscope")
+    return [w.display_name for w in manifest.contributions.widgets]
+
+
+def show_slide(
+    slide_path: Path,
+    screenshot: Path | None = None,
+    settle_s: float = 3.0,
+    window: tuple[int, int] = (1600, 1000),
+) -> None:
+    """Open ``slide_path`` in napari with every HistoScope dock (as tabs) and its tumour map run.
 
     The tumour heatmap runs on the embedded default checkpoint (tiles in view
-    first). With ``screenshot`` the window is rendered to that PNG once the
-    map is complete and then closed; otherwise napari's event loop runs until
-    the user closes the window.
+    first). ``window`` is the window's ``(width, height)`` in pixels. With
+    ``screenshot`` the window is rendered to that PNG once the map is complete
+    and then closed; otherwise napari's event loop runs until the user closes
+    the window.
     """
     import napari
 
     viewer = napari.Viewer(title="HistoScope demo", show=True)
-    viewer.window._qt_window.resize(1600, 1000)
+    viewer.window._qt_window.resize(*window)
     viewer.open(str(slide_path), plugin="napari-histoscope")
     docks = {}
-    for name in DEMO_WIDGETS:
-        _, docks[name] = viewer.window.add_plugin_dock_widget("napari-histoscope", name)
+    for name in widget_names():
+        docks[name] = viewer.window.add_plugin_dock_widget("napari-histoscope", name, tabify=True)
+    dock, tumour = docks[DEMO_WIDGET]
+    dock.raise_()
     viewer.scale_bar.visible = True
     viewer.reset_view()
-    tumour = docks["Tumour map"]
     if tumour.checkpoint.text():
         tumour.run()
     else:

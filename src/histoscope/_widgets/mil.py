@@ -63,7 +63,7 @@ class MILWidget(TaskWidget):
         self.result = None
         self.top_list.clear()
         self.prediction.setText("–")
-        job = Job("mil", session, ckpt, near=self.view_centre(session.slide, layer))
+        job = Job("mil", session, ckpt, near=self.view_centre(session.slide, layer), layers=True)
         return self.run_tasks([job], text="Encoding tissue tiles…", on_result=self._show)
 
     def _show(self, outcome) -> None:
@@ -79,7 +79,7 @@ class MILWidget(TaskWidget):
         note = (f"<br><i>provisional: {s['tiles_encoded']} of {s['n_tiles']} tiles encoded</i>"
                 if result.cancelled else "")  # fmt: skip
         self.prediction.setText(f"<b>{result.label}</b> ({probs}){note}")
-        for data, kwargs, kind in result.to_layers():
+        for data, kwargs, kind in outcome.layers("mil"):  # built in the worker
             self.replace_layer(data, kwargs, kind)
         mpp = result.attention.grid.slide_mpp
         n = max(s["tiles_encoded"], 1)
