@@ -441,3 +441,16 @@ def test_scan_options_out_of_range_are_refused(tmp_path, kwargs, match):
     path = hs.write_geojson(tmp_path / "c.geojson", _cells_table(2))
     with pytest.raises(ValueError, match=match):
         hs.read_geojson(path, **kwargs)
+
+
+def test_centroid_mode_keeps_measurements_objects_do_not_share(tmp_path):
+    doc = [_detection(SQUARE["coordinates"]) for _ in range(3)]
+    doc[0]["properties"]["measurements"] = {"a": 1.5, "b": 2}
+    doc[1]["properties"]["measurements"] = {"b": None}
+    doc[2]["properties"]["measurements"] = {"c": -3.0, "a": 4}
+    path = tmp_path / "mixed.geojson"
+    path.write_text(json.dumps(doc))
+    got = hs.read_geojson(path, geometry="centroid")
+    _assert_same_but_geometry(got, hs.read_geojson(path))
+    assert got["a"].tolist()[::2] == [1.5, 4.0] and np.isnan(got["a"][1])
+    assert got["b"].tolist()[0] == 2.0 and np.isnan(got["b"][1]) and got["c"].tolist()[2] == -3.0

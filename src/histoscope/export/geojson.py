@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import operator
 import os
 import warnings
 from pathlib import Path
@@ -373,6 +374,16 @@ def _ring_centroids(bodies: list[str], counts: list[int]) -> tuple[np.ndarray, .
     return xy[starts, 0] + cx, xy[starts, 1] + cy, xy
 
 
+def _measurement_frame(meas: list[dict]) -> pd.DataFrame:
+    """One float column per measurement name; one row per object (NaN where it lacks one)."""
+    keys = list(meas[0]) if meas else []
+    if keys and all(m.keys() == meas[0].keys() for m in meas):  # the usual case: same names
+        values = list(map(operator.itemgetter(*keys), meas))
+        table = np.array(values, dtype=float).reshape(len(meas), len(keys))
+        return pd.DataFrame(table, columns=keys)
+    return pd.DataFrame.from_records(meas, nrows=len(meas))
+
+
 class _Scan:
     """Objects gathered chunk by chunk from a :class:`_Stripped` stream, centroids first."""
 
@@ -474,13 +485,16 @@ class _Scan:
         return True
 
     def _gather(self, rows: list[list], x: np.ndarray, y: np.ndarray) -> None:
-        part = pd.DataFrame([row[1] for row in rows], columns=list(BASE_COLUMNS))
-        part["color"] = [c if c is None else self.colors.setdefault(c, c) for c in part["color"]]
-        part["geometry"] = np.array([row[5] for row in rows] or [], dtype=object)
-        part["nucleus"] = np.array([row[6] for row in rows] or [], dtype=object)
-        part["x"], part["y"] = x, y
-        self.parts.append(part)
-        self.meas.append(pd.DataFrame.from_records([row[2] for row in rows], nrows=len(rows)))
+        fields = [row[1] for row in rows]
+        cols: dict[str, Any] = {k: [f[k] for f in fields] for k in BASE_COLUMNS[:4]}
+        cols["color"] = [c if (c := f["color"]) is None else self.colors.setdefault(c, c)
+                         for f in fields]  # fmt: skip
+        for k, at in (("geometry", 5), ("nucleus", 6)):
+            cols[k] = np.empty(len(rows), dtype=object)
+            cols[k][:] = [row[at] for row in rows]
+        cols["x"], cols["y"], cols["locked"] = x, y, [f["locked"] for f in fields]
+        self.parts.append(pd.DataFrame(cols, columns=list(BASE_COLUMNS)))
+        self.meas.append(_measurement_frame([row[2] for row in rows]))
 
     def frame(self) -> pd.DataFrame:
         empty = pd.DataFrame(columns=list(BASE_COLUMNS))
