@@ -351,6 +351,9 @@ def join_panel_tabs(panel: QWidget) -> bool:
             dock.show()
             dock.raise_()
             joined = True
+    suffix = " (napari-histoscope)"  # the tab says which panel; the menus keep the full name
+    if dock.windowTitle().endswith(suffix):
+        dock.setWindowTitle(dock.windowTitle()[: -len(suffix)])
     titles = {
         d.windowTitle() for d in main.findChildren(QDockWidget) if isinstance(d.widget(), Panel)
     }
