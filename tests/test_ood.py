@@ -169,6 +169,12 @@ def test_write_reference_keeps_tensors_and_other_keys(tmp_path, fitted):
     x = torch.randn(2, 3, 32, 32)
     with torch.inference_mode():
         assert torch.equal(loaded(x), model.eval()(x))
+    assert got.encoder_sha256 == card.sha256  # filled in: the weights the features came from
+    # the same card over other weights (a retrained or random-weights copy): not compared
+    other = TileClassifier.from_config(cfg)
+    copy = hs.save_checkpoint(tmp_path / "other.safetensors", other, card.to_dict())
+    r = assess_card(read_card(copy), np.zeros((4, ref.dim)))
+    assert r.outside is None and "other weights" in r.message
     write_reference(path, None)
     assert reference_from_card(read_card(path)) is None
     assert read_card(path).data == {"calibration": {"t": 1.5}}
@@ -183,3 +189,64 @@ def test_warning_only_when_outside(fitted):
     assert near.outside is False
     warn_if_outside(near, "slide.svs")  # warnings are errors in tests: none may be issued
     assert "vs threshold" in far.detail
+
+
+# --------------------------------------------------------- tasks on real slides
+@pytest.fixture(scope="module")
+def astronaut_png(tmp_path_factory):
+    from PIL import Image
+    from skimage import data
+
+    png = tmp_path_factory.mktemp("foreign") / "astronaut.png"
+    Image.fromarray(data.astronaut()).save(png)
+    return png
+
+
+def test_tumour_flags_a_foreign_image(astronaut_png):
+    """A photograph declared as a 1 µm/px slide is outside the tumour classifier's training data."""
+    session = hs.open_session(astronaut_png, mpp=1.0, in_memory=True)
+    with pytest.warns(OutsideTrainingDataWarning, match="astronaut.png: outside training data"):
+        tumour = hs.tasks.run("tumour", session)
+    s = tumour.summary()
+    assert s["outside_training_data"] is True and s["ood"]["message"] == OUTSIDE_MESSAGE
+    assert s["ood"]["score"] > s["ood"]["threshold"] and s["ood"]["n_items"] == s["scored"]
+    assert tumour.provenance.params["ood"]["outside"] is True
+    json.dumps(s)
+
+
+def test_tumour_on_a_training_like_slide_is_within(tmp_path):
+    from histoscope.synthetic import generate
+
+    # a seed no reference saw, at 0.5 µm/px (the tiles are read at the model's 1 µm/px)
+    slide = generate(tmp_path, "he", (2048, 2048), 61_002, 0.5).slide
+    res = hs.tasks.run("tumour", slide)  # a warning would fail this test
+    s = res.summary()
+    assert s["outside_training_data"] is False and s["ood"]["score"] < s["ood"]["threshold"]
+
+
+def test_analyze_prints_the_flag(astronaut_png, tmp_path, capsys):
+    from histoscope.cli import main
+
+    with pytest.warns(OutsideTrainingDataWarning):
+        rc = main(["analyze", str(astronaut_png), "--tasks", "tumour", "--mpp", "1.0",
+                   "--out", str(tmp_path / "o")])  # fmt: skip
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "tumour: OUTSIDE TRAINING DATA: treat calls as unreliable (distance" in out
+    doc = json.loads((tmp_path / "o" / "analyze.json").read_text())
+    assert doc["tasks"]["tumour"]["outside_training_data"] is True
+
+
+def test_mil_flags_real_ihc_tissue_as_outside(tmp_path):
+    """Real tissue, but DAB-stained: outside the H&E slides CLAM's features came from."""
+    from PIL import Image
+    from skimage import data
+
+    png = tmp_path / "ihc.png"
+    Image.fromarray(data.immunohistochemistry()).save(png)
+    with pytest.warns(OutsideTrainingDataWarning, match="ihc.png"):
+        mil = hs.tasks.run("mil", hs.open_session(png, mpp=1.0, in_memory=True))
+    s = mil.summary()
+    assert s["outside_training_data"] is True and s["ood"]["n_items"] == s["tiles_encoded"]
+    assert s["ood"]["score"] > s["ood"]["threshold"]
+    json.dumps(s)

@@ -96,6 +96,10 @@ class FeatureReference:
         What the features are (which encoder, at which layer, on what input).
     calib_scores
         The calibration slides' scores (kept for the record).
+    encoder_sha256
+        Tensor hash of the checkpoint whose weights made the features
+        (:func:`write_reference` fills it in); a checkpoint with other weights
+        (retrained, or random for a baseline) is not compared against it.
     """
 
     mean: np.ndarray
@@ -108,6 +112,7 @@ class FeatureReference:
     n_calib: int
     features: str = ""
     calib_scores: tuple[float, ...] = field(default=())
+    encoder_sha256: str = ""
 
     @property
     def dim(self) -> int:
@@ -128,6 +133,7 @@ class FeatureReference:
             "n_calib": int(self.n_calib),
             "features": self.features,
             "calib_scores": [float(v) for v in self.calib_scores],
+            "encoder_sha256": self.encoder_sha256,
         }
 
     @classmethod
@@ -171,7 +177,7 @@ class FeatureReference:
                                   "must be positive and level in (0, 1)")  # fmt: skip
         return cls(mean=mean, basis=basis, eigenvalues=eig, residual_var=res, threshold=thr,
                    level=level, n_fit=n_fit, n_calib=n_calib, features=str(d.get("features", "")),
-                   calib_scores=calib)  # fmt: skip
+                   calib_scores=calib, encoder_sha256=str(d.get("encoder_sha256", "")))  # fmt: skip
 
 
 def _items(feats: np.ndarray, what: str = "features") -> np.ndarray:
@@ -403,10 +409,20 @@ def reference_from_card(card: ModelCard | None) -> FeatureReference | None:
 def assess_card(card: ModelCard | None, feats: np.ndarray | None) -> OODReport:
     """:func:`assess` with the card's reference (unknown without one or without features)."""
     ref = reference_from_card(card)
+    if ref is not None and ref.encoder_sha256 and ref.encoder_sha256 not in _weights(card):
+        return OODReport(float("nan"), ref.threshold, None, "training-data reference made with "
+                         "other weights than this checkpoint's; not compared", ref.features)  # fmt: skip
     if ref is not None and feats is None:
         return OODReport(float("nan"), ref.threshold, None, "no features to compare with the "
                          "training data", ref.features)  # fmt: skip
     return assess(ref, np.zeros((0, 1)) if feats is None else feats)
+
+
+def _weights(card) -> set[str]:
+    """Tensor hashes of the weights a card's features come from: its own, and a named encoder's."""
+    feats = (getattr(card, "data", None) or {}).get("features")
+    enc = feats.get("checkpoint_sha256") if isinstance(feats, Mapping) else None
+    return {h for h in (getattr(card, "sha256", ""), enc) if h}
 
 
 def ood_summary(report: OODReport) -> dict[str, Any]:
@@ -424,7 +440,8 @@ def warn_if_outside(report: OODReport, what: str) -> None:
 def write_reference(path: str | os.PathLike, reference: FeatureReference | None) -> Path:
     """Set (or with None remove) ``card.data["ood"]`` of an existing checkpoint.
 
-    The current card is read from the file and only its ``data["ood"]`` changes;
+    A reference without ``encoder_sha256`` gets the hash of the encoder the card
+    names (``data["features"]["checkpoint_sha256"]``), else the card's own. The current card is read from the file and only its ``data["ood"]`` changes;
     the tensors are copied unchanged (so the card's ``sha256`` still holds) and
     the file is replaced atomically.
 
@@ -448,6 +465,10 @@ def write_reference(path: str | os.PathLike, reference: FeatureReference | None)
     if reference is None:
         data.pop(CARD_KEY, None)
     else:
+        if not reference.encoder_sha256:  # the encoder named by the card, else the card's own
+            feats = data.get("features")
+            enc = feats.get("checkpoint_sha256") if isinstance(feats, Mapping) else None
+            reference = replace(reference, encoder_sha256=enc or card.sha256)
         data[CARD_KEY] = reference.to_dict()
     d = card.to_dict()
     d["data"] = data

@@ -157,6 +157,10 @@ def _tapped_task(task: str, family: str, default: str, module: Callable, kind: s
     return run
 
 
+#: The checkpoint whose weights make each kind of feature.
+ENCODERS = {"tile": "tumour_patch_default.safetensors", "nuclass": "nuclass_default.safetensors",
+            "expression": "expression_default.safetensors"}  # fmt: skip
+
 #: slide -> (n_items, d) features, per reference kind.
 EXTRACTORS: dict[str, Callable[..., np.ndarray]] = {
     "tile": tile_features,
@@ -170,13 +174,25 @@ EXTRACTORS: dict[str, Callable[..., np.ndarray]] = {
 
 
 def slide_features(kind: str, spec: SlideSpec, work: Path) -> np.ndarray:
-    """Regenerate ``spec`` under ``work`` (once) and return its features of ``kind``."""
+    """Regenerate ``spec`` under ``work`` (once) and return its features of ``kind``.
+
+    The features are kept beside the slide (``<slide>.<kind>.npy``) and reused,
+    so a refit at another rank or level does not encode the slides again.
+    """
     from histoscope.synthetic import generate
 
     path = work / f"{spec.name}_{spec.size[0]}x{spec.size[1]}_{spec.mpp:g}.tif"
+    from histoscope.checkpoints import read_card
+
+    sha = read_card(SAMPLE_DATA / ENCODERS[kind]).sha256[:12]  # new weights: new features
+    cache = path.with_suffix(f".{kind}_{sha}.npy")
+    if cache.is_file():
+        return np.load(cache)
     if not path.is_file():
         generate(work, "he", spec.size, spec.seed, spec.mpp, name=path.stem, workers=1)
-    return EXTRACTORS[kind](path)
+    x = np.asarray(EXTRACTORS[kind](path), np.float32)
+    np.save(cache, x)
+    return x
 
 
 def compute(p: Plan, work: Path, *, rank: int = 16, level: float = 0.99,
