@@ -34,6 +34,9 @@ IHC_SEEDS = tuple(range(72000, 72016))
 TUMOUR_AUC = 0.95  # [0.9997]
 TUMOUR_BALANCED_ACCURACY = 0.8  # [0.98]
 TUMOUR_LOG_LOSS = 0.35  # chance: 0.69
+# at the 0.5 threshold the map shows (calibrated head; final test: 0.991 / 1.000, issue 17)
+TUMOUR_SENSITIVITY = 0.9
+TUMOUR_SPECIFICITY = 0.95
 ISIGHT_FLOORS = {"intensity": 0.55, "location": 0.8, "quantity": 0.6}  # [0.84, 0.95, 0.90]
 
 
@@ -102,20 +105,24 @@ def _tile_scores(y: np.ndarray, p: np.ndarray) -> dict[str, float]:
 
     call = p >= 0.5
     q = np.clip(np.where(y == 1, p, 1 - p), 1e-7, 1.0)
-    return {"auc": roc_auc(y, p),
-            "balanced_accuracy": float((call[y == 1].mean() + (~call[y == 0]).mean()) / 2),
+    sens, spec = float(call[y == 1].mean()), float((~call[y == 0]).mean())
+    return {"auc": roc_auc(y, p), "balanced_accuracy": (sens + spec) / 2,
+            "sensitivity": sens, "specificity": spec,
             "log_loss": float(-np.log(q).mean()), "n_tumour": int(y.sum()), "n": len(y)}  # fmt: skip
 
 
 def _tumour_ok(m: dict[str, float]) -> bool:
     return (m["auc"] >= TUMOUR_AUC and m["balanced_accuracy"] >= TUMOUR_BALANCED_ACCURACY
-            and m["log_loss"] <= TUMOUR_LOG_LOSS)  # fmt: skip
+            and m["log_loss"] <= TUMOUR_LOG_LOSS and m["sensitivity"] >= TUMOUR_SENSITIVITY
+            and m["specificity"] >= TUMOUR_SPECIFICITY)  # fmt: skip
 
 
 def test_tumour_default_finds_tumour_tiles_on_fresh_slides(he_slides, tmp_path):
     card = read_card(sample_data_path("tumour_patch_default.safetensors"))
     claim = card.metrics["test"]
     assert claim["auc"] >= TUMOUR_AUC and claim["balanced_accuracy"] >= TUMOUR_BALANCED_ACCURACY
+    final = card.metrics["final_test"]["test"]
+    assert final["sensitivity"] >= TUMOUR_SENSITIVITY and final["specificity"] >= TUMOUR_SPECIFICITY
     default = _tile_scores(*_tumour_tiles(he_slides, None))
     assert default["n_tumour"] >= 50 and default["n"] - default["n_tumour"] >= 50, default
     assert _tumour_ok(default), default
