@@ -58,6 +58,8 @@ class Case:
 CASES = [
     Case("nuclear", "nucleus", "nuclear", "nuclear", "od_sum"),
     Case("membranous", "membrane", "membrane", "cytoplasmic/membranous", "hematoxylin"),
+    Case("nuclear-classical", "nucleus", "nuclear", "nuclear", "classical"),
+    Case("membranous-classical", "membrane", "membrane", "cytoplasmic/membranous", "classical"),
 ]
 
 
