@@ -64,7 +64,8 @@ class _Stream:
         return c
 
     def value(self) -> Any:
-        self.peek()
+        if self.pos >= len(self.buf) or self.buf[self.pos] in _WS:
+            self.peek()
         while True:
             try:
                 obj, end = _DECODER.raw_decode(self.buf, self.pos)
@@ -85,7 +86,12 @@ def _array(stream: _Stream) -> Iterator[Any]:
         return
     while True:
         yield stream.value()
-        if stream.take(",]") == "]":
+        buf, p = stream.buf, stream.pos
+        if p + 1 < len(buf) and buf[p] == "," and buf[p + 1] not in _WS:  # one feature a line
+            stream.pos = p + 1
+        elif p + 2 < len(buf) and buf[p] == "," and buf[p + 1] == "\n" and buf[p + 2] not in _WS:
+            stream.pos = p + 2
+        elif stream.take(",]") == "]":
             return
 
 

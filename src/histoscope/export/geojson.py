@@ -39,6 +39,7 @@ from histoscope.export._geojson_stream import (
 )
 from histoscope.export._geojson_write import (
     BASE_COLUMNS,
+    OBJECT_TYPES,
     TYPE_ALIASES,
     repair_polygonal,
     single_part,
@@ -325,6 +326,42 @@ def _last_ref(value: Any) -> int:
     return max(map(_last_ref, value.get("geometries") or []), default=-1)
 
 
+_PLAIN_TYPES = frozenset(OBJECT_TYPES)
+
+
+def _plain_feature(obj: Any, colours: dict) -> tuple | None:
+    """:func:`_feature` for the form QuPath 0.4-0.6 writes, or ``None`` for any other form.
+
+    ``colours`` caches checked classification colours (a few per file).
+    """
+    if type(obj) is not dict or obj.get("type") != "Feature":
+        return None
+    props, geometry, fid = obj.get("properties"), obj.get("geometry"), obj.get("id")
+    if type(props) is not dict or geometry is None or not (fid is None or type(fid) is str):
+        return None
+    kind, name = props.get("objectType"), props.get("name")
+    if kind not in _PLAIN_TYPES or not (name is None or type(name) is str):
+        return None
+    cls, colour = props.get("classification"), None
+    if cls is not None:
+        if type(cls) is not dict or cls.keys() != {"name", "color"} or type(cls["name"]) is not str:
+            return None
+        rgb = cls["color"]
+        colour = colours.get(tuple(rgb)) if type(rgb) is list else None
+        if colour is None:
+            return None  # checked by _feature, then cached
+        cls = cls["name"]
+    meas = props.get("measurements")
+    if meas is None:
+        meas = {}
+    elif type(meas) is not dict or not set(map(type, meas.values())) <= _NUMBER_TYPES:
+        return None
+    locked = props.get("isLocked", False)
+    fields = {"id": fid, "object_type": kind, "name": name, "classification": cls,
+              "color": colour, "locked": locked if type(locked) is bool else bool(locked)}  # fmt: skip
+    return fields, meas, geometry, obj.get("nucleusGeometry")
+
+
 def _ring_text(g: Any, stream: _Stripped) -> tuple[str, int] | None:
     """``(coordinate text, vertices)`` of a Polygon with one ring of 2-D positions, else ``None``."""
     if type(g) is not dict or g.get("type") != "Polygon":
@@ -406,13 +443,23 @@ class _Scan:
         return _one_geometry(_restore(value, self.stream))
 
     def add(self, start: int, chunk: list) -> None:
-        rows = []
+        rows, colours = [], self.colors
         for index, obj in enumerate(chunk, start):
+            plain = _plain_feature(obj, colours)
+            if plain is not None:
+                rows.append([index, *plain, None, None])
+                continue
             try:
                 fields, meas, g, nuc = _feature(obj)
             except _Bad as exc:
                 self._bad(index, str(exc))
                 continue
+            colour = fields["color"]
+            cls = (
+                ((obj.get("properties") or {}).get("classification")) if type(obj) is dict else None
+            )
+            if colour is not None and type(cls) is dict and type(cls.get("color")) is list:
+                colours.setdefault(tuple(cls["color"]), colour)  # checked: the next one is plain
             rows.append([index, fields, meas, g, nuc, None, None])
         self._centroids(rows)
         for row in reversed(rows):  # arrays are numbered in file order: the last one seen
