@@ -18,6 +18,7 @@ the viewer writes any pending change and waits for the writer.
 from __future__ import annotations
 
 import copy
+import sys
 import threading
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,11 +61,10 @@ def owner(layer) -> str | None:
 
 def _frozen(value: Any) -> Any:
     """A copy of a layer setting the viewer may change in place (arrays, tables, lists)."""
-    import pandas as pd
-
     if isinstance(value, np.ndarray):
         return value.copy()
-    if isinstance(value, pd.DataFrame):
+    pd = sys.modules.get("pandas")  # never imported here: no table exists before pandas does
+    if pd is not None and isinstance(value, pd.DataFrame):
         return value.copy()
     if isinstance(value, dict):
         return {k: _frozen(v) for k, v in value.items()}
