@@ -454,3 +454,24 @@ def test_centroid_mode_keeps_measurements_objects_do_not_share(tmp_path):
     _assert_same_but_geometry(got, hs.read_geojson(path))
     assert got["a"].tolist()[::2] == [1.5, 4.0] and np.isnan(got["a"][1])
     assert got["b"].tolist()[0] == 2.0 and np.isnan(got["b"][1]) and got["c"].tolist()[2] == -3.0
+
+
+def test_centroid_mode_cuts_coordinates_wherever_they_stand(tmp_path):
+    ring = [[0, 0], [12, 0], [12, 6], [0, 6], [0, 0]]
+    first = {
+        "type": "Feature",
+        "geometry": {"coordinates": [ring], "type": "Polygon"},
+        "properties": {"objectType": "detection", "measurements": {"coordinates": 3}},
+    }
+    spaced = ('{"type": "Feature", "properties": {"objectType": "cell", "name": "a \\"coordinates\\": [1]"},'
+              ' "nucleusGeometry": {"coordinates" :\n [ [ [1, 1], [2, 1], [2, 2], [1, 1] ] ] ,'
+              ' "type": "Polygon"}, "geometry": {"type" : "Polygon", "coordinates"\t: [[ [20, 0],'
+              ' [30, 0], [30, 10], [20, 10] ]] }}')  # fmt: skip
+    path = tmp_path / "odd.geojson"
+    path.write_text(
+        f'{{"features": [{json.dumps(first)},\n  {spaced}], "type": "FeatureCollection"}}'
+    )
+    got = hs.read_geojson(path, geometry="centroid")
+    _assert_same_but_geometry(got, hs.read_geojson(path))
+    assert got[["x", "y"]].values.tolist() == [[6.0, 3.0], [25.0, 5.0]]
+    assert got["coordinates"].tolist()[0] == 3.0 and got["name"][1] == 'a "coordinates": [1]'
