@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_wilson_and_mcnemar_match_hand_computed_values():
     lo, hi = wilson(8, 10)
     assert (round(lo, 4), round(hi, 4)) == (0.4902, 0.9433)
-    assert wilson(0, 50)[0] == 0.0 and wilson(50, 50)[1] == 1.0
+    assert wilson(0, 50)[0] == 0.0 and wilson(50, 50)[1] == pytest.approx(1.0)
     # 9 slides only A got right, 1 only B: two-sided exact p = 2 * (1 + 10) / 2**10
     res = mcnemar(np.r_[np.ones(9), 0, np.ones(5)], np.r_[np.zeros(9), 1, np.ones(5)])
     assert res == {"only_a": 9, "only_b": 1, "p": pytest.approx(22 / 1024)}
@@ -267,5 +267,5 @@ def test_results_md_gives_the_cards_fresh_held_out_figures():
         m = h["mcnemar_text_vs_image"]
         assert (int(only_text), int(only_image), p_value) == (m["only_a"], m["only_b"],
                                                                 f"{m['p']:.3g}")  # fmt: skip
-    ood = held["outside_training_data"]
-    assert f"{ood['flagged']} of the {ood['n']} fresh slides" in md
+    assert "outside_training_data" not in held  # no reference shipped (see RESULTS.md)
+    assert "ood" not in card.data

@@ -35,6 +35,7 @@ import numpy as np
 from histoscope.models.isight import CASES, TASKS
 from histoscope.training import metrics as M
 from histoscope.training.isight_data import MISSING
+from histoscope.training.metrics import wilson
 
 __all__ = [
     "ACCEPTABLE_RULE", "BOUNDS", "ECE_MAX", "TEXT_RULE", "bootstrap_ci", "calibrate_cases",
@@ -58,18 +59,6 @@ TEXT_RULE = (
     "alone) lies above 0; otherwise it ignores the text"
 )
 CASE_WORDS = {"text": "with clinical text", "image": "without clinical text"}
-
-
-def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """Wilson score interval of a proportion ``k / n`` (95 % by default)."""
-    if n <= 0:
-        raise ValueError("wilson needs n >= 1")
-    p = k / n
-    d = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / d
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
-    lo = 0.0 if k == 0 else max(0.0, centre - half)
-    return lo, (1.0 if k == n else min(1.0, centre + half))
 
 
 def bootstrap_ci(
