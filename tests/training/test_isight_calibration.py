@@ -269,3 +269,17 @@ def test_results_md_gives_the_cards_fresh_held_out_figures():
                                                                 f"{m['p']:.3g}")  # fmt: skip
     assert "outside_training_data" not in held  # no reference shipped (see RESULTS.md)
     assert "ood" not in card.data
+
+
+def test_readme_quotes_the_cards_default_case_figures():
+    held = read_card(ROOT / "sample_data" / "isight_default.safetensors").metrics[
+        "heldout_per_case"
+    ]
+    row = next(ln for ln in (ROOT / "README.md").read_text().splitlines()
+               if ln.startswith("| iSight on ") and "fresh IHC slides" in ln)  # fmt: skip
+    assert f"{held['n']} fresh IHC slides (seeds {held['seeds'][0]}-{held['seeds'][1]})" in row
+    for head in ("intensity", "location", "quantity"):
+        h = held["heads"][head]
+        s = h[h["default_case"]]
+        lo, hi = s["accuracy_ci"]
+        assert f"{head} {s['accuracy']:.3f} [{lo:.3f}, {hi:.3f}]" in row
