@@ -1,4 +1,10 @@
-"""Pieces every HistoScope dock widget shares: image picker, checkpoint picker, run controls."""
+"""Pieces every HistoScope dock widget shares.
+
+The panel frame (:class:`Panel`: vertical scrolling only, docks joined as tabs, forms and
+combo boxes fitted to a narrow dock), paths shown elided in the middle (:class:`PathLabel`,
+:class:`PathEdit`), failures in user terms with a Details toggle (:func:`explain`,
+:class:`ErrorDetails`), the image and checkpoint pickers and the run controls.
+"""
 
 from __future__ import annotations
 
