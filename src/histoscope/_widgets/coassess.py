@@ -12,7 +12,6 @@ from qtpy.QtWidgets import (
     QLabel,
     QLineEdit,
     QPushButton,
-    QScrollArea,
     QVBoxLayout,
     QWidget,
 )
@@ -86,9 +85,6 @@ class CoAssessWidget(TaskWidget):
         self._rows_layout = QVBoxLayout(rows_box)
         for task, classes in _ROWS.items():
             self._set_row(task, classes)
-        scroll = QScrollArea()
-        scroll.setWidgetResizable(True)
-        scroll.setWidget(rows_box)
         self.comment = QLineEdit()
         self.comment.setPlaceholderText("comment saved with the next call, then cleared")
         self.user = QLineEdit(_os_user())
@@ -99,10 +95,10 @@ class CoAssessWidget(TaskWidget):
         export.clicked.connect(self._export)
 
         self.layer_combo.chosen_changed.connect(self.clear)
-        layout = QVBoxLayout(self)
+        layout = self.body_layout()
         layout.addLayout(form)
         layout.addWidget(self.controls)
-        layout.addWidget(scroll, stretch=1)
+        layout.addWidget(rows_box)  # the panel scrolls as a whole
         who = QFormLayout()
         who.addRow("Pathologist", self.user)
         who.addRow("Comment", self.comment)
