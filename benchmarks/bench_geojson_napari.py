@@ -12,7 +12,7 @@ with the HistoScope reader (``viewer.open``) until the canvas has drawn it once
 (``histoscope._reader.MAX_SHAPES``) polygons load as centroid points, so the
 large file is drawn as points with a notification. For that file the
 outlines then come back on request: the view is zoomed to a 2,000 x 2,000 px
-region and "Show outlines in view" (``histoscope._reader.show_outlines_in_view``)
+region and "Show outlines in view" (``histoscope._widgets.outlines.show_outlines_in_view``)
 is timed until the outlines it reads in its worker are painted.
 """
 
@@ -45,7 +45,7 @@ def _outlines_on_request(viewer, layer) -> tuple[float, str]:
     """Seconds from "Show outlines in view" over a 2,000 px view until its outlines are painted."""
     from qtpy.QtWidgets import QApplication
 
-    from histoscope._reader import show_outlines_in_view
+    from histoscope._widgets.outlines import show_outlines_in_view
 
     camera = viewer.scene.camera
     camera.center = (20_000.0 * layer.scale[0], 20_000.0 * layer.scale[1])

@@ -9,14 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from histoscope.slide import sniff_format
-
-if TYPE_CHECKING:  # napari resolves the name when it runs the menu command
-    from napari.viewer import Viewer
 
 
 def get_reader(path: str | list[str]) -> Callable[[Any], list] | None:
@@ -319,56 +316,3 @@ def outline_layer(table, points) -> tuple:
           "units": tuple(str(u) for u in points.units),
           "metadata": {GEOJSON_KEY: {**meta, "outlines_of": points.name}}}  # fmt: skip
     return data, kw, "shapes"
-
-
-def show_outlines_in_view(viewer: Viewer, limit: int | None = None):
-    """napari command: outlines of the GeoJSON objects centred in the current view.
-
-    Reads the file recorded on the active (else topmost visible) GeoJSON Points
-    layer in a worker thread (a centroid scan of the whole file; polygons built
-    only for objects whose centroid is in view, at most ``limit`` of them,
-    :data:`MAX_OUTLINES` by default) and adds, or replaces, the Shapes layer
-    ``"<points layer> outlines"`` with the same scale and translation, so the
-    outlines lie exactly over the slide. Returns the worker (``None`` when
-    there is nothing to read).
-    """
-    from napari.qt.threading import create_worker
-    from napari.utils.notifications import show_info, show_warning
-
-    from histoscope.export.geojson import read_geojson
-
-    points = _geojson_source(viewer)
-    if points is None:
-        show_info("Show outlines in view: select a Points layer opened from a QuPath GeoJSON file.")
-        return None
-    path = points.metadata[GEOJSON_KEY]["path"]
-    if not Path(path).is_file():
-        show_warning(f"Show outlines in view: {path}, the file {points.name!r} was read from, "
-                     "is not there any more.")  # fmt: skip
-        return None
-    limit = MAX_OUTLINES if limit is None else int(limit)
-    box = view_bbox(viewer, points)
-
-    def done(table) -> None:
-        matched = int(table.attrs.get("matched", len(table)))
-        table = table[table["geometry"].notna()].reset_index(drop=True)
-        name = f"{points.name} outlines"
-        if name in viewer.layers:
-            viewer.layers.remove(name)
-        if len(table):
-            data, kw, _ = outline_layer(table, points)
-            viewer.add_shapes(data, **kw)
-        note = f"{len(table):,} outlines from {Path(path).name} in view"
-        if matched > len(table):
-            note += (f"; {matched:,} objects are centred in view, only the first {limit:,} are "
-                     "drawn: zoom in and ask again for the rest")  # fmt: skip
-        show_info(note + ".")
-
-    def failed(exc) -> None:
-        show_warning(f"Show outlines in view: {exc}")
-
-    worker = create_worker(read_geojson, path, on_error="skip", bbox=box, limit=limit,
-                           _connect={"returned": done, "errored": failed},
-                           _start_thread=False)  # fmt: skip
-    worker.start()
-    return worker

@@ -220,7 +220,8 @@ def _outlines_after(viewer, qtbot, run):
 def test_outlines_in_view_come_back_on_request_over_the_slide(
     viewer, qtbot, pyramid_tiff, grid_cells, monkeypatch
 ):
-    from histoscope._reader import show_outlines_in_view, view_bbox
+    from histoscope._reader import view_bbox
+    from histoscope._widgets.outlines import show_outlines_in_view
 
     said = []
     monkeypatch.setattr("napari.utils.notifications.show_info", said.append)
