@@ -65,6 +65,9 @@ def test_cells_are_found_typed_and_placed(he, cells):
     assert len(cells.types.prob) == n and np.allclose(cells.types.prob.sum(axis=1), 1, atol=1e-5)
     s = cells.summary()
     assert sum(c["count"] for c in s["classes"].values()) == n
+    # a card without a training-data reference: the flag is unknown, and says why
+    assert s["outside_training_data"] is None
+    assert s["ood"]["message"] == "no training-data reference in this checkpoint"
     # density against the generator's own count over the same tissue
     assert s["cells_per_mm2"] == pytest.approx(len(truth) / s["tissue_mm2"], rel=0.3)
     assert not cells.cancelled
