@@ -30,8 +30,17 @@ flagged as outside the training data (training-like slides: about 1 % expected).
 ``ood`` fits that reference (:func:`histoscope.ood.fit_reference`) on the
 per-tile features the task scores (:func:`histoscope.tasks.isight.tile_features`)
 of ``--n-train`` slides of the recipe's train split, its threshold calibrated on
-the validation slides; ``--write-card`` writes it as ``card.data["ood"]``. The
-shipped default carries none yet (see RESULTS.md, "Fresh held-out, per case").
+the validation slides; ``--write-card`` writes it as ``card.data["ood"]`` (the
+shipped default carries the 672-slide fit; see RESULTS.md, "Fresh held-out, per case").
+
+``ood-check`` runs the task itself (``hs.tasks.run("isight", ...)``, the card's
+reference) on the first ``--n-shifted`` fresh slides of ``heldout`` as they are
+and restained out of the generator's stain range (haematoxylin and DAB turned by
+12 degrees, amounts times or over 1.45-1.7: :func:`histoscope.training._stain_aug.stain_shift`
+with the slide's own stain vectors), and on scikit-image's real
+immunohistochemistry image and three images that are not tissue (astronaut,
+coffee, chelsea), each declared at the recipe's 0.5 um/px; it reports the share
+flagged as outside the training data and each score. Nothing here sets a threshold.
 
 Results go to ``benchmarks/_data/isight_cases/<mode>.json``.
 """
@@ -93,6 +102,65 @@ def ood(args) -> dict:
     return {"n_train": len(train_seeds), "train_seeds": [train_seeds[0], train_seeds[-1]],
             "n_calib": len(val_bags), "threshold": ref.threshold, "rank": int(ref.basis.shape[1]),
             "calib_scores_max": max(ref.calib_scores)}  # fmt: skip
+
+
+def _task_ood(path: Path, mpp: float | None = None) -> dict:
+    """The default task's training-data report on one image (score, outside, detail)."""
+    import warnings
+
+    import histoscope as hs
+    from histoscope.ood import OutsideTrainingDataWarning
+    from histoscope.slide import open_slide
+
+    with open_slide(path, **({"mpp": mpp} if mpp else {})) as slide, warnings.catch_warnings():
+        warnings.simplefilter("ignore", OutsideTrainingDataWarning)
+        res = hs.tasks.run("isight", slide)
+    return {"score": res.ood.score, "outside": res.ood.outside, "detail": res.ood.detail}
+
+
+def ood_check(args) -> dict:
+    from PIL import Image
+    from skimage import data
+
+    from histoscope.slide import open_slide
+    from histoscope.training._stain_aug import stain_shift
+
+    folder = DATA / f"heldout_{args.first_seed}"
+    shifted_dir = DATA / f"shifted_{args.first_seed}"
+    shifted_dir.mkdir(parents=True, exist_ok=True)
+    rows = {"heldout": [], "shifted": []}
+    for i in range(args.n_shifted):
+        seed = args.first_seed + i
+        path = folder / f"ihc_{seed:05d}.tif"
+        if not path.is_file():
+            sys.exit(f"{path} missing: run `heldout` first (it generates the fresh slides)")
+        out = shifted_dir / f"ihc_{seed:05d}_shifted.png"
+        if not out.is_file():
+            label = json.loads((folder / f"ihc_{seed:05d}.label.json").read_text())
+            with open_slide(path) as sl:
+                rgb = sl.read_region(0, 0, SIZE[1], SIZE[0], mpp=MPP)
+            rng = np.random.default_rng([0, i, 0x57A1])
+            img = stain_shift(rgb[None], np.asarray(label["params"]["stains"]), rng)[0]
+            Image.fromarray(img).save(out)
+        rows["heldout"].append({"seed": seed, **_task_ood(path)})
+        rows["shifted"].append({"seed": seed, **_task_ood(out, MPP)})
+    res: dict = {
+        "n": args.n_shifted,
+        "seeds": [args.first_seed, args.first_seed + args.n_shifted - 1],
+    }
+    for split, got in rows.items():
+        scored = [r for r in got if r["outside"] is not None]
+        res[split] = {"n": len(scored), "flagged": sum(bool(r["outside"]) for r in scored),
+                      "median_score": float(np.median([r["score"] for r in scored]))
+                      if scored else None, "slides": got}  # fmt: skip
+    res["real"] = {}
+    for name in ("immunohistochemistry", "astronaut", "coffee", "chelsea"):
+        path = DATA / "real" / f"{name}.png"
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(getattr(data, name)()[..., :3]).save(path)
+        res["real"][name] = _task_ood(path, MPP)
+    return res
 
 
 def make_table(seeds: list[int], out: Path) -> Path:
@@ -248,19 +316,21 @@ def table_md(res: dict) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("mode", choices=("calibrate", "heldout", "ood"))
+    ap.add_argument("mode", choices=("calibrate", "heldout", "ood", "ood-check"))
     ap.add_argument("--checkpoint", default=str(ROOT.parent / "sample_data" /
                                                 "isight_default.safetensors"))  # fmt: skip
     ap.add_argument("--write-card", action="store_true", help="record the result in the card")
     ap.add_argument("--n-train", type=int, default=672, help="ood: training slides fitted")
     ap.add_argument("--n", type=int, default=500, help="heldout: number of fresh slides")
     ap.add_argument("--first-seed", type=int, default=60000, help="heldout: first fresh seed")
+    ap.add_argument("--n-shifted", type=int, default=50, help="ood-check: fresh slides restained")
     args = ap.parse_args(argv)
     import torch
 
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    res = {"calibrate": calibrate, "heldout": heldout, "ood": ood}[args.mode](args)
+    modes = {"calibrate": calibrate, "heldout": heldout, "ood": ood, "ood-check": ood_check}
+    res = modes[args.mode](args)
     res["seconds"] = round(time.perf_counter() - t0, 1)
     res["machine"] = {"python": platform.python_version(), "cpu": platform.processor()}
     DATA.mkdir(parents=True, exist_ok=True)

@@ -12,6 +12,7 @@ Marked ``slow`` (about half a minute) but not deselected: ``pytest`` runs it by 
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 
 import numpy as np
@@ -21,6 +22,7 @@ import torch
 import histoscope as hs
 from histoscope._data import sample_data_path
 from histoscope.checkpoints import load_checkpoint, read_card, save_checkpoint
+from histoscope.ood import OutsideTrainingDataWarning
 from histoscope.slide import open_slide
 
 pytestmark = pytest.mark.slow
@@ -38,6 +40,9 @@ TUMOUR_LOG_LOSS = 0.35  # chance: 0.69
 TUMOUR_SENSITIVITY = 0.9
 TUMOUR_SPECIFICITY = 0.95
 ISIGHT_FLOORS = {"intensity": 0.55, "location": 0.8, "quantity": 0.6}  # [0.84, 0.95, 0.90]
+# the iSight training-data reference flags about 1-2 % of fresh training-like slides (9 of 500,
+# RESULTS.md); of these 16 at most 2 may be flagged (seed 72007, strongly stained, is one)
+ISIGHT_MAX_FLAGGED = 2
 
 
 @pytest.fixture(scope="module")
@@ -157,15 +162,25 @@ def test_clam_default_calls_fresh_tumour_focus_and_benign_slides(he_slides, tmp_
 
 
 # --------------------------------------------------------------------- isight
-def _isight_accuracy(slides, checkpoint) -> dict[str, float]:
-    """Share of slides whose intensity, location and quantity calls (image only) are right."""
+def _isight_accuracy(slides, checkpoint, flags: list | None = None) -> dict[str, float]:
+    """Share of slides whose intensity, location and quantity calls (image only) are right.
+
+    An :class:`OutsideTrainingDataWarning` is caught and recorded per slide
+    (``flags`` gets ``(warned, summary["outside_training_data"])``), not
+    raised: the reference has a calibrated false-alarm rate on training-like
+    slides. Any other HistoScope warning is still an error.
+    """
     hits: dict[str, list[bool]] = {t: [] for t in ISIGHT_FLOORS}
     for sl in slides:
         truth = sl.read_label()["ihc"]
-        with open_slide(sl.slide) as slide:
-            calls = hs.tasks.run("isight", slide, checkpoint).summary()["calls"]
+        with open_slide(sl.slide) as slide, warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", OutsideTrainingDataWarning)
+            summary = hs.tasks.run("isight", slide, checkpoint).summary()
+        warned = any(issubclass(w.category, OutsideTrainingDataWarning) for w in caught)
+        if flags is not None:
+            flags.append((warned, summary["outside_training_data"]))
         for t in hits:
-            hits[t].append(calls[t]["call"] == truth[t])
+            hits[t].append(summary["calls"][t]["call"] == truth[t])
     return {t: float(np.mean(v)) for t, v in hits.items()}
 
 
@@ -179,7 +194,14 @@ def test_isight_default_calls_fresh_ihc_slides(ihc_slides, tmp_path):
         # each floor sits below the card's image-only claim and clearly above chance
         assert claim["model_image_only"][t]["accuracy"] >= floor + 0.05, t
         assert floor >= majority[t] + 0.1, (t, majority)
-    default = _isight_accuracy(ihc_slides, None)
+    flags: list[tuple[bool, bool | None]] = []
+    default = _isight_accuracy(ihc_slides, None, flags)
     assert all(default[t] >= f for t, f in ISIGHT_FLOORS.items()), (default, majority)
+    # the default carries a training-data reference and scores every slide against it; the
+    # warning and the summary agree, and it flags no more than its calibrated rate allows
+    assert "ood" in read_card(sample_data_path("isight_default.safetensors")).data
+    assert len(flags) == len(ihc_slides)
+    assert all(outside is warned for warned, outside in flags), flags
+    assert sum(warned for warned, _ in flags) <= ISIGHT_MAX_FLAGGED, flags
     random = _isight_accuracy(ihc_slides, _random_weights("isight_default.safetensors", tmp_path))
     assert not any(random[t] >= f for t, f in ISIGHT_FLOORS.items()), (random, majority)

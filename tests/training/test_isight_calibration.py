@@ -45,21 +45,52 @@ def _labels_from(logits: np.ndarray, seed: int) -> np.ndarray:
     return np.array([rng.choice(len(r), p=r) for r in p])
 
 
-def test_an_overconfident_head_is_cooled_a_separable_one_flagged_a_blind_one_refused():
+def test_an_overconfident_head_is_cooled_a_sharp_one_kept_a_blind_one_refused():
     rng = np.random.default_rng(0)
     true = rng.normal(0, 2.0, (600, 4))
     y = _labels_from(true, 1)
     cooled = head_entry(true * 5, y, temperature=5.0, n_boot=50)  # what the fit should find
     assert cooled["acceptable"] and cooled["ece"] <= ECE_MAX
-    # a head that is always right with a huge margin: the fit runs to the lower bound
+    assert not cooled["at_bound"] and not cooled["sharp_at_lower_bound"]
+    # a head that is always right with a huge margin: the fit runs to the lower bound, which
+    # says the head is sharp and right (the tissue head given the organ), not a failed fit
     sep = np.eye(4)[y] * 50
     entry = calibrate_cases({c: {t: sep for t in TASKS} for c in CASES},
                             np.repeat(y[:, None], len(TASKS), 1), n_boot=20)["cases"]["image"]["intensity"]  # fmt: skip
     assert entry["at_bound"] and entry["temperature"] == pytest.approx(BOUNDS[0])
-    assert not entry["acceptable"] and "bound" in entry["hidden_line"]
+    assert entry["sharp_at_lower_bound"] and entry["acceptable"] and entry["failed"] == []
     # logits that know nothing of the label: not clearly above chance
     blind = head_entry(rng.normal(0, 0.1, (600, 4)), y, temperature=1.0, n_boot=50)
     assert not blind["acceptable"] and any("chance" in w for w in blind["failed"])
+
+
+def test_a_fit_at_the_lower_bound_with_errors_or_at_the_upper_bound_is_refused():
+    rng = np.random.default_rng(5)
+    y = rng.integers(1, 4, 400)
+    sep = np.eye(4)[y] * 0.05  # right with a small margin: the fit runs to the lower bound
+    # 5 % of its slides wrong by a tie with class 0 (argmax takes the first): a tie costs
+    # the same at every temperature, so the fit still runs down
+    wrong = rng.choice(400, 20, replace=False)
+    tied = sep.copy()
+    tied[wrong, 0] = 0.05
+    cal = calibrate_cases({c: {t: tied for t in TASKS} for c in CASES},
+                          np.repeat(y[:, None], len(TASKS), 1), n_boot=20)  # fmt: skip
+    entry = cal["cases"]["text"]["tissue"]
+    assert entry["at_bound"] and entry["temperature"] == pytest.approx(BOUNDS[0])
+    assert entry["accuracy"] == pytest.approx(0.95)
+    assert not entry["sharp_at_lower_bound"] and not entry["acceptable"]
+    assert (
+        "lower bound" in entry["hidden_line"] and "5% of the slides wrong" in entry["hidden_line"]
+    )
+    # one slide in 100 wrong is still "nearly every slide"; more is not
+    for n_wrong, ok in ((4, True), (5, False)):
+        z = sep.copy()
+        z[wrong[:n_wrong], 0] = 0.05
+        assert head_entry(z, y, temperature=BOUNDS[0], n_boot=20)["acceptable"] is ok, n_wrong
+    # at the upper bound a head is never acceptable, however right its argmax
+    hot = head_entry(sep, y, temperature=BOUNDS[1], n_boot=20)
+    assert hot["accuracy"] == 1.0 and hot["at_bound"] and not hot["acceptable"]
+    assert any("upper bound" in w for w in hot["failed"])
 
 
 def test_temperatures_are_fitted_per_case():
@@ -267,8 +298,12 @@ def test_results_md_gives_the_cards_fresh_held_out_figures():
         m = h["mcnemar_text_vs_image"]
         assert (int(only_text), int(only_image), p_value) == (m["only_a"], m["only_b"],
                                                                 f"{m['p']:.3g}")  # fmt: skip
-    assert "outside_training_data" not in held  # no reference shipped (see RESULTS.md)
-    assert "ood" not in card.data
+    # the shipped training-data reference and its flag rate on these slides
+    assert card.data["ood"]["threshold"] > 0
+    ood = held["outside_training_data"]
+    rate = ood["flagged"] / ood["n"]
+    assert ood["n"] == held["n"] and rate <= 0.03  # about 1 % expected on training-like slides
+    assert f"flags **{ood['flagged']} ({100 * rate:.1f} %" in md
 
 
 def test_readme_quotes_the_cards_default_case_figures():

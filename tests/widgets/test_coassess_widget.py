@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from tests.widgets._cancel import cancel_after_first_step
@@ -220,3 +221,77 @@ def test_a_head_not_calibrated_for_its_case_shows_why_instead_of_bars(
     _assess(widget, qtbot)
     assert abs(sum(b.value() for b in widget.rows["tissue"].bars.values()) - 1000) <= 4
     assert widget.hidden_lines["tissue"].isHidden()
+
+
+def _tiny_case_checkpoint(out, *, sharp: bool):
+    """The same tiny weights; ``sharp``: the tissue head uses the text at T 0.01 (acceptable,
+    a fit at the lower bound on slides all right) and is hidden without it (image T 3.0);
+    otherwise every temperature is 1 and every head shown."""
+    import torch
+
+    from histoscope.checkpoints import save_checkpoint
+    from histoscope.models.isight import CASES, TASKS, ISight
+    from histoscope.training.isight_calibrate import hidden_line
+
+    torch.manual_seed(0)
+    model = ISight("test_cnn", ("breast", "colon", "stomach"), dim=16, hidden=8,
+                   backbone_kwargs={"tile_size": 64, "mpp": 2.0})  # fmt: skip
+    temps = {c: dict.fromkeys(TASKS, 1.0) for c in CASES}
+    ok = {"acceptable": True, "accuracy": 0.9, "ece": 0.03}
+    cases = {c: {t: dict(ok) for t in TASKS} for c in CASES}
+    if sharp:
+        temps["text"]["tissue"], temps["image"]["tissue"] = 0.01, 3.0
+        cases["text"]["tissue"] = {"acceptable": True, "accuracy": 1.0, "ece": 0.0,
+                                   "temperature": 0.01, "at_bound": True,
+                                   "sharp_at_lower_bound": True}  # fmt: skip
+        bad = {"acceptable": False, "accuracy": 0.43, "ece": 0.53, "failed": ["ECE above 0.1"]}
+        cases["image"]["tissue"] = {**bad, "hidden_line": hidden_line("tissue", "image", bad)}
+    model.set_temperatures(temps)
+    heads = {t: {"use_text": t == "tissue"} for t in TASKS}
+    card = {
+        "family": "isight",
+        "config": model.config,
+        "input_spec": model.input_spec.to_dict(),
+        "metrics": {"calibration": {"cases": cases}, "text_decision": {"heads": heads}},
+    }
+    return save_checkpoint(out / ("sharp" if sharp else "plain"), model, card)
+
+
+def _tissue(widget) -> tuple[dict, dict]:
+    """The tissue head's entry in the attention layer's calls, and its bars (per mille)."""
+    (layer,) = [lay for lay in widget.viewer.layers if "calls" in lay.metadata]
+    return layer.metadata["calls"]["tissue"], {
+        c: b.value() for c, b in widget.rows["tissue"].bars.items()
+    }
+
+
+def test_the_tissue_head_uses_the_text_naming_the_organ_at_its_with_text_temperature(
+    widget, qtbot, tmp_path
+):
+    sharp, plain = (_tiny_case_checkpoint(tmp_path, sharp=s) for s in (True, False))
+    runs = {}
+    for name, ck in (("sharp", sharp), ("plain", plain)):
+        for text in ("Tissue: colon. Antibody: HER2.", ""):
+            widget.checkpoint.setText(str(ck))
+            widget.metadata.setText(text)
+            _assess(widget, qtbot)
+            runs[name, bool(text)] = (*_tissue(widget), widget.hidden_lines["tissue"].isHidden())
+    # with text naming the organ: the tissue bars are shown, from the with-text case
+    entry, bars, line_hidden = runs["sharp", True]
+    assert entry["case"] == "text" and entry["shown"] and line_hidden
+    assert abs(sum(bars.values()) - 1000) <= 4
+    assert bars == {c: round(1000 * p) for c, p in entry["probabilities"].items()}
+    # ... divided by the with-text temperature (0.01): softmax(log p(T=1) / 0.01)
+    ref = runs["plain", True][0]
+    assert ref["case"] == "text"
+    logp = np.log(np.array(list(ref["probabilities"].values()), np.float64))
+    want = np.exp((logp - logp.max()) / 0.01)
+    got = np.array(list(entry["probabilities"].values()))
+    assert np.allclose(got, want / want.sum(), atol=2e-3), (got, want / want.sum())
+    # without text: the image-only head, hidden here by its rule, shown where acceptable
+    entry, bars, line_hidden = runs["sharp", False]
+    assert entry["case"] == "image" and not entry["shown"] and not line_hidden
+    assert set(bars.values()) == {0}
+    entry, bars, line_hidden = runs["plain", False]
+    assert entry["case"] == "image" and entry["shown"] and line_hidden
+    assert abs(sum(bars.values()) - 1000) <= 4

@@ -19,6 +19,7 @@ import math
 import numpy as np
 
 __all__ = [
+    "TEMPERATURE_BOUNDS",
     "accuracy",
     "balanced_accuracy",
     "confusion_matrix",
@@ -29,6 +30,7 @@ __all__ = [
     "reliability_table",
     "roc_auc",
     "softmax",
+    "temperature_at_bound",
     "weighted_f1",
     "wilson",
 ]
@@ -289,15 +291,40 @@ def roc_auc(y_true, scores) -> float:
     return float(u / (n_pos * n_neg))
 
 
+#: Default range of :func:`fit_temperature` (every family): wide enough that a fit reaching
+#: an end says something about the head (see :func:`temperature_at_bound`).
+TEMPERATURE_BOUNDS = (0.01, 100.0)
+
+
+def temperature_at_bound(
+    temperature: float, bounds: tuple[float, float] = TEMPERATURE_BOUNDS
+) -> bool:
+    """Whether a fitted temperature sits at (within 0.1 % of) an end of its range.
+
+    A fit at the upper end means the validation data could not set it (the
+    head is no better than flat); at the lower end that the NLL kept falling as
+    the head sharpened, which a head right on every validation sample also does.
+    Record the flag next to the temperature and judge it with the head's
+    accuracy.
+    """
+    return bool(temperature <= bounds[0] * 1.001 or temperature >= bounds[1] / 1.001)
+
+
 def fit_temperature(
-    logits, y_true, *, t_min: float = 0.05, t_max: float = 20.0, max_iter: int = 100
+    logits,
+    y_true,
+    *,
+    t_min: float = TEMPERATURE_BOUNDS[0],
+    t_max: float = TEMPERATURE_BOUNDS[1],
+    max_iter: int = 100,
 ) -> float:
     """Temperature ``T`` minimising the NLL of ``softmax(logits / T)`` on held-out data.
 
     A log-spaced grid over ``[t_min, t_max]`` finds the basin, then L-BFGS on
     ``log T`` refines it (the NLL is smooth in ``log T``); the result is
     clipped to the range and is never worse than the best grid point. Fit it
-    on the validation split, never on the test split.
+    on the validation split, never on the test split, and check the result with
+    :func:`temperature_at_bound` (same range).
 
     Parameters
     ----------
@@ -306,7 +333,7 @@ def fit_temperature(
     y_true
         1-D integer validation labels.
     t_min, t_max
-        Range of admissible temperatures.
+        Range of admissible temperatures (default :data:`TEMPERATURE_BOUNDS`).
     max_iter
         L-BFGS iterations.
 
