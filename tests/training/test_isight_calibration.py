@@ -318,3 +318,22 @@ def test_readme_quotes_the_cards_default_case_figures():
         s = h[h["default_case"]]
         lo, hi = s["accuracy_ci"]
         assert f"{head} {s['accuracy']:.3f} [{lo:.3f}, {hi:.3f}]" in row
+
+
+def test_every_family_fits_temperatures_in_the_wide_range_and_can_flag_a_bound():
+    from histoscope.training import metrics as M
+
+    assert BOUNDS == M.TEMPERATURE_BOUNDS == (0.01, 100.0)
+    rng = np.random.default_rng(7)
+    y = rng.integers(0, 3, 300)
+    sharp = np.eye(3)[y] * 0.05  # always right: the NLL falls all the way to the lower end
+    t = M.fit_temperature(sharp, y)  # the default range, as nuclass calls it
+    assert t == pytest.approx(0.01) and M.temperature_at_bound(t)
+    blind = rng.normal(0, 3.0, (300, 3))  # knows nothing: flattened to the upper end
+    t = M.fit_temperature(blind, y)
+    assert t == pytest.approx(100.0, rel=1e-3) and M.temperature_at_bound(t)
+    assert not M.temperature_at_bound(1.0) and M.temperature_at_bound(0.05, (0.05, 20.0))
+    # the shipped NuClass temperatures sit inside both the old and the new range, so the
+    # wider default would fit them the same (no shipped card changes)
+    temps = read_card(ROOT / "sample_data" / "nuclass_default.safetensors").metrics["temperature"]
+    assert all(0.05 * 1.001 < v < 20 / 1.001 for v in temps.values()), temps

@@ -295,3 +295,28 @@ def test_the_tissue_head_uses_the_text_naming_the_organ_at_its_with_text_tempera
     entry, bars, line_hidden = runs["plain", False]
     assert entry["case"] == "image" and entry["shown"] and line_hidden
     assert abs(sum(bars.values()) - 1000) <= 4
+
+
+def test_a_slide_outside_the_training_data_gets_the_red_line(widget, qtbot, ihc_slide, checkpoint):
+    from dataclasses import replace
+
+    import histoscope as hs
+    from histoscope._widgets._common import OUTSIDE_TRAINING_TEXT
+    from histoscope.checkpoints import load_checkpoint
+    from histoscope.ood import OutsideTrainingDataWarning, fit_reference
+    from histoscope.tasks.isight import run_isight
+
+    _assess(widget, qtbot)  # the tiny checkpoint has no reference: no line
+    flag = widget.controls.training_data_flag
+    assert flag.isHidden() and flag.text() == ""
+    model, card = load_checkpoint(checkpoint, family="isight")
+    rng = np.random.default_rng(0)
+    far = [rng.normal(25.0, 1.0, (12, 16)) for _ in range(6)]  # training tiles unlike these
+    card = replace(
+        card, data={**(card.data or {}), "ood": fit_reference(far[:3], far[3:]).to_dict()}
+    )
+    with pytest.warns(OutsideTrainingDataWarning):
+        calls = run_isight(hs.open_slide(ihc_slide), model, card, max_tiles=8)
+    widget._show_calls(calls)
+    assert not flag.isHidden() and flag.text() == OUTSIDE_TRAINING_TEXT
+    assert "threshold" in flag.toolTip()

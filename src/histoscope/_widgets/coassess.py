@@ -16,7 +16,13 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from histoscope._widgets._common import CheckpointPicker, RGBLayerCombo, TaskWidget, visible_region
+from histoscope._widgets._common import (
+    CheckpointPicker,
+    RGBLayerCombo,
+    TaskWidget,
+    show_training_data_flag,
+    visible_region,
+)
 from histoscope._widgets._task_row import TaskRow
 from histoscope.coassess import Call, Session
 from histoscope.labels import INTENSITY, LOCATION, MALIGNANCY, QUANTITY
@@ -209,8 +215,10 @@ class CoAssessWidget(TaskWidget):
 
         A head whose calibration was not acceptable on validation slides in the
         case it ran in (with or without clinical text) shows no bars, and a
-        line says why instead.
+        line says why instead. A slide outside the checkpoint's training data
+        gets the panels' red line under the status.
         """
+        show_training_data_flag(self.controls, calls.summary() if calls is not None else None)
         if calls is not None:
             self._set_row("tissue", tuple(calls.probabilities["tissue"]))
             self.replace_layer(*calls.to_layers()[0])
