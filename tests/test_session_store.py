@@ -173,9 +173,39 @@ WRITER = textwrap.dedent(
     import sys, numpy as np, histoscope as hs
     s = hs.open_session(sys.argv[1], sys.argv[2])
     tag = sys.argv[3]
-    for i in range(8):
+    for i in range(24):
         s.save_layers([(np.full((64, 64), float(i)), {"name": f"{tag}{i}"}, "image")] * 3)
     print("done", flush=True)
+    """
+)
+
+
+#: Rewrites the manifest (as the CLI does) while the writers save layers; counts the times the
+#: manifest it finds under the lock names a layers folder that is gone (an old one written back).
+MANIFEST_WRITER = textwrap.dedent(
+    """
+    import sys, time, histoscope as hs
+    from histoscope import session_store
+    from histoscope.session_store import folder_lock, read_manifest
+
+    def slow_read(folder):  # a slow disk: the manifest read takes a while
+        doc = read_manifest(folder)
+        time.sleep(0.03)
+        return doc
+
+    session_store.read_manifest = slow_read
+    s = hs.open_session(sys.argv[1], sys.argv[2])
+    _ = s.fingerprint
+    print("ready", flush=True)
+    lost = runs = 0
+    end = time.monotonic() + float(sys.argv[3])
+    while time.monotonic() < end:
+        s.save_manifest()
+        runs += 1
+        with folder_lock(s.folder):
+            d = read_manifest(s.folder).get("layers_dir")
+            lost += bool(d) and not (s.folder / d).is_dir()
+    print(lost, runs, flush=True)
     """
 )
 
@@ -186,13 +216,22 @@ def test_two_processes_saving_one_folder_take_turns(slide, tmp_path):
     folder = tmp_path / "s"
     with hs.open_session(slide, folder) as s:
         s.save_manifest()  # the fingerprint once, so both children start at once
+    manifests = subprocess.Popen([sys.executable, "-c", MANIFEST_WRITER, str(slide), str(folder),
+                                  "4"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    assert manifests.stdout.readline().strip() == "ready"
     procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(slide), str(folder), tag],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for tag in "pq"]  # fmt: skip
     outs = [p.communicate(timeout=120) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
+    out, err = manifests.communicate(timeout=120)
+    assert manifests.returncode == 0, err[-2000:]
+    lost, runs = map(int, out.split())
+    assert runs > 0 and lost == 0, (lost, runs)  # never an old layers folder written back
+    with hs.open_session(slide, folder) as s:
+        s.save_manifest()  # the last word is the CLI's: the layers are still found
     doc = read_manifest(folder)
-    assert [e["name"] for e in doc["layers"]] in (["p7"] * 3, ["q7"] * 3)
+    assert [e["name"] for e in doc["layers"]] in (["p23"] * 3, ["q23"] * 3)
     assert [p.name for p in (folder / LAYERS_DIR).iterdir()] == [doc["layers_dir"].split("/")[1]]
     with hs.open_session(slide, folder) as s:
-        assert all((d == 7.0).all() for d, _, _ in s.layers())
+        assert all((d == 23.0).all() for d, _, _ in s.layers())

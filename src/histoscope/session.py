@@ -263,9 +263,11 @@ class Session:
         """Write ``session.json`` (slide, fingerprint, products kept on disk), if there is a folder."""
         if self.folder is None:
             return None
-        from histoscope.session_store import write_manifest
+        from histoscope.session_store import folder_lock, write_manifest
 
-        return write_manifest(self.folder, self._manifest())
+        _ = self.fingerprint  # computed (once) before taking the lock
+        with folder_lock(self.folder):  # read-modify-write: another save may change layers_dir
+            return write_manifest(self.folder, self._manifest())
 
     def save_layers(self, layers: list, slide_display: dict[str, Any] | None = None) -> Path:
         """Save napari layer data (in viewer order) so :meth:`layers` restores them exactly.
@@ -275,12 +277,14 @@ class Session:
         SessionError
             If the session has no folder.
         """
-        from histoscope.session_store import save_layers
+        from histoscope.session_store import folder_lock, save_layers
 
         if self.folder is None:
             raise SessionError(f"the session of {self.slide.path.name} is in memory; open it "
                                "with folder=... to save its layers")  # fmt: skip
-        return save_layers(self.folder, layers, self._manifest(), slide_display)
+        _ = self.fingerprint  # computed (once) before taking the lock
+        with folder_lock(self.folder):  # the manifest read and the new one written as one
+            return save_layers(self.folder, layers, self._manifest(), slide_display)
 
     def layers(self) -> list:
         """The layers saved in the session folder, as ``(data, kwargs, type)`` in viewer order."""
