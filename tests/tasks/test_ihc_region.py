@@ -52,7 +52,10 @@ def test_a_drawn_polygon_region_counts_the_cells_inside_it(grid):
     assert s["percent_positive"] == pytest.approx(100.0) and s["h_score"] == pytest.approx(250)
     assert s["denominator"] == "cells inside the drawn region (n=10)"
     empty = m.within(np.zeros(m.n_cells, bool), "tumour region").summary()
-    assert empty["percent_positive"] == 0 and empty["denominator"].endswith("(n=0)")
+    # no cell to count: no number, not a confident "0 % positive, H-score 0, Allred 0"
+    assert empty["percent_positive"] is None and empty["h_score"] is None
+    assert empty["allred"] is None and empty["denominator"].endswith("(n=0)")
+    assert "no detected cell inside 'tumour region'" in empty["warning"]
     with pytest.raises(ValueError, match="one value per cell"):
         m.within(np.ones(3, bool))
     with pytest.raises(ValueError, match="2-D"):
@@ -94,3 +97,37 @@ def test_the_task_counts_inside_a_qupath_annotation_file(tmp_path, grid):
     broken.write_text("{not json")
     with pytest.raises(GeoJSONError, match="broken.geojson"):
         hs.tasks.run("ihc", slide, count_inside=str(broken))
+
+
+def test_exported_cells_say_whether_they_were_counted_and_in_which_region(tmp_path, grid):
+    import anndata
+    import pandas as pd
+    from shapely.geometry import box
+
+    _, m = grid
+    right = m.within(cells_in_geometry(m, box(60, 0, 96, 120)), "drawn, region")
+    cells_csv, _, h5ad = right.save(tmp_path)
+    table = pd.read_csv(cells_csv)
+    assert table["counted"].sum() == 10 and len(table) == 20
+    assert set(table["region"]) == {"drawn, region"}
+    assert list(table.loc[table["counted"] == 1, "x_um"] > 60) == [True] * 10
+    obs = anndata.read_h5ad(h5ad).obs
+    assert obs["counted"].sum() == 10 and set(obs["region"]) == {"drawn, region"}
+    whole = pd.read_csv(m.save(tmp_path / "all")[0])
+    assert whole["counted"].all()
+
+
+def test_count_inside_without_um_per_px_is_the_unknown_mpp_error(tmp_path, grid, capsys):
+    from PIL import Image
+
+    from histoscope.cli import main
+
+    png = tmp_path / "ihc.png"
+    Image.fromarray(grid[0]).save(png)
+    region = _annotations(tmp_path / "r.geojson", [[[0, 0], [50, 0], [50, 50], [0, 0]]])
+    args = ["analyze", str(png), "--tasks", "ihc", "--out", str(tmp_path / "o")]
+    assert main([*args, "--ihc-count-inside", str(region)]) == 2
+    with_region = capsys.readouterr().err
+    assert main(args) == 2
+    assert "µm/px is unknown" in with_region and "TypeError" not in with_region
+    assert with_region == capsys.readouterr().err  # the same error as without the option

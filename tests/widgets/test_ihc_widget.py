@@ -111,3 +111,52 @@ def test_count_inside_a_drawn_tumour_region_names_the_denominator(viewer, qtbot)
     qtbot.waitUntil(lambda: widget.worker is None, timeout=120_000)
     painted = widget.result.inside
     assert np.array_equal(painted, left)  # the same half, painted instead of drawn
+
+
+def test_count_inside_is_the_region_at_run_and_follows_renames(viewer, qtbot):
+    widget = IHCWidget(viewer)
+    widget.scope.setCurrentIndex(1)
+    shapes = viewer.add_shapes([np.array([[0, 0], [0, 128], [256, 128], [256, 0]])],
+                               shape_type="rectangle", name="tumour")  # fmt: skip
+    widget.count_inside.setCurrentText("tumour")
+    shapes.name = "tumour (left)"  # renamed before Run: the choice follows the layer
+    assert widget.count_inside.currentText() == "tumour (left)"
+    assert widget.run() is not None
+    shapes.name = "renamed while running"  # renamed and emptied while it runs: counted as at Run
+    shapes.data = []
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=120_000)
+    res = widget.result
+    assert res.inside is not None and np.array_equal(res.inside, res.cells["x_um"] < 128)
+    assert "tumour (left) region" in res.summary()["denominator"]
+    # the shapes layer now encloses nothing: said at Run, not counted as "whole tissue"
+    assert widget.run() is None and "no closed shape" in widget.status.text()
+    viewer.layers.remove(shapes)
+    widget.count_inside.setCurrentIndex(0)
+    assert widget.count_inside.currentText() == "whole tissue"
+
+
+def test_a_region_without_cells_shows_no_numbers(viewer, qtbot):
+    widget = IHCWidget(viewer)
+    # a region far off the image (µm 1000-1100): no cell inside, so no percentage
+    viewer.add_shapes([np.array([[1000, 1000], [1000, 1100], [1100, 1100], [1100, 1000]])],
+                      shape_type="polygon", name="off image")  # fmt: skip
+    widget.count_inside.setCurrentText("off image")
+    widget.scope.setCurrentIndex(0)  # visible region: the denominator says "in view"
+    assert widget.run() is not None
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=120_000)
+    assert widget.result.summary()["percent_positive"] is None
+    for key in ("percent_positive", "h_score", "allred"):
+        assert widget.numbers[key].text() == "–"
+    assert "no detected cell inside 'off image region'" in widget.status.text()
+    assert "in view" in widget.status.text()
+
+
+def test_a_removed_count_inside_layer_is_reported(viewer):
+    widget = IHCWidget(viewer)
+    labels = viewer.add_labels(np.ones((8, 8), np.uint8), name="painted")
+    widget.count_inside.setCurrentText("painted")
+    layer = widget.count_inside.currentData()
+    viewer.layers.remove(labels)
+    widget.count_inside.addItem("painted", layer)  # a stale entry, as a queued signal could leave
+    widget.count_inside.setCurrentIndex(widget.count_inside.count() - 1)
+    assert widget.run() is None and "no longer in the viewer" in widget.status.text()

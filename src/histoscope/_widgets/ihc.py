@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 from qtpy.QtWidgets import QComboBox, QDoubleSpinBox, QFormLayout, QHBoxLayout, QLabel
 
 from histoscope._widgets._common import RGBLayerCombo, TaskWidget, visible_region
@@ -17,22 +18,27 @@ _SUMMARY = ("n_cells", "percent_positive", "h_score", "allred", "intensity", "qu
 WHOLE = "whole tissue"
 
 
-def region_inside(measurement, layer):
-    """Per cell, whether it lies in a shapes or labels ``layer`` (placed in µm like the image).
+def capture_region(layer):
+    """A copy of a shapes or labels ``layer``'s region in world µm, as it is now.
 
-    Labels: on a nonzero pixel. Shapes: inside a polygon, rectangle or ellipse
-    (lines and paths enclose nothing).
+    Labels: ``("mask", (mask, scale, translate))``. Shapes: ``("geometry",
+    polygon)``, the union of its polygons, rectangles and ellipses (lines and
+    paths enclose nothing). Taken when Run is pressed, so later edits, renames
+    or removal of the layer do not change what the running measurement counts.
+
+    Raises
+    ------
+    ValueError
+        When a shapes layer holds no closed shape.
     """
     import numpy as np
     import shapely
     from shapely import affinity
     from shapely.geometry import Point, Polygon
 
-    from histoscope.tasks.ihc_measure import cells_in_geometry, cells_in_mask
-
     scale, translate = tuple(layer.scale[-2:]), tuple(layer.translate[-2:])
     if layer._type_string == "labels":
-        return cells_in_mask(measurement, np.asarray(layer.data), scale, translate)
+        return "mask", (np.array(layer.data, copy=True), scale, translate)
     parts = []
     for verts, kind in zip(layer.data, layer.shape_type, strict=True):
         yx = np.asarray(verts)[:, -2:] * scale + translate
@@ -42,7 +48,26 @@ def region_inside(measurement, layer):
             parts.append(affinity.scale(circle, (x1 - x0) / 2, (y1 - y0) / 2))
         elif kind in ("polygon", "rectangle") and len(yx) >= 3:
             parts.append(Polygon(yx[:, ::-1]).buffer(0))
-    return cells_in_geometry(measurement, shapely.union_all(parts) if parts else Polygon())
+    if not parts:
+        raise ValueError(f"Count inside: '{layer.name}' has no closed shape (polygon, rectangle "
+                         "or ellipse) to count cells inside; draw one or choose whole tissue")  # fmt: skip
+    return "geometry", shapely.union_all(parts)
+
+
+def cells_inside(measurement, region) -> np.ndarray:
+    """Per cell of ``measurement``, whether it lies in a region from :func:`capture_region`."""
+    from histoscope.tasks.ihc_measure import cells_in_geometry, cells_in_mask
+
+    kind, data = region
+    if kind == "mask":
+        mask, scale, translate = data
+        return cells_in_mask(measurement, mask, scale, translate)
+    return cells_in_geometry(measurement, data)
+
+
+def region_inside(measurement, layer):
+    """Per cell, whether it lies in a shapes or labels ``layer`` (placed in µm like the image)."""
+    return cells_inside(measurement, capture_region(layer))
 
 
 class IHCWidget(TaskWidget):
@@ -92,13 +117,23 @@ class IHCWidget(TaskWidget):
         layout.addStretch()
 
     def _region_choices(self, *_) -> None:
-        """The count-inside choices: the whole tissue, then every shapes and labels layer."""
-        current = self.count_inside.currentText()
-        names = [ly.name for ly in self.viewer.layers if ly._type_string in ("shapes", "labels")]
+        """The count-inside choices: the whole tissue, then every shapes and labels layer.
+
+        Each item carries its layer, so the choice follows a renamed layer.
+        """
+        current = self.count_inside.currentData()
+        layers = [ly for ly in self.viewer.layers if ly._type_string in ("shapes", "labels")]
+        self.count_inside.blockSignals(True)
         self.count_inside.clear()
-        self.count_inside.addItems([WHOLE, *names])
-        if current in names:
-            self.count_inside.setCurrentText(current)
+        self.count_inside.addItem(WHOLE, None)
+        for ly in layers:
+            self.count_inside.addItem(ly.name, ly)
+            if not getattr(ly, "_histoscope_ihc_watch", False):  # renames refresh the names
+                ly.events.name.connect(self._region_choices)
+                ly._histoscope_ihc_watch = True
+        if current is not None and any(ly is current for ly in layers):
+            self.count_inside.setCurrentIndex(1 + [ly is current for ly in layers].index(True))
+        self.count_inside.blockSignals(False)
 
     def params(self) -> IHCParams:
         """Parameters from the form; raises ValueError naming a bad one."""
@@ -116,13 +151,32 @@ class IHCWidget(TaskWidget):
             session, layer = self.chosen_session(self.layer_combo)
             visible = self.scope.currentIndex() == 0
             region = visible_region(self.viewer, session.slide, layer) if visible else None
+            self._inside = self._chosen_region()
         except ValueError as exc:
             self.status.setText(str(exc))
             return None
-        inside = self.count_inside.currentText()
-        self._inside = None if inside in ("", WHOLE) else inside
+        self._in_view = visible
+        self._clear_numbers()
         job = Job("ihc", session, params=params, region=region)
         return self.run_tasks([job], text=f"Measuring {layer.name}…", on_result=self._show)
+
+    def _chosen_region(self):
+        """``(name, region)`` of the Count-inside choice captured now, or ``None`` (whole tissue).
+
+        Raises ValueError when the chosen layer is gone or encloses nothing.
+        """
+        layer = self.count_inside.currentData()
+        if layer is None:
+            return None
+        if not any(ly is layer for ly in self.viewer.layers):
+            raise ValueError(f"Count inside: the layer '{layer.name}' is no longer in the viewer; "
+                             "choose another region or whole tissue")  # fmt: skip
+        return layer.name, capture_region(layer)
+
+    def _clear_numbers(self) -> None:
+        """Blank the previous numbers while a new measurement runs."""
+        for label in (*self.numbers.values(), self.breakdown):
+            label.setText("–")
 
     cancel_text = "Cancelled: the cells of the finished tiles are shown."
 
@@ -130,24 +184,29 @@ class IHCWidget(TaskWidget):
         result = outcome.get("ihc")
         if result is None:
             return
-        name = getattr(self, "_inside", None)
-        if name is not None and name in self.viewer.layers:
-            result = result.within(
-                region_inside(result, self.viewer.layers[name]), f"{name} region"
-            )
+        chosen = getattr(self, "_inside", None)
+        if chosen is not None:  # the region as it was at Run
+            name, region = chosen
+            result = result.within(cells_inside(result, region), f"{name} region")
         self.result = result
         summary = result.summary()
         warning = summary.get("warning")
         for key, label in self.numbers.items():
             v = summary[key]
-            label.setText(f"{v:.1f}" if isinstance(v, float) else str(v))
-            if warning and key in ("h_score", "allred", "percent_positive"):
+            label.setText("–" if v is None else f"{v:.1f}" if isinstance(v, float) else str(v))
+            if warning and v is not None and key in ("h_score", "allred", "percent_positive"):
                 label.setText("– (no DAB)")
         pct = summary["percent_by_score"]
-        self.breakdown.setText("  ".join(f"{k}: {v:.0f} %" for k, v in pct.items()))
+        self.breakdown.setText("  ".join(f"{k}: –" if v is None else f"{k}: {v:.0f} %"
+                                         for k, v in pct.items()))  # fmt: skip
         slide_name = Path(result.provenance.slide).name  # the image measured, not the box now
         self.replace_layer(*result.to_layers(name=f"IHC cells ({slide_name})")[0])
-        text = f"{summary['n_cells']} cells measured; percentages of {summary['denominator']}."
+        denominator = summary["denominator"]
+        if getattr(self, "_in_view", False):  # only the visible region was measured
+            head, _, count = denominator.partition(" (n=")
+            denominator = f"{head} in view" + (f" (n={count}" if count else "")
+            denominator += " (choose whole image to count them all)"
+        text = f"{summary['n_cells']} cells measured; percentages of {denominator}."
         if warning:
             text += f" <span style='color:#e0a030'>Warning: {warning}</span>"
         self.status.setText(text)

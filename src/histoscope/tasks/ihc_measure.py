@@ -183,29 +183,35 @@ class IHCMeasurement(Result):
         if self.inside is not None:
             scores = scores[self.inside]
         n = len(scores)
+        if self.inside is None:
+            denominator = "all detected cells"
+        else:
+            denominator = f"cells inside the {self.region_name or 'region'} (n={n})"
+        base = {"n_cells": self.n_cells, "n_counted": n, "location": self.location(),
+                "denominator": denominator, "warning": self.warning,
+                "cancelled": self.cancelled}  # fmt: skip
+        if n == 0 and self.inside is not None:
+            # nothing to count: no number rather than a confident "0 % positive"
+            warning = (f"no detected cell inside '{self.region_name or 'region'}' — is the "
+                       "region over the measured image/area?")  # fmt: skip
+            return {**base, "percent_by_score": dict.fromkeys(SCORE_NAMES),
+                    "percent_positive": None, "h_score": None, "allred": None,
+                    "intensity": None, "quantity": None,
+                    "warning": warning if self.warning is None else f"{warning} {self.warning}"}  # fmt: skip
         pct = [100.0 * float(np.mean(scores == k)) if n else 0.0 for k in range(4)]
         positive = pct[1] + pct[2] + pct[3]
         hscore = pct[1] + 2 * pct[2] + 3 * pct[3]
         pos = scores > 0
         mean_pos_score = float(scores[pos].mean()) if pos.any() else 0.0
         intensity = int(round(mean_pos_score)) if pos.any() else 0
-        if self.inside is None:
-            denominator = "all detected cells"
-        else:
-            denominator = f"cells inside the {self.region_name or 'region'} (n={n})"
         return {
-            "n_cells": self.n_cells,
-            "n_counted": n,
+            **base,
             "percent_by_score": dict(zip(SCORE_NAMES, pct, strict=True)),
             "percent_positive": positive,
             "h_score": hscore,
             "allred": allred(positive, intensity),
             "intensity": INTENSITIES[intensity],
             "quantity": quantity_class(positive),
-            "location": self.location(),
-            "denominator": denominator,
-            "warning": self.warning,
-            "cancelled": self.cancelled,
         }
 
     def within(self, inside: np.ndarray, name: str = "region") -> IHCMeasurement:
@@ -296,10 +302,14 @@ class IHCMeasurement(Result):
         from histoscope.export.anndata import as_categorical, write_h5ad
 
         out = Path(out_dir)
-        rows = [",".join(CELL_COLUMNS)]
         c = self.cells
+        counted = (np.ones(self.n_cells, bool) if self.inside is None
+                   else np.asarray(self.inside, bool))  # fmt: skip
+        region = self.region_name if self.inside is not None else ""
+        rows = [",".join((*CELL_COLUMNS, "counted", "region"))]
         for i in range(self.n_cells):
-            rows.append(",".join(_fmt(c[k][i]) for k in CELL_COLUMNS))
+            values = [_fmt(c[k][i]) for k in CELL_COLUMNS]
+            rows.append(",".join((*values, str(int(counted[i])), _csv_text(region))))
         cells_path = atomic_write_text(out / "ihc_cells.csv", "\n".join(rows) + "\n")
         doc = {
             "summary": self.summary(),
@@ -310,10 +320,19 @@ class IHCMeasurement(Result):
         json_path = atomic_write_text(out / "ihc_measure.json", json.dumps(doc, indent=2) + "\n")
         table = {k: np.asarray(c[k]) for k in CELL_COLUMNS}
         table["score"] = as_categorical(c["score"], SCORE_NAMES)
+        table["counted"] = counted
+        table["region"] = np.asarray([region] * self.n_cells, dtype=object)
         spatial = np.stack([c["x_um"], c["y_um"]], axis=1) if self.n_cells else np.zeros((0, 2))
         uns = {**doc, "origin_um": list(self.origin_um), "spatial_unit": "um"}
         h5ad_path = write_h5ad(out / "ihc_cells.h5ad", table, spatial, uns)
         return [cells_path, json_path, h5ad_path]
+
+
+def _csv_text(text: str) -> str:
+    """``text`` as one CSV field (quoted when it holds a comma, quote or line break)."""
+    if any(ch in text for ch in ',"\n\r'):
+        return '"' + text.replace('"', '""') + '"'
+    return text
 
 
 def _fmt(v: Any) -> str:
@@ -603,6 +622,15 @@ def measure_slide(
     return drive(iter_measure_slide(slide, params, **kwargs), report)
 
 
+def _require_mpp(slide) -> None:
+    """Raise :class:`~histoscope.errors.SlideError` when the slide's µm/px is unknown."""
+    if slide.mpp is None:
+        from histoscope.errors import SlideError
+
+        raise SlideError(f"{slide.path}: µm/px is unknown; pass mpp= when opening the slide "
+                         "(CLI: --mpp)")  # fmt: skip
+
+
 def iter_measure_slide(
     slide,
     params: IHCParams | None = None,
@@ -622,11 +650,7 @@ def iter_measure_slide(
     defaults to ``params.mpp``, never finer than the slide.
     """
     params = params or IHCParams()
-    if slide.mpp is None:
-        from histoscope.errors import SlideError
-
-        raise SlideError(f"{slide.path}: µm/px is unknown; pass mpp= when opening the slide "
-                         "(CLI: --mpp)")  # fmt: skip
+    _require_mpp(slide)
     mpp = max(params.mpp if mpp is None else mpp, slide.mpp)
     if not mpp > 0 or tile < 64:
         raise ValueError(f"mpp must be positive and tile >= 64 px, got mpp={mpp}, tile={tile}")
@@ -670,6 +694,7 @@ def iter_measure_slide(
 
 def _run(session, checkpoint, params: IHCParams, *, region=None, near=None, engine=None):
     counted = None
+    _require_mpp(session.slide)  # before the region file, which is placed in µm
     if params.count_inside:  # read first: a bad file fails before any tile is measured
         counted = geojson_region(params.count_inside, session.slide.mpp)
     m = yield from iter_measure_slide(session.slide, params, region=region)
