@@ -3,7 +3,9 @@
 Run from the repository root, one thread::
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_isight_cases.py calibrate --write-card
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_isight_cases.py ood --n-train 672 --write-card
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_isight_cases.py heldout --n 500 --write-card
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_isight_cases.py ood-check --n-shifted 50
 
 ``calibrate`` regenerates the validation split of the recipe's dataset (the
 ``val`` rows of ``histoscope synth --kind ihc --count 960 --seed 5000``, the
