@@ -162,3 +162,43 @@ def test_damaged_file_is_explained_with_details_behind_a_toggle(viewer, qtbot, t
     widget.open_path(str(bad))  # a new attempt starts with the details closed
     assert widget.details.isHidden()
     qtbot.waitUntil(lambda: widget._worker is None, timeout=120_000)
+
+
+def test_only_real_damage_is_called_damaged(viewer, qtbot, tmp_path):
+    widget = SlideWidget(viewer)
+    notes = tmp_path / "notes.txt"
+    notes.write_text("hello")
+    for path, says in (
+        (notes, "unsupported format"),
+        (tmp_path / "gone" / "x.svs", "no such file"),
+    ):
+        widget.open_path(str(path))
+        qtbot.waitUntil(lambda: widget._worker is None, timeout=120_000)
+        said = widget.status.text()
+        assert says in said and "damaged" not in said, said
+    trunc = tmp_path / "cut.tif"  # a real slide, cut short: damaged, named by the exception
+    from histoscope.slide import write_pyramidal_tiff
+    from tests.conftest import make_rgb
+
+    whole = write_pyramidal_tiff(tmp_path / "whole.tif", make_rgb(512, 512), mpp=0.5, min_size=256)
+    trunc.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    widget.open_path(str(trunc))
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=120_000)
+    assert "cut.tif cannot be read: it is damaged" in widget.status.text()
+
+
+def test_a_task_on_an_image_without_mpp_says_to_set_it(viewer, qtbot, tmp_path):
+    from PIL import Image
+
+    from histoscope._widgets.tumour import TumourWidget
+    from tests.conftest import make_rgb
+
+    png = tmp_path / "photo.png"
+    Image.fromarray(make_rgb(256, 256)).save(png)
+    viewer.open(str(png), plugin="napari-histoscope")
+    panel = TumourWidget(viewer)
+    assert panel.run() is not None, panel.status.text()
+    qtbot.waitUntil(lambda: panel.worker is None, timeout=120_000)
+    said = panel.status.text()
+    assert "µm per pixel unknown" in said and "Slide panel" in said, said
+    assert "damaged" not in said

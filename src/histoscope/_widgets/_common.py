@@ -8,6 +8,8 @@ combo boxes fitted to a narrow dock), paths shown elided in the middle (:class:`
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from qtpy.QtCore import QEvent, QSize, Qt, QTimer, Signal
 from qtpy.QtGui import QPainter
 from qtpy.QtWidgets import (
@@ -129,33 +131,38 @@ class PathEdit(QLineEdit):
         painter.end()
 
 
-def explain(exc: BaseException, name: str | None = None) -> tuple[str, str]:
+def explain(exc: BaseException, name: str | None = None, *, mpp_known: bool | None = None):
     """``(what the user reads, the technical detail)`` for a failure.
 
-    A damaged or unreadable file is said in user terms (which file, what to
-    do; ``name`` names the file when the caller knows it); messages HistoScope
-    writes for the user (a wrong checkpoint family, a parameter out of range)
-    are kept as they are. The detail is the exception and its traceback, for
-    the panel's Details toggle and for bug reports.
+    Only a file that is really damaged (an error raised with ``damaged=True``:
+    truncated, undecodable, not in a format HistoScope reads) is said in user
+    terms, naming the file from the exception's ``path`` (or ``name`` when the
+    caller knows it). A slide whose µm per pixel is unknown (an error raised
+    with ``mpp_unknown=True``, or any other slide or parameter error while
+    ``mpp_known`` is False) says where to set it. Every other message
+    HistoScope writes for the user (a missing file, an unsupported format, a
+    wrong checkpoint family, a parameter out of range) is kept as it is. The
+    detail is the exception and its traceback, for the panel's Details toggle
+    and for bug reports.
     """
-    import re
     import traceback
 
-    from histoscope.errors import HistoScopeError
+    from histoscope.errors import HistoScopeError, SlideError
+    from histoscope.params import ParamError
 
     detail = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)).strip()
     message = str(exc)
-    match = re.search(r"([^\s/\\'\"]+\.[A-Za-z][A-Za-z0-9.]{1,11})\b", message)
-    named = name or (match.group(1) if match else None)
-    damaged = {"SlideError": "the slide file", "FeatureFileError": "the slide's feature file",
-               "SessionFileError": "a file of the slide's saved session",
-               "ExpressionDataError": "the expression data", "ReportError": "the kept report",
-               "GeoJSONError": "the objects file"}  # fmt: skip
-    kind = next((damaged[c.__name__] for c in type(exc).__mro__ if c.__name__ in damaged), None)
-    if kind is not None and isinstance(exc, HistoScopeError):
-        what = named or f"{kind[:1].upper()}{kind[1:]}"  # a file name keeps its own case
+    path = getattr(exc, "path", None)
+    named = name or (Path(path).name if path else None)
+    damaged = isinstance(exc, HistoScopeError) and bool(getattr(exc, "damaged", False))
+    if damaged:
+        what = named or "The file"
         user = (f"{what} cannot be read: it is damaged, incomplete or "
                 "not in a format HistoScope reads. Check the file, or open another copy.")  # fmt: skip
+    elif getattr(exc, "mpp_unknown", False) or (
+        mpp_known is False and isinstance(exc, SlideError | ParamError)
+    ):
+        user = f"{MPP_UNKNOWN_TEXT} ({message})"
     elif isinstance(exc, MemoryError):
         user = "Not enough memory for this job: choose a smaller region or close other programs."
     elif isinstance(exc, OSError) and not isinstance(exc, HistoScopeError):
@@ -167,6 +174,10 @@ def explain(exc: BaseException, name: str | None = None) -> tuple[str, str]:
     else:
         user = f"The job stopped on an unexpected error ({type(exc).__name__}: {message})."
     return user, detail
+
+
+#: What a panel says when a job needs the slide's µm per pixel and it is unknown.
+MPP_UNKNOWN_TEXT = "µm per pixel unknown — set it in the Slide panel"
 
 
 class ErrorDetails(QWidget):
@@ -515,13 +526,30 @@ class RunControls(QWidget):
         if text is not None:
             self.status.setText(text)
 
-    def error(self, exc: Exception | str) -> None:
-        """Say what failed in user terms; an exception's technical side goes behind Details."""
+    def error(self, exc: Exception | str, *, mpp_known: bool | None = None) -> None:
+        """Say what failed in user terms; an exception's technical side goes behind Details.
+
+        ``mpp_known`` False: the job's slide has no µm per pixel (see :func:`explain`).
+        """
         from html import escape
 
-        user, detail = explain(exc) if isinstance(exc, BaseException) else (str(exc), "")
+        if isinstance(exc, BaseException):
+            user, detail = explain(exc, mpp_known=mpp_known)
+        else:
+            user, detail = str(exc), ""
         self.status.setText(f"<span style='color:#e05050'>{escape(user, quote=False)}</span>")
         self.details.set_detail(detail)
+
+    def finish(self, ok: bool) -> None:
+        """End a job: Run enabled again; a bar left busy (a step without a count) stops.
+
+        The bar then reads 1/1 after a job that finished, 0/1 after one that failed.
+        """
+        self.busy(False)
+        if self.progress.maximum() == 0:
+            self.progress.setRange(0, 1)
+            self.progress.setValue(1 if ok else 0)
+            self.progress.setFormat("%v/%m")
 
     def set_progress(self, done: int, total: int, fmt: str = "%v/%m") -> None:
         self.progress.setRange(0, total)
@@ -607,6 +635,7 @@ class TaskWidget(Panel):
             slide = layer_slide(layer.data, layer.metadata, layer.scale, layer.name,
                                 units=getattr(layer, "units", None))  # fmt: skip
             layer.metadata["slide"] = slide
+        self._job_slide = slide  # its µm per pixel explains a failure (see _failed)
         return slide, layer
 
     def chosen_session(self, combo: RGBLayerCombo):
@@ -708,10 +737,13 @@ class TaskWidget(Panel):
         return layer
 
     def _failed(self, exc: Exception) -> None:
-        self.controls.error(exc)
+        slide = getattr(self, "_job_slide", None)
+        self._job_failed = True
+        self.controls.error(exc, mpp_known=None if slide is None else bool(slide.mpp))
 
     def _done(self) -> None:
-        self.controls.busy(False)
+        self.controls.finish(not getattr(self, "_job_failed", False))
+        self._job_failed = False
         self.worker = None
 
 

@@ -34,7 +34,7 @@ class ImageBackend(Backend):
         self._arr = to_rgb_uint8(np.asarray(array))
         h, w = self._arr.shape[:2]
         if h == 0 or w == 0:
-            raise SlideError(f"{path}: image has no pixels")
+            raise SlideError(f"{path}: image has no pixels", path=path, damaged=True)
         self.levels = [
             LevelInfo(shape=(h, w), tile=(min(h, _CHUNK), min(w, _CHUNK)), downsample=1.0)
         ]
@@ -62,13 +62,13 @@ class ArrayBackend(Backend):
     def __init__(self, path: Path, levels: Sequence[Any]) -> None:
         super().__init__(path)
         if not len(levels):
-            raise SlideError(f"{path}: no image data")
+            raise SlideError(f"{path}: no image data", path=path, damaged=True)
         self._arrays = [_as_dask(a) for a in levels]
         for arr in self._arrays:
             if arr.ndim != 3 or arr.shape[-1] not in (3, 4):
-                raise SlideError(f"{path}: not an RGB(A) image (shape {arr.shape})")
+                raise SlideError(f"{path}: not an RGB(A) image (shape {arr.shape})", path=path)
             if arr.shape[0] == 0 or arr.shape[1] == 0:
-                raise SlideError(f"{path}: image has no pixels")
+                raise SlideError(f"{path}: image has no pixels", path=path, damaged=True)
         base_w = self._arrays[0].shape[1]
         for arr in self._arrays:
             h, w = arr.shape[:2]
@@ -117,7 +117,9 @@ def _decode(path: Path) -> np.ndarray:
         try:
             return tifffile.imread(path, key=0)
         except Exception as exc:
-            raise SlideError(f"{path}: not a readable TIFF image ({exc})") from exc
+            raise SlideError(
+                f"{path}: not a readable TIFF image ({exc})", path=path, damaged=True
+            ) from exc
     from PIL import Image
 
     Image.MAX_IMAGE_PIXELS = MAX_PIXELS
@@ -128,4 +130,4 @@ def _decode(path: Path) -> np.ndarray:
                 im = im.convert("RGBA")
             return np.asarray(im)
     except Exception as exc:
-        raise SlideError(f"{path}: not a readable image ({exc})") from exc
+        raise SlideError(f"{path}: not a readable image ({exc})", path=path, damaged=True) from exc

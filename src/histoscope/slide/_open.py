@@ -65,14 +65,15 @@ def open_backend(path: str | os.PathLike) -> Backend:
     """
     p = Path(path).expanduser()
     if not p.exists():
-        raise SlideError(f"{p}: no such file")
+        raise SlideError(f"{p}: no such file", path=p)
     if p.is_file() and p.stat().st_size == 0:
-        raise SlideError(f"{p}: file is empty (0 bytes)")
+        raise SlideError(f"{p}: file is empty (0 bytes)", path=p, damaged=True)
     fmt = sniff_format(p)
     if fmt is None:
         raise SlideError(
             f"{p}: unsupported format {p.suffix or '(no extension)'!r}; HistoScope reads "
-            + ", ".join(sorted(SUPPORTED_EXTS))
+            + ", ".join(sorted(SUPPORTED_EXTS)),
+            path=p,
         )
     return _open_backend(p, fmt)
 
@@ -101,7 +102,9 @@ def _open_tiff(p: Path) -> Backend:
     with open(p, "rb") as fh:
         head = fh.read(4)
     if head not in _TIFF_MAGIC:
-        raise SlideError(f"{p}: not a TIFF file (it does not start with a TIFF header)")
+        raise SlideError(
+            f"{p}: not a TIFF file (it does not start with a TIFF header)", path=p, damaged=True
+        )
     try:
         return TiffBackend(p)
     except NotASlide:

@@ -42,7 +42,9 @@ class OpenSlideBackend(Backend):
         try:
             self._osr = self._open()
         except Exception as exc:
-            raise SlideError(f"{path}: OpenSlide cannot open it ({exc})") from exc
+            raise SlideError(
+                f"{path}: OpenSlide cannot open it ({exc})", path=path, damaged=True
+            ) from exc
         props = dict(self._osr.properties)
         base_w = self._osr.level_dimensions[0][0]
         for i, (w, h) in enumerate(self._osr.level_dimensions):

@@ -183,7 +183,7 @@ class Slide:
         except Exception as exc:
             msg = f"{self.path}: tile ({ty}, {tx}) of level {level} cannot be decoded ({exc})"
             if self.on_tile_error == "raise":
-                raise SlideError(msg) from exc
+                raise SlideError(msg, path=self.path, damaged=True) from exc
             self._note_bad_tile((level, ty, tx), msg)
             info = self._backend.levels[level]
             th, tw = info.tile
@@ -286,7 +286,9 @@ class Slide:
             if not self.mpp:
                 raise SlideError(
                     f"{self.path}: the slide has no µm/px, so mpp={mpp} cannot be honoured; "
-                    "pass mpp= to open_slide"
+                    "pass mpp= to open_slide",
+                    path=self.path,
+                    mpp_unknown=True,
                 )
             if not mpp > 0:
                 raise ValueError(f"mpp must be positive, got {mpp}")

@@ -35,6 +35,8 @@ _UNIT_TO_UM = {
 class NotASlide(SlideError):
     """The TIFF is readable but is no slide (a stack, truncated): no other reader may try."""
 
+    damaged = True
+
 
 class _Level:
     """One TIFF page seen as a grid of independently decodable chunks."""
@@ -75,7 +77,7 @@ class TiffBackend(Backend):
         try:
             self._fd = os.open(path, os.O_RDONLY)
         except OSError as exc:
-            raise SlideError(f"{path}: cannot be opened ({exc.strerror})") from exc
+            raise SlideError(f"{path}: cannot be opened ({exc.strerror})", path=path) from exc
         # Slides left to the garbage collector (napari layers) release their handles.
         self._release = weakref.finalize(self, _release, self._handles, self._fd)
         self._size = os.fstat(self._fd).st_size
@@ -96,7 +98,11 @@ class TiffBackend(Backend):
                 try:
                     self._handles["tif"] = tifffile.TiffFile(self.path)
                 except Exception as exc:
-                    raise SlideError(f"{self.path}: not a readable TIFF file ({exc})") from exc
+                    raise SlideError(
+                        f"{self.path}: not a readable TIFF file ({exc})",
+                        path=self.path,
+                        damaged=True,
+                    ) from exc
             return self._handles["tif"]
 
     def _init_lazy(self) -> bool:
@@ -139,7 +145,11 @@ class TiffBackend(Backend):
         except SlideError:
             raise
         except Exception as exc:
-            raise SlideError(f"{self.path}: TIFF structure could not be read ({exc})") from exc
+            raise SlideError(
+                f"{self.path}: TIFF structure could not be read ({exc})",
+                path=self.path,
+                damaged=True,
+            ) from exc
         base_w = None
         for page in pages:
             lvl = self._checked(_Level(page))
@@ -160,7 +170,7 @@ class TiffBackend(Backend):
 
     def _eager_pages(self, tif) -> list:
         if not tif.series:
-            raise SlideError(f"{self.path}: TIFF file holds no image")
+            raise SlideError(f"{self.path}: TIFF file holds no image", path=self.path, damaged=True)
         pages = []
         for lvl in tif.series[0].levels:
             if len(lvl.pages) != 1:
@@ -171,13 +181,18 @@ class TiffBackend(Backend):
             pages.append(page.keyframe if hasattr(page, "keyframe") else page)
         for page in pages:
             if not page.imagewidth or not page.imagelength or not page.dataoffsets:
-                raise SlideError(f"{self.path}: TIFF directory holds no image data")
+                raise SlideError(
+                    f"{self.path}: TIFF directory holds no image data", path=self.path, damaged=True
+                )
             if page.planarconfig != 1 and page.samplesperpixel > 1:
-                raise SlideError(f"{self.path}: planar (separate-channel) TIFF is not supported")
+                raise SlideError(
+                    f"{self.path}: planar (separate-channel) TIFF is not supported", path=self.path
+                )
             if page.bitspersample not in (8, 16) or page.samplesperpixel not in (1, 2, 3, 4):
                 raise SlideError(
                     f"{self.path}: {page.samplesperpixel} samples of {page.bitspersample} bits "
-                    "per pixel is not an RGB or grey slide"
+                    "per pixel is not an RGB or grey slide",
+                    path=self.path,
                 )
         return pages
 
