@@ -55,9 +55,27 @@ def read_session(path: str | list[str]) -> list:
     from histoscope.session_store import load_layers
 
     saved, layers = load_layers(folder)
+    layers = [_tissue_display(layer) for layer in layers]
     layers.insert(min(max(position, 0), len(layers)), (data, kwargs, kind))
     _keep_saving(saved.get("unreadable") or [])
     return layers
+
+
+def _tissue_display(layer: tuple) -> tuple:
+    """A saved tissue mask drawn as when it was made (its colours and outline are not saved)."""
+    data, kwargs, kind = layer
+    if kind != "labels" or (kwargs.get("metadata") or {}).get("histoscope_task") != "tissue":
+        return layer
+    from histoscope.tasks.tissue import tissue_display
+
+    return data, tissue_display(kwargs), kind
+
+
+def _outline_inserted(event) -> None:
+    """A tissue layer asking for its outline gets it once it is in the viewer."""
+    from histoscope.tasks.tissue import outline_tissue_layer
+
+    outline_tissue_layer(event.value)
 
 
 def _keep_saving(unreadable: list[str]) -> None:
@@ -70,6 +88,7 @@ def _keep_saving(unreadable: list[str]) -> None:
         return
     if viewer is None:
         return
+    viewer.layers.events.inserted.connect(_outline_inserted)  # the same callback connects once
     from histoscope._widgets._session import AutoSave
 
     AutoSave.for_viewer(viewer)

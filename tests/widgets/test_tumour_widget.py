@@ -184,3 +184,34 @@ def test_heatmap_scores_the_tissue_mask_as_the_user_edited_it(widget, qtbot):
     assert not after[:, 2:].any()  # 4 x 4 tiles of 128 µm: columns 2-3 lie on the erased half
     assert np.array_equal(after[:, :2], before[:, :2])
     assert not widget.viewer.layers["tissue"].data[:, half:].any()  # the edit is kept as drawn
+
+
+def test_tissue_painted_with_any_label_shows_and_a_restored_session_keeps_the_outline(
+    widget, qtbot, make_napari_viewer, slide_path, tmp_path
+):
+    import shutil
+
+    from histoscope._widgets._session import save_viewer_session
+    from histoscope.tasks.tissue import MASK_COLOR, MASK_CONTOUR
+
+    own = shutil.copy(slide_path, tmp_path / "own.tif")  # a session folder of its own
+    widget.viewer.layers.clear()
+    widget.viewer.open(str(own), plugin="napari-histoscope")
+    _wait(qtbot, widget, widget.run_tissue())
+    tissue = widget.viewer.layers["tissue"]
+    assert tissue.contour == MASK_CONTOUR
+    tissue.data[:4, :4] = 3  # the user paints with label 3: it counts as tissue, so it shows
+    tissue.refresh()
+    np.testing.assert_allclose(tissue.colormap.map(3), MASK_COLOR, atol=1e-6)
+    np.testing.assert_allclose(tissue.colormap.map(1), MASK_COLOR, atol=1e-6)
+    assert tissue.colormap.map(0)[3] == 0
+    assert save_viewer_session(widget.viewer) == []
+    folder = widget.layer_combo.layer().metadata["histoscope_session"].folder
+    other = make_napari_viewer()
+    other.open(str(folder), plugin="napari-histoscope")
+    restored = other.layers["tissue"]
+    assert restored.contour == MASK_CONTOUR  # an outline, not a filled brown sheet
+    np.testing.assert_allclose(restored.colormap.map(1), MASK_COLOR, atol=1e-6)
+    np.testing.assert_allclose(restored.colormap.map(3), MASK_COLOR, atol=1e-6)
+    assert (restored.data[:4, :4] == 3).all()
+    assert "histoscope_contour" not in restored.metadata

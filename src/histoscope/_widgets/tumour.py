@@ -172,10 +172,10 @@ class TumourWidget(TaskWidget):
         result = outcome.get("tissue")
         if result is None:
             return
-        from histoscope.tasks.tissue import MASK_CONTOUR
+        from histoscope.tasks.tissue import outline_tissue_layer
 
         for layer_data in result.to_layers():
-            self.replace_layer(*layer_data).contour = MASK_CONTOUR  # an outline: H&E stays visible
+            outline_tissue_layer(self.replace_layer(*layer_data))  # an outline: H&E stays visible
         self.status.setText(f"Tissue: {100 * result.mask.fraction:.0f}% of the slide.")
 
     # ---------------------------------------------------------------- Grad-CAM

@@ -26,6 +26,35 @@ from histoscope.tissue import EditedTissue, TissueMask, TissueParams, mask_sha25
 MASK_COLOR = (0.0, 1.0, 0.4, 1.0)
 #: Outline width of the tissue layer in mask pixels (the widget sets it; 0 fills).
 MASK_CONTOUR = 2
+#: Key under which a tissue layer's metadata asks for :data:`MASK_CONTOUR` once it is in a
+#: viewer (napari's layer data tuple cannot carry a contour); see :func:`outline_tissue_layer`.
+CONTOUR_KEY = "histoscope_contour"
+
+
+def tissue_colormap() -> dict:
+    """The tissue layer's labels colours: 0 clear, every other label :data:`MASK_COLOR`.
+
+    Any nonzero label counts as tissue (:func:`use_edited_mask`), so any label
+    the user paints with is drawn as tissue too.
+    """
+    return {None: MASK_COLOR, 0: (0.0, 0.0, 0.0, 0.0), 1: MASK_COLOR}
+
+
+def tissue_display(kwargs: dict) -> dict:
+    """Layer ``kwargs`` of a tissue labels layer with the mask's colours and outline request.
+
+    Used for a fresh mask and for a restored session's tissue layer (whose
+    saved settings lost the colour dictionary and the contour).
+    """
+    meta = {**(kwargs.get("metadata") or {}), CONTOUR_KEY: MASK_CONTOUR}
+    return {**kwargs, "colormap": tissue_colormap(), "metadata": meta}
+
+
+def outline_tissue_layer(layer) -> None:
+    """Draw a tissue labels layer as its outline when its metadata asks for it (once)."""
+    meta = getattr(layer, "metadata", None) or {}
+    if getattr(layer, "_type_string", "") == "labels" and CONTOUR_KEY in meta:
+        layer.contour = int(meta.pop(CONTOUR_KEY))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -42,10 +71,8 @@ class TissueResult(Result):
         meta = {"histoscope": self.provenance.to_dict(), "histoscope_task": "tissue",
                 "mask_sha256": mask_sha256(data), "mask_mpp": m.mpp}  # fmt: skip
         kwargs = {"name": "tissue", "scale": (m.mpp, m.mpp), "translate": (off, off),
-                  "units": ("um", "um"), "opacity": 0.9, "metadata": meta,
-                  "colormap": {None: (0.0, 0.0, 0.0, 0.0), 0: (0.0, 0.0, 0.0, 0.0),
-                               1: MASK_COLOR}}  # fmt: skip
-        return [(data, kwargs, "labels")]
+                  "units": ("um", "um"), "opacity": 0.9, "metadata": meta}  # fmt: skip
+        return [(data, tissue_display(kwargs), "labels")]
 
     def summary(self) -> dict[str, Any]:
         m = self.mask
