@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -170,6 +171,30 @@ def test_train_caches_features_resumes_and_evaluates(tmp_path, dataset, capsys):
         after.metrics["final_test"]["seeds"] == seeds
         and after.metrics["best_epoch"] == before.metrics["best_epoch"]
     )
+    # a second record under the same key is refused before anything is evaluated, a bad
+    # key or a folder without a synth manifest too; overwrite=true replaces it
+    args = ["evaluate", res3["checkpoint"], "--split", "all", "-O", f"cache={out / 'cache'}"]
+    for data, opt, match in ((dataset, "record=final_test", "overwrite=true"),
+                             (dataset, "record=final-test", "plain name"),
+                             (tmp_path, "record=other", "manifest")):  # fmt: skip
+        capsys.readouterr()
+        assert main([*args, "--data", str(data), "--out", str(tmp_path / "ev3"), "-O", opt]) != 0
+        assert match in capsys.readouterr().err
+        assert not (tmp_path / "ev3" / "slides.csv").exists()
+    # `:`-joined folders are pooled (each folder's features cached apart)
+    capsys.readouterr()
+    both = f"{dataset}{os.pathsep}{dataset}"
+    assert main([*args, "--data", both, "--out", str(tmp_path / "ev4"),
+                 "-O", "record=final_test", "-O", "overwrite=true"]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    again = read_card(res3["checkpoint"]).metrics["final_test"]
+    assert again["n"]["normal"] + again["n"]["tumour"] == 12 and again["seeds"] == seeds + seeds
+    assert again["n"] == {k: 2 * v for k, v in m["n"].items()} and again["auc"] == pytest.approx(
+        m["auc"]
+    )
+    row = next(x for x in printed.splitlines() if x.startswith("| CLAM | "))
+    assert f"{again['specificity']:.3f} [" in row and f"{again['sensitivity']:.3f} [" in row
+    assert json.loads((tmp_path / "ev4" / "metrics.json").read_text())["n"] == again["n"]
 
 
 def test_stain_shifted_bags_restain_the_tiles_once_per_slide(tmp_path, dataset):

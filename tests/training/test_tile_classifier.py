@@ -434,3 +434,29 @@ def test_tile_metrics_give_intervals_ece_and_per_slide_floors():
     assert m["ece"] > 0
     table = markdown_table({"n_slides": 2, "test": m})
     assert "| test | 2 | 14 / 16 |" in table and "0.750 [" in table
+
+
+def test_record_is_checked_before_the_evaluation(tmp_path):
+    """`-O record=KEY` refuses a bad key, a folder without a synth manifest, or an existing
+    entry (without overwrite) before a tile is read, and leaves the card as it was."""
+    import shutil
+
+    from histoscope._data import sample_data_path
+    from histoscope.checkpoints import read_card
+    from histoscope.training.tile_classifier import evaluate
+
+    ckpt = tmp_path / "t.safetensors"
+    shutil.copy(sample_data_path("tumour_patch_default.safetensors"), ckpt)
+    before = read_card(ckpt).to_dict()
+    data = tmp_path / "data"
+    data.mkdir()
+    with pytest.raises(RecipeError, match="plain name"):
+        evaluate(ckpt, data, tmp_path / "ev", record="final test")
+    with pytest.raises(RecipeError, match="manifest"):
+        evaluate(ckpt, data, tmp_path / "ev", record="other")
+    (data / "manifest.json").write_text(json.dumps({"slides": [{"seed": 3, "split": "test"}]}))
+    with pytest.raises(RecipeError, match="overwrite=true"):
+        evaluate(ckpt, data, tmp_path / "ev", record="final_test")
+    with pytest.raises(RecipeError, match="no slides in split 'val'"):
+        evaluate(ckpt, data, tmp_path / "ev", split="val", record="other")
+    assert read_card(ckpt).to_dict() == before and not (tmp_path / "ev").exists()

@@ -41,27 +41,69 @@ def manifest_seeds(data: str | os.PathLike, split: str = "all") -> list[int]:
     return seeds
 
 
+def check_record(
+    checkpoint: str | os.PathLike, key: str, *, data: str | os.PathLike, split: str,
+    overwrite: bool = False,
+) -> None:  # fmt: skip
+    """Refuse a :func:`record` before anything is evaluated.
+
+    Call it before the (long) evaluation: the key must be a plain name, every
+    data folder must have a synth ``manifest.json`` with slides in ``split``
+    (their seeds are recorded), and the card must not hold ``metrics.<key>``
+    already unless ``overwrite``.
+
+    Raises
+    ------
+    RecipeError
+        If ``key`` is not a plain name, a folder has no readable manifest or no
+        slides in ``split``, or ``metrics.<key>`` exists and ``overwrite`` is false.
+    """
+    from histoscope.checkpoints import read_card
+    from histoscope.training._recipe import RecipeError
+
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", str(key)):
+        raise RecipeError(f"record key must be a plain name, got {key!r}")
+    for folder in str(data).split(os.pathsep):
+        manifest = Path(folder) / "manifest.json"
+        try:
+            doc = json.loads(manifest.read_text())
+            rows = [r for r in doc["slides"] if split == "all" or r.get("split") == split]
+            [int(r["seed"]) for r in rows]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise RecipeError(
+                f"record={key}: {manifest} is not a readable synth manifest with slide "
+                f"seeds ({exc}); the card records which slides were tested"
+            ) from exc
+        if not rows:
+            raise RecipeError(f"record={key}: {folder} has no slides in split {split!r}")
+    if key in read_card(checkpoint).metrics and not overwrite:
+        raise RecipeError(
+            f"{checkpoint}: the card already records metrics.{key}; "
+            "pass -O overwrite=true to replace it"
+        )
+
+
 def record(
     checkpoint: str | os.PathLike, key: str, metrics: Mapping[str, Any], *,
-    data: str | os.PathLike, split: str,
+    data: str | os.PathLike, split: str, overwrite: bool = False,
 ) -> Path:  # fmt: skip
     """Write ``metrics`` into the card of ``checkpoint`` at ``metrics.<key>``.
 
     The current file is read, only ``metrics.<key>`` changes (with ``data``,
     ``split`` and the ``seeds`` of the slides added), and the file is rewritten
-    atomically with the same tensors.
+    atomically with the same tensors. An existing ``metrics.<key>`` is replaced
+    only with ``overwrite``.
 
     Raises
     ------
-    ValueError
-        If ``key`` is not a plain name.
+    RecipeError
+        As :func:`check_record`.
     RuntimeError
         If the rewritten file's tensor hash differs (it never should).
     """
     from histoscope.checkpoints import load_checkpoint, save_checkpoint
 
-    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
-        raise ValueError(f"record key must be a plain name, got {key!r}")
+    check_record(checkpoint, key, data=data, split=split, overwrite=overwrite)
     model, card = load_checkpoint(checkpoint)
     entry = {**metrics, "data": str(data), "split": split, "seeds": manifest_seeds(data, split)}
     new = replace(card, metrics={**card.metrics, key: json.loads(json.dumps(entry, default=float))})
@@ -70,6 +112,25 @@ def record(
 
     if read_card(path).sha256 != card.sha256:
         raise RuntimeError(f"{path}: tensors changed while rewriting the card")
+    return path
+
+
+def write_metrics_first(
+    out_dir: str | os.PathLike, checkpoint: str | os.PathLike, data: str | os.PathLike,
+    metrics: Mapping[str, Any],
+) -> Path:  # fmt: skip
+    """Write ``out_dir/metrics.json`` (as ``histoscope.training.evaluate`` does) before a record.
+
+    So an evaluation's figures are on disk even when writing them into the card fails.
+    """
+    from histoscope.atomic import atomic_write_text
+    from histoscope.checkpoints import read_card
+
+    card = read_card(checkpoint)
+    doc = {"checkpoint": str(checkpoint), "family": card.family, "sha256": card.sha256,
+           "data": str(data), **metrics}  # fmt: skip
+    path = Path(out_dir) / "metrics.json"
+    atomic_write_text(path, json.dumps(doc, indent=2, default=float) + "\n")
     return path
 
 

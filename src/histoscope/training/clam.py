@@ -382,6 +382,7 @@ def evaluate(
     baseline: str | os.PathLike | None = None,
     cache: str | os.PathLike | None = None,
     record: str | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Slide and attention metrics of a ``clam`` checkpoint on a labelled H&E folder.
 
@@ -406,6 +407,10 @@ def evaluate(
         Also write the figures into the checkpoint's card under
         ``metrics.<record>`` (e.g. ``final_test``), with the slides' seeds; the
         tensors stay as they are (:func:`histoscope.training._claims.record`).
+        The key, the data's synth manifest and an existing entry are checked
+        before anything is evaluated; ``metrics.json`` is written before the card.
+    overwrite
+        With ``record``: replace an existing ``metrics.<record>`` (else refused).
 
     Returns
     -------
@@ -423,7 +428,11 @@ def evaluate(
     """
     from histoscope.checkpoints import load_checkpoint
     from histoscope.tasks.mil import feature_model_for
+    from histoscope.training import _claims
 
+    if record:
+        _claims.check_record(checkpoint_path, record, data=data_path, split=split,
+                             overwrite=overwrite)  # fmt: skip
     model, card = load_checkpoint(checkpoint_path, family=FAMILY)
     fm = feature_model_for(card)
     out = Path(out_dir)
@@ -444,9 +453,9 @@ def evaluate(
     if "mean_pool" in results:
         metrics["mean_pool"] = _strip_per_slide(_summary(results["mean_pool"][split]))
     if record:
-        from histoscope.training._claims import record as record_card
-
-        record_card(checkpoint_path, record, metrics, data=data_path, split=split)
+        _claims.write_metrics_first(out, checkpoint_path, data_path, metrics)
+        _claims.record(checkpoint_path, record, metrics, data=data_path, split=split,
+                       overwrite=overwrite)  # fmt: skip
     return metrics
 
 

@@ -260,6 +260,9 @@ def load_bags(root: str | os.PathLike, split: str, fm, cache: str | os.PathLike,
               progress: Callable[[int, int, str], None] | None = None) -> list[Bag]:  # fmt: skip
     """Every slide of one split as a :class:`Bag` (features cached, truth from the masks).
 
+    ``root`` is a synth folder, or several joined by ``os.pathsep`` (``a:b``),
+    whose slides are pooled in order (each folder's features cached apart).
+
     ``shift`` (``{"shift_degrees", "shift_amount", "seed"}``, as the
     ``tile_classifier`` family's ``eval`` section) restains each slide's tiles
     out of the generator's stain range before encoding; slide ``k`` of the
@@ -274,12 +277,23 @@ def load_bags(root: str | os.PathLike, split: str, fm, cache: str | os.PathLike,
 
     from histoscope.training._tiles import read_manifest
 
-    root = Path(root)
-    rows = [r for r in read_manifest(root)["slides"] if split == "all" or r.get("split") == split]
-    if not rows:
-        raise RecipeError(f"data folder {root} has no slides in split {split!r}")
+    folders = [Path(p) for p in str(root).split(os.pathsep)]
+    rows, roots = [], []
+    for folder in folders:
+        got = [
+            r for r in read_manifest(folder)["slides"] if split == "all" or r.get("split") == split
+        ]
+        if not got:
+            raise RecipeError(f"data folder {folder} has no slides in split {split!r}"
+                              + ("; a synth set is split train/val/test: use split 'all' for a "
+                                 "set made only for testing" if split != "all" else ""))  # fmt: skip
+        rows += got
+        roots += [folder] * len(got)
+    # several folders may hold slides of the same name (same seeds, other extents)
+    caches = {f: Path(cache) / (f"{i}_{f.name}" if len(folders) > 1 else "")
+              for i, f in enumerate(folders)}  # fmt: skip
     bags = []
-    for k, row in enumerate(rows):
+    for k, (root, row) in enumerate(zip(roots, rows, strict=True)):
         label = json.loads((root / row["label_json"]).read_text())
         sh = None
         if shift is not None:
@@ -287,7 +301,7 @@ def load_bags(root: str | os.PathLike, split: str, fm, cache: str | os.PathLike,
             sh = {"stains": None if stains is None else np.asarray(stains, np.float64),
                   "seed": [int(shift["seed"]), k, 0x57A1], "degrees": float(shift["shift_degrees"]),
                   "amount": tuple(float(v) for v in shift["shift_amount"])}  # fmt: skip
-        feats, xy, attrs = slide_features(root / row["slide"], fm, Path(cache),
+        feats, xy, attrs = slide_features(root / row["slide"], fm, caches[root],
                                           min_tissue=min_tissue, shift=sh)  # fmt: skip
         if len(feats) == 0:
             raise RecipeError(f"slide {row['slide']} in {root} has no tissue tiles")

@@ -582,6 +582,7 @@ def evaluate(
     split: str = "test",
     stain_norm: bool = False,
     record: str | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Patch metrics of a checkpoint on a labelled synth folder or patch folder.
 
@@ -602,6 +603,10 @@ def evaluate(
         Also write the figures into the checkpoint's card under
         ``metrics.<record>`` (e.g. ``final_test``), with the slides' seeds; the
         tensors stay as they are (:func:`histoscope.training._claims.record`).
+        The key, the data's synth manifest and an existing entry are checked
+        before anything is evaluated; ``metrics.json`` is written before the card.
+    overwrite
+        With ``record``: replace an existing ``metrics.<record>`` (else refused).
 
     Returns
     -------
@@ -618,7 +623,11 @@ def evaluate(
         If the data folder, its manifest or the split is missing.
     """
     from histoscope.checkpoints import load_checkpoint
+    from histoscope.training import _claims
 
+    if record:
+        _claims.check_record(checkpoint_path, record, data=data_path, split=split,
+                             overwrite=overwrite)  # fmt: skip
     model, card = load_checkpoint(checkpoint_path, family=FAMILY)
     if tuple(card.classes) != CLASSES:
         raise RecipeError(f"{checkpoint_path}: classes {card.classes} are not {CLASSES}")
@@ -630,9 +639,9 @@ def evaluate(
     res = evaluate_tiles(model, card.input_spec, tiles, ev, Path(out_dir), stain_norm=stain_norm)
     result = {"split": split, "n_slides": len(tiles.names), **res}
     if record:
-        from histoscope.training._claims import record as record_card
-
-        record_card(checkpoint_path, record, result, data=data_path, split=split)
+        _claims.write_metrics_first(out_dir, checkpoint_path, data_path, result)
+        _claims.record(checkpoint_path, record, result, data=data_path, split=split,
+                       overwrite=overwrite)  # fmt: skip
     return result
 
 
