@@ -92,3 +92,44 @@ def test_synth_benign_set_and_bad_extent(tmp_path, capsys):
         seeds_with_extent("he", "huge", 0, 1, (512, 512), 1.0)
     assert main(["synth", str(tmp_path / "x"), "--tumour-extent", "huge"]) == 2
     assert "huge" in capsys.readouterr().err
+
+
+def test_synth_extent_checks_first_shows_the_scan_and_writes_the_manifest_once(
+    tmp_path, capsys, monkeypatch
+):
+    from histoscope.synthetic import _params, cli
+    from histoscope.synthetic._dataset import write_dataset
+
+    # size / mpp / kind are refused before a single seed is drawn
+    drawn = []
+    real = _params.sample_params
+    monkeypatch.setattr(_params, "sample_params", lambda *a: drawn.append(a) or real(*a))
+    for bad, match in ((["--size", "100", "100"], "size"), (["--mpp", "50"], "mpp")):
+        assert main(["synth", str(tmp_path / "x"), "--tumour-extent", "none", *bad]) == 2
+        assert match in capsys.readouterr().err
+    with pytest.raises(ValueError, match="kind"):
+        cli.seeds_with_extent("xyz", "none", 0, 1, (512, 512), 1.0)
+    assert drawn == [] and not (tmp_path / "x").exists()
+    # the scan is reported unless --quiet
+    assert main(["synth", str(tmp_path / "y"), "--size", "384", "384", "--mpp", "1",
+                 "--count", "2", "--tumour-extent", "none"]) == 0  # fmt: skip
+    err = capsys.readouterr().err
+    assert "[scan 1/2] seed" in err and "[scan 2/2]" in err and "[2/2] he_" in err
+    # an existing folder keeps its manifest until the new set is complete; an
+    # interrupted run leaves the old manifest, never one that lists part of the slides
+    out = tmp_path / "z"
+    write_dataset(out, "he", (384, 384), seed=0, count=2, mpp=1.0)
+    old = (out / "manifest.json").read_text()
+    seeds = cli.seeds_with_extent("he", "none", 100, 3, (384, 384), 1.0)
+
+    def stop(done, total, name):
+        assert (out / "manifest.json").read_text() == old
+        if done == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        cli.write_selected(out, "he", (384, 384), seeds, 1.0, progress=stop)
+    assert (out / "manifest.json").read_text() == old
+    doc = json.loads(cli.write_selected(out, "he", (384, 384), seeds, 1.0).read_text())
+    assert doc["seeds"] == seeds and [r["seed"] for r in doc["slides"]] == seeds
+    assert doc["first_seed"] == seeds[0] and doc["count"] == 3

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 from collections.abc import Callable
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from histoscope.atomic import atomic_write_text
 from histoscope.synthetic._generate import SyntheticSlide, generate
 
 SPLITS = ("train", "val", "test")
@@ -45,8 +47,13 @@ def write_dataset(
     extras: bool = False,
     fractions: tuple[float, float, float] = (0.7, 0.15, 0.15),
     progress: Callable[[int, int, str], None] | None = None,
+    seeds: list[int] | None = None,
 ) -> Path:
     """Generate ``count`` slides (seeds ``seed .. seed+count-1``) with splits and a manifest.
+
+    The manifest (``manifest.json``, ``manifest.csv``) is written once, after
+    the last slide, so an interrupted run never leaves one listing part of the
+    slides, nor replaces the manifest of a folder it writes into before it is done.
 
     Parameters
     ----------
@@ -62,26 +69,39 @@ def write_dataset(
         Train / val / test fractions.
     progress
         ``progress(done, total, name)`` after each slide.
+    seeds
+        Generate the slides of these seeds instead (any order; ``seed`` and
+        ``count`` are then ignored): the splits are shuffled by the first seed
+        and the manifest also lists ``seeds``.
 
     Returns
     -------
     pathlib.Path
         ``manifest.json`` (the same rows are in ``manifest.csv``).
     """
-    if not isinstance(count, int) or count < 1:
+    if seeds is not None:
+        seed_list = [int(v) for v in seeds]
+        if not seed_list or any(v < 0 for v in seed_list):
+            raise ValueError(
+                f"seeds must be a non-empty list of non-negative integers, got {seeds!r}"
+            )
+        seed, count = seed_list[0], len(seed_list)
+    elif not isinstance(count, int) or count < 1:
         raise ValueError(f"count must be a positive integer, got {count!r}")
+    else:
+        seed_list = list(range(seed, seed + count))
     out = Path(out_dir)
     slides_dir = out / "slides"
     splits = assign_splits(count, seed, fractions)
     rows = []
     for k in range(count):
-        s: SyntheticSlide = generate(slides_dir, kind, size, seed + k, mpp, extras=extras)
+        s: SyntheticSlide = generate(slides_dir, kind, size, seed_list[k], mpp, extras=extras)
         label = s.read_label()
         row = {
             "name": s.slide.stem,
             "split": splits[k],
             "kind": kind,
-            "seed": seed + k,
+            "seed": seed_list[k],
             "slide": str(s.slide.relative_to(out)),
             "label_json": str(s.label.relative_to(out)),
             "cells_geojson": str(s.cells_geojson.relative_to(out)),
@@ -108,15 +128,17 @@ def write_dataset(
         "mpp": mpp,
         "first_seed": seed,
         "count": count,
+        **({"seeds": seed_list} if seeds is not None else {}),
         "splits": {sp: [r["name"] for r in rows if r["split"] == sp] for sp in SPLITS},
         "slides": rows,
     }
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
     fields = list(dict.fromkeys(k for r in rows for k in r))
-    with open(out / "manifest.csv", "w", newline="") as fh:
-        wr = csv.DictWriter(fh, fieldnames=fields)
-        wr.writeheader()
-        wr.writerows(rows)
+    buf = io.StringIO(newline="")
+    wr = csv.DictWriter(buf, fieldnames=fields)
+    wr.writeheader()
+    wr.writerows(rows)
+    atomic_write_text(out / "manifest.csv", buf.getvalue())
+    atomic_write_text(out / "manifest.json", json.dumps(manifest, indent=1))
     if kind == "ihc":
         _merge_hpa(out, rows)
     if extras:

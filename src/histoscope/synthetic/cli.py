@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -39,11 +37,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def seeds_with_extent(
-    kind: str, extent: str, first: int, count: int, size: tuple[int, int], mpp: float
-) -> list[int]:
+    kind: str, extent: str, first: int, count: int, size: tuple[int, int], mpp: float,
+    *, progress: Callable[[int, int, str], None] | None = None,
+) -> list[int]:  # fmt: skip
     """The first ``count`` seeds from ``first`` up whose slide has tumour ``extent``.
 
     Only the slide-level parameters are drawn (no pixels), so this is cheap.
+    ``kind``, ``size``, ``mpp`` and the rest are checked before any seed is
+    looked at; ``progress(found, count, "seed N")`` is called per seed found.
 
     Raises
     ------
@@ -51,8 +52,10 @@ def seeds_with_extent(
         If ``extent`` is unknown, or ``count`` slides of it are not found among
         ``count * MAX_SEEDS_PER_SLIDE`` seeds.
     """
+    from histoscope.synthetic._generate import _check
     from histoscope.synthetic._params import TUMOUR_EXTENTS, sample_params
 
+    _check(kind, size, 0, mpp)
     if extent not in TUMOUR_EXTENTS:
         raise ValueError(f"tumour extent must be one of {TUMOUR_EXTENTS}, got {extent!r}")
     if count < 1:
@@ -63,6 +66,8 @@ def seeds_with_extent(
     for s in range(first, first + count * MAX_SEEDS_PER_SLIDE):
         if sample_params(kind, s, size, mpp).tumour_extent == extent:
             seeds.append(s)
+            if progress is not None:
+                progress(len(seeds), count, f"seed {s} ({extent})")
             if len(seeds) == count:
                 return seeds
     raise ValueError(f"only {len(seeds)} of {count} {kind} slides with tumour extent {extent!r} "
@@ -81,45 +86,16 @@ def write_selected(
 ) -> Path:
     """A dataset of the slides of ``seeds`` (any order), laid out as ``write_dataset`` does.
 
-    Each slide is written by :func:`histoscope.synthetic.write_dataset` (so its
-    files and manifest row are exactly those of a consecutive dataset); the
-    splits are then drawn over the whole list (seeded by its first seed) and
-    the manifest, ``hpa.csv`` (IHC) and ``reports.json`` (extras) rewritten for
-    all of them. The manifest also lists ``seeds``.
+    :func:`histoscope.synthetic.write_dataset` with ``seeds``: each slide's files
+    and manifest row are exactly those of a consecutive dataset, the splits are
+    drawn over the whole list (seeded by its first seed), and the manifest
+    (which also lists ``seeds``), ``hpa.csv`` (IHC) and ``reports.json``
+    (extras) are written once, after the last slide.
     """
-    from histoscope.synthetic._dataset import (
-        SPLITS,
-        _merge_hpa,
-        _merge_reports,
-        assign_splits,
-        write_dataset,
-    )
+    from histoscope.synthetic._dataset import write_dataset
 
-    out = Path(out_dir)
-    splits = assign_splits(len(seeds), seeds[0])
-    rows = []
-    for k, s in enumerate(seeds):
-        one = write_dataset(out, kind, size, seed=s, count=1, mpp=mpp, extras=extras)
-        (row,) = json.loads(one.read_text())["slides"]
-        rows.append({**row, "split": splits[k]})
-        if progress is not None:
-            progress(k + 1, len(seeds), row["name"])
-    manifest = {
-        "kind": kind, "size": [int(v) for v in size], "mpp": mpp, "first_seed": seeds[0],
-        "count": len(seeds), "seeds": list(seeds),
-        "splits": {sp: [r["name"] for r in rows if r["split"] == sp] for sp in SPLITS},
-        "slides": rows,
-    }  # fmt: skip
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    with open(out / "manifest.csv", "w", newline="") as fh:
-        wr = csv.DictWriter(fh, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
-        wr.writeheader()
-        wr.writerows(rows)
-    if kind == "ihc":
-        _merge_hpa(out, rows)
-    if extras:
-        _merge_reports(out, rows)
-    return out / "manifest.json"
+    return write_dataset(out_dir, kind, size, mpp=mpp, extras=extras, progress=progress,
+                         seeds=list(seeds))  # fmt: skip
 
 
 def run(args: argparse.Namespace) -> int:
@@ -137,8 +113,13 @@ def run(args: argparse.Namespace) -> int:
                                      count=args.count, mpp=args.mpp, extras=args.extras,
                                      progress=progress)  # fmt: skip
         else:
+
+            def scanned(found: int, total: int, what: str) -> None:
+                if not args.quiet:
+                    print(f"[scan {found}/{total}] {what}", file=sys.stderr, flush=True)
+
             seeds = seeds_with_extent(args.kind, args.tumour_extent, args.seed, args.count,
-                                      size, args.mpp)  # fmt: skip
+                                      size, args.mpp, progress=scanned)  # fmt: skip
             manifest = write_selected(args.out_dir, args.kind, size, seeds, args.mpp,
                                       extras=args.extras, progress=progress)  # fmt: skip
     except ValueError as exc:
