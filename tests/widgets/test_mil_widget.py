@@ -85,6 +85,7 @@ def test_mil_bags_only_the_tiles_of_the_edited_tissue_mask(widget, qtbot):
     assert tumour.run_tissue() is not None
     qtbot.waitUntil(lambda: tumour.worker is None, timeout=120_000)
     tissue = widget.viewer.layers["tissue"]
+    detected = tissue.data.copy()
     data = tissue.data.copy()
     data[:, data.shape[1] // 2 :] = 0  # the user erases the right half
     tissue.data = data
@@ -96,3 +97,10 @@ def test_mil_bags_only_the_tiles_of_the_edited_tissue_mask(widget, qtbot):
     right = (g.coords[:, 0] + g.stride) * g.slide_mpp > half_um + tissue.scale[1]
     assert not right.any()  # no tile of the erased half entered the bag
     assert len(g) > 0
+    # the user undoes the erasure: MIL bags the whole tissue again, not the edit undone
+    tissue.data = detected
+    assert widget.run() is not None
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=180_000)
+    g2 = widget.result.attention.grid
+    assert ((g2.coords[:, 0] + g2.stride) * g2.slide_mpp > half_um + tissue.scale[1]).any()
+    assert len(g2) > len(g)

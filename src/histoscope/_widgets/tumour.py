@@ -25,9 +25,12 @@ HEATMAP_NAME = "tumour probability"
 def edited_tissue(viewer, session):
     """The session's tissue as the user edited it in the viewer, or ``None`` if unedited.
 
-    Looks for the tissue labels layer HistoScope made for this slide; when its
-    pixels differ from what was drawn (the user painted or erased), the edited
-    mask becomes the session's tissue in force and its key is returned.
+    Looks for the tissue labels layer HistoScope made for this slide and
+    always installs the tissue it shows as the session's tissue in force:
+    when its pixels differ from what was drawn (the user painted or erased),
+    the edited mask, whose key is returned; when they do not (never edited,
+    or an edit undone), the detection settings the layer was made with, so an
+    edit the user has undone is no longer used.
     """
     from histoscope.tasks.tissue import use_edited_mask
     from histoscope.tissue import TissueParams, mask_sha256
@@ -38,10 +41,12 @@ def edited_tissue(viewer, session):
         if (layer._type_string != "labels" or meta.get("histoscope_task") != "tissue"
                 or prov.get("slide") != str(session.slide.path) or "mask_sha256" not in meta):  # fmt: skip
             continue
-        if mask_sha256(layer.data) == meta.get("mask_sha256"):
-            return None  # as detected: the form's settings decide
         names = TissueParams.__dataclass_fields__
-        base = TissueParams(**{k: v for k, v in (prov.get("params") or {}).items() if k in names})
+        saved = prov.get("params") or {}
+        base = TissueParams(**{k: v for k, v in saved.items() if k in names})
+        if mask_sha256(layer.data) == meta.get("mask_sha256") and not saved.get("edit_sha256"):
+            session.tissue_params = base  # as detected: an earlier edit, since undone, is not used
+            return None
         return use_edited_mask(session, np.asarray(layer.data), base)
     return None
 
