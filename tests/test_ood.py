@@ -250,3 +250,23 @@ def test_mil_flags_real_ihc_tissue_as_outside(tmp_path):
     assert s["outside_training_data"] is True and s["ood"]["n_items"] == s["tiles_encoded"]
     assert s["ood"]["score"] > s["ood"]["threshold"]
     json.dumps(s)
+
+
+def test_reference_keyed_to_the_backbone_hash_survives_a_new_head(fitted):
+    """A reference keyed to the backbone's tensors (``data.backbone_sha256``, or a feature
+    card's ``features.weights_sha256``) is compared whatever the whole-checkpoint hash;
+    one keyed to neither is not (old cards: the whole-checkpoint hash still counts)."""
+    ref, _ = fitted
+    feats = np.zeros((4, ref.dim))
+    keyed = ref.to_dict() | {"encoder_sha256": "b" * 64}
+    for data in ({"backbone_sha256": "b" * 64}, {"features": {"weights_sha256": "b" * 64}}):
+        card = ModelCard(family="tile_classifier", config={}, data={"ood": keyed, **data},
+                         sha256="c" * 64)  # fmt: skip
+        assert assess_card(card, feats).outside is not None
+    old = ModelCard(family="tile_classifier", config={}, sha256="c" * 64,
+                    data={"ood": ref.to_dict() | {"encoder_sha256": "c" * 64}})  # fmt: skip
+    assert assess_card(old, feats).outside is not None
+    other = ModelCard(family="tile_classifier", config={}, sha256="c" * 64,
+                      data={"ood": keyed, "backbone_sha256": "d" * 64})  # fmt: skip
+    r = assess_card(other, feats)
+    assert r.outside is None and "other weights" in r.message

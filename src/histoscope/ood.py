@@ -419,10 +419,18 @@ def assess_card(card: ModelCard | None, feats: np.ndarray | None) -> OODReport:
 
 
 def _weights(card) -> set[str]:
-    """Tensor hashes of the weights a card's features come from: its own, and a named encoder's."""
-    feats = (getattr(card, "data", None) or {}).get("features")
-    enc = feats.get("checkpoint_sha256") if isinstance(feats, Mapping) else None
-    return {h for h in (getattr(card, "sha256", ""), enc) if h}
+    """Tensor hashes of the weights a card's features come from.
+
+    Its own; a named encoder's (``data.features.checkpoint_sha256``); and the
+    hash of the backbone's tensors alone (``data.features.weights_sha256``, or
+    ``data.backbone_sha256``), which stays when only a head changes (calibration).
+    """
+    data = getattr(card, "data", None) or {}
+    feats = data.get("features")
+    feats = feats if isinstance(feats, Mapping) else {}
+    hashes = (getattr(card, "sha256", ""), feats.get("checkpoint_sha256"),
+              feats.get("weights_sha256"), data.get("backbone_sha256"))  # fmt: skip
+    return {h for h in hashes if isinstance(h, str) and h}
 
 
 def ood_summary(report: OODReport) -> dict[str, Any]:

@@ -357,8 +357,18 @@ def test_calibration_is_fitted_stored_in_the_head_and_used_by_the_heatmap(traine
 
     _, result, _ = trained
     model, card = load_checkpoint(result["checkpoint"], family="tile_classifier")
+    from histoscope.checkpoints import read_card
+    from histoscope.ood import assess_card, fit_reference, write_reference
+
+    rng = np.random.default_rng(0)
+    ref = fit_reference([rng.normal(size=(30, 8)) for _ in range(6)],
+                        [rng.normal(size=(30, 8)) for _ in range(4)], rank=3)  # fmt: skip
+    recorded = {"auc": 0.9, "split": "test", "seeds": [1, 2]}
     src = save_checkpoint(tmp_path / "src.safetensors", model,
-                          {**card.to_dict(), "data": {**card.data, "other_tool": {"kept": 1}}})  # fmt: skip
+                          {**card.to_dict(), "data": {**card.data, "other_tool": {"kept": 1}},
+                           "metrics": {**card.metrics, "final_test": recorded}})  # fmt: skip
+    write_reference(src, ref)  # keyed to the whole checkpoint's hash, as old cards are
+    assert read_card(src).data["ood"]["encoder_sha256"] == read_card(src).sha256
     recipe = _recipe(dataset, tmp_path / "cal")
     recipe["eval"] = {"calibrate": {"from_checkpoint": str(src), "path": str(dataset)}}
     out = run_recipe(recipe)
@@ -369,6 +379,21 @@ def test_calibration_is_fitted_stored_in_the_head_and_used_by_the_heatmap(traine
     assert c["scale"][0] == pytest.approx(c["scale"][1]) and c["scale"][0] > 0
     assert sum(c["shift"]) == pytest.approx(0, abs=1e-9) and c["n"]["tumour"] > 0
     assert cal_card.metrics["uncalibrated"]["test"] == card.metrics["test"]
+    # the final test measured the old weights: superseded, not left as the card's figure
+    assert "final_test" not in cal_card.metrics
+    assert cal_card.metrics["superseded"]["final_test"]["auc"] == 0.9
+    # the reference describes the backbone, which calibration keeps: still compared
+    assert cal_card.sha256 != read_card(src).sha256
+    assert cal_card.data["ood"]["encoder_sha256"] == cal_card.data["backbone_sha256"]
+    report = assess_card(cal_card, rng.normal(size=(20, 8)))
+    assert report.outside is not None, report.message
+    # recalibrating again keeps the first `uncalibrated` entry
+    recipe2 = _recipe(dataset, tmp_path / "cal2")
+    recipe2["eval"] = {"calibrate": {"from_checkpoint": out["checkpoint"], "path": str(dataset)}}
+    card2 = read_card(run_recipe(recipe2)["checkpoint"])
+    assert card2.metrics["uncalibrated"] == cal_card.metrics["uncalibrated"]
+    assert card2.metrics["superseded"]["before_recalibration"]["test"] == cal_card.metrics["test"]
+    assert card2.data["ood"]["encoder_sha256"] == cal_card.data["backbone_sha256"]
     assert cal_card.recipe["eval"]["calibrate"]["from_checkpoint"] == str(src)
     tiles = load_split(dataset, "test", mpp=2.0, tile_size=32)
     raw = predict_logits(cal_model, tiles.images, cal_card.input_spec, raw=True)

@@ -437,9 +437,15 @@ def recalibrate(recipe: Mapping[str, Any], out_dir: str | os.PathLike) -> dict[s
     Its card is kept whole (other tools' keys included) with: ``config``
     (``calibrated: true``), ``metrics.calibration``, the test-split metrics
     re-measured with the calibration (``metrics.test``, ``metrics.test_stain_shifted``,
-    ``metrics.val``; the figures before it move to ``metrics.uncalibrated``) and
-    ``recipe.eval.calibrate``. Written to ``out_dir/<name>.safetensors`` and to
-    ``export`` when set.
+    ``metrics.val``; the figures before it move to ``metrics.uncalibrated``, or,
+    when the card has that entry already, which is kept, to
+    ``metrics.superseded.before_recalibration``) and ``recipe.eval.calibrate``.
+    Every recorded final test (an entry with ``seeds``, e.g. ``metrics.final_test``)
+    measured the weights before, so it moves to ``metrics.superseded.<key>``.
+    ``data.backbone_sha256`` is the hash of the backbone's tensors, which
+    calibration leaves as they are, and a training-data reference (``data.ood``)
+    keyed to the old checkpoint's hash is keyed to it, so the outside-training-data
+    flag stays on. Written to ``out_dir/<name>.safetensors`` and to ``export`` when set.
 
     Raises
     ------
@@ -472,20 +478,64 @@ def recalibrate(recipe: Mapping[str, Any], out_dir: str | os.PathLike) -> dict[s
     test = evaluate_tiles(model, spec, _load(root, "test", {**data, "max_per_slide": None}),
                           cfg["eval"], out)  # fmt: skip
     val_set = _load(root, "val", data)
-    old = dict(card.metrics)
-    moved = {k: old.pop(k) for k in ("val", "test", "test_stain_shifted") if k in old}
-    metrics = {**old, "val": metrics_for(val_set.labels, predict(model, val_set.images, spec)),
-               **test, "uncalibrated": moved, "calibration": calibration}  # fmt: skip
+    metrics = _recalibrated_metrics(card.metrics, test, calibration)
+    metrics["val"] = metrics_for(val_set.labels, predict(model, val_set.images, spec))
     new_recipe = dict(card.recipe)
     new_recipe["eval"] = {**(new_recipe.get("eval") or {}), "calibrate": dict(cal)}
     new_card = ModelCard.from_dict({**card.to_dict(), "config": dict(model.config),
-                                    "recipe": new_recipe, "metrics": metrics})  # fmt: skip
+                                    "recipe": new_recipe, "metrics": metrics,
+                                    "data": _rekeyed_data(card, model)})  # fmt: skip
     name = recipe.get("name") or FAMILY
     ckpt = save_checkpoint(out / f"{name}.safetensors", model, new_card)
     if recipe.get("export"):
         with atomic_path(recipe["export"]) as tmp:
             shutil.copyfile(ckpt, tmp)
     return {"checkpoint": str(ckpt), "metrics": metrics, "history": []}
+
+
+def _recalibrated_metrics(
+    old: Mapping[str, Any], test: Mapping[str, Any], calibration: Mapping[str, Any]
+) -> dict[str, Any]:
+    """A recalibrated card's metrics (without ``val``, which the caller re-measures).
+
+    The uncalibrated figures go to ``uncalibrated`` unless that entry exists (it is
+    kept; they go to ``superseded.before_recalibration``); every recorded final
+    test (an entry with ``seeds``) moves to ``superseded.<key>``.
+    """
+    old = dict(old)
+    moved = {k: old.pop(k) for k in ("val", "test", "test_stain_shifted") if k in old}
+    superseded = dict(old.pop("superseded", None) or {})
+    for key in [k for k, v in old.items() if isinstance(v, Mapping) and "seeds" in v]:
+        superseded[key] = {**old.pop(key), "superseded_by": "recalibration"}
+    if "uncalibrated" in old:
+        if moved:
+            superseded["before_recalibration"] = moved
+    else:
+        old["uncalibrated"] = moved
+    out = {**old, **test, "calibration": dict(calibration)}
+    if superseded:
+        out["superseded"] = superseded
+    return out
+
+
+def _rekeyed_data(card, model: nn.Module) -> dict[str, Any]:
+    """``card.data`` with ``backbone_sha256`` and a training-data reference keyed to it.
+
+    Calibration changes the head's buffers only, so the backbone's features (which
+    the reference describes) are the same; a reference keyed to the old
+    checkpoint's hash would otherwise read as made with other weights.
+    """
+    from histoscope.checkpoints import tensor_hash
+
+    data = dict(card.data or {})
+    backbone = tensor_hash({k: v.detach().cpu().contiguous() for k, v in
+                            model.backbone.state_dict().items()})  # fmt: skip
+    ref = data.get("ood")
+    if isinstance(ref, Mapping) and ref.get("encoder_sha256") in (card.sha256,
+                                                                  data.get("backbone_sha256")):  # fmt: skip
+        data["ood"] = {**ref, "encoder_sha256": backbone}
+    data["backbone_sha256"] = backbone
+    return data
 
 
 def _build_model(cfg: Mapping[str, Any], seed: int) -> tuple[nn.Module, dict[str, Any]]:
