@@ -13,7 +13,14 @@ import pytest
 
 from histoscope._data import sample_data_path
 from histoscope.checkpoints import read_card
-from histoscope.training._claims import Claim, card_value, check_claim, find_claims
+from histoscope.training._claims import (
+    Claim,
+    annotated_text,
+    card_value,
+    check_claim,
+    check_shown,
+    find_claims,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCUMENTS = [ROOT / "benchmarks" / "RESULTS.md", ROOT / "README.md"]
@@ -36,6 +43,29 @@ def test_claim_matches_the_card(claim):
     card = read_card(sample_data_path(claim.checkpoint)).to_dict()
     problem = check_claim(card, claim)
     assert problem is None, problem
+
+
+@pytest.mark.parametrize("claim", CLAIMS, ids=[f"{Path(c.source).name}:{c.line}" for c in CLAIMS])
+def test_claim_is_the_figure_shown(claim):
+    """The marker's value appears, as printed, in the table or paragraph it annotates."""
+    problem = check_shown(claim)
+    assert problem is None, problem
+
+
+def test_a_changed_visible_figure_is_caught(tmp_path):
+    doc = tmp_path / "doc.md"
+    doc.write_text(
+        "Intro 0.5.\n\n| m | 0.960 | 10.96 | seeds 41000-41029 |\n| n | 0.5 |\n\n"
+        "<!-- claim x.safetensors a = 0.960 -->\n<!-- claim x.safetensors b = 41000 -->\n"
+        "<!-- claim x.safetensors c = 0.96 -->\n<!-- claim x.safetensors d = 0.97 -->\n"
+    )
+    a, b, c, d = find_claims([doc])
+    assert annotated_text(doc, c.line).startswith("| m | 0.960 |")
+    assert check_shown(a) is None and check_shown(b) is None
+    assert "not shown" in check_shown(c)  # 0.96 is neither 0.960 nor 10.96
+    assert "not shown" in check_shown(d)
+    doc.write_text(doc.read_text().replace("| m | 0.960 |", "| m | 0.950 |"))
+    assert "not shown" in check_shown(find_claims([doc])[0])
 
 
 def test_a_wrong_or_missing_figure_is_caught(tmp_path):

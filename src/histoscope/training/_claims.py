@@ -12,8 +12,10 @@ A *claim* is a machine-readable line next to a human table in a Markdown file
 
 naming a checkpoint in ``sample_data/``, a ``/``-separated path into its card
 (list items by index) and the value as printed: the card's value rounded to the
-printed number of decimals must equal it (:func:`check_claim`). Any family can
-add claims; ``tests/test_claims.py`` checks every one.
+printed number of decimals must equal it (:func:`check_claim`), and the value
+must be shown, as written, in the table or paragraph just above the claim's
+block (:func:`check_shown`), so the visible figure and the card cannot drift
+apart. Any family can add claims; ``tests/test_claims.py`` checks every one.
 """
 
 from __future__ import annotations
@@ -192,3 +194,36 @@ def check_claim(card: Mapping[str, Any], claim: Claim) -> str | None:
         return None
     return (f"{claim.source}:{claim.line}: {claim.checkpoint} {claim.path} is {got!r}, "
             f"the document says {text}")  # fmt: skip
+
+
+def annotated_text(source: str | os.PathLike, line: int) -> str:
+    """The table or paragraph a claim on ``line`` (1-based) annotates.
+
+    That is the nearest block of non-blank lines above it, skipping the other
+    claim lines of its own block and blank lines.
+    """
+    lines = Path(source).read_text().splitlines()
+    i = line - 2
+    while i >= 0 and (not lines[i].strip() or CLAIM_RE.search(lines[i])):
+        i -= 1
+    j = i
+    while j >= 0 and lines[j].strip() and not CLAIM_RE.search(lines[j]):
+        j -= 1
+    return "\n".join(lines[j + 1 : i + 1])
+
+
+def check_shown(claim: Claim, text: str | None = None) -> str | None:
+    """``None`` when the claim's value is shown, as written, in the text it annotates.
+
+    The value must stand as a number of its own there (``0.96`` is not found in
+    ``0.960`` or ``10.96``), so a figure changed in the table but not in its
+    claim (or the other way round) is caught. ``text`` defaults to
+    :func:`annotated_text` of the claim's line.
+    """
+    if text is None:
+        text = annotated_text(claim.source, claim.line)
+    if re.search(rf"(?<![\w.]){re.escape(claim.value)}(?![\w]|\.\d)", text):
+        return None
+    first = text.strip().splitlines()[0][:80] if text.strip() else "(nothing)"
+    return (f"{claim.source}:{claim.line}: {claim.path} = {claim.value} is not shown in the "
+            f"text above it (starting {first!r})")  # fmt: skip
