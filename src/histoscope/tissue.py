@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -312,6 +312,51 @@ def inside_slide(grid: TileGrid, slide: Slide) -> TileGrid:
     return TileGrid(coords=grid.coords[keep], index=grid.index[keep], shape=grid.shape,
                     tile_size=grid.tile_size, mpp=grid.mpp, slide_mpp=grid.slide_mpp,
                     tissue=grid.tissue[keep])  # fmt: skip
+
+
+def edge_tiles_note(n: int) -> str | None:
+    """The sentence a summary and a panel show for ``n`` tissue tiles dropped at the slide edge."""
+    if not n:
+        return None
+    return f"{n} edge tile{'s' if n != 1 else ''} with tissue not scored (partly off the slide)"
+
+
+def edge_summary(provenance) -> dict[str, Any]:
+    """Summary keys ``edge_tiles_not_scored`` and ``edge_note`` (its sentence, or ``None``)."""
+    n = int((getattr(provenance, "tile_grid", None) or {}).get("edge_tiles_not_scored", 0))
+    return {"edge_tiles_not_scored": n, "edge_note": edge_tiles_note(n)}
+
+
+def tissue_source(params: TissueParams) -> dict[str, Any]:
+    """Which tissue mask a tile grid came from, for provenance.
+
+    ``{"tissue_mask": "detected" | "edited", "tissue_edit_sha256": <sha> | None}``.
+    """
+    edited = isinstance(params, EditedTissue)
+    return {"tissue_mask": "edited" if edited else "detected",
+            "tissue_edit_sha256": params.edit_sha256 if edited else None}  # fmt: skip
+
+
+def no_tiles_error(session, tile_um: float, min_tissue: float, what: str,
+                   edge: int = 0) -> ValueError:  # fmt: skip
+    """Why a slide gave no tile to score, as the error to raise.
+
+    The image is smaller than one tile; or the user's edited mask holds no
+    tissue; or no tile has ``min_tissue`` of tissue (and ``edge`` tissue tiles
+    were dropped because they run off the slide).
+    """
+    slide, params = session.slide, session.tissue_params
+    h0, w0 = slide.shape
+    w_um, h_um = w0 * slide.mpp, h0 * slide.mpp
+    if min(w_um, h_um) < tile_um * (1 - 1e-6):
+        return ValueError(f"{slide.path}: image smaller than one {tile_um:g} µm tile "
+                          f"({w_um:.0f} x {h_um:.0f} µm); {what} scores whole tiles only")  # fmt: skip
+    if isinstance(params, EditedTissue) and not session.tissue(params).mask.any():
+        return ValueError(f"{slide.path}: the edited tissue mask has no tissue; paint tissue "
+                          "back or run the tissue mask again")  # fmt: skip
+    note = edge_tiles_note(edge)
+    return ValueError(f"{slide.path}: no tissue tiles for {what} (min_tissue={min_tissue})"
+                      + (f"; {note}" if note else ""))  # fmt: skip
 
 
 def _coverage(mask: TissueMask, rows: int, cols: int, tile_um: float) -> np.ndarray:

@@ -170,8 +170,10 @@ class TumourWidget(TaskWidget):
         self.heatmap = heatmap
         s = heatmap.summary()
         show_training_data_flag(self.controls, s)
+        edge = f" {s['edge_note']}." if s.get("edge_note") else ""
         self.status.setText(f"{s['scored']} of {s['tiles']} tissue tiles scored; "
-                            f"{s['tumour_tiles']} at p >= 0.5; background left transparent.")  # fmt: skip
+                            f"{s['tumour_tiles']} at p >= 0.5; background left transparent."
+                            f"{edge}")  # fmt: skip
 
     def _add_tissue(self, outcome) -> None:
         result = outcome.get("tissue")

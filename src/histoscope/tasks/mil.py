@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Generator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,6 +40,7 @@ from histoscope.params import check, param
 from histoscope.progress import Cancelled, Step, tagged
 from histoscope.results import Provenance, Result, TileHeatmap, write_npy
 from histoscope.tasks._registry import TaskSpec, register
+from histoscope.tissue import edge_summary
 
 if TYPE_CHECKING:
     import torch
@@ -172,7 +173,7 @@ class MILResult(Result):
             "n_tiles": int(len(self.tile_attention)),
             "tiles_encoded": int(np.isfinite(self.tile_attention).sum()),
             "cancelled": self.cancelled,
-        } | (_ood_keys(self.ood) if self.ood is not None else {})  # fmt: skip
+        } | edge_summary(self.provenance) | (_ood_keys(self.ood) if self.ood is not None else {})  # fmt: skip
 
     def save(self, out_dir: str | os.PathLike) -> list[Path]:
         """Write ``mil.json`` (prediction, probabilities, top tiles, provenance) and the attention.
@@ -267,7 +268,7 @@ def iter_mil(
         If stopped before any tile was encoded.
     """
     from histoscope.session import open_session
-    from histoscope.tissue import inside_slide
+    from histoscope.tissue import inside_slide, no_tiles_error
 
     m = mil or MILParams()
     min_t = min_tissue if min_tissue is not None else m.min_tissue
@@ -286,9 +287,11 @@ def iter_mil(
         grid = tile_grid_for(slide, fm.spec, tissue=tissue, min_tissue=min_t)
     else:
         grid = session.grid(fm.spec.mpp, fm.spec.tile_size, min_t)
+    full = grid
     grid = inside_slide(grid, slide)  # a tile half off the slide is half glass padding
+    edge = len(full) - len(grid)
     if len(grid) == 0:
-        raise ValueError(f"{slide.path}: no tissue tiles for MIL (min_tissue={min_t})")
+        raise no_tiles_error(session, fm.spec.mpp * fm.spec.tile_size, min_t, "MIL", edge)
     want = getattr(clam_model, "in_dim", None)
     if want is not None and want != fm.feature_dim:
         raise ValueError(f"feature model gives {fm.feature_dim}-d features, the MIL model "
@@ -297,7 +300,8 @@ def iter_mil(
     done = table.done if table.done is not None else np.ones(len(grid), bool)
     if not done.any():
         raise Cancelled("MIL stopped before any tile was encoded")
-    return _mil_result(slide, clam_model, card, fm, grid, table.features, done, min_t, k)
+    res = _mil_result(slide, clam_model, card, fm, grid, table.features, done, min_t, k)
+    return _with_tissue_record(res, session.tissue_params if tissue is None else None, edge)
 
 
 def _mil_from_file(slide, clam_model, card, path: str, top_k: int) -> MILResult:
@@ -381,6 +385,21 @@ def _mil_result(slide, clam_model, card, fm, grid, features, done, min_tissue, t
     from histoscope.ood import with_ood
 
     return with_ood(res, card, features[done], slide.path.name)
+
+
+def _with_tissue_record(res: MILResult, tissue_params, edge: int) -> MILResult:
+    """``res`` whose provenance names the tissue mask used and the edge tiles left out.
+
+    ``tissue_params``: the session's tissue in force (``None``: a mask given by the caller).
+    """
+    from histoscope.tissue import tissue_source
+
+    p = res.provenance
+    source = (tissue_source(tissue_params) if tissue_params is not None
+              else {"tissue_mask": "given", "tissue_edit_sha256": None})  # fmt: skip
+    prov = replace(p, params={**p.params, **source},
+                   tile_grid={**(p.tile_grid or {}), "edge_tiles_not_scored": edge})  # fmt: skip
+    return replace(res, provenance=prov, attention=replace(res.attention, provenance=prov))
 
 
 def _ood_keys(report) -> dict[str, Any]:

@@ -22,6 +22,7 @@ from histoscope.progress import Cancelled, Step, tagged
 from histoscope.results import Provenance, Result, TileHeatmap, plain
 from histoscope.tasks._registry import TaskSpec, register
 from histoscope.tasks.tissue import TissueResult, find_tissue
+from histoscope.tissue import edge_summary
 
 if TYPE_CHECKING:
     from histoscope.engine import EngineParams
@@ -86,6 +87,7 @@ class TumourMap(TileHeatmap):
         v = self.values[np.isfinite(self.values)]
         out["tumour_tiles"] = int((v >= 0.5).sum())
         out["tumour_fraction"] = float((v >= 0.5).mean()) if v.size else None
+        out.update(edge_summary(self.provenance))
         if self.ood is not None:
             from histoscope.ood import ood_summary
 
@@ -142,14 +144,19 @@ def iter_heatmap(
     """
     from histoscope.engine import iter_tiles
     from histoscope.session import open_session
-    from histoscope.tissue import inside_slide
+    from histoscope.tissue import inside_slide, no_tiles_error, tissue_source
 
     p = params or TumourParams()
     session = open_session(target, in_memory=True)
     slide, spec = session.slide, model.input_spec
     if (yield Step(0, 0, "finding tissue")) is False:
         raise Cancelled("tumour map stopped before any tile was scored")
-    grid = inside_slide(session.grid(spec.mpp, spec.tile_size, p.min_tissue), slide)
+    full = session.grid(spec.mpp, spec.tile_size, p.min_tissue)
+    grid = inside_slide(full, slide)  # tiles partly off the slide are not scored; counted
+    edge = len(full) - len(grid)
+    if len(grid) == 0:
+        raise no_tiles_error(session, spec.mpp * spec.tile_size, p.min_tissue, "the tumour map",
+                             edge)  # fmt: skip
     if p.normalise(card) and (yield Step(0, 0, "fitting stain normalisation")) is False:
         raise Cancelled("tumour map stopped before any tile was scored")
     normalizer = _normalizer(session, p, card)
@@ -157,8 +164,9 @@ def iter_heatmap(
     prov = Provenance(
         task="tumour", slide=str(slide.path), checkpoint_sha256=getattr(card, "sha256", "") or "",
         params={**plain(p), "target_class": target_class,
-                "stain_norm_applied": "macenko" if normalizer is not None else None},
-        mpp=spec.mpp, tile_grid=grid.to_dict(),
+                "stain_norm_applied": "macenko" if normalizer is not None else None,
+                **tissue_source(session.tissue_params)},
+        mpp=spec.mpp, tile_grid={**grid.to_dict(), "edge_tiles_not_scored": edge},
     )  # fmt: skip
     values = np.full(grid.shape, np.nan, np.float32)
     heat = TumourMap(provenance=prov, values=values, grid=grid, slide=slide)
