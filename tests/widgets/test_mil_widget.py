@@ -104,3 +104,19 @@ def test_mil_bags_only_the_tiles_of_the_edited_tissue_mask(widget, qtbot):
     g2 = widget.result.attention.grid
     assert ((g2.coords[:, 0] + g2.stride) * g2.slide_mpp > half_um + tissue.scale[1]).any()
     assert len(g2) > len(g)
+
+
+def test_edge_tiles_left_out_of_the_bag_are_named_in_the_status(widget, qtbot, tmp_path):
+    from histoscope.slide import write_pyramidal_tiff
+
+    rng = np.random.default_rng(3)  # 1200 px at 0.5 µm: 600 µm, the 5th 128 µm tile runs off
+    img = np.clip(rng.normal((180, 90, 160), 10, (1200, 1200, 3)), 0, 255).astype(np.uint8)
+    img[:300] = 245  # glass above, so tissue detection has a background
+    path = write_pyramidal_tiff(tmp_path / "edge.tif", img, mpp=0.5, min_size=256)
+    widget.viewer.open(str(path), plugin="napari-histoscope")
+    widget.layer_combo.setCurrentText("edge.tif")
+    assert widget.run() is not None
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=180_000)
+    assert widget.result is not None, widget.status.text()
+    n = widget.result.summary()["edge_tiles_not_scored"]
+    assert n > 0 and f"{n} edge tiles with tissue not scored" in widget.status.text()

@@ -89,7 +89,8 @@ class MILWidget(TaskWidget):
                 f"{n * t['attention']:.1f}x the average attention — "
                 f"x={t['x'] * mpp:.0f} µm, y={t['y'] * mpp:.0f} µm"
             )
-        self.status.setText(f"{s['tiles_encoded']} tiles attended.")
+        edge = f" {s['edge_note']}." if s.get("edge_note") else ""
+        self.status.setText(f"{s['tiles_encoded']} tiles attended.{edge}")
 
     def go_to_tile(self, row: int) -> None:
         """Centre the view on the ``row``-th most attended tile, zoomed to see it."""
