@@ -30,6 +30,23 @@ def _open_all(viewer, qtbot) -> dict:
     return docks
 
 
+def _widest_piece(label: QLabel) -> str:
+    """The widest run of a word-wrapped label's text that has no break opportunity in it."""
+    import re
+
+    from qtpy.QtCore import Qt
+    from qtpy.QtGui import QTextDocument
+
+    text = label.text()
+    if label.textFormat() != Qt.TextFormat.PlainText and Qt.mightBeRichText(text):
+        doc = QTextDocument()
+        doc.setHtml(text)
+        text = doc.toPlainText()
+    pieces = re.split(r"[\s\u200b]+|(?<=-)(?=[^\d\s])", text)  # after a hyphen: UAX #14
+    metrics = label.fontMetrics()
+    return max(pieces, key=metrics.horizontalAdvance, default="")
+
+
 def _problems(panel: QWidget) -> list[str]:
     """What does not fit in ``panel`` as laid out now (empty: everything fits)."""
     found = []
@@ -37,6 +54,12 @@ def _problems(panel: QWidget) -> list[str]:
         if area.isVisible() and area.horizontalScrollBar().isVisible():
             found.append(f"horizontal scrollbar on {type(area).__name__}")
     for label in panel.findChildren(QLabel):
+        if label.isVisible() and label.wordWrap():  # its longest unbreakable piece must fit
+            piece = _widest_piece(label)
+            width = label.fontMetrics().horizontalAdvance(piece)
+            if width > label.contentsRect().width():
+                found.append(f"label piece {piece!r} clipped: needs {width} px, "
+                             f"has {label.contentsRect().width()}")  # fmt: skip
         if not label.isVisible() or label.wordWrap() or isinstance(label, PathLabel):
             continue  # a path label elides on purpose (its tooltip holds the whole path)
         if label.sizeHint().width() > label.width():
@@ -148,3 +171,89 @@ def test_layer_data_is_built_in_the_worker_thread():
     assert outcome.layers("tumour")[0][1]["name"] == "map" and made_in == [thread]
     assert outcome.layers("tissue")[0][1]["name"] == "map"  # built on demand when not asked
     assert made_in[-1] is threading.current_thread()
+
+
+def _fill_results(docks) -> None:
+    """Show results in the MIL and co-assessment panels as a finished run leaves them."""
+    from types import SimpleNamespace
+
+    _, mil = docks["Attention MIL (CLAM)"]
+    tiles = [{"rank": r, "attention": 0.05 / r, "x": 123456 + r, "y": 98765 + r}
+             for r in range(1, 11)]  # fmt: skip
+    result = SimpleNamespace(
+        classes=["benign", "tumour"], probability=[0.03, 0.97], label="tumour", cancelled=False,
+        top_tiles=tiles, attention=SimpleNamespace(grid=SimpleNamespace(slide_mpp=0.25)),
+        summary=lambda: {"tiles_encoded": 12345, "n_tiles": 12345},
+    )  # fmt: skip
+    mil._show(SimpleNamespace(get=lambda name: result, layers=lambda name: []))
+    assert mil.top_list.count() == len(tiles)
+    _, co = docks["IHC co-assessment (iSight)"]
+    for row in co.rows.values():
+        if len(row.classes) < 2:
+            continue
+        row.set_model({c: 1 / len(row.classes) for c in row.classes})
+        row.set_measurement(row.classes[-1])  # the model's call is the first: they disagree
+        row.call_box.setEnabled(True)
+        row.call_box.setCurrentIndex(len(row.classes))
+    co.agreement.setText("Agreement with the model: 7 of 9 calls (78 %, 95 % CI 45-94 %)")
+
+
+def test_panels_with_results_fit_a_laptop_screen(make_napari_viewer, qtbot):
+    docks = _open_all(make_napari_viewer(show=True), qtbot)
+    _fill_results(docks)
+    for name in ("Attention MIL (CLAM)", "IHC co-assessment (iSight)"):
+        dock, panel = docks[name]
+        dock.raise_()
+        qtbot.wait(50)
+        assert _problems(panel) == [], name
+    rows = [r for r in docks["IHC co-assessment (iSight)"][1].rows.values() if len(r.classes) > 1]
+    assert rows and all(row.flag.text() for row in rows)  # the longest lines are shown
+
+
+def test_long_class_names_wrap_at_slashes_and_plus_signs(qtbot):
+    from histoscope._widgets._task_row import _name_label
+
+    label = _name_label("cytoplasmic/membranous+nuclear")
+    qtbot.addWidget(label)
+    label.show()
+    qtbot.wait(10)
+    piece = _widest_piece(label)
+    assert piece in ("cytoplasmic/", "membranous+", "nuclear")
+    assert label.fontMetrics().horizontalAdvance(piece) <= label.contentsRect().width()
+
+
+def test_details_never_widen_the_dock(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer(show=True)
+    docks = _open_all(viewer, qtbot)
+    dock, panel = docks["Tumour map"]
+    dock.raise_()
+    qtbot.wait(50)
+    before = dock.width()
+    long_path = "/data/scans/2024/project-alpha/cohort-b/" * 6 + LONG_NAME
+    try:
+        raise RuntimeError(f"{long_path}: tile (3, 4) cannot be decoded ({'x' * 600})")
+    except RuntimeError as exc:
+        panel.controls.error(exc)
+    panel.controls.details.toggle.setChecked(True)
+    qtbot.wait(50)
+    assert dock.width() == before
+    assert _problems(panel) == []
+    panel.controls.details.toggle.setChecked(False)
+    qtbot.wait(50)
+    assert dock.width() == before
+
+
+def test_a_bar_left_busy_stops_when_the_job_ends(make_napari_viewer, qtbot):
+    from histoscope._widgets.tumour import TumourWidget
+
+    panel = TumourWidget(make_napari_viewer())
+    panel.controls.busy(True, "working")
+    panel.controls.set_progress(0, 0, "saving")  # a last step without a count: busy bar
+    panel._done()
+    bar = panel.progress
+    assert (bar.minimum(), bar.maximum(), bar.value()) == (0, 1, 1)
+    panel.controls.busy(True, "working")
+    panel.controls.set_progress(0, 0, "reading")
+    panel._failed(RuntimeError("boom"))
+    panel._done()
+    assert (bar.minimum(), bar.maximum(), bar.value()) == (0, 1, 0)

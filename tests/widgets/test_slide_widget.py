@@ -202,3 +202,63 @@ def test_a_task_on_an_image_without_mpp_says_to_set_it(viewer, qtbot, tmp_path):
     said = panel.status.text()
     assert "µm per pixel unknown" in said and "Slide panel" in said, said
     assert "damaged" not in said
+
+
+def test_mpp_box_reads_a_decimal_point_under_a_german_locale(qtbot):
+    from qtpy.QtCore import QLocale
+
+    from histoscope._widgets.slide import MppBox
+
+    before = QLocale()
+    QLocale.setDefault(QLocale(QLocale.Language.German, QLocale.Country.Germany))
+    try:
+        box = MppBox()
+        qtbot.addWidget(box)
+        box.lineEdit().selectAll()
+        qtbot.keyClicks(box.lineEdit(), "0.25")
+        box.interpretText()
+        assert box.value() == pytest.approx(0.25)
+        box.setValue(0.499)
+        assert box.text() == "0.499 µm/px"
+    finally:
+        QLocale.setDefault(before)
+
+
+def test_cancel_is_offered_only_for_a_sample_slide(viewer, qtbot, tmp_path):
+    from PIL import Image
+
+    from tests.conftest import make_rgb
+
+    png = tmp_path / "synthetic_case.png"  # an ordinary file, whatever its name says
+    Image.fromarray(make_rgb(64, 64)).save(png)
+    widget = SlideWidget(viewer)
+    widget.open_path(str(png))
+    assert not widget.cancel_button.isEnabled()
+    qtbot.waitUntil(lambda: widget._worker is None, timeout=120_000)
+
+
+def test_a_typed_mpp_survives_other_layers_coming_and_going(viewer):
+    viewer.add_image(np.zeros((64, 64, 3), np.uint8), rgb=True, name="no scale")
+    widget = SlideWidget(viewer)
+    widget.mpp_spin.setValue(0.3)  # typed, not yet applied
+    viewer.add_points([[1, 1]], name="marks")
+    viewer.layers.remove("marks")
+    assert widget.mpp_spin.value() == pytest.approx(0.3)
+    viewer.add_image(np.zeros((64, 64, 3), np.uint8), rgb=True, name="other")
+    widget.layer_combo.setCurrentText("other")  # another slide: its own (unknown) value
+    assert widget.mpp_spin.value() == 0
+
+
+def test_session_folder_is_shown_once_it_appears(viewer, qtbot, tmp_path):
+    from histoscope.session import default_folder
+    from histoscope.slide import write_pyramidal_tiff
+    from tests.conftest import make_rgb
+
+    path = write_pyramidal_tiff(tmp_path / "scan.tif", make_rgb(256, 256), mpp=0.5, min_size=256)
+    viewer.open(str(path), plugin="napari-histoscope")
+    widget = SlideWidget(viewer)
+    folder = default_folder(path)
+    if not folder.is_dir():  # made by autosave in its own thread, or here
+        assert not widget.folder.path() and "none yet" in widget.folder.text()
+        folder.mkdir(parents=True)
+    qtbot.waitUntil(lambda: widget.folder.path() == str(folder), timeout=5_000)

@@ -22,6 +22,7 @@ from qtpy.QtWidgets import (
     QLabel,
     QLineEdit,
     QMainWindow,
+    QPlainTextEdit,
     QProgressBar,
     QPushButton,
     QScrollArea,
@@ -176,8 +177,49 @@ def explain(exc: BaseException, name: str | None = None, *, mpp_known: bool | No
     return user, detail
 
 
+def breakable(text: str, run: int = 40) -> str:
+    """``text`` with break opportunities (U+200B) in words longer than ``run`` characters.
+
+    Such a word (a path, a long token) may break after a path separator, and
+    at least every ``run`` characters.
+
+    A word-wrapped label is as wide as its longest unbreakable piece; a long
+    path or a long token in a message would otherwise widen the dock for good.
+    """
+    import re
+
+    def split(token: re.Match) -> str:
+        piece = re.sub(r"([/\\])(?=\S)", "\\1\u200b", token.group())
+        return re.sub(rf"([^\u200b]{{{run}}})(?=[^\u200b])", "\\1\u200b", piece)
+
+    return re.sub(rf"\S{{{run + 1},}}", split, text)  # short words (µm/px) stay whole
+
+
 #: What a panel says when a job needs the slide's µm per pixel and it is unknown.
 MPP_UNKNOWN_TEXT = "µm per pixel unknown — set it in the Slide panel"
+
+
+class _DetailText(QPlainTextEdit):
+    """Read-only, selectable detail text that wraps anywhere and never widens its dock."""
+
+    def __init__(self) -> None:
+        from qtpy.QtGui import QTextOption
+
+        super().__init__()
+        self.setReadOnly(True)
+        self.setLineWrapMode(QPlainTextEdit.LineWrapMode.WidgetWidth)
+        self.setWordWrapMode(QTextOption.WrapMode.WrapAnywhere)
+        self.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
+        self.setMinimumWidth(0)
+        self.setStyleSheet("font-family: monospace; font-size: small")
+        self.setMaximumHeight(12 * self.fontMetrics().lineSpacing())
+
+    def setText(self, text: str) -> None:  # noqa: N802 - as QLabel's
+        self.setPlainText(text)
+
+    def text(self) -> str:
+        return self.toPlainText()
 
 
 class ErrorDetails(QWidget):
@@ -195,11 +237,7 @@ class ErrorDetails(QWidget):
         self.toggle.setArrowType(Qt.ArrowType.RightArrow)
         self.toggle.setToolButtonStyle(Qt.ToolButtonStyle.ToolButtonTextBesideIcon)
         self.toggle.toggled.connect(self._open)
-        self.text = QLabel("")
-        self.text.setTextFormat(Qt.TextFormat.PlainText)
-        self.text.setWordWrap(True)
-        self.text.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
-        self.text.setStyleSheet("font-family: monospace; font-size: small")
+        self.text = _DetailText()
         self.text.hide()
         layout = QVBoxLayout(self)
         layout.setContentsMargins(0, 0, 0, 0)
@@ -537,7 +575,8 @@ class RunControls(QWidget):
             user, detail = explain(exc, mpp_known=mpp_known)
         else:
             user, detail = str(exc), ""
-        self.status.setText(f"<span style='color:#e05050'>{escape(user, quote=False)}</span>")
+        user = escape(breakable(user), quote=False)
+        self.status.setText(f"<span style='color:#e05050'>{user}</span>")
         self.details.set_detail(detail)
 
     def finish(self, ok: bool) -> None:

@@ -107,7 +107,7 @@ def _name_label(text: str) -> QLabel:
 
     A long class name wraps at its slashes and plus signs instead of widening the row.
     """
-    label = QLabel(text)
+    label = QLabel(text.replace("/", "/\u200b").replace("+", "+\u200b"))  # break points
     label.setWordWrap(True)
     label.setFixedWidth(label.fontMetrics().horizontalAdvance("membranous+nucl"))
     return label

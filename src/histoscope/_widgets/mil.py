@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from qtpy.QtWidgets import QFormLayout, QLabel, QListWidget
+from qtpy.QtCore import Qt
+from qtpy.QtWidgets import QFormLayout, QLabel, QListView, QListWidget
 
 from histoscope._widgets._common import (
     CheckpointPicker,
@@ -35,7 +36,11 @@ class MILWidget(TaskWidget):
         form.addRow("Checkpoint", self.picker)
         self.prediction = QLabel("–")
         self.prediction.setWordWrap(True)
-        self.top_list = QListWidget()
+        self.top_list = QListWidget()  # rows wrap in a narrow dock; no sideways scrolling
+        self.top_list.setWordWrap(True)
+        self.top_list.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.top_list.setResizeMode(QListView.ResizeMode.Adjust)
+        self.top_list.setTextElideMode(Qt.TextElideMode.ElideNone)
         self.top_list.currentRowChanged.connect(self.go_to_tile)
         self.top_list.itemClicked.connect(lambda item: self.go_to_tile(self.top_list.row(item)))
         layout = self.body_layout()
@@ -85,9 +90,9 @@ class MILWidget(TaskWidget):
         n = max(s["tiles_encoded"], 1)
         for t in result.top_tiles:  # attention sums to 1: n x weight is "times the average"
             self.top_list.addItem(
-                f"#{t['rank']} of {n} (top {100 * t['rank'] / n:.1f} %), "
-                f"{n * t['attention']:.1f}x the average attention — "
-                f"x={t['x'] * mpp:.0f} µm, y={t['y'] * mpp:.0f} µm"
+                f"#{t['rank']} of {n} (top {100 * t['rank'] / n:.1f} %): "
+                f"{n * t['attention']:.1f}x the average attention, "
+                f"at {t['x'] * mpp:.0f}, {t['y'] * mpp:.0f} µm"
             )
         edge = f" {s['edge_note']}." if s.get("edge_note") else ""
         self.status.setText(f"{s['tiles_encoded']} tiles attended.{edge}")

@@ -6,7 +6,7 @@ import threading
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from qtpy.QtCore import QObject, Signal
+from qtpy.QtCore import QLocale, QObject, QTimer, Signal
 from qtpy.QtWidgets import (
     QComboBox,
     QDoubleSpinBox,
@@ -22,6 +22,7 @@ from histoscope._widgets._common import (
     ErrorDetails,
     Panel,
     PathLabel,
+    breakable,
     explain,
     fit_combo,
     form_layout,
@@ -52,10 +53,15 @@ class _Relay(QObject):
 
 
 class MppBox(QDoubleSpinBox):
-    """µm per pixel as the slide states it (0.499 stays 0.499); 0 shows "unknown — set it"."""
+    """µm per pixel as the slide states it (0.499 stays 0.499); 0 shows "unknown — set it".
+
+    The box shows and reads numbers with a decimal point whatever the user's
+    locale, so 0.25 typed under a German locale is 0.25, not 25.
+    """
 
     def __init__(self) -> None:
         super().__init__()
+        self.setLocale(QLocale.c())  # display (textFromValue) and parsing agree
         self.setDecimals(6)
         self.setRange(0.0, 100.0)
         self.setSingleStep(0.01)
@@ -102,8 +108,12 @@ class SlideWidget(Panel):
         self.layer_combo = fit_combo(QComboBox())
         self.layer_combo.currentIndexChanged.connect(self._show_info)
         self.file = PathLabel()
-        self.folder = PathLabel(empty="none yet (made when a task runs)")
+        self.folder = PathLabel(empty="none yet (made when the slide's layers are first saved)")
         self.folder.setToolTip("")
+        self._mpp_layer: tuple | None = None  # the layer whose µm/px the box shows
+        self._folder_timer = QTimer(self)  # the session folder appears once autosave writes
+        self._folder_timer.setInterval(500)
+        self._folder_timer.timeout.connect(self._look_for_folder)
         self.info = {name: QLabel("–") for name in _FIELDS}
         form = form_layout()
         form.addRow("Slide layer", self.layer_combo)
@@ -146,7 +156,7 @@ class SlideWidget(Panel):
 
         from histoscope._reader import read_slides
 
-        self._busy(True, f"Opening {Path(path).name}…")
+        self._busy(True, f"Opening {Path(path).name}…", can_cancel=False)
         self._opening = Path(path).name
         connect = {"returned": self._add_layers, "errored": self._failed, "finished": self._done}
         worker = create_worker(read_slides, path, _connect=connect, _start_thread=False)
@@ -175,7 +185,7 @@ class SlideWidget(Panel):
                 raise Cancelled("sample slide generation cancelled")
 
         self._busy(True, f"Opening the synthetic {SYNTHETIC[kind]} slide (generated the first "
-                         "time, about 15 s)…")  # fmt: skip
+                         "time, about 15 s)…", can_cancel=True)  # fmt: skip
         self._opening = None
         connect = {"returned": self._add_layers, "errored": self._failed, "finished": self._done}
         worker = create_worker(synthetic_layers, kind, progress=on_tile, _connect=connect,
@@ -195,10 +205,11 @@ class SlideWidget(Panel):
         self.busy.setValue(done)
         self.busy.setFormat("generating: tile %v of %m")
 
-    def _busy(self, on: bool, text: str | None = None) -> None:
+    def _busy(self, on: bool, text: str | None = None, *, can_cancel: bool = False) -> None:
+        """Buttons while a worker runs; Cancel only where the job can stop (a sample slide)."""
         for button in (self.open_button, self.sample_button):
             button.setEnabled(not on)
-        self.cancel_button.setEnabled(on and text is not None and "synthetic" in text)
+        self.cancel_button.setEnabled(on and can_cancel)
         self.busy.setVisible(on)
         if on:
             self.busy.setRange(0, 0)  # busy until a count arrives
@@ -219,7 +230,8 @@ class SlideWidget(Panel):
             self.status.setText("Cancelled: no sample slide was written.")
             return
         user, detail = explain(exc, name=getattr(self, "_opening", None))
-        self.status.setText(f"<span style='color:#e05050'>{escape(user, quote=False)}</span>")
+        user = escape(breakable(user), quote=False)
+        self.status.setText(f"<span style='color:#e05050'>{user}</span>")
         self.details.set_detail(detail)
 
     def _done(self) -> None:
@@ -287,10 +299,28 @@ class SlideWidget(Panel):
                 value = meta.get(name)
                 text = "–" if value is None else str(value)
             label.setText(text)
-        self.mpp_spin.setValue(float(meta.get("mpp") or 0.0))  # the slide's own value, or unknown
+        chosen = None if layer is None else (id(layer), layer.name)
+        if chosen != self._mpp_layer:  # another slide: its own value, or unknown; a typed,
+            self._mpp_layer = chosen  # not yet applied value survives other layers' changes
+            self.mpp_spin.setValue(float(meta.get("mpp") or 0.0))
         path = meta.get("path")
         self.file.set_path(path if path and Path(path).exists() else None)
-        self.folder.set_path(_session_folder(layer))
+        folder = _session_folder(layer)
+        self.folder.set_path(folder)
+        if folder is None and layer is not None:
+            self._folder_looks = 0
+            self._folder_timer.start()
+        else:
+            self._folder_timer.stop()
+
+    def _look_for_folder(self) -> None:
+        """Show the session folder once autosave has made it (it writes in its own thread)."""
+        layer = self.current_layer()
+        folder = _session_folder(layer)
+        self._folder_looks += 1
+        if folder is not None or layer is None or self._folder_looks > 60:  # for 30 s;
+            self._folder_timer.stop()  # the next layer change looks again
+            self.folder.set_path(folder)
 
     def _apply_mpp(self) -> None:
         layer = self.current_layer()
@@ -308,6 +338,7 @@ class SlideWidget(Panel):
         layer.scale = (mpp, mpp)
         layer.units = ("um", "um")
         self.status.setText("")
+        self._mpp_layer = None  # show the value as applied
         self._show_info()
 
 
