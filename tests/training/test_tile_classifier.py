@@ -459,6 +459,56 @@ def test_tile_metrics_give_intervals_ece_and_per_slide_floors():
     assert m["ece"] > 0
     table = markdown_table({"n_slides": 2, "test": m})
     assert "| test | 2 | 14 / 16 |" in table and "0.750 [" in table
+    # every slide with a tumour tile counts, however few (here 2: "c" has 2, all missed)
+    y2, p2 = np.r_[y, 1, 1, 0, 0, 0], np.r_[p, 0.1, 0.2, 0.1, 0.1, 0.1]
+    m2 = metrics_for(y2, p2, np.r_[slide, 2, 2, 2, 2, 2], ("a", "b", "c"))
+    ps2 = m2["per_slide"]
+    assert ps2["n_slides_tumour"] == 3 and ps2["slides_tumour_missed"] == ["c"]
+    assert ps2["min_sensitivity_any"] == 0 and ps2["min_sensitivity"] == pytest.approx(0.5)
+    assert ps2["slides"]["c"]["tumour_called"] == 0 and "sensitivity" not in ps2["slides"]["c"]
+    assert "| 3 slides: 0.00 / 1 |" in markdown_table({"n_slides": 3, "test": m2})
+    lo, hi = m2["sensitivity_ci95_slides"]
+    assert lo <= 12 / 18 <= hi
+
+
+def test_bootstrap_over_slides_is_wider_than_tiles_for_clustered_errors():
+    from histoscope.training.metrics import bootstrap_slides, wilson
+
+    # 10 slides x 50 tumour tiles: 7 slides all right, 3 all wrong (errors cluster by slide)
+    y = np.ones(500, int)
+    pred = np.r_[np.ones(350, int), np.zeros(150, int)]
+    slide = np.repeat(np.arange(10), 50)
+    b = bootstrap_slides(y, pred, slide, n_boot=500, seed=1)
+    lo, hi = b["sensitivity"]
+    w = wilson(350, 500)
+    assert lo < 0.7 < hi and (hi - lo) > 3 * (w[1] - w[0]) and b["specificity"] is None
+    assert b == bootstrap_slides(y, pred, slide, n_boot=500, seed=1)  # seeded
+    # errors spread evenly over slides: no slide-to-slide variation, a narrow interval
+    even = bootstrap_slides(y, np.tile(np.r_[np.ones(35, int), np.zeros(15, int)], 10), slide)
+    assert even["sensitivity"] == pytest.approx([0.7, 0.7])
+    with pytest.raises(ValueError, match="equal"):
+        bootstrap_slides(y, pred[:3], slide)
+
+
+def test_rescore_recomputes_a_saved_evaluation(tmp_path):
+    from histoscope.training.tile_classifier import metrics_for, rescore
+
+    rows = ["slide,x,y,label,tumour_fraction,p_tumour_test,p_tumour_test_stain_shifted"]
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 60)
+    p = np.round(np.clip(y * 0.7 + rng.random(60) * 0.4, 0, 1), 5)
+    names = [f"s{k // 20}" for k in range(60)]
+    rows += [f"{n},0,0,{'tumour' if t else 'normal'},0,{q:.5f},{1 - q:.5f}"
+             for n, t, q in zip(names, y, p, strict=True)]  # fmt: skip
+    (tmp_path / "tiles.csv").write_text("\n".join(rows) + "\n")
+    got = rescore(tmp_path)
+    want = metrics_for(y, p, np.repeat(np.arange(3), 20), ("s0", "s1", "s2"))
+    assert got["n_slides"] == 3 and got["test"]["confusion"] == want["confusion"]
+    assert got["test"]["sensitivity_ci95_slides"] == want["sensitivity_ci95_slides"]
+    assert "slides" not in got["test"]["per_slide"] and "test_stain_shifted" in got
+    (tmp_path / "tiles.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(RecipeError, match="not a tiles.csv"):
+        rescore(tmp_path)
 
 
 def test_record_is_checked_before_the_evaluation(tmp_path):

@@ -22,6 +22,7 @@ __all__ = [
     "TEMPERATURE_BOUNDS",
     "accuracy",
     "balanced_accuracy",
+    "bootstrap_slides",
     "confusion_matrix",
     "ece",
     "fit_logit_affine",
@@ -481,3 +482,68 @@ def wilson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
     centre = (p + z * z / (2 * n)) / d
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / d
     return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def bootstrap_slides(
+    labels, pred, slide, *, n_boot: int = 2000, seed: int = 0, level: float = 0.95
+) -> dict[str, object]:
+    """Percentile bootstrap over slides of pooled sensitivity and specificity.
+
+    Tiles of one slide are not independent (a Wilson interval over tiles treats
+    them as if they were); here whole slides are resampled with replacement and
+    the pooled proportions recomputed ``n_boot`` times.
+
+    Parameters
+    ----------
+    labels, pred
+        Per-tile truth and call (1 = positive / tumour).
+    slide
+        Per-tile slide index (any integers).
+    n_boot, seed, level
+        Resamples, their seed and the interval's coverage.
+
+    Returns
+    -------
+    dict
+        ``{"sensitivity": [lo, hi] | None, "specificity": [lo, hi] | None,
+        "n_slides", "n_boot", "seed", "level"}``; an interval is None when no
+        tile has that truth.
+
+    Raises
+    ------
+    ValueError
+        If the arrays differ in length, are empty, or ``n_boot`` < 1 or ``level``
+        is not in (0, 1).
+    """
+    y = np.asarray(labels).astype(np.int64).ravel()
+    c = np.asarray(pred).astype(np.int64).ravel()
+    s = np.asarray(slide).ravel()
+    if not (len(y) == len(c) == len(s)) or not len(y):
+        raise ValueError(f"bootstrap_slides needs equal, non-empty arrays, got {len(y)}, "
+                         f"{len(c)}, {len(s)}")  # fmt: skip
+    if int(n_boot) < 1 or not 0 < float(level) < 1:
+        raise ValueError(f"bootstrap_slides needs n_boot >= 1 and 0 < level < 1, got "
+                         f"{n_boot!r}, {level!r}")  # fmt: skip
+    ids, inv = np.unique(s, return_inverse=True)
+    k = len(ids)
+    # per slide: positives, true positives, negatives, true negatives
+    pos = np.bincount(inv, weights=(y == 1), minlength=k)
+    tp = np.bincount(inv, weights=(y == 1) & (c == 1), minlength=k)
+    neg = np.bincount(inv, weights=(y == 0), minlength=k)
+    tn = np.bincount(inv, weights=(y == 0) & (c == 0), minlength=k)
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, k, size=(int(n_boot), k))
+    counts = np.stack([np.bincount(d, minlength=k) for d in draws]).astype(np.float64)
+    a = (1 - float(level)) / 2 * 100
+
+    def interval(num, den):
+        if den.sum() == 0:
+            return None
+        tot = counts @ den
+        with np.errstate(invalid="ignore", divide="ignore"):
+            r = np.where(tot > 0, (counts @ num) / np.where(tot > 0, tot, 1), np.nan)
+        r = r[np.isfinite(r)]
+        return [float(np.percentile(r, a)), float(np.percentile(r, 100 - a))]
+
+    return {"sensitivity": interval(tp, pos), "specificity": interval(tn, neg), "n_slides": k,
+            "n_boot": int(n_boot), "seed": int(seed), "level": float(level)}  # fmt: skip

@@ -207,9 +207,9 @@ def metrics_for(
     Returns patch ROC AUC; accuracy, balanced accuracy, sensitivity and
     specificity at 0.5 (with Wilson 95 % intervals over tiles); ECE (15 bins);
     confusion; counts. With ``slide`` (index per tile into ``names``) also
-    ``per_slide``: each slide's sensitivity (slides with at least
-    :data:`MIN_SLIDE_TILES` tumour tiles) and specificity (as many normal
-    tiles), their minima and the slides below 0.7.
+    ``sensitivity_ci95_slides`` / ``specificity_ci95_slides`` (percentile
+    bootstrap over slides, 2000 resamples: tiles of one slide are not
+    independent) and ``per_slide`` (see :func:`per_slide`).
     """
     from histoscope.training.metrics import (
         accuracy,
@@ -237,19 +237,35 @@ def metrics_for(
         "n": {c: int((labels == i).sum()) for i, c in enumerate(CLASSES)},
     }
     if slide is not None:
+        from histoscope.training.metrics import bootstrap_slides
+
+        boot = bootstrap_slides(labels, pred, slide)
+        out["sensitivity_ci95_slides"] = boot["sensitivity"]
+        out["specificity_ci95_slides"] = boot["specificity"]
         out["per_slide"] = per_slide(labels, pred, slide, names)
     return out
 
 
 def per_slide(labels: np.ndarray, pred: np.ndarray, slide: np.ndarray,
               names: tuple[str, ...] | None = None) -> dict[str, Any]:  # fmt: skip
-    """Each slide's sensitivity and specificity at 0.5, their minima and the slides below 0.7."""
-    rows, sens, spec = {}, {}, {}
+    """Each slide's sensitivity and specificity at 0.5, their minima and the slides below 0.7.
+
+    ``min_sensitivity`` / ``min_specificity`` and ``slides_below_0.7`` count
+    slides with at least :data:`MIN_SLIDE_TILES` tiles of the class
+    (``min_tiles``); every slide with any tumour tile is also counted in
+    ``n_slides_tumour``, ``min_sensitivity_any`` (its share of tumour tiles
+    called tumour, however few) and ``slides_tumour_missed`` (slides whose
+    tumour tiles were all called normal). Each row has ``tumour_called``.
+    """
+    rows, sens, spec, anyt = {}, {}, {}, {}
     for k in np.unique(slide):
         sel = slide == k
         y, p = labels[sel], pred[sel]
         name = names[k] if names is not None else str(int(k))
         row = {"n_tumour": int((y == 1).sum()), "n_normal": int((y == 0).sum())}
+        if row["n_tumour"]:
+            row["tumour_called"] = int(p[y == 1].sum())
+            anyt[name] = row["tumour_called"] / row["n_tumour"]
         if row["n_tumour"] >= MIN_SLIDE_TILES:
             row["sensitivity"] = sens[name] = float(p[y == 1].mean())
         if row["n_normal"] >= MIN_SLIDE_TILES:
@@ -260,7 +276,11 @@ def per_slide(labels: np.ndarray, pred: np.ndarray, slide: np.ndarray,
         "min_sensitivity": min(sens.values()) if sens else None,
         "min_specificity": min(spec.values()) if spec else None,
         "n_slides_sensitivity": len(sens), "n_slides_specificity": len(spec),
-        "slides_below_0.7": below, "min_tiles": MIN_SLIDE_TILES, "slides": rows,
+        "slides_below_0.7": below, "min_tiles": MIN_SLIDE_TILES,
+        "n_slides_tumour": len(anyt),
+        "min_sensitivity_any": min(anyt.values()) if anyt else None,
+        "slides_tumour_missed": sorted(n for n, v in anyt.items() if v == 0),
+        "slides": rows,
     }  # fmt: skip
 
 
@@ -624,6 +644,45 @@ def evaluate_tiles(
     return result
 
 
+def rescore(out_dir: str | os.PathLike) -> dict[str, Any]:
+    """The metrics of a finished evaluation, recomputed from its ``tiles.csv``.
+
+    Every ``p_tumour_<set>`` column gives ``<set>`` (:func:`metrics_for` with
+    the slides, per-slide rows left out), so figures added since (e.g. the
+    bootstrap over slides) are computed for an evaluation without running the
+    model again. Probabilities were saved to 5 decimals: a tile within 5e-6 of
+    0.5 could be called differently than in the run (compare the confusion).
+
+    Raises
+    ------
+    RecipeError
+        If ``tiles.csv`` is missing or not one written by :func:`evaluate`.
+    """
+    import csv
+
+    path = Path(out_dir) / "tiles.csv"
+    try:
+        with open(path, newline="") as fh:
+            rows = list(csv.DictReader(fh))
+    except OSError as exc:
+        raise RecipeError(f"{path}: cannot read the evaluation's tiles ({exc})") from None
+    sets = [c[len("p_tumour_") :] for c in (rows[0] if rows else {}) if c.startswith("p_tumour_")]
+    if not rows or not sets or not {"slide", "label"} <= set(rows[0]):
+        raise RecipeError(f"{path}: not a tiles.csv of `histoscope evaluate` (no tile rows with "
+                          "slide, label and p_tumour_<set> columns)")  # fmt: skip
+    try:
+        labels = np.array([CLASSES.index(r["label"]) for r in rows], np.int64)
+        probs = {k: np.array([float(r[f"p_tumour_{k}"]) for r in rows]) for k in sets}
+    except ValueError as exc:
+        raise RecipeError(f"{path}: malformed tile row ({exc})") from None
+    names = tuple(dict.fromkeys(r["slide"] for r in rows))
+    index = {n: i for i, n in enumerate(names)}
+    slide = np.array([index[r["slide"]] for r in rows], np.int64)
+    out: dict[str, Any] = {"n_slides": len(names)}
+    out.update({k: _brief(metrics_for(labels, p, slide, names)) for k, p in probs.items()})
+    return out
+
+
 def evaluate(
     checkpoint_path: str | os.PathLike,
     data_path: str | os.PathLike,
@@ -718,19 +777,27 @@ def _fmt(v: float | None, digits: int = 3) -> str:
 def markdown_table(metrics: Mapping[str, Any]) -> str:
     """The table RESULTS.md shows for an evaluation (what ``histoscope evaluate`` prints)."""
     head = ("| set | slides | tiles (normal / tumour) | AUC | sensitivity at 0.5 [95 % CI] | "
-            "specificity at 0.5 [95 % CI] | ECE | min slide sens. / spec. | slides < 0.7 |")  # fmt: skip
-    rows = [head, "|" + " --- |" * 9]
+            "specificity at 0.5 [95 % CI] | sens. / spec. 95 % CI, bootstrap over slides | ECE "
+            "| min slide sens. / spec. (>= 5 tiles) | slides < 0.7 | slides with tumour: "
+            "lowest sens. / all tumour missed |")  # fmt: skip
+    rows = [head, "|" + " --- |" * 11]
     for name, m in metrics.items():
         if not isinstance(m, Mapping) or "confusion" not in m:
             continue
         ps = m.get("per_slide") or {}
         ci = {k: m.get(f"{k}_ci95") or [None, None] for k in ("sensitivity", "specificity")}
+        bs = {k: m.get(f"{k}_ci95_slides") or [None, None] for k in ("sensitivity", "specificity")}
+        missed = ps.get("slides_tumour_missed")
         rows.append(
             f"| {name} | {metrics.get('n_slides', '-')} | {m['n']['normal']} / {m['n']['tumour']} "
             f"| {_fmt(m.get('auc'), 4)} "
             f"| {_fmt(m['sensitivity'])} [{_fmt(ci['sensitivity'][0])}, {_fmt(ci['sensitivity'][1])}] "
             f"| {_fmt(m['specificity'])} [{_fmt(ci['specificity'][0])}, {_fmt(ci['specificity'][1])}] "
+            f"| [{_fmt(bs['sensitivity'][0])}, {_fmt(bs['sensitivity'][1])}] / "
+            f"[{_fmt(bs['specificity'][0])}, {_fmt(bs['specificity'][1])}] "
             f"| {_fmt(m.get('ece'))} | {_fmt(ps.get('min_sensitivity'), 2)} / "
-            f"{_fmt(ps.get('min_specificity'), 2)} | {len(ps.get('slides_below_0.7', []))} |"
+            f"{_fmt(ps.get('min_specificity'), 2)} | {len(ps.get('slides_below_0.7', []))} "
+            f"| {ps.get('n_slides_tumour', '-')} slides: {_fmt(ps.get('min_sensitivity_any'), 2)} / "
+            f"{'-' if missed is None else len(missed)} |"
         )  # fmt: skip
     return "\n".join(rows)
