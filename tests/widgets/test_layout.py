@@ -257,3 +257,22 @@ def test_a_bar_left_busy_stops_when_the_job_ends(make_napari_viewer, qtbot):
     panel._failed(RuntimeError("boom"))
     panel._done()
     assert (bar.minimum(), bar.maximum(), bar.value()) == (0, 1, 0)
+
+
+def test_tabs_and_title_bars_say_the_panel_without_the_plugin_name(make_napari_viewer, qtbot):
+    from qtpy.QtWidgets import QTabBar
+
+    viewer = make_napari_viewer(show=True)
+    docks = _open_all(viewer, qtbot)
+    window = viewer.window._qt_window
+    names = set(docks)
+    tabs = {bar.tabText(i) for bar in window.findChildren(QTabBar) for i in range(bar.count())}
+    assert names <= tabs, tabs  # "Slide", not "Slide (HistoScope)"
+    for name, (dock, _) in docks.items():
+        assert dock.windowTitle() == name
+        assert dock.title.title.text() == name  # napari's own title bar over the dock
+    dock = docks["Slide"][0]
+    dock.setFloating(True)  # napari makes a new title bar: still the short name
+    qtbot.wait(50)
+    assert dock.title.title.text() == "Slide"
+    dock.setFloating(False)

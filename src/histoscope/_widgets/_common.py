@@ -379,6 +379,26 @@ def _dock_of(widget: QWidget) -> QDockWidget | None:
     return parent
 
 
+#: What napari appends to a plugin dock's title: the plugin's name (napari < 0.9) or its
+#: display name (napari 0.9). The tab says which panel; the menus keep the full name.
+TITLE_SUFFIXES = (" (napari-histoscope)", " (HistoScope)")
+
+
+def _short_title(dock: QDockWidget) -> None:
+    """Drop napari's plugin suffix from the dock's title, its tab and its custom title bar."""
+    title = dock.windowTitle()
+    for suffix in TITLE_SUFFIXES:
+        if title.endswith(suffix):
+            title = title[: -len(suffix)]
+            dock.setWindowTitle(title)
+    bar = getattr(getattr(dock, "title", None), "title", None)  # napari's QtCustomTitleBar
+    if isinstance(bar, QLabel):
+        text = bar.text()
+        for suffix in TITLE_SUFFIXES:
+            if text.endswith(suffix):
+                bar.setText(text[: -len(suffix)])
+
+
 def join_panel_tabs(panel: QWidget) -> bool:
     """Tabify ``panel``'s dock with the other HistoScope panels docked in its area.
 
@@ -406,9 +426,11 @@ def join_panel_tabs(panel: QWidget) -> bool:
             dock.show()
             dock.raise_()
             joined = True
-    suffix = " (napari-histoscope)"  # the tab says which panel; the menus keep the full name
-    if dock.windowTitle().endswith(suffix):
-        dock.setWindowTitle(dock.windowTitle()[: -len(suffix)])
+    _short_title(dock)
+    if not getattr(dock, "_histoscope_titled", False):  # napari remakes its title bar
+        dock._histoscope_titled = True  # when the dock floats or moves: shorten it again
+        dock.topLevelChanged.connect(lambda *_: _short_title(dock))
+        dock.dockLocationChanged.connect(lambda *_: _short_title(dock))
     titles = {
         d.windowTitle() for d in main.findChildren(QDockWidget) if isinstance(d.widget(), Panel)
     }
