@@ -131,3 +131,22 @@ def test_count_inside_without_um_per_px_is_the_unknown_mpp_error(tmp_path, grid,
     assert main(args) == 2
     assert "µm/px is unknown" in with_region and "TypeError" not in with_region
     assert with_region == capsys.readouterr().err  # the same error as without the option
+
+
+def test_a_parameter_the_chosen_detection_does_not_use_is_refused(monkeypatch):
+    from histoscope.params import ParamError
+    from histoscope.tasks.ihc_measure import _classical_nuclei
+
+    with pytest.raises(ParamError, match=r"smooth_sigma=2.0: not used by detection='classical'"):
+        IHCParams(smooth_sigma=2.0)
+    with pytest.raises(ParamError, match="background_radius.*only by hematoxylin / od_sum"):
+        IHCParams(background_radius=4.0)
+    IHCParams(detection="od_sum", smooth_sigma=2.0, background_radius=4.0)  # used there
+    # nucleus_max_area reaches the classical detector (its hole filling and size limit)
+    import histoscope.nuclei._classical as classical
+
+    seen = []
+    real = classical.segment
+    monkeypatch.setattr(classical, "segment", lambda h, mpp, p: seen.append(p) or real(h, mpp, p))
+    _classical_nuclei(np.zeros((64, 64), np.float32), 0.5, IHCParams(nucleus_max_area=900.0))
+    assert seen[0].max_area_um2 == 900.0

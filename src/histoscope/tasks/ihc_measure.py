@@ -21,7 +21,7 @@ import numpy as np
 
 from histoscope.atomic import atomic_write_text
 from histoscope.labels import INTENSITY, LOCATION, QUANTITY
-from histoscope.params import check, param
+from histoscope.params import ParamError, check, param
 from histoscope.progress import Step
 from histoscope.results import Provenance, Result, plain
 from histoscope.stains import HDAB, deconvolve
@@ -54,6 +54,11 @@ SCORE_COLORS = ((0.44, 0.44, 1.0, 1.0), (1.0, 0.86, 0.0, 1.0), (1.0, 0.55, 0.0, 
 #: 0.75 of DAB-positive and 0.82 of negative cells, ``blobs`` 0.68 and 0.78
 #: (benchmarks/RESULTS.md, "IHC detection, update").
 DETECTIONS = ("classical", "blobs", "hematoxylin", "od_sum")
+#: Parameters a detection method does not use: setting one of them away from its default
+#: with that method is refused, not silently ignored.
+_UNUSED_BY = {"classical": ("background_radius", "smooth_sigma", "blob_threshold"),
+              "blobs": ("background_radius", "nucleus_threshold"),
+              "hematoxylin": ("blob_threshold",), "od_sum": ("blob_threshold",)}  # fmt: skip
 #: Scales (σ, µm) the blob detector looks for nuclei at: lymphocytes (r ≈ 3 µm) to tumour (r ≈ 6 µm).
 BLOB_SIGMAS_UM = (2.0, 3.0, 4.0, 5.0)
 #: A DAB-stained image has at least this fraction of its tissue pixels at or above the 1+ OD.
@@ -78,14 +83,18 @@ class IHCParams:
                                   "nucleus must reach (blobs detection)", min=1e-3, max=5.0)  # fmt: skip
     nucleus_threshold: float = param(0.1, "OD a nucleus must exceed its background by "
                                      "(classical, hematoxylin, od_sum)", min=1e-3, max=5.0)  # fmt: skip
-    background_radius: float = param(8.0, "radius of the background subtracted under nuclei (µm)",
+    background_radius: float = param(8.0, "radius of the background subtracted under nuclei (µm; "
+                                     "hematoxylin and od_sum detection only: classical "
+                                     "subtracts its own 5 µm background)",
                                      min=0.5, max=100.0)  # fmt: skip
     nucleus_min_area: float = param(10.0, "smallest nucleus (µm²)", min=0.1, max=10_000.0)
-    nucleus_max_area: float = param(400.0, "largest nucleus (µm²)", min=0.1, max=10_000.0)
+    nucleus_max_area: float = param(400.0, "largest nucleus (µm²; also the largest hole "
+                                    "classical detection fills)", min=0.1, max=10_000.0)  # fmt: skip
     cell_expansion: float = param(5.0, "cell = nucleus grown by this (µm)", min=0.0, max=50.0)
     membrane_width: float = param(1.0, "membrane band width (µm)", min=0.1, max=10.0)
-    smooth_sigma: float = param(1.0, "Gaussian smoothing before detection (µm)", min=0.1,
-                                max=10.0)  # fmt: skip
+    smooth_sigma: float = param(1.0, "Gaussian smoothing before detection (µm; blobs, "
+                                "hematoxylin and od_sum detection: classical smooths by its "
+                                "own 0.5 µm)", min=0.1, max=10.0)  # fmt: skip
     mpp: float = param(0.5, "µm/px a slide is read at (never finer than the slide's own)",
                        min=0.1, max=4.0)  # fmt: skip
     count_inside: str = param("", "QuPath GeoJSON of annotations (e.g. the tumour region, "
@@ -112,6 +121,12 @@ class IHCParams:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.nucleus_max_area <= self.nucleus_min_area:
             raise ValueError("nucleus_max_area must exceed nucleus_min_area")
+        defaults = IHCParams.__dataclass_fields__
+        for name in _UNUSED_BY[self.detection]:
+            if getattr(self, name) != defaults[name].default:
+                users = [d for d in DETECTIONS if name not in _UNUSED_BY[d]]
+                raise ParamError(f"ihc.{name}={getattr(self, name)!r}: not used by "
+                                 f"detection={self.detection!r} (only by {' / '.join(users)})")  # fmt: skip
         if self.cell_expansion < 0:
             raise ValueError(f"cell_expansion must be >= 0, got {self.cell_expansion}")
         object.__setattr__(self, "compartment", Compartment(self.compartment))
@@ -551,8 +566,11 @@ def _classical_nuclei(hema: np.ndarray, mpp: float, params: IHCParams) -> np.nda
     from histoscope.nuclei import NucleiParams
     from histoscope.nuclei._classical import segment
 
+    # the detector's tile overlap is not used here, but must cover its largest nucleus
+    overlap = max(24.0, float(np.ceil(2 * np.sqrt(params.nucleus_max_area / np.pi))))
     labels = segment(np.asarray(hema, np.float32), mpp,
-                     NucleiParams(threshold=params.nucleus_threshold))  # fmt: skip
+                     NucleiParams(threshold=params.nucleus_threshold, overlap_um=overlap,
+                                  max_area_um2=params.nucleus_max_area))  # fmt: skip
     return _keep_sizes(labels, mpp, params)
 
 
