@@ -276,3 +276,21 @@ def test_tabs_and_title_bars_say_the_panel_without_the_plugin_name(make_napari_v
     qtbot.wait(50)
     assert dock.title.title.text() == "Slide"
     dock.setFloating(False)
+
+
+def test_a_panel_opened_from_the_plugins_menu_has_the_short_title(make_napari_viewer, qtbot):
+    from qtpy.QtWidgets import QDockWidget
+
+    viewer = make_napari_viewer(show=True)
+    window = viewer.window._qt_window
+    menus = [a.menu() for a in window.menuBar().actions() if "Plugins" in a.text()]
+
+    def actions(menu):
+        for action in menu.actions():
+            yield from actions(action.menu()) if action.menu() else [action]
+
+    [slide] = [a for a in actions(menus[0]) if a.text().split(" (")[0] == "Slide"]
+    slide.trigger()  # napari 0.9 titles such a dock "Slide (HistoScope)"
+    qtbot.wait(100)
+    [dock] = [d for d in window.findChildren(QDockWidget) if isinstance(d.widget(), Panel)]
+    assert dock.windowTitle() == "Slide" == dock.title.title.text()
