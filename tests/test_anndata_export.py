@@ -82,7 +82,8 @@ def test_ihc_save_writes_cells_h5ad(tmp_path):
     files = m.save(tmp_path)
     assert [f.name for f in files] == ["ihc_cells.csv", "ihc_measure.json", "ihc_cells.h5ad"]
     a = ad.read_h5ad(tmp_path / "ihc_cells.h5ad")
-    assert a.n_obs == m.n_cells and list(a.obs.columns) == list(CELL_COLUMNS)
+    assert a.n_obs == m.n_cells and list(a.obs.columns) == [*CELL_COLUMNS, "counted", "region"]
+    assert a.obs["counted"].all()  # no region chosen: every cell counts
     counts = a.obs["score"].value_counts()  # scanpy-style use
     assert counts.to_dict() == {"0": 4, "1+": 3, "2+": 3, "3+": 0}
     assert list(a.obs["score"].cat.codes) == list(m.cells["score"])
