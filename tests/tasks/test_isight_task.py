@@ -86,3 +86,39 @@ def test_a_slide_without_tissue_is_flagged_not_silently_read(tmp_path, model, py
     assert "no tissue found" in res.summary()["warning"]
     assert res.provenance.params["warning"] == res.summary()["warning"]
     assert run_isight(hs.open_slide(pyramid_tiff), model, max_tiles=4).summary()["warning"] is None
+
+
+def test_tissue_head_gets_the_text_only_when_it_names_a_tissue(pyramid_tiff, model):
+    import histoscope as hs
+    from histoscope.tasks.isight import NO_TISSUE_NAMED, names_class
+
+    assert names_class("Tissue: breast. Antibody: HER2.", ("breast", "colon"))
+    assert not names_class("Tissue: kidney.", ("breast", "colon"))
+    assert not names_class("breastfeeding", ("breast",))  # whole words only
+    slide = hs.open_slide(pyramid_tiff)
+    named = run_isight(slide, model, metadata="Tissue: breast. Antibody: HER2.", max_tiles=4)
+    assert named.heads["tissue"]["case"] == "text" and named.summary()["text"]["notes"] == []
+    for text in ("Antibody: HER2.", "Tissue: kidney."):
+        res = run_isight(slide, model, metadata=text, max_tiles=4)
+        summary = res.summary()
+        assert res.heads["tissue"]["case"] == "image", text
+        assert res.heads["intensity"]["case"] == "text", text
+        assert summary["text"]["notes"] == [NO_TISSUE_NAMED]
+        assert "tissue" not in summary["text"]["used_by"]
+        image = run_isight(slide, model, max_tiles=4)
+        assert res.probabilities["tissue"] == pytest.approx(image.probabilities["tissue"])
+
+
+@pytest.mark.parametrize("text", ["乳腺", "?", "-"])
+def test_text_the_encoder_cannot_read_runs_every_head_on_the_image(pyramid_tiff, model, text):
+    import histoscope as hs
+    from histoscope.tasks.isight import NOT_UNDERSTOOD
+
+    slide = hs.open_slide(pyramid_tiff)
+    res = run_isight(slide, model, metadata=text, max_tiles=4)
+    assert {h["case"] for h in res.heads.values()} == {"image"}
+    assert res.summary()["text"] == {"given": True, "mode": "auto", "used_by": [],
+                                     "notes": [NOT_UNDERSTOOD]}  # fmt: skip
+    image = run_isight(slide, model, max_tiles=4)
+    for task, probs in image.probabilities.items():
+        assert res.probabilities[task] == pytest.approx(probs)

@@ -207,6 +207,8 @@ class CoAssessWidget(TaskWidget):
         note = "" if calls is not None else " (no checkpoint: measurement only)"
         if calls is not None and calls.summary()["warning"]:
             note += f". Model: {calls.summary()['warning']}"
+        for line in calls.summary()["text"].get("notes", []) if calls is not None else []:
+            note += f". Model: {line}"
         self.status.setText(f"{summary['n_cells']} cells measured{note}. Make your calls below.")
         self._show_agreement()
 

@@ -16,6 +16,7 @@ calibration in that case was not acceptable on validation slides
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Generator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -103,7 +104,8 @@ class ISightCalls(Result):
                "warning": prm.get("warning"), "hidden": self.hidden(),
                "text": {"given": bool(prm.get("metadata")), "mode": prm.get("text", "auto"),
                         "used_by": sorted(t for t, h in self.heads.items()
-                                          if h.get("case") == "text")}}  # fmt: skip
+                                          if h.get("case") == "text"),
+                        "notes": list(prm.get("text_notes") or [])}}  # fmt: skip
         if self.ood is not None:
             out.update(ood_summary(self.ood))
         return out
@@ -326,8 +328,7 @@ def iter_isight(
     dev = next(model.parameters()).device  # where the engine put it
     use = text_heads(card, model.classes, given=bool(metadata), mode=text)
     tokens = model.tokenize([metadata]) if use else None
-    if tokens is None:
-        use = set()
+    use, notes = text_use(model, use, tokens, metadata)
     feats = np.asarray(out.outputs)
     runs = {}
     with torch.no_grad():
@@ -351,6 +352,7 @@ def iter_isight(
         task="isight", slide=str(slide.path),
         checkpoint_sha256=getattr(card, "sha256", "") if card is not None else "",
         params={"metadata": metadata, "text": text, "text_used_by": sorted(use),
+                "text_notes": notes,
                 "region": list(region) if region else None, "max_tiles": max_tiles,
                 "tissue": asdict(tissue), "warning": warning},
         mpp=spec.mpp, tile_grid=grid.to_dict(),
@@ -358,6 +360,41 @@ def iter_isight(
     heat = TileHeatmap(provenance=prov, values=img, grid=grid, name="iSight attention")
     calls = ISightCalls(provenance=prov, probabilities=probs, attention=heat, heads=heads)
     return with_ood(calls, card, tile_features(feats), slide.path.name)
+
+
+_WORD = re.compile(r"[a-z0-9]+")
+
+#: Why a head that was to get the clinical text ran on the image alone.
+NOT_UNDERSTOOD = "clinical text not understood; image alone"
+NO_TISSUE_NAMED = "tissue: text names no known tissue; image alone"
+
+
+def names_class(text: str | None, classes) -> bool:
+    """Whether ``text`` names one of ``classes`` (its words, in order, among the text's words)."""
+    words = _WORD.findall((text or "").lower())
+    for name in classes:
+        want = _WORD.findall(str(name).lower().replace("_", " "))
+        n = len(want)
+        if n and any(words[i : i + n] == want for i in range(len(words) - n + 1)):
+            return True
+    return False
+
+
+def text_use(model, use: set[str], tokens, metadata: str | None) -> tuple[set[str], list[str]]:
+    """The heads that really get the clinical text, and lines saying why others do not.
+
+    A text the model's encoder makes nothing of (no word it can hash, e.g.
+    ``"?"``) is no text: every head runs on the image alone. The tissue head
+    was calibrated with texts that name the organ, so it gets the text only
+    when the text names one of its classes.
+    """
+    if not use:
+        return set(), []
+    if tokens is None or not bool(model.has_text(tokens, 1)[0]):
+        return set(), [NOT_UNDERSTOOD]
+    if "tissue" in use and not names_class(metadata, model.classes.get("tissue", ())):
+        return use - {"tissue"}, [NO_TISSUE_NAMED]
+    return set(use), []
 
 
 def tile_features(encoded: np.ndarray) -> np.ndarray:
