@@ -79,13 +79,14 @@ def test_an_edit_is_saved_without_pressing_anything(make_napari_viewer, slide_pa
 
 def _saved_points(folder):
     import histoscope as hs
-    from histoscope.session_store import read_manifest
+    from histoscope.session_store import folder_lock, read_manifest
 
-    doc = read_manifest(folder)
-    if not doc.get("layers"):
-        return []
-    with hs.open_session(doc["slide"], folder) as s:
-        return s.layers()[0][0]
+    with folder_lock(folder):  # not while the writer thread replaces the layers
+        doc = read_manifest(folder)
+        if not doc.get("layers"):
+            return []
+        with hs.open_session(doc["slide"], folder) as s:
+            return s.layers()[0][0]
 
 
 def _saved_names(folder):
@@ -250,3 +251,135 @@ def test_a_snapshot_does_not_change_with_later_edits(make_napari_viewer, slide_p
     assert shots[0][0].tolist() == [[1.0, 2.0]] and shots[0][1]["features"]["n"].tolist() == [1.0]
     assert shots[1][0][0, 0] == 0
     assert shots[2][0] is image.data  # pixels napari never edits are shared, not copied
+
+
+def _three_layers(viewer):
+    viewer.add_points([[1.0, 2.0]], name="a")
+    viewer.add_points([[3.0, 4.0]], name="b")
+    viewer.add_shapes([np.array([[0, 0], [0, 100], [100, 100]])], name="c", shape_type="polygon")
+
+
+@pytest.mark.parametrize("how", ["viewer_close", "file_exit", "quit_app"])
+def test_closing_or_quitting_keeps_every_layer(
+    make_napari_viewer, slide_path, qtbot, monkeypatch, how
+):
+    from napari._qt import qt_event_loop
+
+    from histoscope._widgets._session import AutoSave
+
+    # quit_app runs in full but leaves the test's QApplication running (as under IPython)
+    monkeypatch.setattr(qt_event_loop, "_ipython_has_eventloop", lambda: True)
+    viewer = make_napari_viewer()
+    viewer.open(str(slide_path), plugin="napari-histoscope")
+    saver = AutoSave.for_viewer(viewer)
+    _three_layers(viewer)
+    assert saver.save_now()
+    viewer.layers["a"].add([[9.0, 9.0]])  # an edit still in its quiet period
+    assert saver.timer.isActive()
+    if how == "viewer_close":
+        viewer.close()
+    elif how == "file_exit":  # what File > Exit (Ctrl+Q) does
+        viewer.window._qt_window.close(quit_app=True, confirm_need=False)
+    else:
+        from napari._qt.qt_event_loop import quit_app
+
+        quit_app()
+    qtbot.wait(DELAY_WAIT_MS)  # any save the layer removals would have scheduled
+    assert saver.wait(30) and saver.closed and saver.error is None
+    folder = slide_path.with_name("case.tif.histoscope")
+    assert _saved_names(folder) == ["a", "b", "c"]
+    np.testing.assert_array_equal(_saved_points(folder), [[1.0, 2.0], [9.0, 9.0]])
+    again = make_napari_viewer()
+    again.open(str(folder), plugin="napari-histoscope")
+    assert [ly.name for ly in again.layers] == ["case.tif", "a", "b", "c"]
+
+
+#: Longer than the quiet period: time for a save the shutdown must not make.
+DELAY_WAIT_MS = 1500
+
+
+def test_deleting_every_layer_is_saved(make_napari_viewer, slide_path, qtbot):
+    from histoscope._widgets._session import AutoSave
+
+    viewer = make_napari_viewer()
+    viewer.open(str(slide_path), plugin="napari-histoscope")
+    saver = AutoSave.for_viewer(viewer)
+    _three_layers(viewer)
+    assert saver.save_now()
+    folder = slide_path.with_name("case.tif.histoscope")
+    for name in ("a", "b", "c"):  # the user deletes each overlay and keeps working
+        viewer.layers.remove(name)
+    qtbot.waitUntil(lambda: _saved_names(folder) == [], timeout=10_000)
+    viewer.add_points([[5.0, 5.0]], name="d")
+    viewer.add_points([[6.0, 6.0]], name="e")
+    qtbot.waitUntil(lambda: _saved_names(folder) == ["d", "e"], timeout=10_000)
+    viewer.layers.selection = {viewer.layers["d"], viewer.layers["e"]}
+    viewer.layers.remove_selected()  # several at once
+    qtbot.wait(DELAY_WAIT_MS)
+    assert saver.wait(30) and not saver.closed and saver.error is None
+    assert _saved_names(folder) == []
+    viewer.add_points([[7.0, 7.0]], name="f")  # and it goes on being saved
+    qtbot.waitUntil(lambda: _saved_names(folder) == ["f"], timeout=10_000)
+
+
+@pytest.fixture
+def failing_writes(monkeypatch):
+    """The first ``log["fail"]`` session writes fail like a full disk; warnings are recorded."""
+    import napari.utils.notifications
+
+    from histoscope import session_store
+
+    real = session_store.save_layers
+    log = {"fail": 1, "calls": 0, "warnings": []}
+
+    def flaky(folder, layers, manifest, slide_display=None):
+        log["calls"] += 1
+        if log["calls"] <= log["fail"]:
+            raise OSError(28, "No space left on device")
+        return real(folder, layers, manifest, slide_display)
+
+    monkeypatch.setattr(session_store, "save_layers", flaky)
+    monkeypatch.setattr(napari.utils.notifications, "show_warning", log["warnings"].append)
+    return log
+
+
+def test_a_failed_write_is_shown_and_tried_again(
+    make_napari_viewer, slide_path, qtbot, failing_writes, monkeypatch
+):
+    from histoscope._widgets import _session
+    from histoscope._widgets._session import AutoSave
+
+    monkeypatch.setattr(_session, "RETRY_MS", 50)
+    viewer = make_napari_viewer()
+    viewer.open(str(slide_path), plugin="napari-histoscope")
+    saver = AutoSave.for_viewer(viewer)
+    viewer.add_points([[1.0, 2.0]], name="marks")
+    assert not saver.save_now() and saver.failed is not None
+    folder = slide_path.with_name("case.tif.histoscope")
+    qtbot.waitUntil(lambda: _saved_names(folder) == ["marks"], timeout=10_000)
+    assert saver.wait(10)
+    assert failing_writes["calls"] == 2 and saver.failed is None and saver.error is None
+    [warning] = failing_writes["warnings"]
+    assert str(folder) in warning and "No space left on device" in warning
+
+
+def test_closing_writes_a_failed_edit(
+    make_napari_viewer, slide_path, qtbot, failing_writes, monkeypatch
+):
+    from histoscope._widgets import _session
+    from histoscope._widgets._session import AutoSave
+
+    monkeypatch.setattr(_session, "RETRIES", 0)  # no try by itself: only closing writes it
+    failing_writes["fail"] = 1
+    viewer = make_napari_viewer()
+    viewer.open(str(slide_path), plugin="napari-histoscope")
+    saver = AutoSave.for_viewer(viewer)
+    _three_layers(viewer)
+    assert not saver.save_now()
+    qtbot.waitUntil(lambda: len(failing_writes["warnings"]) == 1, timeout=5_000)
+    assert "tried again when the viewer closes" in failing_writes["warnings"][0]
+    folder = slide_path.with_name("case.tif.histoscope")
+    assert _saved_names(folder) == [] and not saver.timer.isActive()
+    viewer.close()
+    assert failing_writes["calls"] == 2 and saver.error is None
+    assert _saved_names(folder) == ["a", "b", "c"]

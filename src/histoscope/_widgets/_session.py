@@ -12,7 +12,12 @@ layers (arrays are shared where napari never edits them in place, copied
 where it does) and one writer thread writes it. Saves coalesce: while one is
 written, newer snapshots replace each other and only the latest is written
 next, so the last state always wins and two writes never overlap. Closing
-the viewer writes any pending change and waits for the writer.
+the viewer (``Viewer.close()``, File > Exit, the window's close button)
+writes any pending change and waits for the writer before napari removes the
+layers, and the removals of a shutdown are never saved. A write that fails
+(a full disk, a folder locked by another program) is shown as a napari
+warning naming the folder and the reason; its snapshot is kept and written
+again (up to :data:`RETRIES` times, then when the viewer closes).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from qtpy.QtCore import QEvent, QObject, QTimer
+from qtpy.QtCore import QEvent, QObject, QTimer, Signal
 
 #: Layer events that change what a saved session would hold.
 EVENTS = ("data", "opacity", "visible", "colormap", "contrast_limits", "gamma", "blending",
@@ -34,6 +39,10 @@ DELAY_MS = 1000
 CLOSE_WAIT_S = 120.0
 #: Labels larger than this are shared, not copied, in a snapshot (a later save catches up).
 COPY_LABELS_BYTES = 256 << 20
+#: Times a failed write is tried again by itself (closing the viewer tries once more).
+RETRIES = 3
+#: Milliseconds between a failed write and its next try.
+RETRY_MS = 5000
 
 
 #: Metadata key recording which slide a layer was made over (its session).
@@ -175,7 +184,14 @@ def write_snapshot(saves: list[_Save]) -> list[str]:
                          f"layer(s) not shown here; open {session.folder} to continue it "
                          "(nothing was overwritten)")  # fmt: skip
             continue
-        session.save_layers(save.layers, save.display)
+        try:
+            session.save_layers(save.layers, save.display)
+        except Exception as exc:
+            from histoscope.session import SessionError
+
+            if isinstance(exc, SessionError) and str(session.folder) in str(exc):
+                raise
+            raise SessionError(f"{session.folder}: {type(exc).__name__}: {exc}") from exc
         session.layers_shown = True
         skipped = read_manifest(session.folder).get("not_saved") or []
         notes += [f"{name}: not saved ({why})" for name, why in skipped]
@@ -188,7 +204,13 @@ def save_viewer_session(viewer) -> list[str]:
 
 
 class _CloseWatcher(QObject):
-    """Calls ``on_close`` when the viewer's window is about to close."""
+    """Calls ``on_close`` when the viewer's window is about to close; relays write failures.
+
+    :attr:`failed` is emitted by the writer thread and delivered on the GUI
+    thread (the watcher lives there).
+    """
+
+    failed = Signal(str)
 
     def __init__(self, on_close) -> None:
         super().__init__()
@@ -205,7 +227,8 @@ class AutoSave:
 
     New layers are tagged with the slide they were made over (when one slide
     is open), so each goes to that slide's session. :attr:`error` and
-    :attr:`notes` are those of the latest finished write.
+    :attr:`notes` are those of the latest finished write; :attr:`failed` is the
+    snapshot of a failed write, kept until it is written (or a newer one is).
     """
 
     def __init__(self, viewer) -> None:
@@ -218,18 +241,43 @@ class AutoSave:
         self._thread: threading.Thread | None = None
         self._taken = 0  # number of the latest snapshot handed to the writer
         self._written = 0  # number of the latest snapshot written (or failed)
+        self.failed: list[_Save] | None = None
+        self.retries = 0  # automatic tries of the failed snapshot so far
+        self.closed = False
         self.timer = QTimer()
         self.timer.setSingleShot(True)
         self.timer.setInterval(DELAY_MS)
         self.timer.timeout.connect(self._save_later)
+        self.retry_timer = QTimer()
+        self.retry_timer.setSingleShot(True)
+        self.retry_timer.setInterval(RETRY_MS)
+        self.retry_timer.timeout.connect(self._retry)
         for event in ("inserted", "removed", "moved"):
             getattr(viewer.layers.events, event).connect(self._layers_changed)
         viewer.layers.events.removing.connect(self._before_removal)
         self._watch()
-        self._closer = _CloseWatcher(self.close)
+        self._closer = _CloseWatcher(self.flush)
+        self._closer.failed.connect(self._on_failure)
         window = getattr(getattr(viewer, "window", None), "_qt_window", None)
         if window is not None:
             window.installEventFilter(self._closer)
+        self._hook_close()
+
+    def _hook_close(self) -> None:
+        """Make ``Viewer.close()`` (also File > Exit's path) close this saver before the layers go.
+
+        napari's ``Viewer.close`` removes every layer one by one before the
+        window closes; each removal would otherwise be saved as an edit.
+        """
+        viewer = self.viewer
+        napari_close = viewer.close
+
+        def close() -> None:
+            self.close()
+            napari_close()
+
+        close.__doc__ = napari_close.__doc__
+        object.__setattr__(viewer, "close", close)  # the viewer model refuses unknown fields
 
     @classmethod
     def for_viewer(cls, viewer) -> AutoSave:
@@ -263,15 +311,36 @@ class AutoSave:
         first removal hands the pending state to the writer, and once the
         slide layer is gone nothing more is saved for it.
         """
-        if self.timer.isActive():
+        if self.timer.isActive() and not self.closed:
             self.save_now(wait=False)
 
     def schedule(self, *_: object) -> None:
-        """Save after a short quiet period (edits come in bursts)."""
-        self.timer.start()
+        """Save after a short quiet period (edits come in bursts); nothing once closed."""
+        if not self.closed:
+            self.timer.start()
 
     def _save_later(self) -> None:
-        self.save_now(wait=False)
+        if not self.closed:
+            self.save_now(wait=False)
+
+    def _retry(self) -> None:
+        """Hand the failed snapshot to the writer again (unless a newer one superseded it)."""
+        with self._cond:
+            saves = self.failed
+        if saves is not None:
+            self._submit(saves)
+
+    def _on_failure(self, message: str) -> None:
+        """On the GUI thread: tell the user a write failed, and try it again later."""
+        from napari.utils.notifications import show_warning
+
+        again = self.retries < RETRIES and not self.closed
+        when = (f"trying again in {RETRY_MS / 1000:g} s" if again
+                else "it is tried again when the viewer closes")  # fmt: skip
+        show_warning(f"HistoScope session not saved: {message} ({when})")
+        if again:
+            self.retries += 1
+            self.retry_timer.start()
 
     def save_now(self, wait: bool = True, timeout: float | None = None) -> bool:
         """Snapshot the viewer now and hand it to the writer; errors are kept, never raised.
@@ -307,6 +376,9 @@ class AutoSave:
         with self._cond:
             self._taken += 1
             self._pending = saves  # an older snapshot not yet written is superseded
+            if self.failed is not None and saves is not self.failed:
+                self.failed = None  # so is a failed one: this newer state replaces it
+                self.retries = 0
             if self._thread is None:
                 self._thread = threading.Thread(target=self._write_loop, name="histoscope-autosave",
                                                 daemon=True)  # fmt: skip
@@ -327,9 +399,18 @@ class AutoSave:
                 notes, error = self.notes, exc
             with self._cond:
                 self.notes, self.error = notes, error
+                if error is None and self.failed is saves:
+                    self.failed, self.retries = None, 0
+                elif error is not None and self._pending is None:
+                    self.failed = saves  # kept for the next try (one snapshot, the latest)
                 self._written = ticket
                 self.writes += 1
                 self._cond.notify_all()
+            if error is not None and self._pending is None:
+                try:
+                    self._closer.failed.emit(str(error))
+                except RuntimeError:  # the Qt side is gone (interpreter shutdown)
+                    pass
 
     @property
     def busy(self) -> bool:
@@ -343,12 +424,32 @@ class AutoSave:
             want = self._taken if ticket is None else ticket
             return self._cond.wait_for(lambda: self._written >= want, timeout)
 
-    def close(self) -> None:
-        """Write a change still waiting for its quiet period, then wait for the writer.
+    def flush(self, timeout: float | None = CLOSE_WAIT_S) -> bool:
+        """Write a change still waiting for its quiet period, or a failed one, and wait for it.
 
-        Called when the viewer's window gets its close event (the close button
-        or ``Viewer.close()``).
+        Called when the viewer's window gets its close event (which may still
+        be refused: the saver stays open). Returns whether everything taken
+        so far is written.
         """
+        self.retry_timer.stop()
         if self.timer.isActive():
             self.save_now(wait=False)
-        self.wait(CLOSE_WAIT_S)
+        elif self.failed is not None:
+            self._retry()
+        if not self.wait(timeout):
+            return False
+        with self._cond:
+            return self.failed is None and self.error is None
+
+    def close(self) -> None:
+        """Flush (see :meth:`flush`), then save nothing more: the viewer is shutting down.
+
+        Runs first in ``Viewer.close()`` (the close button, File > Exit and
+        napari's ``quit_app`` all end there), so the layer removals of the
+        shutdown are never saved. Calling it again does nothing.
+        """
+        if self.closed:
+            return
+        self.flush()
+        self.closed = True
+        self.timer.stop()
