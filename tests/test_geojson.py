@@ -435,7 +435,11 @@ def test_bbox_and_limit_keep_objects_centred_inside_with_full_geometry(tmp_path)
 @pytest.mark.parametrize(
     "kwargs, match",
     [({"geometry": "outline"}, "geometry must be"), ({"bbox": (0, 0, 1)}, "bbox must be"),
-     ({"bbox": (0, 0, np.nan, 1)}, "bbox must be"), ({"limit": -1}, "limit must be")],
+     ({"bbox": (0, 0, np.nan, 1)}, "bbox must be"), ({"limit": -1}, "limit must be"),
+     ({"limit": 2.5}, "limit must be"), ({"limit": "3"}, "limit must be"),
+     ({"bbox": ("a", 0, 1, 1)}, "bbox must be"), ({"bbox": ("0", 0, 1, 1)}, "bbox must be"),
+     ({"bbox": (10, 10, 0, 0)}, "bbox .* must have x0 < x1"),
+     ({"bbox": (0, 5, 10, 5)}, "bbox .* must have x0 < x1")],
 )  # fmt: skip
 def test_scan_options_out_of_range_are_refused(tmp_path, kwargs, match):
     path = hs.write_geojson(tmp_path / "c.geojson", _cells_table(2))

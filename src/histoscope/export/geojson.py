@@ -556,6 +556,35 @@ class _Scan:
         return pd.concat([base, meas], axis=1)
 
 
+def _check_bbox(bbox) -> tuple[float, float, float, float] | None:
+    """``bbox`` as 4 floats with ``x0 < x1`` and ``y0 < y1``; ValueError naming the option."""
+    if bbox is None:
+        return None
+    try:
+        box = tuple(float(v) for v in bbox)
+        if any(isinstance(v, str | bytes) for v in bbox):
+            raise TypeError("text")
+    except (TypeError, ValueError):
+        raise ValueError(f"bbox must be 4 numbers (x0, y0, x1, y1), not {bbox!r}") from None
+    if len(box) != 4 or not np.all(np.isfinite(box)):
+        raise ValueError(f"bbox must be 4 finite numbers (x0, y0, x1, y1), not {bbox!r}")
+    if not (box[0] < box[2] and box[1] < box[3]):
+        raise ValueError(f"bbox (x0, y0, x1, y1) must have x0 < x1 and y0 < y1 (an empty box "
+                         f"matches nothing), not {bbox!r}")  # fmt: skip
+    return box  # type: ignore[return-value]
+
+
+def _check_limit(limit) -> int | None:
+    """``limit`` as an int >= 0; ValueError naming the option."""
+    if limit is None:
+        return None
+    if isinstance(limit, bool) or not isinstance(limit, int | np.integer):
+        raise ValueError(f"limit must be a whole number >= 0, not {limit!r}")
+    if limit < 0:
+        raise ValueError(f"limit must be >= 0, not {limit!r}")
+    return int(limit)
+
+
 def read_geojson(
     path: str | os.PathLike,
     on_error: Literal["raise", "skip"] = "raise",
@@ -620,10 +649,8 @@ def read_geojson(
         raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
     if geometry not in ("full", "centroid"):
         raise ValueError(f"geometry must be 'full' or 'centroid', not {geometry!r}")
-    if bbox is not None and (len(bbox) != 4 or not np.all(np.isfinite(bbox))):
-        raise ValueError(f"bbox must be 4 finite numbers (x0, y0, x1, y1), not {bbox!r}")
-    if limit is not None and limit < 0:
-        raise ValueError(f"limit must be >= 0, not {limit!r}")
+    bbox = _check_bbox(bbox)
+    limit = _check_limit(limit)
     path = Path(path)
     where, count = str(path), 0
     scan = geometry == "centroid" or bbox is not None or limit is not None
