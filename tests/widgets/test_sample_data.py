@@ -67,11 +67,17 @@ def test_slide_panel_generates_a_sample_in_a_worker_with_progress(
 
 
 def test_cancelling_a_sample_leaves_nothing_half_written(make_napari_viewer, qtbot, small_samples):
+    from qtpy.QtCore import Qt
+
     from histoscope._widgets.slide import SlideWidget
 
     viewer = make_napari_viewer()
     widget = SlideWidget(viewer)
     widget._relay.step.connect(lambda done, total: widget.cancel())  # cancel at the first tile
+    # the worker waits for that Cancel (given on the GUI thread), so a small slide cannot be
+    # finished before the click arrives
+    direct = Qt.ConnectionType.DirectConnection
+    widget._relay.step.connect(lambda done, total: widget._cancel.wait(30), direct)
     widget.open_sample("he")
     qtbot.waitUntil(lambda: widget._worker is None, timeout=120_000)
     assert len(viewer.layers) == 0 and widget.status.text().startswith("Cancelled")
