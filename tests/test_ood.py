@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -25,8 +27,10 @@ from histoscope.ood import (
     ood_summary,
     reference_from_card,
     warn_if_outside,
+    with_ood,
     write_reference,
 )
+from histoscope.results import Provenance
 
 D = 24
 
@@ -203,8 +207,11 @@ def astronaut_png(tmp_path_factory):
 
 
 def test_tumour_flags_a_foreign_image(astronaut_png):
-    """A photograph declared as a 1 µm/px slide is outside the tumour classifier's training data."""
-    session = hs.open_session(astronaut_png, mpp=1.0, in_memory=True)
+    """A photograph declared as a 2 µm/px slide is outside the tumour classifier's training data.
+
+    (At 1 µm/px it has only 6 tissue tiles: too few to judge, see the next test.)
+    """
+    session = hs.open_session(astronaut_png, mpp=2.0, in_memory=True)
     with pytest.warns(OutsideTrainingDataWarning, match="astronaut.png: outside training data"):
         tumour = hs.tasks.run("tumour", session)
     s = tumour.summary()
@@ -212,6 +219,21 @@ def test_tumour_flags_a_foreign_image(astronaut_png):
     assert s["ood"]["score"] > s["ood"]["threshold"] and s["ood"]["n_items"] == s["scored"]
     assert tumour.provenance.params["ood"]["outside"] is True
     json.dumps(s)
+
+
+def test_tumour_on_too_few_tiles_or_cancelled_is_not_judged(astronaut_png):
+    session = hs.open_session(astronaut_png, mpp=1.0, in_memory=True)
+    s = hs.tasks.run("tumour", session).summary()  # 6 tissue tiles: no warning either
+    assert s["outside_training_data"] is None and s["scored"] == 6
+    assert s["ood"]["message"] == "not judged: only 6 tiles (at least 8 needed)"
+    session = hs.open_session(astronaut_png, mpp=2.0, in_memory=True)
+    from histoscope.engine import EngineParams
+
+    res = hs.tasks.run("tumour", session, engine=EngineParams(batch_size=4, workers=0),
+                       progress=lambda step: not (step.total and step.done >= 4))  # fmt: skip
+    s = res.summary()
+    assert res.provenance.cancelled and s["outside_training_data"] is None
+    assert s["ood"]["message"] == "not judged: run cancelled"
 
 
 def test_tumour_on_a_training_like_slide_is_within(tmp_path):
@@ -227,9 +249,11 @@ def test_tumour_on_a_training_like_slide_is_within(tmp_path):
 def test_analyze_prints_the_flag(astronaut_png, tmp_path, capsys):
     from histoscope.cli import main
 
-    with pytest.warns(OutsideTrainingDataWarning):
-        rc = main(["analyze", str(astronaut_png), "--tasks", "tumour", "--mpp", "1.0",
+    with warnings.catch_warnings(record=True) as seen:  # the CLI prints the flag itself
+        warnings.simplefilter("always")
+        rc = main(["analyze", str(astronaut_png), "--tasks", "tumour", "--mpp", "2.0",
                    "--out", str(tmp_path / "o")])  # fmt: skip
+    assert not [w for w in seen if issubclass(w.category, OutsideTrainingDataWarning)]
     out = capsys.readouterr().out
     assert rc == 0
     assert "tumour: OUTSIDE TRAINING DATA: treat calls as unreliable (distance" in out
@@ -270,3 +294,66 @@ def test_reference_keyed_to_the_backbone_hash_survives_a_new_head(fitted):
                       data={"ood": keyed, "backbone_sha256": "d" * 64})  # fmt: skip
     r = assess_card(other, feats)
     assert r.outside is None and "other weights" in r.message
+
+
+# ------------------------------------------------- with_ood: when not to judge
+@dataclasses.dataclass(frozen=True)
+class _Res:
+    provenance: Provenance
+    ood: object = None
+
+
+def _card(ref):
+    return ModelCard(family="tile_classifier", config={}, data={"ood": ref.to_dict()})
+
+
+def _with(card, feats, cancelled=False, **kw):
+    prov = Provenance(task="t", slide="s.svs", cancelled=cancelled)
+    return with_ood(_Res(provenance=prov), card, feats, "s.svs", **kw).ood
+
+
+def test_too_few_items_or_a_cancelled_run_are_not_judged(fitted):
+    from histoscope.ood import CANCELLED_MESSAGE, MIN_ITEMS
+
+    ref, mix = fitted
+    card = _card(ref)
+    far = np.full((MIN_ITEMS["tiles"] - 1, D), 100.0)  # clearly foreign, but too few
+    rep = _with(card, far)
+    assert rep.outside is None and rep.message.startswith(f"not judged: only {len(far)} tiles")
+    with pytest.warns(OutsideTrainingDataWarning):  # enough tiles, foreign
+        assert _with(card, np.full((MIN_ITEMS["tiles"], D), 100.0)).outside is True
+    few_cells = np.full((MIN_ITEMS["cells"] - 1, D), 100.0)
+    assert "only 49 cells" in _with(card, few_cells, items="cells").message
+    with pytest.warns(OutsideTrainingDataWarning):  # enough cells, foreign
+        assert _with(card, np.full((MIN_ITEMS["cells"], D), 100.0), items="cells").outside
+    rep = _with(card, np.full((40, D), 100.0), cancelled=True)
+    assert rep.outside is None and rep.message == CANCELLED_MESSAGE
+    assert _with(card, None, missing="not judged: stain normalisation on").message == (
+        "not judged: stain normalisation on"
+    )
+
+
+def test_a_malformed_card_reference_gives_an_unknown_report_naming_the_card(fitted):
+    ref, _ = fitted
+    bad = ModelCard(family="tile_classifier", config={}, sha256="ab" * 32,
+                    data={"ood": {"mean": [1.0]}})  # fmt: skip
+    rep = _with(bad, np.zeros((20, D)))
+    assert rep.outside is None
+    assert "tile_classifier checkpoint (sha256 abababababab)" in rep.message
+    assert "missing key" in rep.message
+
+
+def test_feature_tap_samples_a_stream_of_batches_uniformly():
+    from histoscope.ood import FeatureTap
+
+    tap = FeatureTap(torch.nn.Identity(), max_items=500)
+    with tap:
+        for b in range(40):  # 40 batches of 100 rows: row value = arrival index
+            tap.module(torch.arange(b * 100, (b + 1) * 100, dtype=torch.float32)[:, None])
+    kept = tap.features()[:, 0]
+    assert len(kept) == 500 and len(np.unique(kept)) == 500
+    assert (np.diff(kept) > 0).all()  # arrival order
+    first = (kept < 2000).mean()
+    assert abs(first - 0.5) < 0.08, first  # halves of the stream weigh alike
+    quarters = np.histogram(kept, bins=4, range=(0, 4000))[0] / 500
+    assert np.abs(quarters - 0.25).max() < 0.07, quarters

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import warnings
 from pathlib import Path
 
 from histoscope._cli_tasks import (
@@ -36,6 +37,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from histoscope.analyze import analyze_slide, check_tasks
+    from histoscope.ood import OutsideTrainingDataWarning
     from histoscope.progress import tqdm_progress
 
     tasks = check_tasks(args.tasks.split(","))
@@ -50,10 +52,12 @@ def run(args: argparse.Namespace) -> int:
         _note_mpp_override(args.slide, args.mpp)
     progress, close = tqdm_progress()
     try:
-        doc = analyze_slide(args.slide, args.out, tasks, mpp=args.mpp, params=params,
-                            checkpoints=checkpoints, region=region, near=near,
-                            engine=engine_params(args), session_dir=args.session_dir,
-                            progress=progress)  # fmt: skip
+        with warnings.catch_warnings():  # the flag is printed below, once, as a plain line
+            warnings.simplefilter("ignore", OutsideTrainingDataWarning)
+            doc = analyze_slide(args.slide, args.out, tasks, mpp=args.mpp, params=params,
+                                checkpoints=checkpoints, region=region, near=near,
+                                engine=engine_params(args), session_dir=args.session_dir,
+                                progress=progress)  # fmt: skip
     finally:
         close()
     for name, summary in doc["tasks"].items():

@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     from functools import partial
 
     from histoscope.analyze import check_tasks
-    from histoscope.cohort import analyze_work, run_cohort
+    from histoscope.cohort import run_cohort
 
     # refuse bad tasks and options here, before any worker starts
     tasks = check_tasks(args.tasks.split(","))
@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
         extra = f" ({o.error})" if o.error else ""
         print(f"[{done}/{total}] {o.name}: {o.status}{extra}", file=sys.stderr, flush=True)
 
-    work = partial(analyze_work, tasks=tasks, mpp=args.mpp, params=params,
+    work = partial(_quiet_work, tasks=tasks, mpp=args.mpp, params=params,
                    checkpoints=checkpoints, engine=engine)  # fmt: skip
     outcomes = run_cohort(args.slides, args.out, work, scheduler=args.scheduler,
                           n_workers=args.workers, progress=progress)  # fmt: skip
@@ -57,6 +57,22 @@ def run(args: argparse.Namespace) -> int:
     for o in failed:
         print(f"FAILED {o.slide}: {o.error}")
     return 1 if failed else 0
+
+
+def _quiet_work(*args, **kwargs):
+    """``histoscope.cohort.analyze_work`` without the outside-training-data warning lines.
+
+    Each slide's flag is kept in its ``analyze.json`` and in ``cohort.json``; a
+    raw Python warning in the middle of the progress lines says nothing more.
+    """
+    import warnings
+
+    from histoscope.cohort import analyze_work
+    from histoscope.ood import OutsideTrainingDataWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", OutsideTrainingDataWarning)
+        return analyze_work(*args, **kwargs)
 
 
 def _check_up_front(args, tasks, params, checkpoints) -> None:

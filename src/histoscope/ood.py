@@ -48,7 +48,7 @@ from histoscope.errors import CheckpointError, HistoScopeWarning
 if TYPE_CHECKING:
     from histoscope.checkpoints import ModelCard
 
-__all__ = ["NO_REFERENCE_MESSAGE", "OUTSIDE_MESSAGE", "WITHIN_MESSAGE", "FeatureReference",
+__all__ = ["CANCELLED_MESSAGE", "MIN_ITEMS", "NO_REFERENCE_MESSAGE", "OUTSIDE_MESSAGE", "WITHIN_MESSAGE", "FeatureReference",
            "FeatureTap", "OODReport", "OutsideTrainingDataWarning", "assess", "assess_card",
            "fit_reference", "item_distances", "ood_summary", "reference_from_card",
            "slide_score", "warn_if_outside", "with_ood", "write_reference"]  # fmt: skip
@@ -65,6 +65,12 @@ CARD_KEY = "ood"
 MIN_LOG_SD = 0.05
 #: Items per slide used for the fit (a random subset beyond this; slides weigh alike).
 MAX_FIT_ITEMS = 2000
+#: Fewest items a slide is judged on, per kind of item. A median over fewer
+#: tiles or patches (or a few dozen cells) says little about the slide as a
+#: whole, so below these the report is unknown ("not judged: only N tiles").
+MIN_ITEMS = {"tiles": 8, "patches": 8, "cells": 50}
+#: What a task says when the run was cancelled (part of the slide read).
+CANCELLED_MESSAGE = "not judged: run cancelled"
 
 
 class OutsideTrainingDataWarning(HistoScopeWarning):
@@ -491,7 +497,8 @@ class FeatureTap:
 
     A forward (pre-)hook copies each batch's ``(B, ...)`` tensor to the CPU,
     averages any spatial dimensions (``(B, C, H, W)`` -> ``(B, C)``) and keeps
-    at most ``max_items`` rows (a seeded random subset once more arrive), so a
+    at most ``max_items`` rows (a seeded uniform reservoir sample once more
+    arrive, so early and late batches weigh alike), in arrival order, so a
     task scores the features its model actually consumed without a second pass.
 
     Parameters
@@ -508,8 +515,9 @@ class FeatureTap:
         if kind not in ("input", "output"):
             raise ValueError(f"kind must be 'input' or 'output', not {kind!r}")
         self.module, self.kind, self.max_items = module, kind, int(max_items)
-        self._parts: list[np.ndarray] = []
-        self._n = 0
+        self._kept: np.ndarray | None = None  # (max_items, d) reservoir
+        self._order: np.ndarray | None = None  # arrival index of each kept row
+        self._n = 0  # rows seen
         self._handle = None
         self._rng = np.random.default_rng(0)
 
@@ -517,11 +525,20 @@ class FeatureTap:
         x = t.detach().float()
         if x.ndim > 2:
             x = x.flatten(2).mean(-1)
-        self._parts.append(x.cpu().numpy().reshape(len(x), -1))
-        self._n += len(x)
-        if self._n > 2 * self.max_items:  # keep memory bounded on big slides
-            self._parts = [self.features()]
-            self._n = len(self._parts[0])
+        rows = x.cpu().numpy().reshape(len(x), -1)
+        if self._kept is None:
+            self._kept = np.empty((self.max_items, rows.shape[1]), rows.dtype)
+            self._order = np.empty(self.max_items, np.int64)
+        # reservoir sampling (Algorithm R): every row seen so far is kept with
+        # the same probability max_items / seen, whichever batch it came in
+        for row in rows:
+            if self._n < self.max_items:
+                slot = self._n
+            else:
+                slot = int(self._rng.integers(0, self._n + 1))
+            if slot < self.max_items:
+                self._kept[slot], self._order[slot] = row, self._n
+            self._n += 1
 
     def attach(self) -> FeatureTap:
         """Start collecting (idempotent)."""
@@ -550,29 +567,52 @@ class FeatureTap:
 
     def features(self) -> np.ndarray | None:
         """``(n, d)`` rows collected so far (None when none)."""
-        if not self._parts:
+        if self._kept is None or self._n == 0:
             return None
-        x = np.concatenate(self._parts)
-        if len(x) > self.max_items:
-            x = x[np.sort(self._rng.choice(len(x), self.max_items, replace=False))]
-        return x
+        k = min(self._n, self.max_items)
+        return self._kept[:k][np.argsort(self._order[:k], kind="stable")].copy()
 
 
-def with_ood(result, card: ModelCard | None, feats: np.ndarray | None, what: str):
+def _card_name(card) -> str:
+    sha = getattr(card, "sha256", "") or ""
+    return f"the {getattr(card, 'family', '?')} checkpoint (sha256 {sha[:12] or 'unknown'})"
+
+
+def with_ood(
+    result, card: ModelCard | None, feats: np.ndarray | None, what: str, *,
+    items: str = "tiles", missing: str | None = None,
+):  # fmt: skip
     """``result`` with its slide scored against ``card``'s training-data reference.
 
     Sets the result's ``ood`` field (an :class:`OODReport`), records the report
     in its provenance (``params["ood"]``) and issues an
     :class:`OutsideTrainingDataWarning` naming ``what`` when the slide is outside.
-    A reference that cannot be used (another feature dimension) gives an
-    unknown report saying why, never a failed analysis.
+    The report is unknown, saying why, for a cancelled run
+    (:data:`CANCELLED_MESSAGE`), for fewer items than ``MIN_ITEMS[items]``, for
+    ``feats=None`` (``missing``, when given, is the reason), and for a reference
+    that cannot be used (another feature dimension, a malformed card entry,
+    named): never a failed analysis.
     """
     from dataclasses import replace as _replace
 
+    nan = float("nan")
     try:
-        report = assess_card(card, feats)
+        n = 0 if feats is None else len(_items(feats))
+        ref = reference_from_card(card)
+        if getattr(result.provenance, "cancelled", False) and ref is not None:
+            report = OODReport(nan, ref.threshold, None, CANCELLED_MESSAGE, ref.features, n)
+        elif feats is None and missing and ref is not None:
+            report = OODReport(nan, ref.threshold, None, missing, ref.features)
+        elif feats is not None and 0 < n < MIN_ITEMS.get(items, 1) and ref is not None:
+            report = OODReport(nan, ref.threshold, None, f"not judged: only {n} {items} "
+                               f"(at least {MIN_ITEMS[items]} needed)", ref.features, n)  # fmt: skip
+        else:
+            report = assess_card(card, feats)
+    except CheckpointError as exc:
+        report = OODReport(nan, nan, None, f"training-data check skipped: {_card_name(card)} "
+                           f"has a malformed data.ood: {exc}")  # fmt: skip
     except ValueError as exc:
-        report = OODReport(float("nan"), float("nan"), None, f"training-data check skipped: {exc}")
+        report = OODReport(nan, nan, None, f"training-data check skipped: {exc}")
     warn_if_outside(report, what)
     prov = result.provenance
     prov = _replace(prov, params={**prov.params, "ood": report.to_dict()})

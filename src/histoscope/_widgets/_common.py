@@ -818,14 +818,15 @@ def show_training_data_flag(controls: RunControls, summary) -> QLabel:
     ``summary`` is a task result's ``summary()`` (its ``outside_training_data``
     and ``ood`` keys, see :mod:`histoscope.ood`). Outside: a red line
     :data:`OUTSIDE_TRAINING_TEXT`, with the score against the threshold in its
-    tooltip; within, or unknown (a checkpoint without a reference): the line is
-    hidden. The line is created under ``controls.status`` on first use.
+    tooltip; unknown (a cancelled run, too few items, a checkpoint without a
+    reference): a neutral grey line "Training-data check not done: <reason>";
+    within, or a result without the keys: the line is hidden. The line is
+    created under ``controls.status`` on first use.
     """
     label = getattr(controls, "training_data_flag", None)
     if label is None:
         label = QLabel("")
         label.setWordWrap(True)
-        label.setStyleSheet("color: #e04040; font-weight: bold;")
         layout = controls.layout()
         layout.insertWidget(layout.indexOf(controls.status) + 1, label)
         controls.training_data_flag = label
@@ -836,7 +837,14 @@ def show_training_data_flag(controls: RunControls, summary) -> QLabel:
         tip = (f"Training-data distance {score:.3g} vs threshold {thr:.3g} "
                f"({ood.get('n_items', 0)} items; {ood.get('features', '')})")  # fmt: skip
     outside = (summary or {}).get("outside_training_data") is True
-    label.setText(OUTSIDE_TRAINING_TEXT if outside else "")
+    unknown = bool(ood) and (summary or {}).get("outside_training_data") is None
+    reason = str(ood.get("message") or "no reason given").removeprefix("not judged: ")
+    if outside:
+        label.setText(OUTSIDE_TRAINING_TEXT)
+        label.setStyleSheet("color: #e04040; font-weight: bold;")
+    else:
+        label.setText(f"Training-data check not done: {reason}" if unknown else "")
+        label.setStyleSheet("color: #909090;")
     label.setToolTip(tip)
-    label.setVisible(outside)
+    label.setVisible(outside or unknown)
     return label

@@ -504,7 +504,7 @@ def iter_cells(
     res = result(final=True)  # the registry keeps it as session.results["cells"]
     if tap is None:
         return res
-    return with_ood(res, card, tap.features(), slide.path.name)
+    return with_ood(res, card, tap.features(), slide.path.name, items="cells")
 
 
 class _Ahead:

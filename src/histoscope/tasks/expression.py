@@ -421,7 +421,7 @@ def _run(session, checkpoint, params: ExpressionParams, *, region=None, near=Non
     writer.close(complete=complete)
     yield Step(counts["done"], counts["total"], "expression patches")
     live.clear()  # the final contrast, from the whole stack
-    res = with_ood(result(cancelled), card, tap.features(), slide.path.name)
+    res = with_ood(result(cancelled), card, tap.features(), slide.path.name, items="patches")
     cells = session.results.get("cells")
     if cancelled or cells is None or not getattr(cells, "n_cells", 0):
         return res

@@ -190,12 +190,14 @@ def iter_heatmap(
         out = yield from tagged(iter_tiles(net, slide, grid, spec, engine, near=near,
                                            on_batch=on_batch), "tumour tiles", lambda: heat)  # fmt: skip
         cancelled = out.cancelled
-    if cancelled:
-        return replace(heat, provenance=replace(prov, cancelled=True))
     # outside training data (issue 11): the tile features against the card's reference
+    # (a cancelled map gets an unknown report saying so)
     from histoscope.ood import with_ood
 
-    return with_ood(heat, card, feats, slide.path.name)
+    if cancelled:
+        heat = replace(heat, provenance=replace(prov, cancelled=True))
+    return with_ood(heat, card, feats, slide.path.name,
+                    missing="not judged: stain normalisation on")  # fmt: skip
 
 
 def _splits_into_backbone_and_head(model) -> bool:
