@@ -62,7 +62,8 @@ def test_cells_are_found_typed_and_placed(he, cells):
     true = truth[["x", "y"]].to_numpy()
     assert (cKDTree(true).query(found)[0] <= 8).mean() > 0.85
     assert (cKDTree(found).query(true)[0] <= 8).mean() > 0.75
-    assert len(cells.types.prob) == n and np.allclose(cells.types.prob.sum(axis=1), 1, atol=1e-5)
+    prob = cells.types.prob
+    assert prob.shape == (n, len(cells.classes))
     s = cells.summary()
     assert sum(c["count"] for c in s["classes"].values()) == n
     # a card without a training-data reference: the flag is unknown, and says why
@@ -78,6 +79,10 @@ def test_cells_are_found_typed_and_placed(he, cells):
     feats = kw["features"]
     assert {"class", "gate", "confidence", "disagree", "Nucleus: Area µm^2"} <= set(feats.columns)
     assert all(f"prob: {c}" in feats.columns for c in cells.classes)
+    # the points' class and probability columns are each cell's own, in the cells' order
+    for i, c in enumerate(cells.classes):
+        np.testing.assert_allclose(feats[f"prob: {c}"].to_numpy(), prob[:, i], rtol=1e-5)
+    assert list(feats["class"].astype(str)) == [cells.classes[k] for k in prob.argmax(axis=1)]
     # each point's colour is its class's palette colour
     pal = cells.palette() / 255.0
     np.testing.assert_allclose(kw["face_color"][:, :3], pal[cells.types.pred], atol=1e-6)
