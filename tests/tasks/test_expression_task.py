@@ -292,3 +292,28 @@ def test_the_stack_tells_ome_zarr_viewers_each_genes_window_and_shows_two(tmp_pa
     assert (
         chans[3]["window"]["end"] > chans[3]["window"]["start"] == 0.0
     )  # all zero: a valid window
+
+
+def test_a_rerun_keeps_the_training_data_check_of_the_stack(slide, tmp_path, tmp_path_factory):
+    """A rerun that predicts no patch judges the stack's stored patch features, not nothing."""
+    import torch
+
+    from histoscope.checkpoints import save_checkpoint
+    from histoscope.models.expression import ExpressionModel
+    from histoscope.ood import fit_reference
+
+    torch.manual_seed(0)
+    m = ExpressionModel(GENES, scales_um=[2, 8, 32], dim=16, heads=8, widths=(8, 16)).eval()
+    rng = np.random.default_rng(0)
+    d = 16
+    ref = fit_reference([rng.normal(size=(50, d)) for _ in range(4)],
+                        [rng.normal(size=(50, d)) for _ in range(4)], rank=2)  # fmt: skip
+    card = {"family": "expression", "config": m.config, "data": {"ood": ref.to_dict()},
+            "input_spec": {"mean": [0.5] * 3, "std": [0.25] * 3}}  # fmt: skip
+    ck = save_checkpoint(tmp_path_factory.mktemp("ck") / "ood.safetensors", m, card)
+    session = hs.open_session(slide, tmp_path / "sess")
+    first = hs.tasks.run("expression", session, ck).summary()
+    assert first["ood"]["n_items"] == first["patches"]["total"] >= 8
+    again = hs.tasks.run("expression", session, ck).summary()
+    assert again["patches"]["done"] == again["patches"]["total"]  # nothing predicted anew
+    assert again["ood"] == first["ood"]

@@ -308,6 +308,39 @@ def _scratch(session) -> ScratchFolder | None:
     return session.product("expression_tmp", None, ScratchFolder)
 
 
+#: Beside the stack's arrays: the training-data check's patch features of every
+#: run that wrote into it, so a rerun that predicts few or no patches is still judged.
+OOD_FEATURES = "ood_features.npy"
+
+
+def _keep_ood_features(stack: Path, new: np.ndarray | None, cap: int = 20_000):
+    """The stack's stored patch features with ``new`` added (and stored), at most ``cap`` rows.
+
+    A stored file that cannot be read (damaged) is replaced by ``new`` alone.
+    """
+    from histoscope.atomic import atomic_path
+
+    file = Path(stack) / OOD_FEATURES
+    old = None
+    if file.is_file():
+        try:
+            old = np.load(file, allow_pickle=False)
+        except (OSError, ValueError):
+            old = None
+    if old is not None and (old.ndim != 2 or (new is not None and old.shape[1] != new.shape[1])):
+        old = None  # another encoder's features: not comparable
+    parts = [a for a in (old, new) if a is not None and len(a)]
+    if not parts:
+        return None
+    feats = np.concatenate(parts).astype(np.float32)
+    if len(feats) > cap:  # evenly spread, old and new alike
+        feats = feats[np.linspace(0, len(feats) - 1, cap).round().astype(int)]
+    if new is not None and len(new) and Path(stack).is_dir():
+        with atomic_path(file, suffix=".npy") as tmp:
+            np.save(tmp, feats, allow_pickle=False)
+    return feats
+
+
 def stack_path(session, card) -> Path:
     """Where the session keeps this slide's stack for this checkpoint."""
     import hashlib
@@ -421,7 +454,8 @@ def _run(session, checkpoint, params: ExpressionParams, *, region=None, near=Non
     writer.close(complete=complete)
     yield Step(counts["done"], counts["total"], "expression patches")
     live.clear()  # the final contrast, from the whole stack
-    res = with_ood(result(cancelled), card, tap.features(), slide.path.name, items="patches")
+    feats = _keep_ood_features(path, tap.features())  # with those of earlier runs on the stack
+    res = with_ood(result(cancelled), card, feats, slide.path.name, items="patches")
     cells = session.results.get("cells")
     if cancelled or cells is None or not getattr(cells, "n_cells", 0):
         return res
