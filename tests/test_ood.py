@@ -236,6 +236,13 @@ def test_tumour_on_too_few_tiles_or_cancelled_is_not_judged(astronaut_png):
     assert s["ood"]["message"] == "not judged: run cancelled"
 
 
+def test_tumour_with_stain_normalisation_says_it_was_not_judged(astronaut_png):
+    session = hs.open_session(astronaut_png, mpp=2.0, in_memory=True)
+    s = hs.tasks.run("tumour", session, stain_norm="on").summary()
+    assert s["outside_training_data"] is None
+    assert s["ood"]["message"] == "not judged: stain normalisation on"
+
+
 def test_tumour_on_a_training_like_slide_is_within(tmp_path):
     from histoscope.synthetic import generate
 
@@ -274,6 +281,22 @@ def test_mil_flags_real_ihc_tissue_as_outside(tmp_path):
     assert s["outside_training_data"] is True and s["ood"]["n_items"] == s["tiles_encoded"]
     assert s["ood"]["score"] > s["ood"]["threshold"]
     json.dumps(s)
+
+
+def test_a_cancelled_mil_run_is_not_judged(tmp_path):
+    from PIL import Image
+    from skimage import data
+
+    from histoscope.engine import EngineParams
+
+    png = tmp_path / "ihc.png"
+    Image.fromarray(data.immunohistochemistry()).save(png)
+    mil = hs.tasks.run("mil", hs.open_session(png, mpp=1.0, in_memory=True),
+                       engine=EngineParams(batch_size=4, workers=0),
+                       progress=lambda step: not (step.total and step.done >= 4))  # fmt: skip
+    s = mil.summary()
+    assert mil.provenance.cancelled and s["outside_training_data"] is None
+    assert s["ood"]["message"] == "not judged: run cancelled"
 
 
 def test_reference_keyed_to_the_backbone_hash_survives_a_new_head(fitted):
