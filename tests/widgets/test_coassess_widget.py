@@ -306,9 +306,10 @@ def test_a_slide_outside_the_training_data_gets_the_red_line(widget, qtbot, ihc_
     from histoscope.ood import OutsideTrainingDataWarning, fit_reference
     from histoscope.tasks.isight import run_isight
 
-    _assess(widget, qtbot)  # the tiny checkpoint has no reference: no line
+    _assess(widget, qtbot)  # the tiny checkpoint has no reference: a grey line says so
     flag = widget.controls.training_data_flag
-    assert flag.isHidden() and flag.text() == ""
+    assert not flag.isHidden() and flag.text().startswith("Training-data check not done: no ")
+    assert "e04040" not in flag.styleSheet()
     model, card = load_checkpoint(checkpoint, family="isight")
     rng = np.random.default_rng(0)
     far = [rng.normal(25.0, 1.0, (12, 16)) for _ in range(6)]  # training tiles unlike these
