@@ -209,11 +209,12 @@ def grid_cells(tmp_path):
 
 def _outlines_after(viewer, qtbot, run):
     name = "cells objects outlines"
+    before = viewer.layers[name] if name in viewer.layers else None
     worker = run()
     assert worker is not None
-    with qtbot.waitSignal(worker.finished, timeout=30_000):
-        pass
-    qtbot.waitUntil(lambda: name in viewer.layers, timeout=10_000)
+    # not worker.finished: a small file can be read before a waitSignal would connect
+    qtbot.waitUntil(lambda: name in viewer.layers and viewer.layers[name] is not before,
+                    timeout=30_000)  # fmt: skip
     return viewer.layers[name]
 
 
@@ -275,3 +276,46 @@ def test_outlines_in_view_is_a_layer_menu_command(viewer, qtbot, grid_cells, mon
         pass
     qtbot.waitUntil(lambda: "cells objects outlines" in viewer.layers, timeout=10_000)
     assert len(viewer.layers["cells objects outlines"].data) == 600  # all in view
+
+
+def test_outlines_in_view_only_of_what_the_points_layer_holds(viewer, qtbot, tmp_path, monkeypatch):
+    import json
+
+    from histoscope._widgets.outlines import show_outlines_in_view
+
+    said = []
+    monkeypatch.setattr("napari.utils.notifications.show_info", said.append)
+    cells = [shapely.Point(60.0 + 70 * i, 60.0).buffer(10, quad_segs=2) for i in range(8)]
+    table = pd.DataFrame({
+        "object_type": ["cell"] * 8 + ["annotation"],
+        "classification": "Tumor",
+        "geometry": cells + [shapely.box(0, 0, 600, 120)],
+    })  # fmt: skip
+    path = hs.write_geojson(tmp_path / "cells.geojson", table)
+    layers = viewer.open(str(path), plugin="napari-histoscope")
+    points = next(ly for ly in layers if isinstance(ly, napari.layers.Points))
+    kept = points.features["id"].tolist()[3:]
+    points.selected_data = {0, 1, 2}
+    points.remove_selected()  # the user deletes three cells
+    viewer.layers.selection.active = points
+    viewer.reset_view()
+    shapes = _outlines_after(viewer, qtbot, lambda: show_outlines_in_view(viewer))
+    assert shapes.features["id"].tolist() == kept  # neither the deleted cells nor the annotation
+    assert said[-1].startswith("5 outlines")
+
+    doc = json.loads(path.read_text())  # the same file without ids
+    for feature in doc["features"]:
+        feature.pop("id", None)
+    bare = tmp_path / "bare" / "cells.geojson"
+    bare.parent.mkdir()
+    bare.write_text(json.dumps(doc))
+    viewer.layers.clear()
+    layers = viewer.open(str(bare), plugin="napari-histoscope")
+    points = next(ly for ly in layers if isinstance(ly, napari.layers.Points))
+    points.selected_data = {0}
+    points.remove_selected()
+    viewer.layers.selection.active = points
+    viewer.reset_view()
+    shapes = _outlines_after(viewer, qtbot, lambda: show_outlines_in_view(viewer))
+    assert len(shapes.data) == 8  # no ids: the deleted cell cannot be told apart
+    assert "gives its objects no ids" in said[-1]
