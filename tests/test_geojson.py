@@ -479,3 +479,34 @@ def test_centroid_mode_cuts_coordinates_wherever_they_stand(tmp_path):
     _assert_same_but_geometry(got, hs.read_geojson(path))
     assert got[["x", "y"]].values.tolist() == [[6.0, 3.0], [25.0, 5.0]]
     assert got["coordinates"].tolist()[0] == 3.0 and got["name"][1] == 'a "coordinates": [1]'
+
+
+_GOOD = ('{"type":"Feature","geometry":{"type":"Polygon","coordinates":[[[0,0],[10,0],[10,10],'
+         '[0,0]]]},"properties":{"objectType":"detection"}}')  # fmt: skip
+
+
+def _one(coords: str, props: str = '"objectType":"detection"') -> str:
+    geometry = '{"type":"Polygon","coordinates":' + coords + "}"
+    return '{"type":"Feature","geometry":' + geometry + ',"properties":{' + props + "}}"
+
+
+@pytest.mark.parametrize(
+    "feature",
+    [_one("[[[+0,0],[10,0],[10,10],[0,0]]]"), _one("[[[.5,0],[10,0],[10,10],[.5,0]]]"),
+     _one("[[[5.,0],[10,0],[10,10],[5.,0]]]"), _one("[[[05,0],[10,0],[10,10],[05,0]]]"),
+     _one("[[[0,0,0],[1],[1,1],[0,0]]]"), _one("[[[0,0],[10,0],[10,10],[0,0]]]",
+     '"objectType":"detection","coordinates":[1,"a"]'),
+     _one("[[[0,0],[10,0],[10,10],[0,0]]]", '"objectType":"detection","coordinates":[[1,2]]')],
+)  # fmt: skip
+def test_centroid_scan_takes_only_strict_json_one_ring_polygons(tmp_path, feature):
+    """Invalid numbers and odd vertices get the full reader's answer; properties are not cut."""
+    path = tmp_path / "f.geojson"
+    path.write_text("[" + ",".join([_GOOD, feature, _GOOD]) + "]", encoding="utf-8")
+    answers = []
+    for mode in ("full", "centroid"):
+        try:
+            df = hs.read_geojson(path, geometry=mode)
+            answers.append(np.round(df[["x", "y"]].to_numpy(), 9).tolist())
+        except hs.GeoJSONError as exc:
+            answers.append(str(exc).split(": ")[1])  # the feature it names
+    assert answers[0] == answers[1]

@@ -218,6 +218,9 @@ class _Stripped(_Stream):
                 body = body[:-1]
             else:
                 body = text[k:end]
+            if body.count("[") != body.count("]"):  # a string inside (["a", 1]): left in place
+                at = find('"coordinates"', k)
+                continue
             out.append(text[s:k])
             out.append(f'"{PLACE}{self.base + len(spans)}"')
             spans.append(body)

@@ -18,6 +18,7 @@ import itertools
 import json
 import operator
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Literal
@@ -299,6 +300,10 @@ class _Table:
 
 # ------------------------------------------------------------- centroid scan
 _NO_BRACKETS = str.maketrans("[]", "  ")
+_NUMBER = r"\s*-?(?:0|[1-9]\d*)(?:\.\d+)?(?:[eE][+-]?\d+)?\s*"  # a JSON number, strictly
+_VERTEX = rf"\s*\[{_NUMBER},{_NUMBER}\]\s*"
+#: One ring of 2-D vertices exactly as JSON writes it (anything else takes the full checks).
+_ONE_RING = re.compile(rf"\[\s*\[(?:{_VERTEX},)*{_VERTEX}\]\s*\]")
 _NAN = float("nan")
 
 
@@ -372,6 +377,8 @@ def _ring_text(g: Any, stream: _Stripped) -> tuple[str, int] | None:
     body = stream.span(ref)
     opened = body.count("[")  # [[[x,y],...,[x,y]]]: n + 2 brackets, 2n - 1 commas
     if opened < 5 or opened != body.count("]") or 2 * opened != body.count(",") + 5:
+        return None
+    if _ONE_RING.fullmatch(body) is None:  # +0, .5, 05, a vertex of 1 or 3 numbers, ...
         return None
     return body, opened - 2
 
@@ -449,6 +456,9 @@ class _Scan:
             if plain is not None:
                 rows.append([index, *plain, None, None])
                 continue
+            if type(obj) is dict and type(obj.get("properties")) is dict:
+                # a property named "coordinates" was cut out with the geometries' arrays
+                obj = {**obj, "properties": _restore(obj["properties"], self.stream)}
             try:
                 fields, meas, g, nuc = _feature(obj)
             except _Bad as exc:
@@ -617,9 +627,11 @@ def read_geojson(
         non-zero signed area keeps its shoelace centroid, not that of the
         repaired polygon ``"full"`` makes; anything else (holes, several
         parts, zero area, bad numbers) goes through the full checks and
-        repair. Annotations keep
-        their ``geometry`` (napari draws them as outlines); no ``nucleus`` is
-        read. Made for a million cells in a Points layer: it needs a fraction
+        repair; so does a ring whose text is not strict JSON numbers in
+        ``[x, y]`` pairs (``+0``, ``.5``, ``05``, a vertex of 1 or 3 numbers).
+        Annotations keep their ``geometry`` (napari draws them as outlines).
+        ``nucleusGeometry`` is neither read nor checked (a malformed nucleus
+        is not reported; ``"full"`` reports it). Made for a million cells in a Points layer: it needs a fraction
         of the time and memory of ``"full"``.
     bbox
         ``(x0, y0, x1, y1)`` in level-0 pixels: only objects whose centroid
