@@ -269,7 +269,8 @@ class AutoSave:
         napari's ``Viewer.close`` removes every layer one by one before the
         window closes; each removal would otherwise be saved as an edit.
         """
-        viewer = self.viewer
+        # napari hands plugin docks a PublicOnlyProxy of the viewer; patch the viewer itself
+        viewer = getattr(self.viewer, "__wrapped__", self.viewer)
         napari_close = viewer.close
 
         def close() -> None:
