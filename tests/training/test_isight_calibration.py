@@ -166,7 +166,7 @@ def test_the_default_never_gives_the_model_text_when_the_card_says_ignore(
     res = run_isight(slide, model, card, metadata="Tissue: breast. Antibody: HER2.", max_tiles=6)
     assert seen and all(tokens is None for tokens in seen)
     assert {h["case"] for h in res.heads.values()} == {"image"}
-    assert res.summary()["text"] == {"given": True, "mode": "auto", "used_by": []}
+    assert res.summary()["text"] == {"given": True, "mode": "auto", "used_by": [], "notes": []}
     # the same slide and text with text="always": the model does get the text
     seen.clear()
     forced = run_isight(slide, model, card, metadata="Tissue: breast.", text="always", max_tiles=6)
