@@ -258,7 +258,8 @@ class AutoSave:
         self._watch()
         self._closer = _CloseWatcher(self.flush)
         self._closer.failed.connect(self._on_failure)
-        window = getattr(getattr(viewer, "window", None), "_qt_window", None)
+        real = getattr(viewer, "__wrapped__", viewer)  # a dock's proxy hides private names
+        window = getattr(getattr(real, "window", None), "_qt_window", None)
         if window is not None:
             window.installEventFilter(self._closer)
         self._hook_close()
@@ -282,11 +283,12 @@ class AutoSave:
 
     @classmethod
     def for_viewer(cls, viewer) -> AutoSave:
-        """The viewer's AutoSave, made on first use."""
-        saver = getattr(viewer, "_histoscope_autosave", None)
+        """The viewer's AutoSave, made on first use (kept on the viewer, not on a dock's proxy)."""
+        real = getattr(viewer, "__wrapped__", viewer)
+        saver = real.__dict__.get("_histoscope_autosave")
         if saver is None:
             saver = cls(viewer)
-            viewer._histoscope_autosave = saver
+            object.__setattr__(real, "_histoscope_autosave", saver)
         return saver
 
     def _watch(self) -> None:
