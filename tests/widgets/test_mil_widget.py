@@ -7,6 +7,7 @@ import pytest
 
 from histoscope._data import sample_data_path
 from tests.widgets._cancel import cancel_after_first_step
+from tests.widgets._slides import edge_slide
 
 
 @pytest.fixture(scope="module")
@@ -107,12 +108,7 @@ def test_mil_bags_only_the_tiles_of_the_edited_tissue_mask(widget, qtbot):
 
 
 def test_edge_tiles_left_out_of_the_bag_are_named_in_the_status(widget, qtbot, tmp_path):
-    from histoscope.slide import write_pyramidal_tiff
-
-    rng = np.random.default_rng(3)  # 1200 px at 0.5 µm: 600 µm, the 5th 128 µm tile runs off
-    img = np.clip(rng.normal((180, 90, 160), 10, (1200, 1200, 3)), 0, 255).astype(np.uint8)
-    img[:300] = 245  # glass above, so tissue detection has a background
-    path = write_pyramidal_tiff(tmp_path / "edge.tif", img, mpp=0.5, min_size=256)
+    path = edge_slide(tmp_path)
     widget.viewer.open(str(path), plugin="napari-histoscope")
     widget.layer_combo.setCurrentText("edge.tif")
     assert widget.run() is not None
