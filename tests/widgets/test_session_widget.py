@@ -237,6 +237,24 @@ def test_closing_the_viewer_writes_the_pending_edit(make_napari_viewer, slide_pa
     assert _saved_names(slide_path.with_name("case.tif.histoscope")) == ["late"]
 
 
+def test_an_explicit_save_is_never_overwritten_by_an_older_background_write(
+    make_napari_viewer, slide_path, slow_writes
+):
+    from histoscope._widgets._session import AutoSave, save_viewer_session
+
+    viewer = make_napari_viewer()
+    viewer.open(str(slide_path), plugin="napari-histoscope")
+    saver = AutoSave.for_viewer(viewer)
+    viewer.add_points([[1.0, 2.0]], name="marks")
+    assert saver.save_now(wait=False) and saver.busy  # an older state on its way to disk
+    viewer.layers["marks"].data[0] = [7.0, 8.0]  # edited in place while it is written
+    assert save_viewer_session(viewer) == []
+    assert slow_writes["most"] == 1  # the two writes never ran at once
+    assert not saver.busy
+    np.testing.assert_array_equal(_saved_points(slide_path.with_name("case.tif.histoscope")),
+                                  [[7.0, 8.0]])  # fmt: skip
+
+
 def test_a_snapshot_does_not_change_with_later_edits(make_napari_viewer, slide_path):
     from histoscope._widgets._session import layer_snapshot
 

@@ -199,8 +199,22 @@ def write_snapshot(saves: list[_Save]) -> list[str]:
 
 
 def save_viewer_session(viewer) -> list[str]:
-    """Save each slide's layers into its own session folder now, on this thread; returns notes."""
-    return write_snapshot(viewer_snapshot(viewer))
+    """Save each slide's layers into its own session folder now and wait for it; returns notes.
+
+    When the viewer has an :class:`AutoSave`, the save goes through its writer,
+    so it cannot race a background save of an older state (the latest
+    snapshot is always the one left on disk). A failed write raises.
+    """
+    real = getattr(viewer, "__wrapped__", viewer)
+    saver = real.__dict__.get("_histoscope_autosave")
+    if saver is None or saver.closed:
+        return write_snapshot(viewer_snapshot(viewer))
+    saves = viewer_snapshot(viewer)  # raises on a layer that cannot be read
+    saver.timer.stop()
+    saver.wait(None, saver._submit(saves))
+    if saver.error is not None:
+        raise saver.error
+    return list(saver.notes)
 
 
 class _CloseWatcher(QObject):
