@@ -18,8 +18,10 @@ from histoscope.training._claims import (
     annotated_text,
     card_value,
     check_claim,
+    check_current,
     check_shown,
     find_claims,
+    heading_of,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,6 +29,33 @@ DOCUMENTS = [ROOT / "benchmarks" / "RESULTS.md", ROOT / "README.md"]
 CLAIMS = find_claims(DOCUMENTS)
 #: Defaults whose headline figures must be claimed (issue 17: one final test per claim).
 MUST_CLAIM = ("tumour_patch_default.safetensors", "clam_default.safetensors")
+#: Headline figures the README quotes for the other defaults; each is claimed in README.md and in
+#: the current RESULTS.md section, so the two documents and the card cannot disagree.
+HEADLINE = {
+    "nuclass_default.safetensors": (
+        "metrics/heldout/fast/n",
+        "metrics/heldout/fast/gated/macro_f1",
+        "metrics/heldout/fast/local/macro_f1",
+        "metrics/heldout/fast/gated/ece",
+    ),
+    "expression_default.safetensors": (
+        "metrics/test/model/pcc_8um",
+        "metrics/baselines_same_recipe/mse_loss/pcc_8um",
+        "metrics/test/shuffled/pcc_8um",
+    ),
+    "histgen_default.safetensors": (
+        "metrics/n_test",
+        "metrics/table/histgen/bleu_4",
+        "metrics/table/histgen/factual_accuracy",
+        "metrics/table/retrieval/factual_accuracy",
+    ),
+    "isight_default.safetensors": (
+        "metrics/heldout_per_case/n",
+        "metrics/heldout_per_case/heads/intensity/text/accuracy",
+        "metrics/heldout_per_case/heads/location/image/accuracy",
+        "metrics/heldout_per_case/heads/quantity/image/accuracy",
+    ),
+}
 
 
 def test_the_defaults_state_their_final_test_figures():
@@ -36,6 +65,28 @@ def test_the_defaults_state_their_final_test_figures():
         paths = [c.path for c in CLAIMS if c.checkpoint == name]
         assert any(p.startswith("metrics/final_test/") for p in paths), name
         assert any(p.endswith("/seeds/0") for p in paths), f"{name}: say which slides"
+
+
+@pytest.mark.parametrize("name", sorted(HEADLINE))
+def test_readme_and_results_claim_the_headline_figures(name):
+    for doc in DOCUMENTS:
+        paths = {c.path for c in CLAIMS if c.checkpoint == name and c.source == str(doc)}
+        missing = set(HEADLINE[name]) - paths
+        assert not missing, f"{doc.name} does not claim {name} {sorted(missing)}"
+
+
+def test_readme_quotes_only_figures_claimed_in_results():
+    """A README claim is also claimed, with the same printed value, in RESULTS.md."""
+    in_results = {(c.checkpoint, c.path, c.value) for c in CLAIMS if c.source == str(DOCUMENTS[0])}
+    for c in CLAIMS:
+        if c.source == str(DOCUMENTS[1]):
+            assert (c.checkpoint, c.path, c.value) in in_results, f"README.md:{c.line} {c.path}"
+
+
+@pytest.mark.parametrize("claim", CLAIMS, ids=[f"{Path(c.source).name}:{c.line}" for c in CLAIMS])
+def test_claim_is_in_a_current_section(claim):
+    problem = check_current(claim)
+    assert problem is None, problem
 
 
 @pytest.mark.parametrize("claim", CLAIMS, ids=[f"{Path(c.source).name}:{c.line}" for c in CLAIMS])
@@ -66,6 +117,12 @@ def test_a_changed_visible_figure_is_caught(tmp_path):
     assert "not shown" in check_shown(d)
     doc.write_text(doc.read_text().replace("| m | 0.960 |", "| m | 0.950 |"))
     assert "not shown" in check_shown(find_claims([doc])[0])
+    grouped = "| cells | 1,663 | 11,663 | 21,6630 |\n\n"
+    (tmp_path / "n.md").write_text(grouped + "<!-- claim x.safetensors n = 1663 -->\n")
+    assert check_shown(find_claims([tmp_path / "n.md"])[0]) is None
+    for text in ("| cells | 11,663 |", "| cells | 1,6630 |", "| cells | 1663.5 |"):
+        (tmp_path / "n.md").write_text(text + "\n<!-- claim x.safetensors n = 1663 -->\n")
+        assert "not shown" in check_shown(find_claims([tmp_path / "n.md"])[0]), text
 
 
 def test_a_wrong_or_missing_figure_is_caught(tmp_path):
@@ -80,3 +137,19 @@ def test_a_wrong_or_missing_figure_is_caught(tmp_path):
     (tmp_path / "doc.md").write_text(text)
     (found,) = find_claims([tmp_path / "doc.md"])
     assert (found.line, found.path, found.value) == (2, "metrics/final_test/auc", "0.988")
+
+
+def test_a_claim_in_a_superseded_section_is_caught(tmp_path):
+    doc = tmp_path / "doc.md"
+    doc.write_text(
+        '## Old table (superseded by "New" below)\n\n| a | 0.9 |\n\n'
+        "<!-- claim x.safetensors a = 0.9 -->\n\n```\n# a shell comment, not a heading\n```\n"
+        "<!-- claim x.safetensors b = 0.9 -->\n\n### New (supersedes the old table)\n\n"
+        "| a | 0.8 |\n\n<!-- claim x.safetensors a = 0.8 -->\n"
+    )
+    old, fenced, new = find_claims([doc])
+    assert heading_of(doc, fenced.line).startswith("## Old table")
+    assert "superseded section" in check_current(old)
+    assert "superseded section" in check_current(fenced)
+    assert check_current(new) is None
+    assert heading_of(doc, 1) == ""

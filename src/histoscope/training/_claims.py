@@ -15,7 +15,10 @@ naming a checkpoint in ``sample_data/``, a ``/``-separated path into its card
 printed number of decimals must equal it (:func:`check_claim`), and the value
 must be shown, as written, in the table or paragraph just above the claim's
 block (:func:`check_shown`), so the visible figure and the card cannot drift
-apart. Any family can add claims; ``tests/test_claims.py`` checks every one.
+apart. A claim may not stand in a section whose heading says it is
+"superseded by" a later one (:func:`check_current`): a figure that no longer
+holds is not claimed. Any family can add claims; ``tests/test_claims.py``
+checks every one.
 """
 
 from __future__ import annotations
@@ -216,14 +219,45 @@ def check_shown(claim: Claim, text: str | None = None) -> str | None:
     """``None`` when the claim's value is shown, as written, in the text it annotates.
 
     The value must stand as a number of its own there (``0.96`` is not found in
-    ``0.960`` or ``10.96``), so a figure changed in the table but not in its
-    claim (or the other way round) is caught. ``text`` defaults to
-    :func:`annotated_text` of the claim's line.
+    ``0.960`` or ``10.96``; a whole number of four or more digits may be printed
+    with thousands commas, ``1663`` as ``1,663``), so a figure changed in the
+    table but not in its claim (or the other way round) is caught. ``text``
+    defaults to :func:`annotated_text` of the claim's line.
     """
     if text is None:
         text = annotated_text(claim.source, claim.line)
-    if re.search(rf"(?<![\w.]){re.escape(claim.value)}(?![\w]|\.\d)", text):
+    forms = [claim.value]
+    if re.fullmatch(r"-?\d{4,}", claim.value):  # 1663 may be printed 1,663
+        forms.append(f"{int(claim.value):,}")
+    if any(re.search(rf"(?<![\w.,]){re.escape(v)}(?![\w]|[.,]\d)", text) for v in forms):
         return None
     first = text.strip().splitlines()[0][:80] if text.strip() else "(nothing)"
     return (f"{claim.source}:{claim.line}: {claim.path} = {claim.value} is not shown in the "
             f"text above it (starting {first!r})")  # fmt: skip
+
+
+#: A section a later one replaces says so in its heading: ``## X (superseded by "Y" below)``.
+SUPERSEDED_RE = re.compile(r"\bsuperseded by\b", re.IGNORECASE)
+
+
+def heading_of(source: str | os.PathLike, line: int) -> str:
+    """The Markdown heading of the section that holds ``line`` (1-based), or ``""``.
+
+    Lines inside fenced code blocks (shell comments start with ``#`` too) are not headings.
+    """
+    heading, fenced = "", False
+    for text in Path(source).read_text().splitlines()[: max(line - 1, 0)]:
+        if text.lstrip().startswith("```"):
+            fenced = not fenced
+        elif not fenced and re.match(r"#{1,6}\s", text):
+            heading = text.strip()
+    return heading
+
+
+def check_current(claim: Claim) -> str | None:
+    """``None`` unless the claim stands in a section marked "superseded by" a later one."""
+    heading = heading_of(claim.source, claim.line)
+    if not SUPERSEDED_RE.search(heading):
+        return None
+    return (f"{claim.source}:{claim.line}: {claim.path} is claimed in a superseded section "
+            f"({heading[:80]!r}); claim the figure where it is current")  # fmt: skip
