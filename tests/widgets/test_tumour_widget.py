@@ -227,3 +227,54 @@ def test_edge_tiles_left_unscored_are_named_in_the_status(widget, qtbot, tmp_pat
     assert n > 0 and f"{n} edge tiles with tissue not scored (partly off the slide)" in (
         widget.status.text()
     )
+
+
+def test_heatmap_layer_is_made_before_the_run_and_the_tiles_fill_it_in_place(
+    make_napari_viewer, qtbot, slide_path, checkpoint
+):
+    """napari makes the layer (the slow part) before the worker runs, not when tiles arrive.
+
+    The panel is opened as napari opens a plugin dock (its viewer a proxy that wraps
+    every layer anew on each access).
+    """
+    from histoscope._widgets.tumour import HEATMAP_NAME
+
+    viewer = make_napari_viewer()
+    viewer.open(str(slide_path), plugin="napari-histoscope")
+    _, widget = viewer.window.add_plugin_dock_widget("napari-histoscope", "Tumour map")
+    widget.checkpoint.setText(str(checkpoint))
+    slide = viewer.layers[0]
+    extent = np.array(viewer.layers.extent.world)
+    made = []
+    viewer.layers.events.inserted.connect(lambda event: made.append(event.value.name))
+    worker = widget.run()
+    assert made == [HEATMAP_NAME]  # there at once, empty, over the slide's own extent
+    layer = viewer.layers[HEATMAP_NAME]
+    assert np.isnan(layer.data).all() and layer.colorbar.visible
+    np.testing.assert_allclose(viewer.layers.extent.world, extent)
+    _wait(qtbot, widget, worker)
+    assert made == [HEATMAP_NAME]  # the tiles went into that layer: none was made for them
+    assert viewer.layers[HEATMAP_NAME] is layer and layer.data is widget.heatmap.values
+    assert np.isfinite(layer.data).any()
+    data, kwargs, _ = widget.heatmap.to_layers()[0]
+    np.testing.assert_allclose(layer.scale, kwargs["scale"])
+    np.testing.assert_allclose(layer.translate, kwargs["translate"])
+    assert layer.metadata["histoscope"]["task"] == "tumour"
+    assert list(viewer.layers) == [slide, layer]
+    # the dock closes with the viewer: let the session writer and its status report finish
+    qtbot.waitUntil(lambda: not widget.autosave.busy, timeout=60_000)
+    qtbot.wait(300)
+
+
+def test_a_session_snapshot_does_not_import_pandas():
+    """The first save after a run used to import pandas on the GUI thread (1.4 s)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, numpy as np\n"
+            "import histoscope._widgets._session as s\n"
+            "assert 'pandas' not in sys.modules\n"
+            "s._frozen({'a': np.zeros(3), 'b': [1, (2, 3)], 'c': {'d': 'e'}})\n"
+            "print('pandas' in sys.modules)\n")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -51,6 +51,11 @@ def edited_tissue(viewer, session):
     return None
 
 
+def _unwrapped(layer):
+    """The layer itself: a plugin dock's viewer hands out a new proxy of it on every access."""
+    return getattr(layer, "__wrapped__", layer)
+
+
 class TumourWidget(TaskWidget):
     """Score every tissue tile for tumour, the tiles in view first; click a tile for Grad-CAM."""
 
@@ -143,19 +148,62 @@ class TumourWidget(TaskWidget):
             return None
         self.heatmap, self._heatmap_checkpoint, self._heatmap_session = None, ckpt, session
         centre = self.view_centre(session.slide, layer)
+        self._show_empty_map(session, layer)
         jobs = [Job("tissue", session, params=edited or tissue),
                 Job("tumour", session, ckpt, params=params, near=centre, layers=True)]  # fmt: skip
         text = "Scoring tiles in view first" + (" (your edited tissue mask)…" if edited else "…")
         return self.run_tasks(jobs, text=text, on_result=self._finished_heatmap,
                               on_partial=self._live)  # fmt: skip
 
+    def _show_empty_map(self, session, slide_layer) -> None:
+        """Add the heatmap layer, empty, before the worker starts; the first tiles fill it in.
+
+        napari's making of a layer (its visual, its controls, the colour bar) is
+        the slowest thing the GUI thread does in a run: done here, it does not
+        compete with the worker for the interpreter, and when tiles arrive the
+        layer only takes the map's array (:meth:`_fill`).
+        """
+        from histoscope._widgets._session import SLIDE_TAG
+        from histoscope.results import HEATMAP_OPACITY, fading_colormap
+
+        h, w = session.slide.dimensions[::-1]
+        (sy, sx), (ty, tx) = slide_layer.scale[-2:], slide_layer.translate[-2:]
+        label = "tumour probability (0-1)"
+        # one NaN pixel covering the slide's pixels exactly: the viewer's extent stays as it is
+        kwargs = {"name": HEATMAP_NAME, "scale": (h * sy, w * sx),
+                  "translate": (ty + (h - 1) * sy / 2, tx + (w - 1) * sx / 2), "units": ("um", "um"),
+                  "colormap": fading_colormap("inferno"), "opacity": HEATMAP_OPACITY,
+                  "contrast_limits": (0.0, 1.0),
+                  "metadata": {SLIDE_TAG: str(session.slide.path),
+                               "colorbar": {"visible": True, "label": label}}}  # fmt: skip
+        layer = self.replace_layer(np.full((1, 1), np.nan, np.float32), kwargs, "image")
+        self._empty_map = _unwrapped(layer)
+
+    def _fill(self, layer, data, kwargs: dict) -> None:
+        """Put the map's array, placement and provenance into the empty layer."""
+        layer.metadata = {**layer.metadata, **kwargs["metadata"]}
+        layer.scale, layer.translate = kwargs["scale"], kwargs["translate"]
+        layer.contrast_limits = kwargs["contrast_limits"]
+        layer.data = data
+
+    def _drop_empty_map(self) -> None:
+        """Remove the empty layer of a run that scored no tile (cancelled, failed)."""
+        layer, self._empty_map = getattr(self, "_empty_map", None), None
+        if layer is not None and layer in self.viewer.layers:
+            self.viewer.layers.remove(layer)
+
     def _live(self, heatmap, built: list | None = None) -> None:
         """Show the map as it fills in (the same array, updated in place).
 
         ``built``: the layer data the worker already made (at the end of a run).
+        The first tiles go into the empty layer made when the run started.
         """
         layer = self.viewer.layers[HEATMAP_NAME] if HEATMAP_NAME in self.viewer.layers else None
-        if layer is None or layer.data is not heatmap.values:
+        empty = getattr(self, "_empty_map", None)
+        if layer is not None and _unwrapped(layer) is empty:
+            self._empty_map = None
+            self._fill(empty, *(built or heatmap.to_layers())[0][:2])
+        elif layer is None or layer.data is not heatmap.values:
             self.replace_layer(*(built or heatmap.to_layers())[0])
         else:
             layer.refresh()
@@ -163,6 +211,7 @@ class TumourWidget(TaskWidget):
     def _finished_heatmap(self, outcome) -> None:
         heatmap = outcome.get("tumour")
         if heatmap is None:
+            self._drop_empty_map()
             if outcome.cancelled:
                 self.status.setText("Cancelled before any tile was scored.")
             return
@@ -174,6 +223,10 @@ class TumourWidget(TaskWidget):
         self.status.setText(f"{s['scored']} of {s['tiles']} tissue tiles scored; "
                             f"{s['tumour_tiles']} at p >= 0.5; background left transparent."
                             f"{edge}")  # fmt: skip
+
+    def _done(self) -> None:
+        self._drop_empty_map()  # a run that failed leaves no empty layer behind
+        super()._done()
 
     def _add_tissue(self, outcome) -> None:
         result = outcome.get("tissue")
