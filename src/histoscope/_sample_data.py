@@ -3,6 +3,8 @@ scikit-image's real IHC image."""
 
 from __future__ import annotations
 
+import sys
+
 from histoscope.layers import LayerDataTuple
 
 #: µm/px of scikit-image's IHC sample is not published; 0.5 µm/px (a 20x scan)
@@ -48,9 +50,18 @@ def synthetic_layers(kind: str, progress=None) -> list[LayerDataTuple]:
 
 
 def _synthetic(kind: str) -> list[LayerDataTuple]:
-    """For napari's File > Open Sample menu (called on the GUI thread, so it blocks
-    while a slide is generated the first time; napari's progress bar shows how far it
-    is). The Slide panel's "Open sample slide" generates it in a worker instead."""
+    """For napari's File > Open Sample menu, which calls it on the GUI thread.
+
+    In a napari window the slide is made in a thread while the window keeps
+    running, napari's activity bar counting the tiles with a Cancel button
+    (:mod:`histoscope._widgets._sample_wait`); headless (no Qt application)
+    it is made here, with napari's progress bar where one can show.
+    """
+    if "qtpy" in sys.modules:  # a napari window imports Qt first; headless use never does
+        from histoscope._widgets._sample_wait import gui_running, layers_in_thread
+
+        if gui_running():
+            return layers_in_thread(kind, SYNTHETIC[kind])
     from napari.utils import progress
 
     bar = None

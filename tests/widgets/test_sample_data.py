@@ -82,3 +82,82 @@ def test_cancelling_a_sample_leaves_nothing_half_written(make_napari_viewer, qtb
     qtbot.waitUntil(lambda: widget._worker is None, timeout=120_000)
     assert len(viewer.layers) == 0 and widget.status.text().startswith("Cancelled")
     assert not list(small_samples.rglob("*.tif")) and widget.sample_button.isEnabled()
+
+
+def test_open_sample_keeps_the_window_running_while_it_generates(
+    make_napari_viewer, qtbot, small_samples, monkeypatch
+):
+    """File > Open Sample: napari calls it on the GUI thread; the slide is made in a thread."""
+    import threading
+    import time
+
+    from qtpy.QtCore import QTimer
+
+    import histoscope.synthetic as synthetic
+
+    inner, threads = synthetic.sample_slide, set()
+
+    def recorded(kind, progress=None, **kwargs):
+        def on_tile(done, total):
+            threads.add(threading.current_thread())
+            progress(done, total)
+
+        return inner(kind, progress=on_tile, **kwargs)
+
+    monkeypatch.setattr(synthetic, "sample_slide", recorded)
+    viewer = make_napari_viewer()
+    ticks = []
+    timer = QTimer()
+    timer.timeout.connect(lambda: ticks.append(time.perf_counter()))
+    timer.start(10)
+    t0 = time.perf_counter()
+    [layer] = viewer.open_sample("napari-histoscope", "synthetic-he")  # as the menu calls it
+    t1 = time.perf_counter()
+    timer.stop()
+    assert threads and threading.main_thread() not in threads  # generated off the GUI thread
+    during = [t for t in ticks if t0 < t < t1]
+    assert len(during) > 5  # the event loop ran while it generated: the window repainted
+    assert [ly.name for ly in viewer.layers] == ["synthetic H&E"] and layer.rgb
+    assert len(list(small_samples.rglob("*.tif"))) == 1
+
+
+def test_cancel_in_napari_activity_bar_stops_open_sample_and_writes_nothing(
+    make_napari_viewer, qtbot, small_samples, monkeypatch
+):
+    import time
+
+    from napari.utils import progress as napari_progress
+    from qtpy.QtCore import QTimer
+
+    import histoscope.synthetic as synthetic
+    from histoscope.progress import Cancelled
+
+    inner = synthetic.sample_slide
+
+    def waits_for_cancel(kind, progress=None, **kwargs):
+        def on_tile(done, total):  # the first tile waits until Cancel reaches it
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                progress(done, total)  # raises once Cancel was pressed
+                time.sleep(0.02)
+
+        return inner(kind, progress=on_tile, **kwargs)
+
+    monkeypatch.setattr(synthetic, "sample_slide", waits_for_cancel)
+    viewer = make_napari_viewer()
+    pressed = []
+
+    def press_cancel():  # what the Cancel button of napari's activity bar does
+        for bar in list(napari_progress._all_instances):
+            if hasattr(bar, "cancel") and "synthetic IHC" in (bar.desc or ""):
+                bar.cancel()
+                pressed.append(bar)
+
+    timer = QTimer()
+    timer.timeout.connect(press_cancel)
+    timer.start(20)
+    with pytest.raises(Cancelled, match="cancelled: nothing was written"):
+        viewer.open_sample("napari-histoscope", "synthetic-ihc")
+    timer.stop()
+    assert pressed and len(viewer.layers) == 0
+    assert not list(small_samples.rglob("*.tif"))
