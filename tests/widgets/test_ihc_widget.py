@@ -160,3 +160,27 @@ def test_a_removed_count_inside_layer_is_reported(viewer):
     widget.count_inside.addItem("painted", layer)  # a stale entry, as a queued signal could leave
     widget.count_inside.setCurrentIndex(widget.count_inside.count() - 1)
     assert widget.run() is None and "no longer in the viewer" in widget.status.text()
+
+
+def test_legend_gives_each_score_its_points_colour_and_share(viewer, qtbot):
+    import re
+
+    widget = IHCWidget(viewer)
+    widget.scope.setCurrentIndex(1)
+    before = widget.breakdown.text()
+    assert all(f"{k}:&nbsp;–" in before for k in ("0", "1+", "2+", "3+"))  # colours before a run
+    assert widget.run() is not None
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=120_000)
+    points = viewer.layers["IHC cells (IHC (scikit-image))"]
+    text = widget.breakdown.text()
+    shown = re.findall(r"color:#([0-9a-f]{6}).*?&#9679;</span>&nbsp;([0-9+]+):&nbsp;(\d+) %", text)
+    assert [k for _, k, _ in shown] == ["0", "1+", "2+", "3+"]
+    scores = np.asarray(points.features["score"])
+    for score, (hex_, _, pct) in enumerate(shown):
+        rgb = np.array([int(hex_[i : i + 2], 16) for i in (0, 2, 4)]) / 255
+        if (scores == score).any():  # the swatch is the colour of that score's points
+            np.testing.assert_allclose(points.face_color[scores == score][0][:3], rgb, atol=0.01)
+        assert abs(int(pct) - 100 * (scores == score).mean()) <= 1
+    widget.run()  # a new measurement: the shares are cleared, the colours stay
+    assert "%" not in widget.breakdown.text() and "&#9679;" in widget.breakdown.text()
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=120_000)

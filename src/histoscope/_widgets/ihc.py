@@ -18,6 +18,23 @@ _SUMMARY = ("n_cells", "percent_positive", "h_score", "allred", "intensity", "qu
 WHOLE = "whole tissue"
 
 
+def score_legend(percent: dict | None = None) -> str:
+    """Rich text: each score's colour as the cell points show it, with its share of the cells.
+
+    ``percent``: the summary's ``percent_by_score`` (``None``: the colours only, "–").
+    """
+    from histoscope.tasks.ihc_measure import SCORE_COLORS, SCORE_NAMES
+
+    items = []
+    for name, rgba in zip(SCORE_NAMES, SCORE_COLORS, strict=True):
+        hex_ = "#" + "".join(f"{round(255 * v):02x}" for v in rgba[:3])
+        v = (percent or {}).get(name)
+        share = "–" if v is None else f"{v:.0f} %"
+        items.append(f"<span style='color:{hex_}; font-size:large'>&#9679;</span>&nbsp;"
+                     f"{name}:&nbsp;{share}")  # fmt: skip
+    return " &nbsp; ".join(items)
+
+
 def capture_region(layer):
     """A copy of a shapes or labels ``layer``'s region in world µm, as it is now.
 
@@ -108,7 +125,8 @@ class IHCWidget(TaskWidget):
         results = QFormLayout()
         for k, label in self.numbers.items():
             results.addRow(k.replace("_", " "), label)
-        self.breakdown = QLabel("–")
+        self.breakdown = QLabel(score_legend())  # the legend of the cell points' colours too
+        self.breakdown.setWordWrap(True)
         results.addRow("0 / 1+ / 2+ / 3+", self.breakdown)
         layout = self.body_layout()
         layout.addLayout(form)
@@ -175,8 +193,9 @@ class IHCWidget(TaskWidget):
 
     def _clear_numbers(self) -> None:
         """Blank the previous numbers while a new measurement runs."""
-        for label in (*self.numbers.values(), self.breakdown):
+        for label in self.numbers.values():
             label.setText("–")
+        self.breakdown.setText(score_legend())
 
     cancel_text = "Cancelled: the cells of the finished tiles are shown."
 
@@ -196,9 +215,7 @@ class IHCWidget(TaskWidget):
             label.setText("–" if v is None else f"{v:.1f}" if isinstance(v, float) else str(v))
             if warning and v is not None and key in ("h_score", "allred", "percent_positive"):
                 label.setText("– (no DAB)")
-        pct = summary["percent_by_score"]
-        self.breakdown.setText("  ".join(f"{k}: –" if v is None else f"{k}: {v:.0f} %"
-                                         for k, v in pct.items()))  # fmt: skip
+        self.breakdown.setText(score_legend(summary["percent_by_score"]))
         slide_name = Path(result.provenance.slide).name  # the image measured, not the box now
         self.replace_layer(*result.to_layers(name=f"IHC cells ({slide_name})")[0])
         denominator = summary["denominator"]
