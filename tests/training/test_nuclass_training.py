@@ -283,3 +283,118 @@ def test_context_trunk_starts_from_the_local_trunk_and_stages_resume_independent
     local = [fingerprint(_stage_recipe(x, "local")) for x in (r, r2)]
     gate = [fingerprint(_stage_recipe(x, "gate")) for x in (r, r2)]
     assert local[0] == local[1] and gate[0] != gate[1]  # ... only it starts over
+
+
+def _cells(rng, slides, n=60, k=4, right=None):
+    """Per-cell outputs of three paths on ``slides`` (names), ``right[s]`` = share typed right."""
+    y = rng.integers(0, k, n * len(slides))
+    slide = np.repeat(np.asarray(slides), n)
+    res = {"y": y, "slide": slide, "g": rng.uniform(size=len(y))}
+    for key in ("p_local", "p_global", "prob"):
+        p = rng.dirichlet(np.ones(k), len(y))
+        ok = rng.uniform(size=len(y)) < np.array([(right or {}).get(s, 0.7) for s in slide])
+        p[ok, y[ok]] += 2.0  # these cells' top class is the truth
+        res[key] = p / p.sum(1, keepdims=True)
+    return res
+
+
+def test_bootstrap_over_slides_pools_the_cell_metrics_and_resamples_whole_slides():
+    from histoscope.training.nuclass_data import cell_metrics
+    from histoscope.training.nuclass_eval import add_intervals, bootstrap_over_slides
+
+    classes = ["a", "b", "c", "d"]
+    rng = np.random.default_rng(0)
+    res = _cells(rng, ["s1", "s2", "s3", "s4", "s5"], right={"s1": 0.2, "s2": 0.95})
+    boot = bootstrap_over_slides(res, classes)
+    ref = cell_metrics(res, classes)
+    for path in ("local", "global", "gated"):  # all slides once = the pooled figures
+        pt = boot["point"][path]
+        for key in ("accuracy", "macro_f1", "ece"):
+            assert pt[key] == pytest.approx(ref[path][key]), (path, key)
+        np.testing.assert_allclose(pt["per_class_f1"], list(ref[path]["per_class_f1"].values()))
+        lo, hi = boot[path]["accuracy"]
+        assert hi - lo > 0.1  # one slide typed 20 % right, one 95 %: slides differ a lot
+    assert boot["n_slides"] == 5 and boot["n_boot"] == 2000 and boot["seed"] == 0
+    again = bootstrap_over_slides(res, classes)
+    assert again["gated"]["macro_f1"] == boot["gated"]["macro_f1"]  # seeded
+    m = add_intervals(cell_metrics(res, classes), boot)
+    diff = m["gated"]["macro_f1"] - max(m["local"]["macro_f1"], m["global"]["macro_f1"])
+    assert m["gated_minus_better"] == pytest.approx(diff)
+    gl = m["global"]["per_class_f1"]["b"] - m["local"]["per_class_f1"]["b"]
+    assert m["global_minus_local_f1"]["b"] == pytest.approx(gl)
+    assert len(m["gated"]["per_class_f1_ci95"]["c"]) == 2
+
+
+def test_bootstrap_resamples_slides_not_cells():
+    """Identical slides: every resample is the pooled set, so a slide bootstrap has no spread."""
+    from histoscope.training.nuclass_eval import bootstrap_over_slides
+
+    one = _cells(np.random.default_rng(1), ["s1"], n=200)
+    res = {k: np.concatenate([v] * 4) for k, v in one.items()}
+    res["slide"] = np.repeat(["s1", "s2", "s3", "s4"], 200)
+    boot = bootstrap_over_slides(res, ["a", "b", "c", "d"])
+    for key in ("accuracy", "macro_f1", "ece"):
+        lo, hi = boot["gated"][key]
+        assert hi - lo == pytest.approx(0.0, abs=1e-12), key  # a cell bootstrap would spread
+
+
+def _synth_folder(root, seed, split):
+    """A one-slide synth folder with a manifest row; its cells relabelled 'big' / 'small'."""
+    import csv
+
+    from histoscope.synthetic import generate
+
+    s = generate(root / "slides", "he", (256, 256), seed, 0.5, workers=1)
+    rows = list(csv.DictReader(s.cells_csv.open()))
+    for i, r in enumerate(rows):
+        r["class"] = ("big", "small")[i % 2]
+    with s.cells_csv.open("w", newline="") as fh:
+        wr = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        wr.writeheader()
+        wr.writerows(rows)
+    row = {"name": s.slide.stem, "seed": seed, "split": split}
+    (root / "manifest.json").write_text(json.dumps({"slides": [row]}))
+    return root
+
+
+def test_evaluate_records_a_final_test_into_the_card(single, tmp_path):
+    import shutil
+
+    from histoscope.checkpoints import read_card
+    from histoscope.training import evaluate
+    from histoscope.training._recipe import RecipeError
+
+    ckpt = tmp_path / "ck.safetensors"
+    shutil.copy(single[1]["checkpoint"], ckpt)
+    before = read_card(ckpt)
+    data = _synth_folder(tmp_path / "d", 5, "test")
+    with pytest.raises(RecipeError, match="no labelled slide in split 'val'"):
+        evaluate(ckpt, data, tmp_path / "v", per_class=2, split="val")
+    ev = evaluate(ckpt, data, tmp_path / "ev", per_class=2, split="test", record="final_test")
+    card = read_card(ckpt)
+    assert card.sha256 == before.sha256  # the weights are untouched
+    assert set(before.metrics) < set(card.metrics)  # every earlier key kept
+    rec = card.metrics["final_test"]
+    assert rec["seeds"] == [5] and rec["split"] == "test"
+    assert rec["fast"]["gated"]["macro_f1"] == pytest.approx(ev["fast"]["gated"]["macro_f1"])
+    assert rec["fast"]["bootstrap"]["n_boot"] == 2000
+    assert len(rec["crops"]["gated"]["macro_f1_ci95"]) == 2
+    with pytest.raises(RecipeError, match="already records metrics.final_test"):
+        evaluate(ckpt, data, tmp_path / "again", per_class=2, record="final_test", split="test")
+    assert not (tmp_path / "again" / "cells_fast.csv").exists()  # refused before typing
+
+
+def test_markdown_table_shows_the_intervals_and_judges_the_targets():
+    from histoscope.training.nuclass import markdown_table
+    from histoscope.training.nuclass_data import cell_metrics
+    from histoscope.training.nuclass_eval import add_intervals, bootstrap_over_slides
+
+    classes = ["fibroblast", "lymphocyte"]
+    res = _cells(np.random.default_rng(2), ["s1", "s2", "s3"], k=2)
+    m = add_intervals(cell_metrics(res, classes), bootstrap_over_slides(res, classes))
+    text = markdown_table({"fast": m})
+    lo, hi = m["gated"]["macro_f1_ci95"]
+    assert f"{m['gated']['macro_f1']:.3f} [{lo:.3f}, {hi:.3f}]" in text
+    d = m["global_minus_local_f1"]["fibroblast"]
+    assert ("global > local met" if d > 0 else "global > local **not met**") in text
+    assert "| fast | 180 (3) |" in text
