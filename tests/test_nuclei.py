@@ -314,3 +314,188 @@ def test_area_is_a_pixel_count_and_outlines_put_pixel_centres_at_integers():
     assert 5.5 < r.min() and r.max() < 6.5  # between the boundary pixel centres and their edges
     doc = " ".join((classical.__doc__ + Nuclei.__doc__).split())
     assert "pixel count" in doc and "QuPath or any other corner-based" in doc
+
+
+# ------------------------------------------------- fast paths vs the slow reference
+def _reference_measure(labels, hema, eosin, mpp, params):
+    """The detector's measurements computed one object at a time, as they were first written
+    (``find_contours`` per object, ``np.roll`` smoothing, Qhull's hull, per-object moments)."""
+    from scipy import ndimage as ndi
+    from scipy.spatial import ConvexHull, QhullError
+    from skimage import measure
+
+    n = int(labels.max())
+    flat = labels.ravel()
+    count = np.bincount(flat, minlength=n + 1)[1:].astype(np.float64)
+    area = count * mpp**2
+    ok = (count > 0) & (area >= params.min_area_um2) & (area <= params.max_area_um2)
+
+    def stats(v):
+        s = np.bincount(flat, v.ravel(), minlength=n + 1)[1:]
+        s2 = np.bincount(flat, np.square(v.ravel(), dtype=np.float64), minlength=n + 1)[1:]
+        mean = s / np.maximum(count, 1)
+        return mean, np.sqrt(np.maximum(s2 / np.maximum(count, 1) - mean**2, 0.0))
+
+    h_mean, h_std = stats(hema)
+    e_mean, e_std = stats(eosin)
+    ok &= e_mean <= params.max_eosin_ratio * h_mean
+    slices = ndi.find_objects(labels)
+    rows, outlines = [], []
+    for i in np.flatnonzero(ok):
+        sl = slices[i]
+        sub = labels[sl] == i + 1
+        ring = max(measure.find_contours(np.pad(sub, 1).astype(np.float32), 0.5), key=len)[:-1]
+        for _ in range(3):
+            ring = (np.roll(ring, 1, axis=0) + ring + np.roll(ring, -1, axis=0)) / 3
+        if len(ring) > 24:
+            ring = ring[::2]
+        ring = (ring[:, ::-1] - 1.0).astype(np.float32)
+        if len(ring) < 3:
+            continue
+        x, y = ring[:, 0].astype(np.float64), ring[:, 1].astype(np.float64)
+        poly = 0.5 * abs(np.dot(x, np.roll(y, -1)) - np.dot(np.roll(x, -1), y))
+        try:
+            hull = ConvexHull(ring).volume
+        except QhullError:
+            hull = 0.0
+        if (poly / hull if hull > 0 else 0.0) < params.min_solidity:
+            continue
+        rr, cc = np.nonzero(sub)
+        cy, cx = rr.mean(), cc.mean()
+        ecc = 0.0
+        if len(rr) >= 3:
+            dy, dx = rr - cy, cc - cx
+            myy, mxx = (dy * dy).mean() + 1 / 12, (dx * dx).mean() + 1 / 12
+            mxy = (dx * dy).mean()
+            tr, det = myy + mxx, myy * mxx - mxy * mxy
+            disc = np.sqrt(max(tr * tr / 4 - det, 0.0))
+            l1, l2 = tr / 2 + disc, max(tr / 2 - disc, 0.0)
+            ecc = float(np.sqrt(1 - l2 / l1)) if l1 > 0 else 0.0
+        perim = float(np.hypot(*(np.roll(ring, -1, axis=0) - ring).T).sum()) * mpp
+        ring[:, 0] += sl[1].start
+        ring[:, 1] += sl[0].start
+        outlines.append(ring)
+        circ = min(1.0, 4 * np.pi * area[i] / perim**2) if perim > 0 else 0.0
+        rows.append((cx + sl[1].start, cy + sl[0].start, area[i], perim, circ, ecc,
+                     h_mean[i], h_std[i], e_mean[i], e_std[i]))  # fmt: skip
+    return np.asarray(rows, np.float64).reshape(-1, 10), outlines
+
+
+def _assert_same_as_reference(labels, hema, eosin, params=None):
+    from histoscope.nuclei._classical import measure
+
+    params = params or NucleiParams()
+    table, outlines = _reference_measure(labels, hema, eosin, MPP, params)
+    nuc = measure(labels, hema, eosin, MPP, params)
+    assert len(nuc) == len(table) == len(outlines)
+    np.testing.assert_array_equal(nuc.x, table[:, 0])  # centroids: the same numbers
+    np.testing.assert_array_equal(nuc.y, table[:, 1])
+    for a, b in zip(nuc.outlines, outlines, strict=True):
+        np.testing.assert_array_equal(a, b)  # same vertices, same start, same order
+    # perimeters are float32 sums in the reference: equal to its rounding
+    np.testing.assert_allclose(nuc.measurements.to_numpy(), table[:, 2:], rtol=1e-5, atol=1e-9)
+    return nuc
+
+
+def test_fast_measure_equals_the_per_object_reference_on_a_synthetic_tile(synthetic):
+    import histoscope as hs
+    from histoscope.nuclei._classical import segment, stain_channels
+
+    rgb = hs.open_slide(synthetic[0]).read_region(0, 0, 640, 640, mpp=MPP)
+    hema, eosin = stain_channels(rgb)
+    labels = segment(hema, MPP, NucleiParams())
+    nuc = _assert_same_as_reference(labels, hema, eosin)
+    assert len(nuc) > 200
+    # a low threshold fuses and frays more: odd shapes, which the filters must treat alike
+    low = NucleiParams(threshold=0.05, local_fraction=0.0, min_area_um2=2.0)
+    labels = segment(hema, MPP, low)
+    assert len(_assert_same_as_reference(labels, hema, eosin, low)) > 100
+
+
+def test_fast_measure_equals_the_reference_on_awkward_shapes():
+    """Holes, pieces touching at a corner, one-pixel objects, and the image border."""
+    labels = np.zeros((40, 60), np.int32)
+    yy, xx = np.mgrid[:40, :60]
+    labels[(yy - 12) ** 2 + (xx - 12) ** 2 <= 64] = 1
+    labels[(yy - 12) ** 2 + (xx - 12) ** 2 <= 4] = 0  # a hole: two contours
+    labels[20:26, 30:36] = 2
+    labels[26:31, 36:40] = 2  # touches the square only at a corner: two pieces
+    labels[0:6, 50:60] = 3  # on the border
+    labels[35, 5] = 4  # one pixel
+    labels[30:38, 10:30] = 5  # a bar: eccentric
+    labels[2:10, 30:34] = 6
+    labels[2:4, 34:44] = 6  # an L: low solidity
+    rng = np.random.default_rng(3)
+    hema = (labels > 0) * 0.7 + rng.uniform(0, 0.1, labels.shape)
+    eosin = rng.uniform(0, 0.2, labels.shape)
+    loose = NucleiParams(min_area_um2=0.0, min_solidity=0.0)
+    nuc = _assert_same_as_reference(labels, hema, eosin, loose)
+    assert len(nuc) == 6
+    assert len(_assert_same_as_reference(labels, hema, eosin)) < 6  # the filters still cut
+
+
+def _hmax_cases():
+    from scipy import ndimage as ndi
+
+    rng = np.random.default_rng(7)
+    for _ in range(60):
+        shape = tuple(rng.integers(3, 40, 2))
+        img = rng.integers(0, rng.integers(2, 10), shape).astype(np.float32)
+        img *= np.float32(rng.choice([0.1, 0.25, 1.0]))  # many ties
+        img[rng.random(shape) < 0.3] = 0
+        if rng.random() < 0.5:
+            img = ndi.gaussian_filter(img, 1.0)
+        yield img, float(rng.choice([0.1, 0.25, 0.5, 1.0]))
+
+
+def test_fast_h_maxima_marks_the_same_pixels_as_scikit_image():
+    from scipy import ndimage as ndi
+    from skimage import morphology
+
+    from histoscope.nuclei._morph import h_maxima
+
+    compared = 0
+    for img, h in _hmax_cases():
+        want = morphology.h_maxima(img, h)
+        got = h_maxima(img, h)
+        assert got.dtype == want.dtype == np.uint8
+        np.testing.assert_array_equal(got, want)
+        compared += int(want.sum() > 0)
+    assert compared > 30
+    # the detector's own input: a contrast-weighted distance transform of touching nuclei
+    img, _ = _grid_image(step=14, size=200, seed=4)  # crowded: nuclei touch and fuse
+    fg = img.mean(2) < 200
+    dist = ndi.gaussian_filter(ndi.distance_transform_edt(fg).astype(np.float32), 1.0)
+    want = morphology.h_maxima(dist, 0.5)
+    assert want.sum() > 20
+    np.testing.assert_array_equal(h_maxima(dist, 0.5), want)
+    # images it does not speed up go to scikit-image unchanged
+    for other in (dist.astype(np.float64), dist - 1.0):
+        np.testing.assert_array_equal(h_maxima(other, 0.5), morphology.h_maxima(other, 0.5))
+
+
+def test_fast_segment_equals_the_reference_on_a_synthetic_tile(synthetic, monkeypatch):
+    """The same labels as scikit-image's h-maxima and SciPy's hole filling give."""
+    from scipy import ndimage as ndi
+    from skimage import morphology
+
+    import histoscope as hs
+    import histoscope.nuclei._classical as classical
+
+    rgb = hs.open_slide(synthetic[0]).read_region(0, 0, 640, 640, mpp=MPP)
+    hema, _ = classical.stain_channels(rgb)
+    fast = classical.segment(hema, MPP, NucleiParams())
+
+    def trim(labels, value):
+        n = int(labels.max())
+        flat = labels.ravel()
+        count = np.maximum(np.bincount(flat, minlength=n + 1), 1)
+        mean = np.bincount(flat, value.ravel(), minlength=n + 1) / count
+        kept = (labels > 0) & (value >= 0.5 * mean[labels])
+        return np.where(ndi.binary_fill_holes(kept), labels, 0).astype(np.int32)
+
+    monkeypatch.setattr(classical, "h_maxima", morphology.h_maxima)
+    monkeypatch.setattr(classical, "_trim", trim)
+    slow = classical.segment(hema, MPP, NucleiParams())
+    assert fast.max() > 200
+    np.testing.assert_array_equal(fast, slow)

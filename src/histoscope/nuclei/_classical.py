@@ -24,6 +24,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from histoscope.nuclei._morph import h_maxima
 from histoscope.nuclei._params import NucleiParams
 from histoscope.nuclei._table import COLUMNS, Nuclei
 from histoscope.stains import HE, deconvolve
@@ -80,7 +81,7 @@ def segment(hema: np.ndarray, mpp: float, params: NucleiParams) -> np.ndarray:
     dist *= np.clip(contrast / thr, 0.0, None)
     dist = ndi.gaussian_filter(dist, 1.0)
     h = params.split_um / mpp
-    peaks = morphology.h_maxima(dist, h) if h > 0 else morphology.local_maxima(dist)
+    peaks = h_maxima(dist, h) if h > 0 else morphology.local_maxima(dist)
     markers = ndi.label(peaks & fg)[0]
     labels = segmentation.watershed(-dist, markers, mask=fg).astype(np.int32)
     return _trim(labels, smooth)
@@ -101,37 +102,121 @@ def _trim(labels: np.ndarray, value: np.ndarray) -> np.ndarray:
     count = np.maximum(np.bincount(flat, minlength=n + 1), 1)
     mean = np.bincount(flat, value.ravel(), minlength=n + 1) / count
     kept = (labels > 0) & (value >= 0.5 * mean[labels])
-    return np.where(ndi.binary_fill_holes(kept), labels, 0).astype(np.int32)
+    # holes filled as ndi.binary_fill_holes fills them (background not 4-connected to the
+    # image border), by one labelling instead of a dilation repeated until it settles
+    gaps, m = ndi.label(~kept)
+    hole = np.ones(m + 1, bool)
+    hole[0] = False
+    hole[np.concatenate([gaps[0], gaps[-1], gaps[:, 0], gaps[:, -1]])] = False
+    return np.where(kept | hole[gaps], labels, 0).astype(np.int32)
 
 
-def _outline(sub: np.ndarray) -> np.ndarray:
-    """The outline ``(k, 2)`` [x, y] of one object's bounding-box mask, pixel centres at integers."""
+def _rings(labels: np.ndarray, ids: np.ndarray, slices) -> list[np.ndarray]:
+    """Marching-squares outline ``(k, 2)`` [row, col] of each object, in its padded bounding box.
+
+    The longest contour of ``find_contours(pad(labels[sl] == i), 0.5)``, without
+    its closing vertex, as scikit-image assembles it: a single contour starts
+    at the end of the last segment the scan meets and follows the segments (the
+    assembly closes a contour with the last of its segments). Objects with more
+    than one contour (holes, pieces touching at a corner) go through
+    ``find_contours`` itself.
+    """
     from skimage import measure
 
-    contours = measure.find_contours(np.pad(sub, 1).astype(np.float32), 0.5)
-    ring = max(contours, key=len)[:-1]
-    for _ in range(3):  # smooth the marching-squares staircase (it adds ~9 % to perimeters)
-        ring = (np.roll(ring, 1, axis=0) + ring + np.roll(ring, -1, axis=0)) / 3
-    if len(ring) > 24:  # about one vertex per boundary pixel: every second is plenty
-        ring = ring[::2]
-    return (ring[:, ::-1] - 1.0).astype(np.float32)
+    try:  # find_contours' own segments (private: fall back to find_contours if it moves)
+        from skimage.measure._find_contours_cy import _get_contour_segments
+    except ImportError:  # pragma: no cover - depends on the installed scikit-image
+        _get_contour_segments = None
+    out = []
+    for i in ids:
+        sl = slices[i]
+        img = np.zeros((sl[0].stop - sl[0].start + 2, sl[1].stop - sl[1].start + 2))
+        img[1:-1, 1:-1] = labels[sl] == i + 1
+        ring = []
+        if _get_contour_segments is not None:
+            segs = _get_contour_segments(img, 0.5, False, None)
+            step = dict(segs)
+            first = segs[-1][1]
+            ring.append(first)
+            p = step[first]
+            while p != first and len(ring) <= len(segs):
+                ring.append(p)
+                p = step.get(p, first)
+            if len(ring) != len(segs) or len(step) != len(segs):  # not one closed contour
+                ring = []
+        if not ring:
+            ring = max(measure.find_contours(img, 0.5), key=len)[:-1]
+        out.append(np.asarray(ring, np.float64))
+    return out
 
 
-def _solidity(ring: np.ndarray) -> float:
-    """Polygon area over its convex hull's area (as QuPath's ROI solidity)."""
-    from scipy.spatial import ConvexHull, QhullError
+def _outlines(rings: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Smoothed outlines of all rings at once: vertices ``(m, 2)`` float32 [x, y], owner, start.
 
-    x, y = ring[:, 0].astype(np.float64), ring[:, 1].astype(np.float64)
-    area = 0.5 * abs(np.dot(x, np.roll(y, -1)) - np.dot(np.roll(x, -1), y))
-    try:
-        hull = ConvexHull(ring).volume  # in 2-D, the area
-    except QhullError:  # degenerate (a line)
-        return 0.0
-    return float(area / hull) if hull > 0 else 0.0
+    Each ring is smoothed three times by the mean of each vertex and its two
+    neighbours (the marching-squares staircase adds ~9 % to perimeters), then,
+    past 24 vertices (about one per boundary pixel), every second vertex is kept.
+    Coordinates are those of the padded box, less the padding.
+    """
+    size = np.array([len(r) for r in rings], np.int64)
+    start = np.concatenate([[0], np.cumsum(size)[:-1]])
+    owner = np.repeat(np.arange(len(rings)), size)
+    k = np.arange(owner.size) - start[owner]  # position in its ring
+    n = size[owner]
+    before = start[owner] + (k - 1) % n
+    after = start[owner] + (k + 1) % n
+    xy = np.concatenate(rings) if rings else np.zeros((0, 2))
+    for _ in range(3):
+        xy = (xy[before] + xy + xy[after]) / 3
+    keep = (n <= 24) | (k % 2 == 0)
+    xy, owner = xy[keep], owner[keep]
+    size = np.bincount(owner, minlength=len(rings))
+    start = np.concatenate([[0], np.cumsum(size)[:-1]])
+    return (xy[:, ::-1] - 1.0).astype(np.float32), owner, start
 
 
-def _perimeter(ring: np.ndarray) -> float:
-    return float(np.hypot(*(np.roll(ring, -1, axis=0) - ring).T).sum())
+def _ring_measures(xy: np.ndarray, owner: np.ndarray, start: np.ndarray, n: int):
+    """Perimeter (px) and solidity (area over convex-hull area, as QuPath's) of each outline."""
+    import shapely
+
+    size = np.bincount(owner, minlength=n)
+    k = np.arange(len(owner)) - start[owner]
+    after = start[owner] + (k + 1) % np.maximum(size[owner], 1)
+    d = xy[after] - xy
+    perim = np.bincount(owner, np.hypot(d[:, 0], d[:, 1]).astype(np.float64), minlength=n)
+    x, y = xy[:, 0].astype(np.float64), xy[:, 1].astype(np.float64)
+    cross = x * y[after] - x[after] * y
+    area = 0.5 * np.abs(np.bincount(owner, cross, minlength=n))
+    hull = shapely.area(shapely.convex_hull(shapely.multipoints(xy.astype(np.float64),
+                                                                indices=owner)))  # fmt: skip
+    solidity = np.divide(area, hull, out=np.zeros(n), where=hull > 0)
+    return perim, solidity
+
+
+def _moments(labels: np.ndarray, n: int, count: np.ndarray, corner: np.ndarray):
+    """Centroid ``(row, col)`` in each object's box and eccentricity of its moment ellipse.
+
+    The centroid is the mean of the pixel centres; the second central moments add
+    1/12 (a pixel is a unit square, not a point).
+    """
+    flat = labels.ravel()
+    at = np.flatnonzero(flat)
+    lab = flat[at]
+    rr = at // labels.shape[1] - corner[lab - 1, 0]
+    cc = at % labels.shape[1] - corner[lab - 1, 1]
+    c = np.maximum(count, 1)
+    cy = np.bincount(lab, rr.astype(np.float64), minlength=n + 1)[1:] / c
+    cx = np.bincount(lab, cc.astype(np.float64), minlength=n + 1)[1:] / c
+    dy, dx = rr - cy[lab - 1], cc - cx[lab - 1]
+    myy = np.bincount(lab, dy * dy, minlength=n + 1)[1:] / c + 1 / 12
+    mxx = np.bincount(lab, dx * dx, minlength=n + 1)[1:] / c + 1 / 12
+    mxy = np.bincount(lab, dx * dy, minlength=n + 1)[1:] / c
+    tr, det = myy + mxx, myy * mxx - mxy * mxy
+    disc = np.sqrt(np.maximum(tr * tr / 4 - det, 0.0))
+    l1, l2 = tr / 2 + disc, np.maximum(tr / 2 - disc, 0.0)
+    ecc = np.sqrt(1 - np.divide(l2, l1, out=np.ones(n), where=l1 > 0))
+    ecc[count < 3] = 0.0
+    return cy, cx, ecc
 
 
 def measure(
@@ -169,46 +254,28 @@ def measure(
     h_mean, h_std = stats(hema)
     e_mean, e_std = stats(eosin)
     ok &= e_mean <= params.max_eosin_ratio * h_mean
-    slices = ndi.find_objects(labels)
-    rows: list[tuple] = []
-    outlines: list[np.ndarray] = []
-    for i in np.flatnonzero(ok):
-        sl = slices[i]
-        sub = labels[sl] == i + 1
-        ring = _outline(sub)
-        if len(ring) < 3:
-            continue
-        if _solidity(ring) < params.min_solidity:
-            continue
-        ecc, cy, cx = _shape(sub)
-        perim = _perimeter(ring) * mpp
-        ring[:, 0] += sl[1].start
-        ring[:, 1] += sl[0].start
-        outlines.append(ring)
-        circ = min(1.0, 4 * np.pi * area[i] / perim**2) if perim > 0 else 0.0
-        rows.append((cx + sl[1].start, cy + sl[0].start, area[i], perim, circ, ecc,
-                     h_mean[i], h_std[i], e_mean[i], e_std[i]))  # fmt: skip
-    if not rows:
+    ids = np.flatnonzero(ok)
+    if not len(ids):
         return Nuclei.empty(mpp)
-    table = np.asarray(rows, np.float64)
-    meas = pd.DataFrame(table[:, 2:], columns=list(COLUMNS))
-    return Nuclei(x=table[:, 0], y=table[:, 1], outlines=outlines, measurements=meas, mpp=mpp)
-
-
-def _shape(sub: np.ndarray) -> tuple[float, float, float]:
-    """Eccentricity of the moment ellipse and centroid ``(row, col)`` of one object's mask."""
-    rr, cc = np.nonzero(sub)
-    cy, cx = rr.mean(), cc.mean()
-    if len(rr) < 3:
-        return 0.0, float(cy), float(cx)
-    dy, dx = rr - cy, cc - cx
-    # second central moments (+1/12: a pixel is a unit square, not a point)
-    myy, mxx, mxy = (dy * dy).mean() + 1 / 12, (dx * dx).mean() + 1 / 12, (dx * dy).mean()
-    tr, det = myy + mxx, myy * mxx - mxy * mxy
-    disc = np.sqrt(max(tr * tr / 4 - det, 0.0))
-    l1, l2 = tr / 2 + disc, max(tr / 2 - disc, 0.0)
-    ecc = float(np.sqrt(1 - l2 / l1)) if l1 > 0 else 0.0
-    return ecc, float(cy), float(cx)
+    slices = ndi.find_objects(labels)
+    corner = np.array([(s[0].start, s[1].start) if s else (0, 0) for s in slices], np.int64)
+    xy, owner, start = _outlines(_rings(labels, ids, slices))
+    perim_px, solidity = _ring_measures(xy, owner, start, len(ids))
+    size = np.bincount(owner, minlength=len(ids))
+    good = (size >= 3) & (solidity >= params.min_solidity)
+    if not good.any():
+        return Nuclei.empty(mpp)
+    cy, cx, ecc = _moments(labels, n, count, corner)
+    xy += corner[ids[owner]][:, ::-1].astype(np.float32)  # into the image's pixels
+    outlines = [o for o, g in zip(np.split(xy, start[1:]), good, strict=True) if g]
+    keep = ids[good]
+    perim = perim_px[good] * mpp
+    circ = np.minimum(1.0, np.divide(4 * np.pi * area[keep], perim**2, out=np.zeros(len(keep)),
+                                     where=perim > 0))  # fmt: skip
+    meas = pd.DataFrame(np.stack([area[keep], perim, circ, ecc[keep], h_mean[keep], h_std[keep],
+                                  e_mean[keep], e_std[keep]], axis=1), columns=list(COLUMNS))  # fmt: skip
+    return Nuclei(x=cx[keep] + corner[keep, 1], y=cy[keep] + corner[keep, 0], outlines=outlines,
+                  measurements=meas, mpp=mpp)  # fmt: skip
 
 
 def detect_classical(rgb: np.ndarray, mpp: float, params: NucleiParams) -> Nuclei:
