@@ -106,7 +106,7 @@ def measure(rule: str, rgb: np.ndarray):
         return first if first.location() != "nuclear" else measure("cl_sum_t10", rgb)
     detect = _rules()[rule]
     original = M.find_nuclei
-    M.find_nuclei = lambda hema, dab, mpp, params: detect(hema, dab, params)
+    M.find_nuclei = lambda hema, dab, mpp, params, rgb=None: detect(hema, dab, params)
     try:
         return M.measure_region(rgb, MPP)
     finally:

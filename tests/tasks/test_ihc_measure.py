@@ -199,12 +199,15 @@ def test_image_without_dab_is_flagged_not_scored(tmp_path, strong_ihc):
     from skimage import data
 
     import histoscope as hs
+    from histoscope.ood import OutsideTrainingDataWarning
     from histoscope.synthetic import generate
     from histoscope.tasks.ihc_measure import NO_DAB_WARNING, measure_slide
 
     he = generate(tmp_path, kind="he", size=(1024, 1024), seed=4).slide
-    m = measure_slide(hs.open_slide(he), IHCParams())
+    with pytest.warns(OutsideTrainingDataWarning, match="he_00004.tif: outside training data"):
+        m = measure_slide(hs.open_slide(he), IHCParams())  # the learned detector never saw H&E
     s = m.summary()
+    assert s["outside_training_data"] is True
     assert m.n_cells > 100 and s["warning"] == NO_DAB_WARNING
     assert m.provenance.params["warning"] == NO_DAB_WARNING
     ihc = measure_slide(hs.open_slide(strong_ihc.slide), IHCParams())
@@ -220,3 +223,44 @@ def test_negative_stain_has_no_dab_warning():
     assert s["warning"] is not None and s["percent_positive"] == 0
     rgb, _ = cell_grid("nuclear")
     assert measure_region(rgb, MPP).summary()["warning"] is None
+
+
+def test_learned_detection_finds_positive_and_negative_cells_alike(strong_ihc):
+    """The learned centre detector (issue 16) on a tuning slide it was never trained on."""
+    import histoscope as hs
+    from histoscope.tasks.ihc_measure import measure_slide
+
+    with open(strong_ihc.cells_csv) as fh:
+        rows = list(csv.DictReader(fh))
+    truth = np.array([[float(r["x_um"]), float(r["y_um"])] for r in rows])
+    positive = np.array([float(r["dab_od"]) > 0 for r in rows])
+    m = measure_slide(hs.open_slide(strong_ihc.slide), IHCParams(detection="learned"))
+    found = np.stack([m.cells["x_um"], m.cells["y_um"]], axis=1)
+    hit = _recall(truth, found)
+    recall_pos, recall_neg = hit[positive].mean(), hit[~positive].mean()
+    assert recall_pos >= 0.85 and abs(recall_pos - recall_neg) <= 0.10
+    assert hit.sum() / len(found) >= 0.85  # precision
+    assert abs(m.summary()["percent_positive"] - 100 * positive.mean()) <= 10
+    # every nucleus has a body to measure its compartments on
+    assert (m.cells["area_um2"] >= 10).all() and (m.cells["dab_nucleus"] >= 0).all()
+    s = m.summary()
+    assert s["outside_training_data"] is False and s["ood"]["n_items"] >= 8
+
+
+def test_learned_detection_says_a_real_image_is_outside_its_training_data(tmp_path):
+    """Trained on synthetic IHC only: scikit-image's real IHC image is flagged, still measured."""
+    from skimage import data
+
+    import histoscope as hs
+    from histoscope.ood import OutsideTrainingDataWarning
+    from histoscope.slide import write_pyramidal_tiff
+    from histoscope.tasks.ihc_measure import measure_slide
+
+    path = write_pyramidal_tiff(tmp_path / "real_ihc.tif", data.immunohistochemistry(), mpp=MPP,
+                                quality=95, min_size=128)  # fmt: skip
+    with pytest.warns(OutsideTrainingDataWarning, match="real_ihc.tif: outside training data"):
+        m = measure_slide(hs.open_slide(path), IHCParams(detection="learned"))
+    s = m.summary()
+    assert s["outside_training_data"] is True and s["ood"]["score"] > s["ood"]["threshold"]
+    assert m.provenance.params["ood"]["outside"] is True
+    assert m.n_cells > 150 and 30 < s["percent_positive"] < 95

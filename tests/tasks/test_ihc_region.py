@@ -137,8 +137,12 @@ def test_a_parameter_the_chosen_detection_does_not_use_is_refused(monkeypatch):
     from histoscope.params import ParamError
     from histoscope.tasks.ihc_measure import _classical_nuclei
 
-    with pytest.raises(ParamError, match=r"smooth_sigma=2.0: not used by detection='classical'"):
+    with pytest.raises(ParamError, match=r"smooth_sigma=2.0: not used by detection='learned'"):
         IHCParams(smooth_sigma=2.0)
+    with pytest.raises(ParamError, match=r"nucleus_threshold=0.2: not used by detection='learned'"):
+        IHCParams(nucleus_threshold=0.2)
+    with pytest.raises(ParamError, match=r"smooth_sigma=2.0: not used by detection='classical'"):
+        IHCParams(detection="classical", smooth_sigma=2.0)
     with pytest.raises(ParamError, match="background_radius.*only by hematoxylin / od_sum"):
         IHCParams(background_radius=4.0)
     IHCParams(detection="od_sum", smooth_sigma=2.0, background_radius=4.0)  # used there

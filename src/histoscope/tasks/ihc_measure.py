@@ -47,16 +47,20 @@ SCORE_COLORS = ((0.44, 0.44, 1.0, 1.0), (1.0, 0.86, 0.0, 1.0), (1.0, 0.55, 0.0, 
                 (0.86, 0.08, 0.08, 1.0))  # fmt: skip
 
 
-#: Nucleus detection methods: ``classical`` (default; HistoScope's H&E nucleus detector,
-#: :mod:`histoscope.nuclei`, on the haematoxylin of the IHC image), ``blobs`` (multi-scale
-#: Laplacian of Gaussian on haematoxylin) and QuPath's thresholding on ``hematoxylin`` or
-#: ``od_sum`` (H + DAB). On 12 held-out strongly stained synthetic slides ``classical`` found
-#: 0.75 of DAB-positive and 0.82 of negative cells, ``blobs`` 0.68 and 0.78
-#: (benchmarks/RESULTS.md, "IHC detection, update").
-DETECTIONS = ("classical", "blobs", "hematoxylin", "od_sum")
+#: Nucleus detection methods: ``learned`` (default; a small nucleus-centre network trained
+#: on synthetic IHC only, :mod:`histoscope.models.ihc_detector`, which says when a slide is
+#: outside that), ``classical`` (HistoScope's H&E nucleus detector, :mod:`histoscope.nuclei`,
+#: on the haematoxylin of the IHC image), ``blobs`` (multi-scale Laplacian of Gaussian on
+#: haematoxylin) and QuPath's thresholding on ``hematoxylin`` or ``od_sum`` (H + DAB). On 12
+#: held-out strongly stained synthetic slides ``learned`` found 0.99 of DAB-positive and 0.97
+#: of negative cells, ``classical`` 0.75 and 0.82, ``blobs`` 0.68 and 0.78
+#: (benchmarks/RESULTS.md, "IHC detection, update: learned centre detector").
+DETECTIONS = ("learned", "classical", "blobs", "hematoxylin", "od_sum")
 #: Parameters a detection method does not use: setting one of them away from its default
 #: with that method is refused, not silently ignored.
 _UNUSED_BY = {"classical": ("background_radius", "smooth_sigma", "blob_threshold"),
+              "learned": ("background_radius", "smooth_sigma", "blob_threshold",
+                          "nucleus_threshold"),
               "blobs": ("background_radius", "nucleus_threshold"),
               "hematoxylin": ("blob_threshold",), "od_sum": ("blob_threshold",)}  # fmt: skip
 #: Scales (σ, µm) the blob detector looks for nuclei at: lymphocytes (r ≈ 3 µm) to tumour (r ≈ 6 µm).
@@ -74,11 +78,12 @@ class IHCParams:
     thresholds: tuple[float, float, float] = param(
         (0.2, 0.4, 0.6), "DAB OD thresholds of 1+, 2+ and 3+ (increasing)", min=0.0, max=3.0
     )
-    detection: str = param("classical", "find nuclei with the H&E nucleus detector on "
-                           "haematoxylin (classical: DAB-covered and dense nuclei too), as "
-                           "haematoxylin blobs at 2-5 µm (blobs), or by thresholding haematoxylin "
-                           "(as QuPath) or haematoxylin + DAB (od_sum)",
-                           choices=DETECTIONS)  # fmt: skip
+    detection: str = param("learned", "find nuclei with a nucleus-centre network trained on "
+                           "synthetic IHC only (learned: brown and blue nuclei alike; flags "
+                           "slides unlike its training data), with the H&E nucleus detector on "
+                           "haematoxylin (classical), as haematoxylin blobs at 2-5 µm (blobs), "
+                           "or by thresholding haematoxylin (as QuPath) or haematoxylin + DAB "
+                           "(od_sum)", choices=DETECTIONS)  # fmt: skip
     blob_threshold: float = param(0.03, "scale-normalised haematoxylin blob contrast (OD) a "
                                   "nucleus must reach (blobs detection)", min=1e-3, max=5.0)  # fmt: skip
     nucleus_threshold: float = param(0.1, "OD a nucleus must exceed its background by "
@@ -164,6 +169,14 @@ class IHCMeasurement(Result):
         the tumour region; see :meth:`within`); ``None``: all cells count.
     region_name
         What that region is, as the summary's ``denominator`` names it.
+    features
+        ``detection="learned"`` only: the network's features of the tissue
+        windows (``(n, C)``), for the training-data check.
+    ood
+        ``detection="learned"`` on a slide: an :class:`~histoscope.ood.OODReport`,
+        whether the slide is outside the synthetic IHC the network was trained
+        on (the summary's ``outside_training_data`` and ``ood``); ``None``
+        otherwise.
     """
 
     provenance: Provenance = field(default_factory=_no_provenance)
@@ -174,6 +187,8 @@ class IHCMeasurement(Result):
     dab_pixels: tuple[int, int] | None = None
     inside: np.ndarray | None = None
     region_name: str = ""
+    features: np.ndarray | None = field(default=None, compare=False, repr=False)
+    ood: Any = field(default=None, compare=False)
 
     @property
     def n_cells(self) -> int:
@@ -205,6 +220,10 @@ class IHCMeasurement(Result):
         base = {"n_cells": self.n_cells, "n_counted": n, "location": self.location(),
                 "denominator": denominator, "warning": self.warning,
                 "cancelled": self.cancelled}  # fmt: skip
+        if self.ood is not None:
+            from histoscope.ood import ood_summary
+
+            base.update(ood_summary(self.ood))
         if n == 0 and self.inside is not None:
             # nothing to count: no number rather than a confident "0 % positive"
             warning = (f"no detected cell inside '{self.region_name or 'region'}' — is the "
@@ -467,10 +486,14 @@ def measure_region(
     conc = deconvolve(rgb[..., :3], HDAB)
     hema, dab = conc[..., 0], conc[..., 1]
     pixels = dab_pixel_counts(rgb, dab, params.thresholds[0])
-    labels = find_nuclei(hema, dab, mpp, params)
+    feats = None
+    if params.detection == "learned":
+        labels, feats = _learned_nuclei(rgb, mpp, params)
+    else:
+        labels = find_nuclei(hema, dab, mpp, params)
     n = int(labels.max())
     if n == 0:
-        return replace(_empty(params, mpp, origin_um), dab_pixels=pixels)
+        return replace(_empty(params, mpp, origin_um), dab_pixels=pixels, features=feats)
     cells = segmentation.expand_labels(labels, distance=params.cell_expansion / mpp)
     inner = ndi.grey_erosion(cells, size=max(3, int(round(2 * params.membrane_width / mpp)) | 1))
     membrane = (cells > 0) & (inner != cells)
@@ -500,7 +523,7 @@ def measure_region(
         "score": np.zeros(n, np.int64),
     }
     return IHCMeasurement(cells=data, params=params, mpp=mpp, origin_um=tuple(origin_um),
-                          dab_pixels=pixels).scored()  # fmt: skip
+                          dab_pixels=pixels, features=feats).scored()  # fmt: skip
 
 
 def dab_pixel_counts(rgb: np.ndarray, dab: np.ndarray, threshold: float) -> tuple[int, int]:
@@ -510,15 +533,21 @@ def dab_pixel_counts(rgb: np.ndarray, dab: np.ndarray, threshold: float) -> tupl
     return int(tissue.sum()), int((tissue & (dab >= threshold)).sum())
 
 
-def find_nuclei(hema: np.ndarray, dab: np.ndarray, mpp: float, params: IHCParams) -> np.ndarray:
+def find_nuclei(hema: np.ndarray, dab: np.ndarray, mpp: float, params: IHCParams,
+                rgb: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
     """Label image of nuclei (0 background, 1..n) from haematoxylin and DAB optical densities.
 
     ``classical`` runs the H&E nucleus detector's segmentation on the
     haematoxylin (see :func:`_classical_nuclei`); ``blobs`` looks for nuclei
     as blobs of haematoxylin at several scales; both find nuclei under DAB and
     in dense tissue. ``hematoxylin`` and ``od_sum`` threshold a background-subtracted image as
-    QuPath does, which loses nuclei in dense tissue and under DAB.
+    QuPath does, which loses nuclei in dense tissue and under DAB. ``learned``
+    needs the ``rgb`` image itself (see :func:`_learned_nuclei`).
     """
+    if params.detection == "learned":
+        if rgb is None:
+            raise ValueError("detection='learned' needs the RGB image (rgb=)")
+        return _learned_nuclei(rgb, mpp, params)[0]
     if params.detection == "blobs":
         return _blob_nuclei(hema, mpp, params)
     if params.detection == "classical":
@@ -572,6 +601,41 @@ def _classical_nuclei(hema: np.ndarray, mpp: float, params: IHCParams) -> np.nda
                      NucleiParams(threshold=params.nucleus_threshold, overlap_um=overlap,
                                   max_area_um2=params.nucleus_max_area))  # fmt: skip
     return _keep_sizes(labels, mpp, params)
+
+
+def _learned_nuclei(
+    rgb: np.ndarray, mpp: float, params: IHCParams
+) -> tuple[np.ndarray, np.ndarray]:
+    """Nuclei from the learned centre detector (:mod:`histoscope.models.ihc_detector`).
+
+    The shipped network (``sample_data/ihc_detector_default.safetensors``)
+    predicts a centre heatmap and a nucleus foreground at 0.5 µm/px; its
+    peaks above the card's threshold seed a watershed on the heatmap inside
+    the foreground, so each nucleus has an outline and compartments work as
+    for the other methods. An image at another µm/px is resampled to the
+    network's and the labels back. Trained on synthetic IHC slides only: also
+    returns the network's features of the image's tissue windows, which
+    :func:`iter_measure_slide` compares with the training slides'.
+    """
+    from scipy import ndimage as ndi
+
+    from histoscope.models import ihc_detector as D
+
+    model, card = D.load_detector()
+    threshold = float(card.config["threshold"])
+    f = mpp / D.MPP  # > 1: the image is coarser than the network's input
+    image = np.asarray(rgb)[..., :3]
+    if abs(f - 1) > 0.02:
+        image = np.clip(ndi.zoom(image.astype(np.float32), (f, f, 1), order=1), 0, 255)
+        image = image.astype(np.uint8)
+    heat, fg, feats = D.predict_maps(model, image)
+    peaks = D.find_peaks(heat, threshold)
+    labels = D.nuclei_from_maps(heat, fg, peaks, D.MPP, params.nucleus_max_area)
+    if abs(f - 1) > 0.02:
+        shape = np.asarray(rgb).shape[:2]
+        labels = ndi.zoom(labels, (shape[0] / labels.shape[0], shape[1] / labels.shape[1]),
+                          order=0, grid_mode=True, mode="nearest")  # fmt: skip
+    return _keep_sizes(labels, mpp, params), feats
 
 
 def _blob_nuclei(hema: np.ndarray, mpp: float, params: IHCParams) -> np.ndarray:
@@ -681,6 +745,7 @@ def iter_measure_slide(
     origins = [(x0 + i * step, y0 + j * step) for j in range(int(np.ceil(h0 / step)))
                for i in range(int(np.ceil(w0 / step)))]  # fmt: skip
     parts: list[dict[str, np.ndarray]] = []
+    feats: list[np.ndarray] = []
     pixels = np.zeros(2, np.int64)
     cancelled = False
     for k, (tx, ty) in enumerate(origins):
@@ -693,6 +758,8 @@ def iter_measure_slide(
         keep = ((m.cells["x_um"] >= core_x[0]) & (m.cells["x_um"] < core_x[1])
                 & (m.cells["y_um"] >= core_y[0]) & (m.cells["y_um"] < core_y[1]))  # fmt: skip
         parts.append({key: v[keep] for key, v in m.cells.items()})
+        if m.features is not None:
+            feats.append(m.features)
         pixels += m.dab_pixels  # margins counted twice: a ratio, so it hardly matters
         if (yield Step(k + 1, len(origins), "IHC tiles")) is False and k + 1 < len(origins):
             cancelled = True
@@ -706,8 +773,16 @@ def iter_measure_slide(
                       tile_grid={"tile": tile, "region": [x0, y0, w0, h0],
                                  "tiles_done": len(parts), "tiles": len(origins)},
                       cancelled=cancelled)  # fmt: skip
-    return IHCMeasurement(provenance=prov, cells=cells, params=params, mpp=mpp,
-                          dab_pixels=dab_pixels).scored()  # fmt: skip
+    result = IHCMeasurement(provenance=prov, cells=cells, params=params, mpp=mpp,
+                            dab_pixels=dab_pixels).scored()  # fmt: skip
+    if params.detection != "learned":
+        return result
+    from histoscope.models.ihc_detector import load_detector
+    from histoscope.ood import with_ood
+
+    return with_ood(result, load_detector()[1], np.concatenate(feats) if feats else None,
+                    f"IHC learned nucleus detection on {Path(str(slide.path)).name}",
+                    items="patches", missing="no tissue window to compare")  # fmt: skip
 
 
 def _run(session, checkpoint, params: IHCParams, *, region=None, near=None, engine=None):
