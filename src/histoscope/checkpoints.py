@@ -52,6 +52,7 @@ _FAMILIES: dict[str, Builder | str] = {
     "nuclass": "histoscope.models.nuclass:NuClass.from_config",
     "histgen": "histoscope.models.histgen:HistGen.from_config",
     "expression": "histoscope.models.expression:ExpressionModel.from_config",
+    "ihc_detector": "histoscope.models.ihc_detector:IHCCentreNet.from_config",
 }
 
 

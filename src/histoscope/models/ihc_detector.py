@@ -25,8 +25,6 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from histoscope.checkpoints import register_family
-
 FAMILY = "ihc_detector"
 DEFAULT_CHECKPOINT = "ihc_detector_default.safetensors"
 #: µm/px the detector works at.
@@ -95,8 +93,6 @@ class IHCCentreNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_with_features(x)[0]
 
-
-register_family(FAMILY, IHCCentreNet.from_config)
 
 
 def optical_density(rgb: np.ndarray) -> np.ndarray:
