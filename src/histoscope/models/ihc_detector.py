@@ -94,7 +94,6 @@ class IHCCentreNet(nn.Module):
         return self.forward_with_features(x)[0]
 
 
-
 def optical_density(rgb: np.ndarray) -> np.ndarray:
     """``(3, H, W)`` float32 optical density of an ``(H, W, 3)`` uint8 image."""
     x = np.clip(np.asarray(rgb[..., :3], np.float32), 1.0, 255.0) / 255.0
