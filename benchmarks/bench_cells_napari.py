@@ -11,14 +11,20 @@ probabilities, gate and nucleus measurements: the same table the cells task
 makes) is shown through the Cells panel's own code, timed in one process
 against a ``--small`` one:
 
-- **create**: ``CellsWidget._show`` (points layer with its features and
-  class colours, legend filled) until the canvas has drawn it once;
+- **create**: ``CellsWidget._show`` with the whole slide in view (points layer
+  with its features and class colours, legend filled; above the panel's
+  ``POINTS_MAX`` cells the overview image instead of the points) until the
+  canvas has drawn it once;
 - **recolour**: colour by gate weight, then the paint;
-- **filter**: untick the most common class (``layer.shown``), then the paint;
-- **redraw**: zoom in by 2x and pan, then the paint.
+- **filter**: untick the most common class, then the paint;
+- **redraw**: zoom in by 2x and pan, then the paint;
+- **zoom in**: zoom in 8x from the whole slide (about 1/64 of the cells in
+  view: points again), then the paint;
+- **pan near**: pan by half a view at that zoom, then the paint.
 
 Each step is timed twice: the update (napari and the panel, until Qt's event
-queue is empty) and then one full paint, forced with
+queue is empty and the panel's wait for the camera to rest, 0.1 s, has run
+out) and then one full paint, forced with
 ``viewer.screenshot(canvas_only=True)``. Under Xvfb the paint is Mesa's
 software OpenGL on the CPU; with a GPU it is a small part of this.
 """
@@ -75,28 +81,49 @@ def _measure(result) -> dict[str, float]:
     times: dict[str, tuple[float, float]] = {}
     camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera
 
+    def settle() -> None:
+        QApplication.processEvents()
+        timer = getattr(widget, "_view_timer", None)  # (absent from older panels)
+        while timer is not None and timer.isActive():  # the panel follows the resting camera
+            time.sleep(0.005)
+            QApplication.processEvents()
+        QApplication.processEvents()
+
     def timed(key, action) -> None:
         t0 = time.perf_counter()
         action()
-        QApplication.processEvents()
+        settle()
         t1 = time.perf_counter()
         viewer.screenshot(canvas_only=True)  # one full paint
         times[key] = (t1 - t0, time.perf_counter() - t1)
 
-    def create() -> None:
-        widget._show(result)
-        viewer.reset_view()
+    side = 50_000 * result.slide_mpp  # the slide's extent (µm)
+
+    def whole_slide(zoom: float = 1.0) -> None:
+        camera.center = (side / 2, side / 2)
+        camera.zoom = zoom * min(viewer.canvas.size) / side
 
     def pan_zoom() -> None:
         camera.zoom *= 2
         cy, cx = camera.center[-2:]
         camera.center = (cy + 2000, cx + 2000)
 
+    def pan_near() -> None:
+        cy, cx = camera.center[-2:]
+        camera.center = (cy, cx + viewer.canvas.size[1] / 2 / camera.zoom)
+
+    whole_slide()
+    settle()
     k = int(np.argmax(np.bincount(result.types.pred)))
-    timed("create", create)
+    timed("create", lambda: widget._show(result))
     timed("recolour", lambda: widget.color_by.setCurrentIndex(1))
     timed("filter", lambda: widget.legend.item(k).setCheckState(Qt.Unchecked))
     timed("redraw", pan_zoom)
+    timed("zoom in", lambda: whole_slide(8.0))
+    timed("pan near", pan_near)
+    drawn = getattr(widget, "drawn", widget.layer)()
+    print(f"{result.n_cells:,} cells: {len(drawn.data):,} points in layer {drawn.name!r} at the "
+          f"end, overview {'shown' if getattr(widget, '_far', False) else 'not shown'}")  # fmt: skip
     viewer.close()
     return times
 

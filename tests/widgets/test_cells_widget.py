@@ -140,3 +140,119 @@ def test_the_panel_scrolls_instead_of_clipping_in_a_short_dock(widget, qtbot):
     qtbot.waitExposed(widget)
     assert scroll.verticalScrollBar().maximum() > 0  # the rest is reachable by scrolling
     assert scroll.horizontalScrollBar().maximum() == 0
+
+
+def _random_cells(n: int, side_um: float = 4000.0, seed: int = 0):
+    """A typed CellsResult of ``n`` random cells over a ``side_um`` square (no slide needed)."""
+    import pandas as pd
+
+    from histoscope.celltypes import CellTypes
+    from histoscope.nuclei import COLUMNS, Nuclei
+    from histoscope.results import Provenance
+    from histoscope.tasks.cells import CellsResult
+
+    rng = np.random.default_rng(seed)
+    classes = ("tumour", "lymphocyte", "fibroblast")
+    x, y = rng.uniform(0, side_um / 0.5, n), rng.uniform(0, side_um / 0.5, n)
+    ring = np.array([[0, 0], [4, 0], [4, 4], [0, 4]], np.float32)
+    nuclei = Nuclei(x=x, y=y, outlines=[ring + (a, b) for a, b in zip(x, y, strict=True)],
+                    measurements=pd.DataFrame({c: rng.random(n) for c in COLUMNS}), mpp=0.5)  # fmt: skip
+
+    def probs():
+        p = rng.random((n, len(classes))).astype(np.float32) ** 4
+        return p / p.sum(1, keepdims=True)
+
+    types = CellTypes(classes, probs(), probs(), probs(), rng.random(n).astype(np.float32))
+    return CellsResult(provenance=Provenance(task="cells", slide="random"), nuclei=nuclei,
+                       types=types, slide_mpp=0.5, tissue_um2=side_um**2)  # fmt: skip
+
+
+def test_filtered_cells_are_not_drawn(make_napari_viewer):
+    """napari 0.9 draws a 2D layer's points whatever ``shown`` says: hidden cells go transparent."""
+    from qtpy.QtCore import Qt
+
+    from histoscope._widgets.cells import CellsWidget
+
+    widget = CellsWidget(make_napari_viewer())
+    res = _random_cells(400)
+    widget._show(res)
+    layer = widget.layer()
+    pred = res.calls()["pred"]
+    widget.legend.item(1).setCheckState(Qt.Unchecked)
+    np.testing.assert_array_equal(layer.shown, pred != 1)
+    np.testing.assert_array_equal(layer.face_color[:, 3], (pred != 1).astype(np.float32))
+    widget.color_by.setCurrentIndex(1)  # a new colour keeps them hidden, the rim too
+    np.testing.assert_array_equal(layer.face_color[:, 3], (pred != 1).astype(np.float32))
+    np.testing.assert_array_equal(layer.border_color[:, 3], (pred != 1).astype(np.float32))
+    widget.legend.item(1).setCheckState(Qt.Checked)
+    assert (layer.face_color[:, 3] == 1).all()
+
+
+def test_many_cells_draw_an_overview_far_out_and_the_cells_in_view_near(
+    make_napari_viewer, monkeypatch, qtbot
+):
+    from napari.utils.colormaps import ensure_colormap
+    from qtpy.QtCore import Qt
+
+    import histoscope._widgets.cells as cells_mod
+
+    monkeypatch.setattr(cells_mod, "POINTS_MAX", 300)
+    viewer = make_napari_viewer()
+    widget = cells_mod.CellsWidget(viewer)
+    side = 4000.0
+    camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera
+    camera.center, camera.zoom = (side / 2, side / 2), min(viewer.canvas.size) / side
+    res = _random_cells(3000, side)
+    widget._show(res)
+    table, ov = widget.layer(), widget.overview()
+    # the cells layer holds every cell (features, for the session and export) but is not drawn
+    assert len(table.data) == 3000 and len(table.features) == 3000 and not table.visible
+    assert ov is not None and ov.visible and ov.multiscale and widget._far
+    assert widget.drawn() is None  # the points layer comes when there are points to draw
+    # each cell paints its pixel of the finest level in its class colour (not an RGB layer:
+    # the panels offer those as slides)
+    grid, top = widget._grid, ov.data[0]
+    assert not ov.rgb and widget.layer_combo.count() == 0
+    i = 7
+    code = top[grid.iy[i], grid.ix[i]]
+    want = res.palette()[res.calls()["pred"][i]] / 255
+    np.testing.assert_allclose(ov.colormap.colors[code, :3], want, atol=1e-6)
+    assert ov.colormap.colors[0, 3] == 0 and ov.contrast_limits == [0, 255]
+    assert max(ov.data[-1].shape[:2]) <= 512 and len(ov.data) > 1
+    # zoomed in: the kept cells in the view's window as points, with their rows of the table
+    camera.zoom *= 8
+    qtbot.waitUntil(lambda: not widget._far, timeout=5000)
+    drawn = widget.drawn()
+    idx = widget._drawn_idx
+    assert 0 < len(drawn.data) == len(idx) <= 300 and not ov.visible
+    np.testing.assert_allclose(drawn.data, widget._coords[idx])
+    np.testing.assert_array_equal(drawn.features["gate"], res.types.g[idx])
+    # untick a class: gone from the points and the overview
+    pred = res.calls()["pred"]
+    widget.legend.item(0).setCheckState(Qt.Unchecked)
+    assert not (pred[widget._drawn_idx] == 0).any() and len(widget._drawn_idx)
+    assert not table.shown[pred == 0].any()
+    kept_px = set(zip(grid.iy[pred != 0].tolist(), grid.ix[pred != 0].tolist(), strict=True))
+    alone = [j for j in np.flatnonzero(pred == 0) if (grid.iy[j], grid.ix[j]) not in kept_px]
+    assert len(alone) > 100 and not widget.overview().data[0][grid.iy[alone], grid.ix[alone]].any()
+    # colour by gate: the drawn points and the overview follow
+    widget.color_by.setCurrentIndex(1)
+    want = ensure_colormap("viridis").map(res.types.g[widget._drawn_idx])
+    np.testing.assert_allclose(widget.drawn().face_color, want, atol=1e-6)
+    ov = widget.overview()
+    j = int(np.flatnonzero(pred != 0)[0])
+    got = ov.colormap.colors[ov.data[0][grid.iy[j], grid.ix[j]]]
+    np.testing.assert_allclose(got, ensure_colormap("viridis").map([res.types.g[j]])[0], atol=0.01)
+    # far out again: the overview
+    camera.zoom /= 8
+    qtbot.waitUntil(lambda: widget._far, timeout=5000)
+    assert widget.overview().visible and len(widget.drawn().data) == 0
+    # a new result (a live update, a rerun) keeps the layers that draw the cells
+    drawn, ov = widget.drawn(), widget.overview()
+    widget._show(_random_cells(2500, side, seed=1))
+    assert widget.drawn() is drawn and widget.overview() is ov and len(widget.layer().data) == 2500
+    # removing the cells layer removes what drew its cells
+    viewer.layers.remove(cells_mod.LAYER_NAME)
+    assert (
+        cells_mod.DRAWN_NAME not in viewer.layers and cells_mod.OVERVIEW_NAME not in viewer.layers
+    )

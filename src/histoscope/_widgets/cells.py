@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from typing import TYPE_CHECKING
 
 import numpy as np
-from qtpy.QtCore import Qt
+from qtpy.QtCore import Qt, QTimer
 from qtpy.QtGui import QColor, QIcon, QImage, QPixmap
 from qtpy.QtWidgets import (
     QCheckBox,
@@ -20,6 +21,16 @@ from qtpy.QtWidgets import (
     QPushButton,
 )
 
+from histoscope._widgets._cell_overview import (
+    POINTS_MAX,
+    OverviewGrid,
+    class_codes,
+    code_colormap,
+    in_box,
+    overview_um,
+    value_codes,
+    view_box,
+)
 from histoscope._widgets._common import (
     CheckpointPicker,
     RGBLayerCombo,
@@ -32,6 +43,12 @@ if TYPE_CHECKING:
 
 DEFAULT_CHECKPOINT = "nuclass_default.safetensors"
 LAYER_NAME = "cells"
+#: Above POINTS_MAX cells: the cells in view as points, and as an image far out (not saved
+#: with the session: the ``cells`` layer holds them all).
+DRAWN_NAME = "cells in view"
+OVERVIEW_NAME = "cells overview"
+#: White rim (µm) round points coloured by a value, so dark values stay visible on nuclei.
+RIM_UM = 0.15
 OUTLINES_NAME = "nucleus outlines"
 #: Where to look for cells.
 SCOPES = ("view first, then the whole slide", "the view only", "the drawn region",
@@ -44,6 +61,12 @@ VALUE_CMAP = "viridis"
 LIVE_MAX_CELLS = 150_000
 #: A live update may keep the GUI busy at most this fraction of the time.
 LIVE_BUSY = 0.2
+#: Milliseconds the camera rests before the window of drawn points follows it.
+VIEW_REST_MS = 100
+
+
+def _camera(viewer):
+    return viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera
 
 
 def _swatch(rgb) -> QIcon:
@@ -144,6 +167,19 @@ class CellsWidget(TaskWidget):
         layout.addLayout(crop_row)
         layout.addWidget(self.explained)
 
+        self._keep = self._coords = self._features = self._drawn_idx = None
+        self._grid = None
+        self._rim = self._far = self._replacing = False
+        # many cells: the window of drawn points follows the camera once it rests
+        self._view_timer = QTimer(self)
+        self._view_timer.setSingleShot(True)
+        self._view_timer.setInterval(VIEW_REST_MS)
+        self._view_timer.timeout.connect(self._draw)
+        camera = _camera(napari_viewer)
+        camera.events.zoom.connect(self._camera_moved)
+        camera.events.center.connect(self._camera_moved)
+        napari_viewer.layers.events.removed.connect(self._layer_removed)
+
     # ----------------------------------------------------------------- running
     def params(self):
         """:class:`~histoscope.tasks.cells.CellsParams` from the form."""
@@ -224,36 +260,53 @@ class CellsWidget(TaskWidget):
         self.status.setText(f"{s['n_cells']:,} cells{part}{dens}.")
 
     def _show(self, result) -> None:
-        """Put ``result`` on the canvas (in place when the layer exists) and fill the legend."""
-        self.result = result
+        """Put ``result`` on the canvas (in place when the layer exists) and fill the legend.
+
+        Colours, rim and filter are worked out first and go into the layer in
+        one step: each change napari sees re-sends every drawn point to the
+        canvas. Above :data:`POINTS_MAX` cells the ``cells`` layer holds the
+        whole table but is not drawn; the panel draws the cells in view
+        (:meth:`_draw`).
+        """
+        self.result, self._drawn_idx, self._grid = result, None, None
         data, kwargs, kind = result.to_layers(LAYER_NAME)[0]
-        layer = self.viewer.layers[LAYER_NAME] if LAYER_NAME in self.viewer.layers else None
-        fresh = layer is None
-        if fresh:
-            self.replace_layer(data, kwargs, kind)  # drawn with the class colours already
-            self._rim = False
-        else:
-            layer.data = data
-            layer.features = kwargs["features"]
-            layer.metadata.update(kwargs["metadata"])
-            layer.shown = np.ones(len(data), bool)  # filters are applied again below
+        self._coords, self._features = data, kwargs["features"]
+        self._fill_legend(result, kwargs["metadata"]["summary"])
+        self._keep = self._filter_mask()
+        self._rim = self.color_by.currentIndex() != 0 and result.types is not None
+        self.scale.setText(self._scale_text())
         self.trained_on.setText(
             f"<i>Typing model: {result.trained_on}. Cell types on tissue unlike that are "
             "guesses.</i>" if result.trained_on else "")  # fmt: skip
-        self._fill_legend(result)
-        if fresh and self.color_by.currentIndex() == 0:
-            self.apply_filters()  # each colour change re-sends every point: only when needed
+        big = result.n_cells > POINTS_MAX
+        layer = self.layer()
+        if not big and layer is not None and len(layer.data) <= POINTS_MAX:
+            layer.data = data  # a live update: the layer and its settings stay
+            layer.features = kwargs["features"]
+            layer.metadata.update(kwargs["metadata"])
+            self._draw()
+            return
+        if big:  # the whole table, in class colours, not drawn (a million points take seconds)
+            kwargs.update(visible=False, shown=self._keep)
         else:
-            self.recolour()
+            kwargs.update(self._looks(np.arange(result.n_cells)), shown=self._keep)
+        self._replacing = True  # what draws the cells stays: it is updated below
+        try:
+            self._drop(LAYER_NAME)
+        finally:
+            self._replacing = False
+        self._draw()  # first: the cells layer goes on top, selected
+        self.replace_layer(data, kwargs, kind)
+        if not big:
+            self._drop(DRAWN_NAME, OVERVIEW_NAME)
 
-    def _fill_legend(self, result) -> None:
+    def _fill_legend(self, result, summary) -> None:
         hidden = {self.legend.item(i).data(Qt.UserRole) for i in range(self.legend.count())
                   if self.legend.item(i).checkState() != Qt.Checked}  # fmt: skip
-        s = result.summary()
         self.legend.blockSignals(True)
         self.legend.clear()
         for name, rgb in zip(result.classes, result.palette(), strict=True):
-            c = s["classes"][name]
+            c = summary["classes"][name]
             item = QListWidgetItem(
                 _swatch(rgb), f"{name}: {c['count']:,} ({100 * c['fraction']:.1f} %)"
             )
@@ -267,47 +320,195 @@ class CellsWidget(TaskWidget):
     def layer(self):
         return self.viewer.layers[LAYER_NAME] if LAYER_NAME in self.viewer.layers else None
 
-    def recolour(self) -> None:
-        """Colour the points by class, gate weight or confidence."""
-        layer, result = self.layer(), self.result
-        if layer is None or result is None or len(layer.data) != result.n_cells:
-            return
-        mode = self.color_by.currentIndex()
-        if mode == 0 or result.types is None:
-            if getattr(self, "_rim", False):
-                layer.border_width = 0
-                self._rim = False
-            layer.face_color = result.rgba()
-            self.scale.setText("")
-        else:
-            from napari.utils.colormaps import ensure_colormap
+    def overview(self):
+        """The image of the cells drawn far out (above :data:`POINTS_MAX` cells), or None."""
+        return self.viewer.layers[OVERVIEW_NAME] if OVERVIEW_NAME in self.viewer.layers else None
 
-            values = result.types.g if mode == 1 else result.types.confidence
-            if not getattr(self, "_rim", False):  # a white rim: dark values stay visible
-                layer.border_color = "white"
-                layer.border_width = 0.15
-                self._rim = True
-            layer.face_color = ensure_colormap(VALUE_CMAP).map(np.asarray(values, np.float32))
-            what = "g" if mode == 1 else "confidence"
-            self.scale.setText(f"{VALUE_CMAP}: dark purple = {what} 0 … green … yellow = 1")
-        self.apply_filters()
+    def drawn(self):
+        """The layer the cells are drawn in: ``cells`` itself, or the cells in view when many."""
+        name = DRAWN_NAME if self.result is not None and self._big() else LAYER_NAME
+        return self.viewer.layers[name] if name in self.viewer.layers else None
+
+    def _big(self) -> bool:
+        return self.result.n_cells > POINTS_MAX
+
+    def _drop(self, *names: str) -> None:
+        for name in names:
+            if name in self.viewer.layers:
+                self.viewer.layers.remove(name)
+
+    def _ready(self) -> bool:
+        layer, result = self.layer(), self.result
+        return layer is not None and result is not None and len(layer.data) == result.n_cells
+
+    def _colors(self, idx: np.ndarray) -> np.ndarray:
+        """``(len(idx), 4)`` float32 colours of cells ``idx``: by class, gate weight or confidence.
+
+        Only the cells drawn as points: a colour map over a million values
+        alone takes about a second.
+        """
+        result, mode = self.result, self.color_by.currentIndex()
+        if mode == 0 or result.types is None:
+            from histoscope.tasks.cells import UNTYPED
+
+            lut = np.ones((len(result.classes) + 1, 4), np.float32)
+            lut[:, :3] = np.concatenate([result.palette(), [UNTYPED]]) / 255.0
+            return lut[result.class_index()[idx]]  # -1 (untyped) picks the last row
+        from napari.utils.colormaps import ensure_colormap
+
+        values = result.types.g if mode == 1 else result.calls()["confidence"]
+        return np.asarray(ensure_colormap(VALUE_CMAP).map(np.asarray(values[idx], np.float32)),
+                          np.float32)  # fmt: skip
+
+    def _scale_text(self) -> str:
+        mode = self.color_by.currentIndex()
+        if mode == 0 or self.result is None or self.result.types is None:
+            return ""
+        what = "g" if mode == 1 else "confidence"
+        return f"{VALUE_CMAP}: dark purple = {what} 0 … green … yellow = 1"
+
+    def _looks(self, idx: np.ndarray) -> dict:
+        """Face and rim colours of cells ``idx`` as drawn: a filtered-out cell is transparent.
+
+        (napari 0.9 draws a 2D layer's points whatever ``shown`` says, so
+        ``shown`` alone would hide nothing.)
+        """
+        keep = self._keep[idx]
+        face = self._colors(idx)
+        face[~keep, 3] = 0
+        rim = np.zeros((len(idx), 4), np.float32)
+        if self._rim:  # a white rim: dark values stay visible
+            rim[keep] = 1.0
+        return {"face_color": face, "border_color": rim,
+                "border_width": RIM_UM if self._rim else 0}  # fmt: skip
+
+    def recolour(self) -> None:
+        """Colour the drawn cells (and the overview) by class, gate weight or confidence."""
+        if not self._ready():
+            return
+        self._rim = self.color_by.currentIndex() != 0 and self.result.types is not None
+        self.scale.setText(self._scale_text())
+        self._draw(recolour=True)
+
+    def _filter_mask(self) -> np.ndarray:
+        """The cells the filters keep: ticked classes, above the confidence floor, disagreeing."""
+        result = self.result
+        if result.types is None:
+            return np.ones(result.n_cells, bool)
+        c = result.calls()
+        ticked = np.array([self.legend.item(i).checkState() == Qt.Checked
+                           for i in range(self.legend.count())] or [True] * len(result.classes))  # fmt: skip
+        keep = ticked[c["pred"]] if result.n_cells else np.zeros(0, bool)
+        keep &= c["confidence"] >= self.min_conf.value()
+        if self.disagree.isChecked():
+            keep &= c["disagree"]
+        return keep
 
     def apply_filters(self) -> None:
         """Show only the ticked classes, above the confidence floor, optionally disagreeing."""
-        layer, result = self.layer(), self.result
-        if layer is None or result is None or result.types is None:
+        if not self._ready() or self.result.types is None:
             return
-        if len(layer.data) != result.n_cells:
+        keep = self._filter_mask()
+        if np.array_equal(keep, self._keep):
             return
-        t = result.types
-        ticked = np.array([self.legend.item(i).checkState() == Qt.Checked
-                           for i in range(self.legend.count())] or [True] * len(result.classes))  # fmt: skip
-        shown = ticked[np.asarray(t.pred)] if result.n_cells else np.zeros(0, bool)
-        shown &= np.asarray(t.confidence) >= self.min_conf.value()
-        if self.disagree.isChecked():
-            shown &= np.asarray(t.local_pred) != np.asarray(t.global_pred)
-        if not np.array_equal(layer.shown, shown):  # each change re-sends every point to vispy
-            layer.shown = shown
+        self._keep = keep
+        self.layer().shown = keep  # the table's record of the filter (not drawn when big)
+        self._draw(recolour=True)
+
+    def _window(self) -> np.ndarray | None:
+        """Indices of the kept cells in the view's window; None when more than POINTS_MAX."""
+        idx = np.flatnonzero(self._keep & in_box(self._coords, view_box(self.viewer)))
+        return None if len(idx) > POINTS_MAX else idx
+
+    def _draw(self, recolour: bool = False) -> None:
+        """Draw the cells: all of them when few, else those in view or the overview image."""
+        self._view_timer.stop()
+        if self.result is None:
+            return
+        if not self._big():
+            layer = self.layer()
+            if layer is not None and len(layer.data) == self.result.n_cells:
+                self._paint(layer, self._looks(np.arange(self.result.n_cells)))
+                if not np.array_equal(layer.shown, self._keep):
+                    layer.shown = self._keep
+            return
+        if recolour or self.overview() is None:
+            self._draw_overview()
+        idx = self._window()
+        self._far = idx is None
+        self.overview().visible = self._far
+        if self._far:
+            idx = np.zeros(0, np.int64)
+        drawn = self.viewer.layers[DRAWN_NAME] if DRAWN_NAME in self.viewer.layers else None
+        same = self._drawn_idx is not None and np.array_equal(idx, self._drawn_idx)
+        if same and not recolour and (drawn is not None or not len(idx)):
+            return
+        self._drawn_idx = idx
+        looks = self._looks(idx) if len(idx) else {}  # (napari refuses no colours for none)
+        feats = self._features.iloc[idx].reset_index(drop=True)
+        if drawn is None and not len(idx):
+            return  # made when there are cells to draw as points
+        if drawn is None:
+            from histoscope.tasks.cells import POINT_UM
+
+            self.viewer.add_points(self._coords[idx], name=DRAWN_NAME, features=feats,
+                                   size=POINT_UM, units=("um", "um"), **looks,
+                                   metadata={"histoscope_task": "cells in view"})  # fmt: skip
+            return
+        drawn.data = self._coords[idx]
+        drawn.features = feats
+        if looks:
+            self._paint(drawn, looks)
+
+    def _paint(self, layer, looks: dict) -> None:
+        """Set :meth:`_looks` on ``layer``; each setting re-sends its points, so only the rim
+        when there is one (or was)."""
+        layer.face_color = looks["face_color"]
+        if self._rim or layer.border_width.any():
+            layer.border_color = looks["border_color"]
+            layer.border_width = looks["border_width"]
+
+    def _camera_moved(self, _event=None) -> None:
+        if self.result is not None and self._big():
+            self._view_timer.start()  # once the camera rests
+
+    def _layer_removed(self, event) -> None:
+        if self._replacing:
+            return
+        if getattr(event, "value", None) is not None and event.value.name == LAYER_NAME:
+            self._drop(DRAWN_NAME, OVERVIEW_NAME)  # they draw the cells layer's cells
+
+    def _draw_overview(self) -> None:
+        """Draw the kept cells into the overview image, coloured as the points are."""
+        result, mode, ov = self.result, self.color_by.currentIndex(), self.overview()
+        if mode == 0 or result.types is None:
+            from histoscope.tasks.cells import UNTYPED
+
+            k = len(result.classes)
+            codes = class_codes(result.class_index(), k)
+            lut = np.concatenate([result.palette(), [UNTYPED]]) / 255.0
+            lut = np.concatenate([lut, np.ones((k + 1, 1))], axis=1)
+        else:
+            from napari.utils.colormaps import ensure_colormap
+
+            values = result.types.g if mode == 1 else result.calls()["confidence"]
+            codes = value_codes(values)
+            lut = ensure_colormap(VALUE_CMAP).map(np.linspace(0, 1, 255))
+        name = f"histoscope cells {hashlib.sha1(np.asarray(lut, np.float32).tobytes()).hexdigest()[:8]}"
+        cmap = code_colormap(lut, name)
+        if self._grid is None:
+            self._grid = OverviewGrid(self._coords, overview_um(self._coords))
+        um = self._grid.um
+        levels = self._grid.levels(codes, self._keep)
+        if ov is not None and [a.shape for a in ov.data] == [a.shape for a in levels]:
+            ov.colormap = cmap
+            ov.data = levels
+            return
+        self._drop(OVERVIEW_NAME)
+        self.viewer.add_image(levels, multiscale=True, name=OVERVIEW_NAME, colormap=cmap,
+                              contrast_limits=(0, 255), blending="translucent",
+                              scale=(um, um), translate=(um / 2, um / 2), units=("um", "um"),
+                              metadata={"histoscope_task": "cells overview"})  # fmt: skip
 
     def show_outlines(self):
         """Nucleus outlines of the cells in view as a labels layer."""
@@ -340,7 +541,8 @@ class CellsWidget(TaskWidget):
     # ---------------------------------------------------------------- explain
     def _on_click(self, _viewer, event) -> None:
         active = self.viewer.layers.selection.active
-        if event.type == "mouse_press" and active is not None and active.name == LAYER_NAME:
+        clickable = (LAYER_NAME, DRAWN_NAME)
+        if event.type == "mouse_press" and active is not None and active.name in clickable:
             self.explain_at(*event.position[-2:])
 
     def explain_at(self, y_um: float, x_um: float):
@@ -356,16 +558,16 @@ class CellsWidget(TaskWidget):
             return None
         um = result.slide_mpp
         d2 = (result.nuclei.x * um - x_um) ** 2 + (result.nuclei.y * um - y_um) ** 2
-        layer = self.layer()
-        if layer is not None and len(layer.shown) == len(d2):
-            d2 = np.where(layer.shown, d2, np.inf)  # hidden cells cannot be clicked
+        keep = getattr(self, "_keep", None)
+        if keep is not None and len(keep) == len(d2):
+            d2 = np.where(keep, d2, np.inf)  # cells the filters hide cannot be clicked
         i = int(np.argmin(d2))
         if not d2[i] <= 15.0**2:
             self.status.setText("No shown cell within 15 µm of that point.")
             return None
         session, ckpt = self._session, getattr(self, "_checkpoint", None)
         x, y = float(result.nuclei.x[i]), float(result.nuclei.y[i])
-        shown_class = int(result.types.pred[i])
+        shown_class = int(result.calls()["pred"][i])
         organ = (result.provenance.params or {}).get("organ", "unknown")
 
         def work():
