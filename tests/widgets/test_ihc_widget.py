@@ -173,14 +173,42 @@ def test_legend_gives_each_score_its_points_colour_and_share(viewer, qtbot):
     qtbot.waitUntil(lambda: widget.worker is None, timeout=120_000)
     points = viewer.layers["IHC cells (IHC (scikit-image))"]
     text = widget.breakdown.text()
-    shown = re.findall(r"color:#([0-9a-f]{6}).*?&#9679;</span>&nbsp;([0-9+]+):&nbsp;(\d+) %", text)
+    shown = re.findall(r"color:#([0-9a-f]{6}).*?&#9675;</span>&nbsp;([0-9+]+):&nbsp;(\d+) %", text)
     assert [k for _, k, _ in shown] == ["0", "1+", "2+", "3+"]
     scores = np.asarray(points.features["score"])
     for score, (hex_, _, pct) in enumerate(shown):
         rgb = np.array([int(hex_[i : i + 2], 16) for i in (0, 2, 4)]) / 255
         if (scores == score).any():  # the swatch is the colour of that score's points
-            np.testing.assert_allclose(points.face_color[scores == score][0][:3], rgb, atol=0.01)
+            np.testing.assert_allclose(points.border_color[scores == score][0][:3], rgb, atol=0.01)
         assert abs(int(pct) - 100 * (scores == score).mean()) <= 1
     widget.run()  # a new measurement: the shares are cleared, the colours stay
-    assert "%" not in widget.breakdown.text() and "&#9679;" in widget.breakdown.text()
+    assert "%" not in widget.breakdown.text() and "&#9675;" in widget.breakdown.text()
     qtbot.waitUntil(lambda: widget.worker is None, timeout=120_000)
+
+
+def test_cells_are_hollow_rings_around_their_nuclei_and_the_measured_area_is_outlined(
+    viewer, qtbot
+):
+    from histoscope.tasks.ihc_measure import RING_MARGIN_UM
+
+    widget = IHCWidget(viewer)
+    widget.scope.setCurrentIndex(0)  # the visible region
+    image = viewer.layers["IHC (scikit-image)"]
+    viewer.scene.camera.center = (100, 100)
+    viewer.scene.camera.zoom = 6.0
+    assert widget.run() is not None
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=120_000)
+    points = viewer.layers["IHC cells (IHC (scikit-image))"]
+    assert len(points.data) > 0
+    assert (points.face_color[:, 3] == 0).all()  # hollow: the nucleus shows through
+    assert (points.border_color[:, 3] > 0).all() and (points.border_width > 0).all()
+    diameter = 2 * np.sqrt(np.asarray(points.features["area_um2"]) / np.pi)
+    np.testing.assert_allclose(points.size, diameter + RING_MARGIN_UM, rtol=1e-5)
+    box = viewer.layers["IHC measured region (IHC (scikit-image))"]
+    assert box.shape_type == ["rectangle"] and box.face_color[0][3] == 0
+    (y0, x0), (y1, x1) = box.data[0].min(axis=0), box.data[0].max(axis=0)
+    h, w = np.asarray(image.data.shape[:2]) * image.scale[-2:]
+    assert 0 <= y0 < y1 <= h and 0 <= x0 < x1 <= w and (y1 - y0) * (x1 - x0) < h * w  # the view
+    inside = ((points.data[:, 0] >= y0) & (points.data[:, 0] <= y1)
+              & (points.data[:, 1] >= x0) & (points.data[:, 1] <= x1))  # fmt: skip
+    assert inside.all()  # every measured cell lies in the outlined area

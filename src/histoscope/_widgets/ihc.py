@@ -16,10 +16,12 @@ if TYPE_CHECKING:
 
 _SUMMARY = ("n_cells", "percent_positive", "h_score", "allred", "intensity", "quantity", "location")
 WHOLE = "whole tissue"
+#: Colour of the outline around the measured area (cyan: visible on H-DAB).
+MEASURED_EDGE = "#00e5ff"
 
 
 def score_legend(percent: dict | None = None) -> str:
-    """Rich text: each score's colour as the cell points show it, with its share of the cells.
+    """Rich text: each score's colour as the cell rings show it, with its share of the cells.
 
     ``percent``: the summary's ``percent_by_score`` (``None``: the colours only, "–").
     """
@@ -30,7 +32,7 @@ def score_legend(percent: dict | None = None) -> str:
         hex_ = "#" + "".join(f"{round(255 * v):02x}" for v in rgba[:3])
         v = (percent or {}).get(name)
         share = "–" if v is None else f"{v:.0f} %"
-        items.append(f"<span style='color:{hex_}; font-size:large'>&#9679;</span>&nbsp;"
+        items.append(f"<span style='color:{hex_}; font-size:large'>&#9675;</span>&nbsp;"
                      f"{name}:&nbsp;{share}")  # fmt: skip
     return " &nbsp; ".join(items)
 
@@ -174,9 +176,34 @@ class IHCWidget(TaskWidget):
             self.status.setText(str(exc))
             return None
         self._in_view = visible
+        w, h = session.slide.dimensions
+        self._measured = (region or (0, 0, w, h), tuple(layer.scale[-2:]), layer.name)
         self._clear_numbers()
         job = Job("ihc", session, params=params, region=region)
         return self.run_tasks([job], text=f"Measuring {layer.name}…", on_result=self._show)
+
+    def _outline_measured(self, complete: bool = True) -> None:
+        """Outline the area that was measured (the view at Run, or the whole image).
+
+        A cancelled measurement covers only its finished tiles: no outline
+        (an earlier one of the same image is removed, it no longer applies).
+        """
+        measured = getattr(self, "_measured", None)
+        if measured is None:
+            return
+        (x, y, w, h), (sy, sx), image = measured
+        name = f"IHC measured region ({image})"
+        if not complete:
+            if name in self.viewer.layers:
+                self.viewer.layers.remove(name)
+            return
+        y0, x0, y1, x1 = y * sy, x * sx, (y + h) * sy, (x + w) * sx
+        box = np.array([[y0, x0], [y0, x1], [y1, x1], [y1, x0]], float)
+        kwargs = {"name": name, "shape_type": "rectangle",
+                  "face_color": "transparent", "edge_color": MEASURED_EDGE,
+                  "edge_width": max(1.0, 0.004 * max(y1 - y0, x1 - x0)), "units": ("um", "um"),
+                  "metadata": {"histoscope_task": "ihc"}}  # fmt: skip
+        self.replace_layer([box], kwargs, "shapes")
 
     def _chosen_region(self):
         """``(name, region)`` of the Count-inside choice captured now, or ``None`` (whole tissue).
@@ -218,6 +245,7 @@ class IHCWidget(TaskWidget):
         self.breakdown.setText(score_legend(summary["percent_by_score"]))
         slide_name = Path(result.provenance.slide).name  # the image measured, not the box now
         self.replace_layer(*result.to_layers(name=f"IHC cells ({slide_name})")[0])
+        self._outline_measured(complete=not result.cancelled)
         denominator = summary["denominator"]
         if getattr(self, "_in_view", False):  # only the visible region was measured
             head, _, count = denominator.partition(" (n=")

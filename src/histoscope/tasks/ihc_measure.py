@@ -138,6 +138,11 @@ class IHCParams:
         object.__setattr__(self, "thresholds", t)
 
 
+#: µm added to a nucleus's equivalent diameter for its ring (the nucleus stays visible inside).
+RING_MARGIN_UM = 4.0
+#: Ring line width as a fraction of the ring's diameter.
+RING_WIDTH = 0.18
+
 CELL_COLUMNS = ("x_um", "y_um", "area_um2", "dab_nucleus", "dab_cytoplasm", "dab_membrane",
                 "dab_cell", "hematoxylin_nucleus", "score")  # fmt: skip
 
@@ -305,10 +310,16 @@ class IHCMeasurement(Result):
         return LOCATIONS[1 + int(np.argmax(votes))]
 
     def to_layers(self, name: str = "IHC cells") -> list[tuple[Any, dict[str, Any], str]]:
-        """One points layer at cell centroids (µm), coloured 0 / 1+ / 2+ / 3+."""
+        """One points layer at cell centroids (µm): hollow rings coloured 0 / 1+ / 2+ / 3+.
+
+        Each ring is a little wider than its nucleus (equivalent diameter +
+        :data:`RING_MARGIN_UM`), so the stained nucleus stays visible inside it.
+        """
         c = self.cells
         coords = np.stack([c["y_um"], c["x_um"]], axis=1) if self.n_cells else np.zeros((0, 2))
         colors = np.asarray(SCORE_COLORS)[c["score"]] if self.n_cells else np.zeros((0, 4))
+        diameter = 2 * np.sqrt(np.maximum(np.asarray(c["area_um2"], float), 0) / np.pi)
+        sizes = diameter + RING_MARGIN_UM if self.n_cells else 8.0
         features = {k: c[k] for k in CELL_COLUMNS if k not in ("x_um", "y_um")}
         if self.inside is not None:
             features["counted"] = self.inside
@@ -317,9 +328,10 @@ class IHCMeasurement(Result):
         kwargs = {
             "name": name,
             "features": features,
-            "face_color": colors,
-            "border_width": 0,
-            "size": 8.0,
+            "face_color": np.zeros((len(coords), 4)) if self.n_cells else "transparent",
+            "border_color": colors if self.n_cells else "white",
+            "border_width": RING_WIDTH,
+            "size": sizes,
             "units": ("um", "um"),
             "metadata": meta,
         }
