@@ -205,6 +205,9 @@ def test_cells_are_hollow_rings_around_their_nuclei_and_the_measured_area_is_out
     diameter = 2 * np.sqrt(np.asarray(points.features["area_um2"]) / np.pi)
     np.testing.assert_allclose(points.size, diameter + RING_MARGIN_UM, rtol=1e-5)
     box = viewer.layers["IHC measured region (IHC (scikit-image))"]
+    names = [ly.name for ly in viewer.layers]
+    assert names.index(box.name) < names.index(points.name)  # the rings stay on top
+    assert viewer.layers.selection.active is points
     assert box.shape_type == ["rectangle"] and box.face_color[0][3] == 0
     (y0, x0), (y1, x1) = box.data[0].min(axis=0), box.data[0].max(axis=0)
     h, w = np.asarray(image.data.shape[:2]) * image.scale[-2:]

@@ -177,12 +177,12 @@ class IHCWidget(TaskWidget):
             return None
         self._in_view = visible
         w, h = session.slide.dimensions
-        self._measured = (region or (0, 0, w, h), tuple(layer.scale[-2:]), layer.name)
+        self._measured = (region or (0, 0, w, h), tuple(layer.scale[-2:]))
         self._clear_numbers()
         job = Job("ihc", session, params=params, region=region)
         return self.run_tasks([job], text=f"Measuring {layer.name}…", on_result=self._show)
 
-    def _outline_measured(self, complete: bool = True) -> None:
+    def _outline_measured(self, slide_name: str, complete: bool = True) -> None:
         """Outline the area that was measured (the view at Run, or the whole image).
 
         A cancelled measurement covers only its finished tiles: no outline
@@ -191,8 +191,8 @@ class IHCWidget(TaskWidget):
         measured = getattr(self, "_measured", None)
         if measured is None:
             return
-        (x, y, w, h), (sy, sx), image = measured
-        name = f"IHC measured region ({image})"
+        (x, y, w, h), (sy, sx) = measured
+        name = f"IHC measured region ({slide_name})"
         if not complete:
             if name in self.viewer.layers:
                 self.viewer.layers.remove(name)
@@ -244,8 +244,8 @@ class IHCWidget(TaskWidget):
                 label.setText("– (no DAB)")
         self.breakdown.setText(score_legend(summary["percent_by_score"]))
         slide_name = Path(result.provenance.slide).name  # the image measured, not the box now
+        self._outline_measured(slide_name, complete=not result.cancelled)  # under the cells
         self.replace_layer(*result.to_layers(name=f"IHC cells ({slide_name})")[0])
-        self._outline_measured(complete=not result.cancelled)
         denominator = summary["denominator"]
         if getattr(self, "_in_view", False):  # only the visible region was measured
             head, _, count = denominator.partition(" (n=")

@@ -141,7 +141,7 @@ class IHCParams:
 #: µm added to a nucleus's equivalent diameter for its ring (the nucleus stays visible inside).
 RING_MARGIN_UM = 4.0
 #: Ring line width as a fraction of the ring's diameter.
-RING_WIDTH = 0.18
+RING_WIDTH = 0.1
 
 CELL_COLUMNS = ("x_um", "y_um", "area_um2", "dab_nucleus", "dab_cytoplasm", "dab_membrane",
                 "dab_cell", "hematoxylin_nucleus", "score")  # fmt: skip
