@@ -211,3 +211,53 @@ def test_stain_shifted_bags_restain_the_tiles_once_per_slide(tmp_path, dataset):
         assert np.abs(a.features - b.features).max() > 1e-3  # the stain changed the features
         np.testing.assert_allclose(b.features, c.features, rtol=1e-5, atol=1e-6)  # same shift
     assert len({p.parent.name for p in tmp_path.glob("*/*.h5")}) == 2
+
+
+def test_max_branch_adds_the_best_tile_to_the_attention_logit():
+    from histoscope.models.clam import CLAM, build_mil
+
+    torch.manual_seed(0)
+    model = build_mil({"variant": "sb", "in_dim": 6, "hidden": 8, "attn_hidden": 4,
+                       "k_sample": 2, "max_branch": True}).eval()  # fmt: skip
+    h = torch.randn(2, 9, 6)
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[1, 5:] = False
+    out = model(h, mask)
+    tiles = model.tile_scorer(model.fc(h))[..., 0]
+    assert torch.isinf(out["tile_scores"][1, 5:]).all()
+    assert torch.allclose(
+        out["max_logits"][:, 1], torch.stack([tiles[0].max(), tiles[1, :5].max()])
+    )
+    assert torch.equal(out["max_logits"][:, 0], torch.zeros(2))
+    assert torch.allclose(out["logits"], out["attention_logits"] + out["max_logits"])
+    # padding changes nothing: the short bag alone gives the same slide logits
+    alone = model(h[1, :5])
+    assert torch.allclose(alone["logits"][0], out["logits"][1], atol=1e-6)
+    loss, parts = model.loss(h, torch.tensor([0, 1]), mask)
+    assert loss.requires_grad and set(parts) == {"bag", "instance"}
+    loss.backward()
+    assert model.tile_scorer.weight.grad.abs().sum() > 0
+    # the config round-trips; a config without the key is CLAM as before (no tile scorer)
+    again = CLAM.from_config(model.config)
+    assert again.max_branch and again.config == model.config
+    plain = build_mil({"variant": "sb", "in_dim": 6, "hidden": 8, "attn_hidden": 4})
+    assert "max_branch" not in plain.config and not hasattr(plain, "tile_scorer")
+    assert "attention_logits" not in plain(h[0])
+    with pytest.raises(ValueError, match="two classes"):
+        build_mil({"variant": "sb", "in_dim": 6, "n_classes": 3, "max_branch": True})
+
+
+def test_extra_train_folders_join_the_training_split(tmp_path, dataset):
+    from histoscope.checkpoints import read_card
+    from histoscope.training import run
+
+    r = recipe(dataset, tmp_path / "run", epochs=1)
+    r["data"]["extra_train"] = [str(dataset)]
+    r["eval"] = {"baseline": False, "stain_shift": False}
+    card = read_card(run(r)["checkpoint"])
+    names = json.loads((dataset / "manifest.json").read_text())["slides"]
+    own = [x["name"] for x in names if x["split"] == "train"]
+    # the folder's own train split first, then every slide of the extra folder, in order
+    assert card.data["slides"]["train"] == own + [x["name"] for x in names]
+    assert card.data["extra_train"] == [str(dataset)]
+    assert settings({"data": {"path": "x"}})["data"]["extra_train"] == []

@@ -11,6 +11,14 @@ class) are trained on the ``k`` most and least attended tiles of each bag as
 pseudo-labelled positives and negatives; the training loss is
 ``bag_weight * bag CE + (1 - bag_weight) * instance loss``.
 
+With ``max_branch`` (off by default; CLAM has no such branch) a linear tile
+scorer reads every projected tile and its highest score over the bag is added
+to the tumour-vs-normal logit of the attention head, so one strongly tumour-like
+tile can carry the slide without the softmax diluting it among a hundred others
+(max-instance MIL). The bag loss then averages the cross-entropies of the
+combined logits, of the attention head alone and of the max branch alone, so
+each branch is trained to decide by itself too.
+
 :class:`MeanPoolMIL` has the same interface with uniform weights instead of
 attention, for comparison. Both return a dict with ``logits (B, C)``,
 ``attention (B, K, N)`` (weights summing to 1 over the valid tiles of each
@@ -154,6 +162,9 @@ class CLAM(_MILBase):
     subtyping
         Also push the top-``k`` tiles of the other classes' branches to
         "negative" (CLAM's subtyping mode for mutually exclusive classes).
+    max_branch
+        Add the max-instance branch (two classes only): the slide's last-class
+        logit gains the highest tile score of a ``Linear(hidden, 1)`` scorer.
     """
 
     def __init__(
@@ -168,8 +179,11 @@ class CLAM(_MILBase):
         instance_loss: str = "svm",
         bag_weight: float = 0.7,
         subtyping: bool = False,
+        max_branch: bool = False,
     ) -> None:
         super().__init__(in_dim, n_classes, hidden, dropout)
+        if max_branch and self.n_classes != 2:
+            raise ValueError(f"max_branch needs two classes, got n_classes={n_classes}")
         if instance_loss not in INSTANCE_LOSSES:
             raise ValueError(
                 f"instance_loss must be one of {INSTANCE_LOSSES}, got {instance_loss!r}"
@@ -191,6 +205,9 @@ class CLAM(_MILBase):
         )
         self.k_sample, self.instance_loss_name = int(k_sample), instance_loss
         self.bag_weight, self.subtyping = float(bag_weight), bool(subtyping)
+        self.max_branch = bool(max_branch)
+        if self.max_branch:
+            self.tile_scorer = nn.Linear(self.hidden, 1)
         self.config = {
             "variant": self.variant,
             "in_dim": self.in_dim,
@@ -203,6 +220,8 @@ class CLAM(_MILBase):
             "bag_weight": self.bag_weight,
             "subtyping": self.subtyping,
         }
+        if self.max_branch:  # only then, so older cards and readers see the config they know
+            self.config["max_branch"] = True
 
     def embed(
         self, h: torch.Tensor, mask: torch.Tensor | None = None
@@ -230,7 +249,10 @@ class CLAM(_MILBase):
         -------
         dict
             ``logits (B, C)``, ``attention (B, K, N)``, ``scores (B, K, N)``,
-            ``pooled (B, K, hidden)``.
+            ``pooled (B, K, hidden)``; with ``max_branch`` also
+            ``attention_logits`` and ``max_logits`` ``(B, C)`` (the two
+            branches alone; ``logits`` is their sum) and ``tile_scores (B, N)``
+            (``-inf`` on padding).
         """
         z, scores, mask = self.embed(h, mask)
         return self._head(z, scores, mask)
@@ -244,7 +266,16 @@ class CLAM(_MILBase):
             logits = torch.cat([c(pooled[:, i]) for i, c in enumerate(self.classifiers)], dim=1)
         else:
             logits = self.classifiers[0](pooled[:, 0])
-        return {"logits": logits, "attention": weights, "scores": scores, "pooled": pooled}
+        out = {"logits": logits, "attention": weights, "scores": scores, "pooled": pooled}
+        if self.max_branch:
+            tile = self.tile_scorer(z)[..., 0]  # (B, N)
+            if mask is not None:
+                tile = tile.masked_fill(~mask, float("-inf"))
+            top = tile.max(dim=1).values
+            max_logits = torch.stack([torch.zeros_like(top), top], dim=1)
+            out.update(logits=logits + max_logits, attention_logits=logits,
+                       max_logits=max_logits, tile_scores=tile)  # fmt: skip
+        return out
 
     def instance_targets(
         self, scores: torch.Tensor, n_valid: int, positive: bool
@@ -323,9 +354,12 @@ class CLAM(_MILBase):
             Scalar loss and ``{"bag", "instance"}`` as floats.
         """
         z, scores, mask = self.embed(h, mask)
-        logits = self._head(z, scores, mask)["logits"]
+        out = self._head(z, scores, mask)
         label = label.reshape(-1).long()
-        bag = F.cross_entropy(logits, label)
+        bag = F.cross_entropy(out["logits"], label)
+        if self.max_branch:
+            bag = (bag + F.cross_entropy(out["attention_logits"], label)
+                   + F.cross_entropy(out["max_logits"], label)) / 3.0  # fmt: skip
         inst = self.instance_loss(z, scores, label, mask)
         total = self.bag_weight * bag + (1.0 - self.bag_weight) * inst
         return total, {"bag": float(bag.detach()), "instance": float(inst.detach())}

@@ -8,10 +8,13 @@ Recipe sections (defaults in :data:`DEFAULTS`):
     missing); ``foci_path`` / ``foci_generate`` (``{count, size, seed, mpp}``):
     a held-out set of benign and small-focus slides
     (:func:`~histoscope.training.clam_data.write_foci_dataset`), or ``null``;
+    ``extra_train``: a list of further synth folders (e.g. ``histoscope synth
+    --tumour-extent focus`` / ``none``) whose slides, every split, join the
+    training split;
     ``cache`` (feature files, default ``<out>/features``); ``min_tissue``.
 ``model``
     ``variant`` (``sb`` or ``mb``), ``hidden``, ``attn_hidden``, ``dropout``,
-    ``k_sample``, ``instance_loss``, ``bag_weight``, ``subtyping`` of
+    ``k_sample``, ``instance_loss``, ``bag_weight``, ``subtyping``, ``max_branch`` of
     :class:`histoscope.models.clam.CLAM`, and ``features``: the frozen tile
     encoder, ``{checkpoint, backbone, backbone_kwargs, seed}``. When
     ``checkpoint`` (a tumour patch classifier, path or ``sample_data/`` name)
@@ -56,10 +59,10 @@ FAMILY = "clam"
 CLASSES = ("normal", "tumour")
 DEFAULTS: dict[str, dict[str, Any]] = {
     "data": {"path": None, "generate": None, "foci_path": None, "foci_generate": None,
-             "cache": None, "min_tissue": 0.5},
+             "extra_train": [], "cache": None, "min_tissue": 0.5},
     "model": {"variant": "sb", "hidden": 512, "attn_hidden": 256, "dropout": 0.25,
               "k_sample": 8, "instance_loss": "svm", "bag_weight": 0.7, "subtyping": False,
-              "features": {}},
+              "max_branch": False, "features": {}},
     "eval": {"baseline": True, "tumour_min": 0.5, "stain_shift": True, "shift_degrees": 12.0,
              "shift_amount": [1.45, 1.7], "seed": 0},
 }  # fmt: skip
@@ -252,7 +255,8 @@ def _build(cfg: Mapping[str, Any], in_dim: int, variant: str, seed: int) -> nn.M
 
     m = cfg["model"]
     keys = ("hidden", "dropout") if variant == "mean" else (
-        "hidden", "attn_hidden", "dropout", "k_sample", "instance_loss", "bag_weight", "subtyping")  # fmt: skip
+        "hidden", "attn_hidden", "dropout", "k_sample", "instance_loss", "bag_weight", "subtyping",
+        "max_branch")  # fmt: skip
     torch.manual_seed(seed)
     return build_mil({"variant": variant, "in_dim": in_dim, "n_classes": len(CLASSES),
                       **{k: m[k] for k in keys}})  # fmt: skip
@@ -303,6 +307,9 @@ def train(
     cache = Path(data["cache"] or out / "features")
     mt = float(data["min_tissue"])
     splits = {s: load_bags(root, s, fm, cache, min_tissue=mt) for s in ("train", "val", "test")}
+    extra = [Path(p) for p in data["extra_train"] or []]
+    for folder in extra:
+        splits["train"] += load_bags(folder, "all", fm, cache, min_tissue=mt)
     if ev["stain_shift"]:
         splits["test_stain_shifted"] = load_bags(root, "test", fm, cache, min_tissue=mt, shift=ev)
     if foci is not None:
@@ -334,6 +341,7 @@ def train(
         family=FAMILY, config=clam.config, classes=CLASSES, input_spec=fm.spec.to_dict(),
         recipe=dict(recipe),
         data={"path": str(root), "foci_path": str(foci) if foci else None, "min_tissue": mt,
+              "extra_train": [str(p) for p in extra],
               "features": fm.descriptor,
               "slides": {s: [b.name for b in bags] for s, bags in splits.items()}},
         metrics=_strip_per_slide(metrics),
