@@ -414,3 +414,16 @@ def test_closing_writes_a_failed_edit(
     viewer.close()
     assert failing_writes["calls"] == 2 and saver.error is None
     assert _saved_names(folder) == ["a", "b", "c"]
+
+
+def test_a_save_report_after_its_panel_is_closed_is_dropped(make_napari_viewer, slide_path, qtbot):
+    from PyQt6 import sip
+
+    from histoscope._widgets.tumour import TumourWidget
+
+    viewer = make_napari_viewer()
+    viewer.open(str(slide_path), plugin="napari-histoscope")
+    widget = TumourWidget(viewer)
+    widget.autosave.error = OSError("disk full")  # a problem to report
+    sip.delete(widget.status)  # the panel's label is gone (its dock closed)
+    widget._report_save("done")  # must not raise from a timer callback

@@ -763,10 +763,10 @@ class TaskWidget(Panel):
             if self.autosave.busy:  # the GUI thread never waits for the disk: look again soon
                 QTimer.singleShot(100, lambda: self._report_save(said))
                 return
-        except RuntimeError:  # the panel was closed meanwhile
+            problems = [f"Session NOT saved: {self.autosave.error}"] if self.autosave.error else []
+            self._save_problems(said, problems + list(self.autosave.notes))
+        except RuntimeError:  # the panel (its status label) was closed meanwhile
             return
-        problems = [f"Session NOT saved: {self.autosave.error}"] if self.autosave.error else []
-        self._save_problems(said, problems + list(self.autosave.notes))
 
     def _save_problems(self, said: str, problems: list[str]) -> None:
         if problems and self.status.text() == said:  # not if the line moved on meanwhile
