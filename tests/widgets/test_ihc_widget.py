@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from histoscope._widgets.ihc import IHCWidget
+from histoscope._widgets.ihc import IHC_OUTSIDE_TEXT, IHCWidget
 from tests.widgets._cancel import cancel_after_first_step
 
 
@@ -29,6 +29,11 @@ def test_measures_whole_image_into_points_and_numbers(viewer, qtbot):
     assert float(widget.numbers["h_score"].text()) > 0
     assert widget.numbers["location"].text() == "cytoplasmic/membranous"
     assert widget.run_button.isEnabled() and not widget.cancel_button.isEnabled()
+    # a real image, unlike the synthetic slides the learned detector was trained on: red line
+    assert widget.result.summary()["outside_training_data"] is True
+    flag = widget.controls.training_data_flag
+    assert flag.isVisibleTo(widget) and flag.text() == IHC_OUTSIDE_TEXT
+    assert "e04040" in flag.styleSheet() and "vs threshold" in flag.toolTip()
 
 
 def test_visible_region_measures_only_what_is_in_view(viewer, qtbot):
@@ -66,6 +71,10 @@ def test_cancel_stops_and_keeps_layers(viewer, qtbot):
     points = viewer.layers["IHC cells (big)"]
     assert len(points.data) == res.n_cells > 0
     assert [ly.name for ly in viewer.layers] == ["IHC (scikit-image)", "big", "IHC cells (big)"]
+    # a cancelled run is not judged: a grey line saying so, not the red one
+    flag = widget.controls.training_data_flag
+    assert flag.isVisibleTo(widget) and flag.text().startswith("Training-data check not done")
+    assert "e04040" not in flag.styleSheet()
 
 
 def test_an_image_without_dab_is_flagged_not_scored(make_napari_viewer, qtbot, tmp_path):

@@ -8,7 +8,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 from qtpy.QtWidgets import QComboBox, QDoubleSpinBox, QFormLayout, QHBoxLayout, QLabel
 
-from histoscope._widgets._common import RGBLayerCombo, TaskWidget, visible_region
+from histoscope._widgets._common import (
+    OUTSIDE_TRAINING_TEXT,
+    RGBLayerCombo,
+    TaskWidget,
+    show_training_data_flag,
+    visible_region,
+)
 from histoscope.tasks.ihc_measure import Compartment, IHCParams
 
 if TYPE_CHECKING:
@@ -18,6 +24,8 @@ _SUMMARY = ("n_cells", "percent_positive", "h_score", "allred", "intensity", "qu
 WHOLE = "whole tissue"
 #: Colour of the outline around the measured area (cyan: visible on H-DAB).
 MEASURED_EDGE = "#00e5ff"
+#: The red line under the status for a slide unlike the learned detector's training data.
+IHC_OUTSIDE_TEXT = "Outside training data: treat the cell counts as unreliable"
 
 
 def score_legend(percent: dict | None = None) -> str:
@@ -255,3 +263,6 @@ class IHCWidget(TaskWidget):
         if warning:
             text += f" <span style='color:#e0a030'>Warning: {warning}</span>"
         self.status.setText(text)
+        flag = show_training_data_flag(self.controls, summary)  # learned detection only
+        if flag.text() == OUTSIDE_TRAINING_TEXT:  # IHC counts cells; it makes no calls
+            flag.setText(IHC_OUTSIDE_TEXT)
