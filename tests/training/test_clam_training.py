@@ -261,3 +261,21 @@ def test_extra_train_folders_join_the_training_split(tmp_path, dataset):
     assert card.data["slides"]["train"] == own + [x["name"] for x in names]
     assert card.data["extra_train"] == [str(dataset)]
     assert settings({"data": {"path": "x"}})["data"]["extra_train"] == []
+
+
+def test_extra_train_folders_are_generated_as_synth_tumour_extent_makes_them(tmp_path):
+    from histoscope.synthetic.cli import seeds_with_extent
+    from histoscope.training._recipe import RecipeError
+    from histoscope.training.clam_data import ensure_dataset
+
+    gen = {"count": 2, "size": [512, 512], "seed": 48000, "mpp": 1.0, "tumour_extent": "focus"}
+    r = {"data": {"path": "x", "extra_train": [{"path": str(tmp_path / "f"), "generate": gen}]}}
+    entry = settings(r)["data"]["extra_train"][0]
+    root = ensure_dataset(entry["path"], entry["generate"])
+    manifest = json.loads((root / "manifest.json").read_text())
+    want = seeds_with_extent("he", "focus", 48000, 2, (512, 512), 1.0)
+    assert [x["seed"] for x in manifest["slides"]] == want
+    assert all(x["tumour_extent"] == "focus" for x in manifest["slides"])
+    for bad in ({"path": "y", "generate": {**gen, "colour": 1}}, {"generate": gen}, 3):
+        with pytest.raises(RecipeError, match="extra_train"):
+            settings({"data": {"path": "x", "extra_train": [bad]}})

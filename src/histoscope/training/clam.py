@@ -67,7 +67,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
              "shift_amount": [1.45, 1.7], "seed": 0},
 }  # fmt: skip
 FEATURE_KEYS = ("checkpoint", "backbone", "backbone_kwargs", "seed")
-GENERATE_KEYS = ("count", "size", "seed", "mpp", "fractions")
+GENERATE_KEYS = ("count", "size", "seed", "mpp", "fractions", "tumour_extent")
 
 
 def settings(recipe: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
@@ -90,6 +90,16 @@ def settings(recipe: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     for key in ("generate", "foci_generate"):
         if out["data"][key] is not None:
             check_keys(out["data"][key], GENERATE_KEYS, f"data.{key}")
+    for i, entry in enumerate(out["data"]["extra_train"] or []):
+        if isinstance(entry, Mapping):
+            check_keys(entry, ("path", "generate"), f"data.extra_train[{i}]")
+            if not entry.get("path"):
+                raise RecipeError(f"recipe key data.extra_train[{i}].path is required")
+            if entry.get("generate") is not None:
+                check_keys(entry["generate"], GENERATE_KEYS, f"data.extra_train[{i}].generate")
+        elif not isinstance(entry, str | os.PathLike):
+            raise RecipeError(f"recipe key data.extra_train[{i}] must be a folder or "
+                              f"{{path, generate}}, got {entry!r}")  # fmt: skip
     check_keys(out["model"]["features"], FEATURE_KEYS, "model.features")
     if out["model"]["variant"] not in ("sb", "mb"):
         raise RecipeError(f"recipe key model.variant must be 'sb' or 'mb', "
@@ -307,7 +317,8 @@ def train(
     cache = Path(data["cache"] or out / "features")
     mt = float(data["min_tissue"])
     splits = {s: load_bags(root, s, fm, cache, min_tissue=mt) for s in ("train", "val", "test")}
-    extra = [Path(p) for p in data["extra_train"] or []]
+    extra = [ensure_dataset(e["path"], e.get("generate")) if isinstance(e, Mapping) else Path(e)
+             for e in data["extra_train"] or []]  # fmt: skip
     for folder in extra:
         splits["train"] += load_bags(folder, "all", fm, cache, min_tissue=mt)
     if ev["stain_shift"]:

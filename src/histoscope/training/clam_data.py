@@ -103,7 +103,10 @@ def ensure_dataset(path: str | os.PathLike, generate: Mapping[str, Any] | None, 
     path
         Dataset folder.
     generate
-        ``{count, size, seed, mpp, fractions}`` or ``None`` (then the folder must exist).
+        ``{count, size, seed, mpp, fractions, tumour_extent}`` or ``None`` (then the
+        folder must exist). ``tumour_extent`` (``none`` / ``focus`` / ``moderate`` /
+        ``extensive``) keeps only seeds from ``seed`` up whose slide has that
+        extent, exactly as ``histoscope synth --tumour-extent`` does.
     foci
         Generate with :func:`write_foci_dataset` instead of ``write_dataset``.
     """
@@ -113,7 +116,16 @@ def ensure_dataset(path: str | os.PathLike, generate: Mapping[str, Any] | None, 
     g = dict(generate)
     size = tuple(int(v) for v in g.get("size", (2048, 2048)))
     seed, count, mpp = int(g.get("seed", 0)), int(g.get("count", 10)), float(g.get("mpp", 1.0))
-    if foci:
+    extent = g.get("tumour_extent", "any")
+    if extent != "any":
+        from histoscope.synthetic.cli import seeds_with_extent, write_selected
+
+        try:
+            seeds = seeds_with_extent("he", extent, seed, count, size, mpp)
+        except ValueError as exc:
+            raise RecipeError(f"cannot generate {root}: {exc}") from None
+        write_selected(root, "he", size, seeds, mpp)
+    elif foci:
         write_foci_dataset(root, size, seed, count, mpp)
     else:
         from histoscope.synthetic._dataset import write_dataset
