@@ -77,3 +77,57 @@ def test_a_missing_checkpoint_is_a_checkpoint_error(tmp_path):
 
     with pytest.raises(CheckpointError):
         D.load_detector(str(tmp_path / "missing.safetensors"))
+
+
+def test_a_large_image_runs_in_chunks_with_the_same_maps_and_windows():
+    """Memory stays that of one chunk; the result is that of one pass (within float error)."""
+    from skimage import data
+
+    model, _ = D.load_detector()
+    rgb = data.immunohistochemistry()  # 512 px: four 192 px chunks and partial ones
+    heat, fg, feats = D.predict_maps(model, rgb, chunk=4096)  # one pass
+    for chunk, overlap in ((192, 64), (128, 128)):
+        h2, f2, w2 = D.predict_maps(model, rgb, chunk=chunk, overlap=overlap)
+        np.testing.assert_allclose(h2, heat, atol=1e-4)
+        np.testing.assert_allclose(f2, fg, atol=1e-4)
+        assert w2.shape == feats.shape and len(feats) > 20
+        np.testing.assert_allclose(w2, feats, atol=1e-4)
+    with pytest.raises(ValueError, match="multiples"):
+        D.predict_maps(model, rgb, chunk=100)
+
+
+def _card_variant(tmp_path, change):
+    """The shipped checkpoint with its card changed by ``change(card_dict)`` (tensors kept)."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    from histoscope._data import sample_data_path
+    from histoscope.checkpoints import CARD_KEY, FORMAT, FORMAT_KEY, read_card
+
+    src = sample_data_path(D.DEFAULT_CHECKPOINT)
+    d = read_card(src).to_dict()
+    change(d)
+    out = tmp_path / f"variant_{len(list(tmp_path.iterdir()))}.safetensors"
+    save_file(load_file(str(src)), str(out),
+              metadata={FORMAT_KEY: FORMAT, CARD_KEY: json.dumps(d)})  # fmt: skip
+    return str(out)
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        (lambda d: d["config"].pop("threshold"), "config.threshold"),
+        (lambda d: d["config"].update(threshold=5), "config.threshold"),
+        (lambda d: d["input_spec"].pop("mpp"), "input_spec.mpp"),
+        (lambda d: d["input_spec"].update(mpp=0.0), "input_spec.mpp"),
+    ],
+    ids=["no-threshold", "threshold-5", "no-mpp", "mpp-0"],
+)
+def test_a_card_without_a_usable_threshold_or_mpp_is_refused_on_load(tmp_path, change, match):
+    from histoscope.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match=match):
+        D.load_detector(_card_variant(tmp_path, change))
+    model, card = D.load_detector(_card_variant(tmp_path, lambda d: None))  # unchanged: loads
+    assert 0 < card.config["threshold"] < 1

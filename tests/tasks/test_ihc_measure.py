@@ -245,6 +245,79 @@ def test_learned_detection_finds_positive_and_negative_cells_alike(strong_ihc):
     assert (m.cells["area_um2"] >= 10).all() and (m.cells["dab_nucleus"] >= 0).all()
     s = m.summary()
     assert s["outside_training_data"] is False and s["ood"]["n_items"] >= 8
+    assert s["resolution_warning"] is None  # read at 0.5 µm/px, as validated
+    # provenance names the weights that found the nuclei
+    from histoscope.models.ihc_detector import FAMILY, load_detector
+
+    sha = load_detector()[1].sha256
+    assert len(sha) == 64 and m.provenance.checkpoint_sha256 == sha
+    assert m.provenance.params["detector"] == {"family": FAMILY, "name": "ihc_detector_default"
+                                               ".safetensors", "sha256": sha}  # fmt: skip
+
+
+def test_learned_detection_on_a_finer_scan_is_resampled_to_its_mpp(strong_ihc):
+    """A slide scanned at 0.25 µm/px: the image is resampled to the network's 0.5 and back."""
+    import histoscope as hs
+
+    with open(strong_ihc.cells_csv) as fh:
+        rows = list(csv.DictReader(fh))
+    truth = np.array([[float(r["x_um"]), float(r["y_um"])] for r in rows])
+    rgb = np.asarray(hs.open_slide(strong_ihc.slide).read_region(0, 0, 1024, 1024, mpp=0.5))
+    fine = np.repeat(np.repeat(rgb[..., :3], 2, axis=0), 2, axis=1)  # same µm, 0.25 µm/px
+    m = measure_region(fine, 0.25, IHCParams())
+    coarse = measure_region(rgb[..., :3], 0.5, IHCParams())
+    found = np.stack([m.cells["x_um"], m.cells["y_um"]], axis=1)
+    hit = _recall(truth, found)
+    assert hit.mean() >= 0.85 and hit.sum() / len(found) >= 0.85  # recall and precision
+    assert abs(m.n_cells - coarse.n_cells) <= 0.03 * coarse.n_cells
+    # the same nuclei: centroids within 1 µm of the 0.5 µm/px ones, areas alike
+    from scipy.spatial import cKDTree
+
+    d, _ = cKDTree(np.stack([coarse.cells["x_um"], coarse.cells["y_um"]], axis=1)).query(found)
+    assert np.median(d) <= 0.5 and np.mean(d <= 1.0) >= 0.95
+    assert np.median(m.cells["area_um2"]) == pytest.approx(np.median(coarse.cells["area_um2"]),
+                                                           rel=0.1)  # fmt: skip
+
+
+def test_a_coarse_read_warns_and_keeps_the_network_tile_bounded(strong_ihc):
+    """Validated at 0.5 µm/px: coarser than 0.75 the summary warns; tiles shrink as upsampled."""
+    import warnings
+
+    import histoscope as hs
+    from histoscope.ood import OutsideTrainingDataWarning
+    from histoscope.tasks.ihc_measure import LEARNED_MAX_INPUT, measure_slide
+
+    slide = hs.open_slide(strong_ihc.slide)
+    with warnings.catch_warnings():  # read this coarse it is unlike the training data too
+        warnings.simplefilter("ignore", OutsideTrainingDataWarning)
+        m = measure_slide(slide, IHCParams(mpp=1.0))
+        m2 = measure_slide(slide, IHCParams(mpp=2.0))
+    assert "coarser than the learned detector is validated for" in m.summary()["resolution_warning"]
+    assert m.provenance.tile_grid["tile"] + 2 * 20 <= LEARNED_MAX_INPUT / 2  # 1.0 -> 0.5: 2x
+    tile = m2.provenance.tile_grid["tile"]
+    assert (tile + 2 * 10) * 4 <= LEARNED_MAX_INPUT and m2.provenance.tile_grid["tiles"] >= 1
+    assert m2.n_cells > 0
+    classical = measure_region(np.asarray(slide.read_region(0, 0, 256, 256, mpp=1.0))[..., :3],
+                               1.0, IHCParams(detection="classical"))  # fmt: skip
+    assert classical.summary()["resolution_warning"] is None  # the warning is the network's
+
+
+def test_too_little_tissue_is_said_in_words(tmp_path):
+    from skimage import data
+
+    import histoscope as hs
+    from histoscope.slide import write_pyramidal_tiff
+    from histoscope.tasks.ihc_measure import measure_slide
+
+    img = data.immunohistochemistry()
+    small = write_pyramidal_tiff(tmp_path / "small.tif", img[:160, :160], mpp=MPP, min_size=64)
+    s = measure_slide(hs.open_slide(small), IHCParams()).summary()
+    assert s["outside_training_data"] is None
+    assert s["ood"]["message"] == "too little tissue to judge (4 tissue windows of 32 µm, 8 needed)"
+    tiny = write_pyramidal_tiff(tmp_path / "tiny.tif", img[:48, :48], mpp=MPP, min_size=16)
+    s = measure_slide(hs.open_slide(tiny), IHCParams()).summary()
+    assert s["outside_training_data"] is None
+    assert s["ood"]["message"] == "too little tissue to judge (no 32 µm tissue window)"
 
 
 def test_learned_detection_says_a_real_image_is_outside_its_training_data(tmp_path):

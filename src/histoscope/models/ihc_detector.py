@@ -31,12 +31,17 @@ DEFAULT_CHECKPOINT = "ihc_detector_default.safetensors"
 MPP = 0.5
 #: Centre heatmap σ (µm) of the training targets.
 SIGMA_UM = 2.0
-#: The input must be a multiple of this (three 2x downsamplings after the stride-2 stem).
+#: The input must be a multiple of this (three 2x downsamplings: enc1 has stride 2 after the
+#: stride-1 stem, then two max-pools).
 MULTIPLE = 8
 #: Side (px) of the windows whose bottleneck features the training-data check scores (32 µm).
 WINDOW = 64
 #: Summed RGB optical density above which a pixel is tissue (as ``dab_pixel_counts``).
 TISSUE_OD = 0.3
+#: Side (px) of the chunks a larger image is run in, and the context read around each
+#: (multiples of :data:`WINDOW`): memory stays bounded whatever the image's size.
+CHUNK = 1024
+CHUNK_OVERLAP = 64
 
 
 def _block(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
@@ -101,15 +106,8 @@ def optical_density(rgb: np.ndarray) -> np.ndarray:
 
 
 @torch.no_grad()
-def predict_maps(model: IHCCentreNet, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Centre heatmap, foreground probability and the tissue windows' features.
-
-    ``rgb`` is at :data:`MPP`; it is padded (by reflection) to a multiple of
-    :data:`MULTIPLE` and the maps are cropped back. The maps are ``(H, W)``
-    float32 in [0, 1]; the features ``(n, C)`` are the bottleneck averaged over
-    :data:`WINDOW` px windows that are mostly tissue (what the training-data
-    check, :mod:`histoscope.ood`, compares with the training slides').
-    """
+def _maps(model: IHCCentreNet, rgb: np.ndarray):
+    """Probabilities ``(2, H, W)``, window features ``(C, gh, gw)`` and tissue share ``(gh, gw)``."""
     od = optical_density(rgb)
     h, w = od.shape[1:]
     ph, pw = (-h) % MULTIPLE, (-w) % MULTIPLE
@@ -120,10 +118,57 @@ def predict_maps(model: IHCCentreNet, rgb: np.ndarray) -> tuple[np.ndarray, np.n
     prob = torch.sigmoid(logits)[0, :, :h, :w].numpy()
     k = WINDOW // MULTIPLE
     if min(bottleneck.shape[-2:]) < k:  # smaller than one window: nothing to compare
-        return prob[0], prob[1], np.zeros((0, bottleneck.shape[1]))
-    feats = F.avg_pool2d(bottleneck, k)[0].flatten(1).T.numpy()
-    tissue = F.avg_pool2d((x.sum(1, keepdim=True) > TISSUE_OD).float(), WINDOW)[0, 0].flatten()
-    return prob[0], prob[1], feats[: len(tissue)][tissue.numpy() >= 0.5].astype(np.float64)
+        return prob, np.zeros((bottleneck.shape[1], 0, 0)), np.zeros((0, 0))
+    feats = F.avg_pool2d(bottleneck, k)[0].numpy()
+    tissue = F.avg_pool2d((x.sum(1, keepdim=True) > TISSUE_OD).float(), WINDOW)[0, 0].numpy()
+    gh, gw = tissue.shape
+    return prob, feats[:, :gh, :gw], tissue
+
+
+def predict_maps(
+    model: IHCCentreNet, rgb: np.ndarray, chunk: int = CHUNK, overlap: int = CHUNK_OVERLAP
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Centre heatmap, foreground probability and the tissue windows' features.
+
+    ``rgb`` is at :data:`MPP`; it is padded (by reflection) to a multiple of
+    :data:`MULTIPLE` and the maps are cropped back. The maps are ``(H, W)``
+    float32 in [0, 1]; the features ``(n, C)`` are the bottleneck averaged over
+    :data:`WINDOW` px windows that are mostly tissue (what the training-data
+    check, :mod:`histoscope.ood`, compares with the training slides').
+
+    An image larger than ``chunk + 2 * overlap`` px is run in ``chunk`` px
+    pieces, each with ``overlap`` px of context around it (both multiples of
+    :data:`WINDOW`, so the windows are the same as in one pass), and the pieces'
+    maps and windows put together: memory stays that of one piece. The result
+    differs from one pass only within a few px of the pieces' seams.
+    """
+    if chunk % WINDOW or overlap % WINDOW or chunk <= 0 or overlap < 0:
+        raise ValueError(f"chunk and overlap must be multiples of {WINDOW}, got {chunk}, {overlap}")
+    h, w = np.asarray(rgb).shape[:2]
+    if max(h, w) <= chunk + 2 * overlap:
+        prob, feats, tissue = _maps(model, rgb)
+    else:
+        prob = np.zeros((2, h, w), np.float32)
+        c = model.config["widths"][-1]
+        hp, wp = h + (-h) % MULTIPLE, w + (-w) % MULTIPLE
+        feats = np.zeros((c, hp // WINDOW, wp // WINDOW))
+        tissue = np.zeros((hp // WINDOW, wp // WINDOW))
+        for y0 in range(0, h, chunk):
+            for x0 in range(0, w, chunk):
+                ry, rx = max(y0 - overlap, 0), max(x0 - overlap, 0)
+                y1, x1 = min(y0 + chunk, h), min(x0 + chunk, w)
+                p, f, t = _maps(model, rgb[ry : min(y1 + overlap, h), rx : min(x1 + overlap, w)])
+                prob[:, y0:y1, x0:x1] = p[:, y0 - ry : y1 - ry, x0 - rx : x1 - rx]
+                gy, gx = (y0 - ry) // WINDOW, (x0 - rx) // WINDOW  # the core's first window
+                ny = min(chunk // WINDOW, t.shape[0] - gy) if t.size else 0
+                nx = min(chunk // WINDOW, t.shape[1] - gx) if t.size else 0
+                if ny > 0 and nx > 0:
+                    oy, ox = y0 // WINDOW, x0 // WINDOW
+                    feats[:, oy : oy + ny, ox : ox + nx] = f[:, gy : gy + ny, gx : gx + nx]
+                    tissue[oy : oy + ny, ox : ox + nx] = t[gy : gy + ny, gx : gx + nx]
+    keep = tissue.ravel() >= 0.5
+    flat = feats.reshape(feats.shape[0], -1).T
+    return prob[0], prob[1], flat[keep].astype(np.float64)
 
 
 def find_peaks(heat: np.ndarray, threshold: float, mpp: float = MPP) -> np.ndarray:
@@ -160,6 +205,28 @@ def nuclei_from_maps(
     return segmentation.watershed(-heat, markers, mask=mask).astype(np.int32)
 
 
+def check_card(card, path: str = "") -> None:
+    """Raise :class:`~histoscope.errors.CheckpointError` for a card the detector cannot use.
+
+    It needs ``config.threshold`` (the peak threshold, in (0, 1): the heatmap is
+    a probability) and ``input_spec.mpp`` (the µm/px the network was trained at,
+    0.1-4).
+    """
+    from histoscope.errors import CheckpointError
+
+    where = f"{path}: " if path else ""
+    config, spec = card.config or {}, card.input_spec or {}
+    thr = config.get("threshold")
+    if not isinstance(thr, (int, float)) or isinstance(thr, bool) or not 0 < thr < 1:
+        raise CheckpointError(f"{where}ihc_detector card needs config.threshold, the peak "
+                              f"threshold between 0 and 1 (the heatmap is a probability); "
+                              f"got {thr!r}")  # fmt: skip
+    mpp = spec.get("mpp")
+    if not isinstance(mpp, (int, float)) or isinstance(mpp, bool) or not 0.1 <= mpp <= 4:
+        raise CheckpointError(f"{where}ihc_detector card needs input_spec.mpp, the µm/px the "
+                              f"network works at (0.1-4); got {mpp!r}")  # fmt: skip
+
+
 @functools.lru_cache(maxsize=4)
 def load_detector(path: str | None = None) -> tuple[IHCCentreNet, Any]:
     """The detector and its card; the shipped default when ``path`` is None (cached).
@@ -167,7 +234,8 @@ def load_detector(path: str | None = None) -> tuple[IHCCentreNet, Any]:
     Raises
     ------
     CheckpointError
-        When the file is missing or is not an ``ihc_detector`` checkpoint.
+        When the file is missing, is not an ``ihc_detector`` checkpoint, or its
+        card lacks a usable peak threshold or µm/px (:func:`check_card`).
     """
     from histoscope._data import sample_data_path
     from histoscope.checkpoints import load_checkpoint
@@ -179,4 +247,5 @@ def load_detector(path: str | None = None) -> tuple[IHCCentreNet, Any]:
             raise CheckpointError(f"{DEFAULT_CHECKPOINT} is not in sample_data/")
         path = str(found)
     model, card = load_checkpoint(path, FAMILY)
+    check_card(card, str(path))
     return model, card

@@ -68,6 +68,13 @@ BLOB_SIGMAS_UM = (2.0, 3.0, 4.0, 5.0)
 #: A DAB-stained image has at least this fraction of its tissue pixels at or above the 1+ OD.
 MIN_DAB_FRACTION = 0.05
 NO_DAB_WARNING = "little or no DAB staining found — is this an IHC image?"
+#: Coarsest µm/px the learned detector is trusted at: it was trained and validated on slides
+#: at 0.5 µm/px; read at 1.0 µm/px it found only 0.47 / 0.53 of DAB+ / DAB- cells (nuclei
+#: merge; benchmarks/RESULTS.md), so coarser reads carry :meth:`IHCMeasurement.resolution_warning`.
+LEARNED_MAX_MPP = 0.75
+#: Side (px, at the network's µm/px) the learned detector's input tile stays within: a slide
+#: read coarser than the network is measured in smaller tiles, so memory does not grow with it.
+LEARNED_MAX_INPUT = 2048
 
 
 @dataclass(frozen=True)
@@ -200,6 +207,16 @@ class IHCMeasurement(Result):
         return len(self.cells["score"])
 
     @property
+    def resolution_warning(self) -> str | None:
+        """A sentence when learned detection ran on an image coarser than :data:`LEARNED_MAX_MPP`."""
+        if self.params.detection != "learned" or not self.mpp > LEARNED_MAX_MPP:
+            return None
+        return (f"measured at {self.mpp:g} µm/px, coarser than the learned detector is "
+                f"validated for (0.5 µm/px, up to {LEARNED_MAX_MPP:g}): nuclei merge and many "
+                "cells are missed (about half at 1.0 µm/px) — treat the counts as unreliable, "
+                "or use a finer scan or detection=classical")  # fmt: skip
+
+    @property
     def warning(self) -> str | None:
         """:data:`NO_DAB_WARNING` when under :data:`MIN_DAB_FRACTION` of the tissue is DAB 1+."""
         return None if self.dab_pixels is None else dab_warning(*self.dab_pixels)
@@ -212,7 +229,9 @@ class IHCMeasurement(Result):
         which, with its count, and ``n_cells`` stays the count of all cells.
         ``warning`` is a sentence when the image shows no DAB (e.g. H&E, or an
         IHC stain with no positive cells): do not report the H-score then;
-        ``None`` otherwise.
+        ``None`` otherwise. ``resolution_warning`` is a sentence when the learned
+        detector ran on an image coarser than :data:`LEARNED_MAX_MPP` µm/px
+        (counts unreliable; the numbers are still given), else ``None``.
         """
         scores = self.cells["score"]
         if self.inside is not None:
@@ -224,6 +243,7 @@ class IHCMeasurement(Result):
             denominator = f"cells inside the {self.region_name or 'region'} (n={n})"
         base = {"n_cells": self.n_cells, "n_counted": n, "location": self.location(),
                 "denominator": denominator, "warning": self.warning,
+                "resolution_warning": self.resolution_warning,
                 "cancelled": self.cancelled}  # fmt: skip
         if self.ood is not None:
             from histoscope.ood import ood_summary
@@ -621,7 +641,8 @@ def _learned_nuclei(
     """Nuclei from the learned centre detector (:mod:`histoscope.models.ihc_detector`).
 
     The shipped network (``sample_data/ihc_detector_default.safetensors``)
-    predicts a centre heatmap and a nucleus foreground at 0.5 µm/px; its
+    predicts a centre heatmap and a nucleus foreground at its card's µm/px
+    (``input_spec.mpp``, 0.5), in pieces of bounded size; its
     peaks above the card's threshold seed a watershed on the heatmap inside
     the foreground, so each nucleus has an outline and compartments work as
     for the other methods. An image at another µm/px is resampled to the
@@ -633,16 +654,17 @@ def _learned_nuclei(
 
     from histoscope.models import ihc_detector as D
 
-    model, card = D.load_detector()
+    model, card = D.load_detector()  # the card is checked on load (threshold, µm/px)
     threshold = float(card.config["threshold"])
-    f = mpp / D.MPP  # > 1: the image is coarser than the network's input
+    net_mpp = float(card.input_spec["mpp"])
+    f = mpp / net_mpp  # > 1: the image is coarser than the network's input
     image = np.asarray(rgb)[..., :3]
     if abs(f - 1) > 0.02:
         image = np.clip(ndi.zoom(image.astype(np.float32), (f, f, 1), order=1), 0, 255)
         image = image.astype(np.uint8)
     heat, fg, feats = D.predict_maps(model, image)
-    peaks = D.find_peaks(heat, threshold)
-    labels = D.nuclei_from_maps(heat, fg, peaks, D.MPP, params.nucleus_max_area)
+    peaks = D.find_peaks(heat, threshold, net_mpp)
+    labels = D.nuclei_from_maps(heat, fg, peaks, net_mpp, params.nucleus_max_area)
     if abs(f - 1) > 0.02:
         shape = np.asarray(rgb).shape[:2]
         labels = ndi.zoom(labels, (shape[0] / labels.shape[0], shape[1] / labels.shape[1]),
@@ -741,7 +763,9 @@ def iter_measure_slide(
     the current tile and returns the cells of the tiles finished, marked
     ``cancelled``. Tiles overlap by ``margin_um``; a cell belongs to the tile
     whose core holds its centroid, so no cell is counted twice. ``mpp``
-    defaults to ``params.mpp``, never finer than the slide.
+    defaults to ``params.mpp``, never finer than the slide. With learned
+    detection on a read coarser than the network's µm/px, tiles shrink so a
+    tile upsampled for the network stays within :data:`LEARNED_MAX_INPUT` px.
     """
     params = params or IHCParams()
     _require_mpp(slide)
@@ -752,8 +776,14 @@ def iter_measure_slide(
     if w0 <= 0 or h0 <= 0:
         raise ValueError(f"region must have a positive size, got {region}")
     f = mpp / slide.mpp  # level-0 px per output px
-    step = tile * f
     margin = round(margin_um / mpp)
+    if params.detection == "learned":  # the tile upsampled to the network's µm/px stays bounded
+        from histoscope.models.ihc_detector import load_detector
+
+        up = mpp / float(load_detector()[1].input_spec["mpp"])
+        if up > 1:
+            tile = max(64, min(tile, int(LEARNED_MAX_INPUT / up) - 2 * margin))
+    step = tile * f
     origins = [(x0 + i * step, y0 + j * step) for j in range(int(np.ceil(h0 / step)))
                for i in range(int(np.ceil(w0 / step)))]  # fmt: skip
     parts: list[dict[str, np.ndarray]] = []
@@ -785,16 +815,29 @@ def iter_measure_slide(
                       tile_grid={"tile": tile, "region": [x0, y0, w0, h0],
                                  "tiles_done": len(parts), "tiles": len(origins)},
                       cancelled=cancelled)  # fmt: skip
+    if params.detection == "learned":  # which weights found the nuclei
+        from histoscope.models.ihc_detector import DEFAULT_CHECKPOINT, FAMILY, load_detector
+
+        card = load_detector()[1]
+        prov = replace(prov, checkpoint_sha256=card.sha256 or "",
+                       params={**prov.params, "detector": {"family": FAMILY,
+                                                           "name": DEFAULT_CHECKPOINT,
+                                                           "sha256": card.sha256 or ""}})  # fmt: skip
     result = IHCMeasurement(provenance=prov, cells=cells, params=params, mpp=mpp,
                             dab_pixels=dab_pixels).scored()  # fmt: skip
     if params.detection != "learned":
         return result
-    from histoscope.models.ihc_detector import load_detector
-    from histoscope.ood import with_ood
+    from histoscope.ood import MIN_ITEMS, with_ood
 
-    return with_ood(result, load_detector()[1], np.concatenate(feats) if feats else None,
+    windows = np.concatenate(feats) if feats else np.zeros((0, 0))
+    need = MIN_ITEMS["patches"]
+    missing = "too little tissue to judge (no 32 µm tissue window)"
+    if 0 < len(windows) < need:  # said in the pathologist's words, not as "patches"
+        missing = (f"too little tissue to judge ({len(windows)} tissue "
+                   f"window{'s' if len(windows) > 1 else ''} of 32 µm, {need} needed)")  # fmt: skip
+    return with_ood(result, card, windows if len(windows) >= need else None,
                     f"IHC learned nucleus detection on {Path(str(slide.path)).name}",
-                    items="patches", missing="no tissue window to compare")  # fmt: skip
+                    items="patches", missing=missing)  # fmt: skip
 
 
 def _run(session, checkpoint, params: IHCParams, *, region=None, near=None, engine=None):
