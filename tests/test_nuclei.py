@@ -499,3 +499,37 @@ def test_fast_segment_equals_the_reference_on_a_synthetic_tile(synthetic, monkey
     slow = classical.segment(hema, MPP, NucleiParams())
     assert fast.max() > 200
     np.testing.assert_array_equal(fast, slow)
+
+
+def test_h_maxima_matches_scikit_image_for_any_h_type():
+    from skimage.morphology import h_maxima as reference
+
+    from histoscope.nuclei._morph import h_maxima
+
+    img = np.array([[2, 0, 0.7]], np.float32)
+    for h in (np.float64(0.7), 0.7, np.float32(0.7), 1e-50, 1):
+        np.testing.assert_array_equal(h_maxima(img, h), reference(img, h), err_msg=repr(h))
+    with pytest.raises(ValueError):
+        reference(np.ones((1, 4), np.float32), -0.5)
+    with pytest.raises(ValueError):
+        h_maxima(np.ones((1, 4), np.float32), -0.5)
+
+
+def test_trim_fills_holes_as_binary_fill_holes_does_on_random_nuclei():
+    from scipy import ndimage as ndi
+
+    from histoscope.nuclei._classical import _trim
+
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        h, w = rng.integers(1, 24, 2)
+        labels = ndi.label(rng.random((h, w)) < rng.uniform(0.3, 0.9))[0].astype(np.int32)
+        value = rng.random((h, w)).astype(np.float32)
+        n = int(labels.max())
+        if n == 0:
+            continue
+        count = np.maximum(np.bincount(labels.ravel(), minlength=n + 1), 1)
+        mean = np.bincount(labels.ravel(), value.ravel(), minlength=n + 1) / count
+        kept = (labels > 0) & (value >= 0.5 * mean[labels])
+        want = np.where(ndi.binary_fill_holes(kept), labels, 0)  # the slow reference
+        np.testing.assert_array_equal(_trim(labels, value), want)

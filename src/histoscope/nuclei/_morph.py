@@ -29,9 +29,10 @@ def h_maxima(image: np.ndarray, h: float) -> np.ndarray:
     from skimage import morphology
 
     image = np.asarray(image)
-    if (_loop is None or image.ndim != 2 or image.dtype != np.float32 or not image.size
-            or image.size > 2**29 or not image.min() >= 0):  # fmt: skip
-        return morphology.h_maxima(image, h)
+    plain = type(h) in (float, int, np.float32) and np.isfinite(h) and h > np.finfo(np.float32).tiny
+    if (_loop is None or not plain or image.ndim != 2 or image.dtype != np.float32
+            or not image.size or image.size > 2**29 or not image.min() >= 0):  # fmt: skip
+        return morphology.h_maxima(image, h)  # e.g. a float64 h (compared in float64 there)
     if h > np.ptp(image):  # as scikit-image: no maxima that high
         return np.zeros(image.shape, dtype=np.uint8)
     h = image.dtype.type(h)
