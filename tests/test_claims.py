@@ -61,6 +61,14 @@ HEADLINE = {
         "metrics/heldout_per_case/heads/location/image/accuracy",
         "metrics/heldout_per_case/heads/quantity/image/accuracy",
     ),
+    "ihc_detector_default.safetensors": (
+        "metrics/heldout/90002-90162/learned/recall_pos",
+        "metrics/heldout/90002-90162/learned/recall_neg",
+        "metrics/heldout/95013-95084/learned/recall_pos",
+        "metrics/heldout/97004-97161/learned/recall_pos",
+        "metrics/heldout/97004-97161/learned/recall_neg",
+        "metrics/heldout/97004-97161/classical/recall_neg",
+    ),
 }
 
 

@@ -279,26 +279,33 @@ def test_learned_detection_on_a_finer_scan_is_resampled_to_its_mpp(strong_ihc):
                                                            rel=0.1)  # fmt: skip
 
 
-def test_a_coarse_read_warns_and_keeps_the_network_tile_bounded(strong_ihc):
-    """Validated at 0.5 µm/px: coarser than 0.75 the summary warns; tiles shrink as upsampled."""
+def test_a_coarse_scan_warns_and_the_network_tile_stays_bounded(strong_ihc, tmp_path):
+    """Validated on 0.5 µm/px scans: a scan coarser than 0.75 warns; tiles shrink as upsampled."""
     import warnings
 
     import histoscope as hs
     from histoscope.ood import OutsideTrainingDataWarning
+    from histoscope.slide import write_pyramidal_tiff
     from histoscope.tasks.ihc_measure import LEARNED_MAX_INPUT, measure_slide
 
     slide = hs.open_slide(strong_ihc.slide)
-    with warnings.catch_warnings():  # read this coarse it is unlike the training data too
+    coarse = np.asarray(slide.read_region(0, 0, 1024, 1024, mpp=1.0))[..., :3]  # 512 px
+    scan = hs.open_slide(write_pyramidal_tiff(tmp_path / "coarse.tif", coarse, mpp=1.0,
+                                              min_size=128))  # fmt: skip
+    with warnings.catch_warnings():  # so coarse it may be unlike the training data too
         warnings.simplefilter("ignore", OutsideTrainingDataWarning)
-        m = measure_slide(slide, IHCParams(mpp=1.0))
+        m = measure_slide(scan, IHCParams())
+        read = measure_slide(slide, IHCParams(mpp=1.0))  # a 0.5 µm/px scan read at 1.0
         m2 = measure_slide(slide, IHCParams(mpp=2.0))
-    assert "coarser than the learned detector is validated for" in m.summary()["resolution_warning"]
+    said = m.summary()["resolution_warning"]
+    assert "scanned at 1 µm/px" in said and "validated on" in said
+    assert measure_region(coarse, 1.0, IHCParams()).summary()["resolution_warning"] == said
+    assert read.summary()["resolution_warning"] is None  # validated: 0.96-0.99 recall read so
     assert m.provenance.tile_grid["tile"] + 2 * 20 <= LEARNED_MAX_INPUT / 2  # 1.0 -> 0.5: 2x
     tile = m2.provenance.tile_grid["tile"]
     assert (tile + 2 * 10) * 4 <= LEARNED_MAX_INPUT and m2.provenance.tile_grid["tiles"] >= 1
     assert m2.n_cells > 0
-    classical = measure_region(np.asarray(slide.read_region(0, 0, 256, 256, mpp=1.0))[..., :3],
-                               1.0, IHCParams(detection="classical"))  # fmt: skip
+    classical = measure_region(coarse, 1.0, IHCParams(detection="classical"))
     assert classical.summary()["resolution_warning"] is None  # the warning is the network's
 
 

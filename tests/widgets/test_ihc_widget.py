@@ -224,3 +224,19 @@ def test_cells_are_hollow_rings_around_their_nuclei_and_the_measured_area_is_out
     inside = ((points.data[:, 0] >= y0) & (points.data[:, 0] <= y1)
               & (points.data[:, 1] >= x0) & (points.data[:, 1] <= x1))  # fmt: skip
     assert inside.all()  # every measured cell lies in the outlined area
+
+
+def test_a_coarse_scan_is_measured_with_a_warning(viewer, qtbot):
+    """The learned detector is validated on 0.5 µm/px scans: a 1 µm/px image is warned about."""
+    image = viewer.layers["IHC (scikit-image)"].data[::2, ::2]  # the same tissue at 1 µm/px
+    viewer.add_image(image, rgb=True, name="coarse", scale=(1.0, 1.0), units=("um", "um"),
+                     metadata={"mpp": 1.0})  # fmt: skip
+    widget = IHCWidget(viewer)
+    widget.layer_combo.setCurrentText("coarse")
+    widget.scope.setCurrentIndex(1)
+    assert widget.run() is not None
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=120_000)
+    assert widget.result is not None, widget.status.text()
+    assert widget.result.summary()["resolution_warning"] is not None
+    assert "scanned at 1 µm/px" in widget.status.text()
+    assert widget.numbers["h_score"].text() not in ("–", "– (no DAB)")  # still measured

@@ -260,8 +260,9 @@ class IHCWidget(TaskWidget):
             denominator = f"{head} in view" + (f" (n={count}" if count else "")
             denominator += " (choose whole image to count them all)"
         text = f"{summary['n_cells']} cells measured; percentages of {denominator}."
-        if warning:
-            text += f" <span style='color:#e0a030'>Warning: {warning}</span>"
+        for said in (warning, summary.get("resolution_warning")):
+            if said:
+                text += f" <span style='color:#e0a030'>Warning: {said}</span>"
         self.status.setText(text)
         flag = show_training_data_flag(self.controls, summary)  # learned detection only
         if flag.text() == OUTSIDE_TRAINING_TEXT:  # IHC counts cells; it makes no calls

@@ -68,9 +68,10 @@ BLOB_SIGMAS_UM = (2.0, 3.0, 4.0, 5.0)
 #: A DAB-stained image has at least this fraction of its tissue pixels at or above the 1+ OD.
 MIN_DAB_FRACTION = 0.05
 NO_DAB_WARNING = "little or no DAB staining found — is this an IHC image?"
-#: Coarsest µm/px the learned detector is trusted at: it was trained and validated on slides
-#: at 0.5 µm/px; read at 1.0 µm/px it found only 0.47 / 0.53 of DAB+ / DAB- cells (nuclei
-#: merge; benchmarks/RESULTS.md), so coarser reads carry :meth:`IHCMeasurement.resolution_warning`.
+#: Coarsest scan µm/px the learned detector is trusted on: it was trained and validated on
+#: slides scanned at 0.5 µm/px (read at 0.75 or 1.0 µm/px from them it still finds 0.96-0.99);
+#: a slide made at 1.0 µm/px draws nuclei with fewer pixels (they merge), where it found fewer
+#: cells (benchmarks/RESULTS.md), so coarser scans carry :attr:`IHCMeasurement.resolution_warning`.
 LEARNED_MAX_MPP = 0.75
 #: Side (px, at the network's µm/px) the learned detector's input tile stays within: a slide
 #: read coarser than the network is measured in smaller tiles, so memory does not grow with it.
@@ -181,6 +182,8 @@ class IHCMeasurement(Result):
         the tumour region; see :meth:`within`); ``None``: all cells count.
     region_name
         What that region is, as the summary's ``denominator`` names it.
+    scan_mpp
+        µm/px of the image as scanned (the slide's own); ``None``: :attr:`mpp`.
     features
         ``detection="learned"`` only: the network's features of the tissue
         windows (``(n, C)``), for the training-data check.
@@ -199,6 +202,7 @@ class IHCMeasurement(Result):
     dab_pixels: tuple[int, int] | None = None
     inside: np.ndarray | None = None
     region_name: str = ""
+    scan_mpp: float | None = None
     features: np.ndarray | None = field(default=None, compare=False, repr=False)
     ood: Any = field(default=None, compare=False)
 
@@ -208,13 +212,13 @@ class IHCMeasurement(Result):
 
     @property
     def resolution_warning(self) -> str | None:
-        """A sentence when learned detection ran on an image coarser than :data:`LEARNED_MAX_MPP`."""
-        if self.params.detection != "learned" or not self.mpp > LEARNED_MAX_MPP:
+        """A sentence when learned detection ran on a scan coarser than :data:`LEARNED_MAX_MPP`."""
+        scan = self.mpp if self.scan_mpp is None else self.scan_mpp
+        if self.params.detection != "learned" or not scan > LEARNED_MAX_MPP:
             return None
-        return (f"measured at {self.mpp:g} µm/px, coarser than the learned detector is "
-                f"validated for (0.5 µm/px, up to {LEARNED_MAX_MPP:g}): nuclei merge and many "
-                "cells are missed (about half at 1.0 µm/px) — treat the counts as unreliable, "
-                "or use a finer scan or detection=classical")  # fmt: skip
+        return (f"scanned at {scan:g} µm/px, coarser than the learned nucleus detector is "
+                f"validated on (0.5 µm/px, up to {LEARNED_MAX_MPP:g}): nuclei may merge and "
+                "cells be missed — treat the counts as unreliable, or use a finer scan")  # fmt: skip
 
     @property
     def warning(self) -> str | None:
@@ -230,7 +234,7 @@ class IHCMeasurement(Result):
         ``warning`` is a sentence when the image shows no DAB (e.g. H&E, or an
         IHC stain with no positive cells): do not report the H-score then;
         ``None`` otherwise. ``resolution_warning`` is a sentence when the learned
-        detector ran on an image coarser than :data:`LEARNED_MAX_MPP` µm/px
+        detector ran on a scan coarser than :data:`LEARNED_MAX_MPP` µm/px
         (counts unreliable; the numbers are still given), else ``None``.
         """
         scores = self.cells["score"]
@@ -824,7 +828,7 @@ def iter_measure_slide(
                                                            "name": DEFAULT_CHECKPOINT,
                                                            "sha256": card.sha256 or ""}})  # fmt: skip
     result = IHCMeasurement(provenance=prov, cells=cells, params=params, mpp=mpp,
-                            dab_pixels=dab_pixels).scored()  # fmt: skip
+                            dab_pixels=dab_pixels, scan_mpp=float(slide.mpp)).scored()  # fmt: skip
     if params.detection != "learned":
         return result
     from histoscope.ood import MIN_ITEMS, with_ood
