@@ -276,6 +276,11 @@ def test_extra_train_folders_are_generated_as_synth_tumour_extent_makes_them(tmp
     want = seeds_with_extent("he", "focus", 48000, 2, (512, 512), 1.0)
     assert [x["seed"] for x in manifest["slides"]] == want
     assert all(x["tumour_extent"] == "focus" for x in manifest["slides"])
-    for bad in ({"path": "y", "generate": {**gen, "colour": 1}}, {"generate": gen}, 3):
+    for bad in ({"path": "y", "generate": {**gen, "colour": 1}}, {"generate": gen}, 3,
+                {"path": "y", "generate": {**gen, "tumour_extent": "focal"}},
+                {"path": "y", "generate": {**gen, "count": "abc"}},
+                {"path": "y", "generate": "focus"}):  # fmt: skip
         with pytest.raises(RecipeError, match="extra_train"):
             settings({"data": {"path": "x", "extra_train": [bad]}})
+    with pytest.raises(RecipeError, match="extra_train must be a list"):
+        settings({"data": {"path": "x", "extra_train": "out/data/f"}})

@@ -70,6 +70,30 @@ FEATURE_KEYS = ("checkpoint", "backbone", "backbone_kwargs", "seed")
 GENERATE_KEYS = ("count", "size", "seed", "mpp", "fractions", "tumour_extent")
 
 
+def _check_generate(gen: Any, where: str) -> None:
+    """Refuse a malformed ``generate`` block before any slide is made (one line naming the key)."""
+    from histoscope.synthetic.cli import EXTENT_CHOICES
+
+    if not isinstance(gen, Mapping):
+        raise RecipeError(f"recipe key {where} must be a mapping of {', '.join(GENERATE_KEYS)}, "
+                          f"got {gen!r}")  # fmt: skip
+    check_keys(gen, GENERATE_KEYS, where)
+    try:
+        for key in ("count", "seed"):
+            if key in gen:
+                int(gen[key])
+        if "mpp" in gen and not float(gen["mpp"]) > 0:
+            raise ValueError
+        if "size" in gen and len([int(v) for v in gen["size"]]) != 2:
+            raise ValueError
+    except (TypeError, ValueError):
+        raise RecipeError(f"recipe key {where}: count and seed must be integers, mpp a positive "
+                          f"number and size [H, W], got {dict(gen)!r}") from None  # fmt: skip
+    if gen.get("tumour_extent", "any") not in EXTENT_CHOICES:
+        raise RecipeError(f"recipe key {where}.tumour_extent must be one of {EXTENT_CHOICES}, "
+                          f"got {gen['tumour_extent']!r}")  # fmt: skip
+
+
 def settings(recipe: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     """The family's sections with defaults filled in; unknown keys are refused.
 
@@ -90,13 +114,17 @@ def settings(recipe: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
     for key in ("generate", "foci_generate"):
         if out["data"][key] is not None:
             check_keys(out["data"][key], GENERATE_KEYS, f"data.{key}")
-    for i, entry in enumerate(out["data"]["extra_train"] or []):
+    extra = out["data"]["extra_train"] or []
+    if not isinstance(extra, list | tuple):
+        raise RecipeError(f"recipe key data.extra_train must be a list of folders or "
+                          f"{{path, generate}}, got {extra!r}")  # fmt: skip
+    for i, entry in enumerate(extra):
         if isinstance(entry, Mapping):
             check_keys(entry, ("path", "generate"), f"data.extra_train[{i}]")
             if not entry.get("path"):
                 raise RecipeError(f"recipe key data.extra_train[{i}].path is required")
             if entry.get("generate") is not None:
-                check_keys(entry["generate"], GENERATE_KEYS, f"data.extra_train[{i}].generate")
+                _check_generate(entry["generate"], f"data.extra_train[{i}].generate")
         elif not isinstance(entry, str | os.PathLike):
             raise RecipeError(f"recipe key data.extra_train[{i}] must be a folder or "
                               f"{{path, generate}}, got {entry!r}")  # fmt: skip
