@@ -167,3 +167,17 @@ def test_a_claim_in_a_superseded_section_is_caught(tmp_path):
     assert "superseded section" in check_current(fenced)
     assert check_current(new) is None
     assert heading_of(doc, 1) == ""
+
+
+def test_a_row_claim_must_be_shown_on_its_row(tmp_path):
+    from histoscope.training._claims import check_shown, find_claims
+
+    doc = tmp_path / "doc.md"
+    table = "| model | sens |\n| --- | --- |\n| CLAM | 0.940 |\n| mean pooling | 0.900 |\n\n"
+    doc.write_text(table + '<!-- claim x.safetensors a/b = 0.900 in "CLAM" -->\n'
+                   '<!-- claim x.safetensors a/c = 0.900 in "mean pooling" -->\n'
+                   '<!-- claim x.safetensors a/d = 0.900 in "HistGen" -->\n')  # fmt: skip
+    wrong_row, right_row, no_row = find_claims([doc])
+    assert right_row.row == "mean pooling" and check_shown(right_row) is None
+    assert "not shown" in check_shown(wrong_row)  # 0.900 is in the table, not on CLAM's row
+    assert "no row holding 'HistGen'" in check_shown(no_row)

@@ -14,7 +14,8 @@ naming a checkpoint in ``sample_data/``, a ``/``-separated path into its card
 (list items by index) and the value as printed: the card's value rounded to the
 printed number of decimals must equal it (:func:`check_claim`), and the value
 must be shown, as written, in the table or paragraph just above the claim's
-block (:func:`check_shown`), so the visible figure and the card cannot drift
+block (:func:`check_shown`; with ``in "ROW"`` after the value, on the line of that
+table holding ROW, for a figure a table shows in more than one row), so the visible figure and the card cannot drift
 apart. A claim may not stand in a section whose heading says it is
 "superseded by" a later one (:func:`check_current`): a figure that no longer
 holds is not claimed. Any family can add claims; ``tests/test_claims.py``
@@ -31,8 +32,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-#: ``<!-- claim FILE PATH = VALUE -->``
-CLAIM_RE = re.compile(r"<!--\s*claim\s+(\S+)\s+(\S+)\s*=\s*(\S+)\s*-->")
+#: ``<!-- claim FILE PATH = VALUE -->`` or ``<!-- claim FILE PATH = VALUE in "ROW" -->``
+CLAIM_RE = re.compile(r'<!--\s*claim\s+(\S+)\s+(\S+)\s*=\s*(\S+)(?:\s+in\s+"([^"]+)")?\s*-->')
 
 
 def manifest_seeds(data: str | os.PathLike, split: str = "all") -> list[int]:
@@ -148,6 +149,7 @@ class Claim:
     checkpoint: str
     path: str
     value: str
+    row: str | None = None  # the value must be shown on the table row (line) holding this text
 
 
 def find_claims(paths: Sequence[str | os.PathLike]) -> list[Claim]:
@@ -226,6 +228,12 @@ def check_shown(claim: Claim, text: str | None = None) -> str | None:
     """
     if text is None:
         text = annotated_text(claim.source, claim.line)
+    if claim.row is not None:
+        rows = [ln for ln in text.splitlines() if claim.row in ln]
+        if not rows:
+            return (f"{claim.source}:{claim.line}: {claim.path}: no row holding "
+                    f"{claim.row!r} in the text above it")  # fmt: skip
+        text = "\n".join(rows)
     forms = [claim.value]
     if re.fullmatch(r"-?\d{4,}", claim.value):  # 1663 may be printed 1,663
         forms.append(f"{int(claim.value):,}")
