@@ -250,12 +250,12 @@ def test_heatmap_layer_is_made_before_the_run_and_the_tiles_fill_it_in_place(
     worker = widget.run()
     assert made == [HEATMAP_NAME]  # there at once, empty, over the slide's own extent
     layer = viewer.layers[HEATMAP_NAME]
-    assert np.isnan(layer.data).all() and layer.colorbar.visible
+    assert np.isnan(layer.data).all() and not layer.colorbar.visible  # shown with the tiles
     np.testing.assert_allclose(viewer.layers.extent.world, extent)
     _wait(qtbot, widget, worker)
     assert made == [HEATMAP_NAME]  # the tiles went into that layer: none was made for them
     assert viewer.layers[HEATMAP_NAME] is layer and layer.data is widget.heatmap.values
-    assert np.isfinite(layer.data).any()
+    assert np.isfinite(layer.data).any() and layer.colorbar.visible
     data, kwargs, _ = widget.heatmap.to_layers()[0]
     np.testing.assert_allclose(layer.scale, kwargs["scale"])
     np.testing.assert_allclose(layer.translate, kwargs["translate"])
@@ -278,3 +278,87 @@ def test_a_session_snapshot_does_not_import_pandas():
             "print('pandas' in sys.modules)\n")  # fmt: skip
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+_RERUN_SCRIPT = """
+import sys, time
+import napari
+from qtpy.QtWidgets import QApplication
+
+slide, ckpt = sys.argv[1:3]
+viewer = napari.Viewer()
+app = QApplication.instance()
+viewer.open(slide, plugin="napari-histoscope")
+_, w = viewer.window.add_plugin_dock_widget("napari-histoscope", "Tumour map")
+w.checkpoint.setText(ckpt)
+
+
+def spin(seconds, until=lambda: False):
+    end = time.monotonic() + seconds
+    while time.monotonic() < end and not until():
+        app.processEvents()
+        time.sleep(0.02)
+
+
+def run(cancel):
+    w.run()
+    if cancel:
+        w.cancel()
+    spin(60, lambda: w.worker is None)
+    assert w.worker is None
+    spin(0.5)  # the canvas draws what the run left
+
+
+run(cancel=True)  # cancelled at once: its empty map goes
+run(cancel=False)
+run(cancel=True)  # the previous map stays
+run(cancel=False)  # the map is refilled
+run(cancel=False)
+spin(0.5, lambda: not w.autosave.busy)
+print("layers", [layer.name for layer in viewer.layers], flush=True)
+"""
+
+
+def test_run_cancel_and_rerun_in_a_shown_viewer_does_not_crash(slide_path, checkpoint, tmp_path):
+    """napari 0.9.2 segfaulted drawing a colour bar added after another's layer was removed."""
+    import os
+    import subprocess
+    import sys
+
+    if not os.environ.get("DISPLAY"):
+        pytest.skip("needs a display (run under xvfb-run)")
+    env = {**os.environ, "HISTOSCOPE_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-X", "faulthandler", "-c", _RERUN_SCRIPT,
+                          str(slide_path), str(checkpoint)], env=env, capture_output=True,
+                         text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "layers ['he.tif', 'tumour probability']" in out.stdout, out.stdout
+
+
+def test_a_rerun_keeps_the_previous_map_until_its_first_tiles(widget, qtbot, tmp_path):
+    """A re-run cancelled or failing before its first tile leaves the previous map as it was;
+    one that scores tiles refills the same layer (no layer removed, none added)."""
+    _wait(qtbot, widget, widget.run())
+    layer = widget.viewer.layers["tumour probability"]
+    before = np.array(layer.data)
+    made, gone = [], []
+    widget.viewer.layers.events.inserted.connect(lambda e: made.append(e.value.name))
+    widget.viewer.layers.events.removed.connect(lambda e: gone.append(e.value.name))
+    worker = widget.run()
+    assert widget.viewer.layers["tumour probability"] is layer  # not replaced at the start
+    widget.cancel()  # at once
+    _wait(qtbot, widget, worker)
+    assert widget.status.text().startswith("Cancelled before any tile was scored.")
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"nonsense" * 10)
+    good = widget.checkpoint.text()
+    widget.checkpoint.setText(str(bad))
+    _wait(qtbot, widget, widget.run())  # fails loading the checkpoint
+    assert "bad.safetensors" in widget.status.text()
+    assert widget.viewer.layers["tumour probability"] is layer
+    np.testing.assert_array_equal(layer.data, before)
+    assert layer.colorbar.visible and made == [] and gone == []
+    widget.checkpoint.setText(good)
+    _wait(qtbot, widget, widget.run())
+    assert widget.viewer.layers["tumour probability"] is layer and made == [] and gone == []
+    assert layer.data is widget.heatmap.values and layer.colorbar.visible

@@ -653,6 +653,36 @@ def session_for(layer, slide):
     return session
 
 
+def _same_colorbar_image(old, data, kwargs: dict, kind: str) -> bool:
+    """Whether ``old`` is a plain (one-scale, not RGB) image with a colour bar that
+    the new image's ``data``/``kwargs`` can be put into in place."""
+    from napari.layers import Image
+
+    if kind != "image" or not isinstance(old, Image) or old.rgb or old.multiscale:
+        return False
+    if kwargs.get("rgb") or kwargs.get("multiscale") or isinstance(data, list | tuple):
+        return False
+    had_bar = "colorbar" in old.metadata or old.colorbar.visible
+    return had_bar and getattr(data, "ndim", None) == old.ndim
+
+
+def _refill_image(layer, data, kwargs: dict):
+    """Put a new image's data and settings into ``layer`` (the layer stays, see replace_layer)."""
+    rest = {k: v for k, v in kwargs.items() if k not in ("name", "rgb", "multiscale", "data")}
+    layer.metadata = dict(rest.pop("metadata", {}))
+    clim = rest.pop("contrast_limits", None)
+    layer.data = data
+    for key, value in rest.items():
+        setattr(layer, key, value)
+    if clim is not None:
+        layer.contrast_limits = clim
+    else:
+        layer.reset_contrast_limits()
+    bar = layer.metadata.get("colorbar")
+    layer.colorbar.visible = bool(bar) and bar.get("visible", True)
+    return layer
+
+
 class TaskWidget(Panel):
     """Base of the dock widgets that run registry tasks in a worker thread.
 
@@ -788,9 +818,18 @@ class TaskWidget(Panel):
             self.status.setText("Cancelling…")
 
     def replace_layer(self, data, kwargs: dict, kind: str):
-        """Add a layer, replacing one of the same name (a re-run)."""
-        if kwargs["name"] in self.viewer.layers:
-            self.viewer.layers.remove(kwargs["name"])
+        """Add a layer, replacing one of the same name (a re-run).
+
+        An image with a colour bar is updated in place instead: napari 0.9.2
+        can crash (segfault in the vispy draw, Mesa llvmpipe) drawing a colour
+        bar added after another one's layer was removed.
+        """
+        name = kwargs["name"]
+        old = self.viewer.layers[name] if name in self.viewer.layers else None
+        if old is not None and _same_colorbar_image(old, data, kwargs, kind):
+            return _refill_image(old, data, kwargs)
+        if old is not None:
+            self.viewer.layers.remove(name)
         layer = getattr(self.viewer, f"add_{kind}")(data, **kwargs)
         bar = layer.metadata.get("colorbar")
         if bar and hasattr(layer, "colorbar"):  # what the colours mean, beside the map

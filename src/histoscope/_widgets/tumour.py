@@ -148,7 +148,9 @@ class TumourWidget(TaskWidget):
             return None
         self.heatmap, self._heatmap_checkpoint, self._heatmap_session = None, ckpt, session
         centre = self.view_centre(session.slide, layer)
-        self._show_empty_map(session, layer)
+        self._empty_map = None
+        if HEATMAP_NAME not in self.viewer.layers:  # a previous map stays until tiles replace it
+            self._show_empty_map(session, layer)
         jobs = [Job("tissue", session, params=edited or tissue),
                 Job("tumour", session, ckpt, params=params, near=centre, layers=True)]  # fmt: skip
         text = "Scoring tiles in view first" + (" (your edited tissue mask)…" if edited else "…")
@@ -161,7 +163,9 @@ class TumourWidget(TaskWidget):
         napari's making of a layer (its visual, its controls, the colour bar) is
         the slowest thing the GUI thread does in a run: done here, it does not
         compete with the worker for the interpreter, and when tiles arrive the
-        layer only takes the map's array (:meth:`_fill`).
+        layer only takes the map's array (:meth:`_fill`). Its colour bar shows
+        from then on: a run that scores no tile removes the layer, and napari
+        0.9.2 can crash drawing a colour bar after a shown one's layer was removed.
         """
         from histoscope._widgets._session import SLIDE_TAG
         from histoscope.results import HEATMAP_OPACITY, fading_colormap
@@ -175,7 +179,7 @@ class TumourWidget(TaskWidget):
                   "colormap": fading_colormap("inferno"), "opacity": HEATMAP_OPACITY,
                   "contrast_limits": (0.0, 1.0),
                   "metadata": {SLIDE_TAG: str(session.slide.path),
-                               "colorbar": {"visible": True, "label": label}}}  # fmt: skip
+                               "colorbar": {"visible": False, "label": label}}}  # fmt: skip
         layer = self.replace_layer(np.full((1, 1), np.nan, np.float32), kwargs, "image")
         self._empty_map = _unwrapped(layer)
 
@@ -185,9 +189,13 @@ class TumourWidget(TaskWidget):
         layer.scale, layer.translate = kwargs["scale"], kwargs["translate"]
         layer.contrast_limits = kwargs["contrast_limits"]
         layer.data = data
+        layer.colorbar.visible = True
 
     def _drop_empty_map(self) -> None:
-        """Remove the empty layer of a run that scored no tile (cancelled, failed)."""
+        """Remove the empty layer of a run that scored no tile (cancelled, failed).
+
+        Its colour bar was never shown (see :meth:`_show_empty_map`).
+        """
         layer, self._empty_map = getattr(self, "_empty_map", None), None
         if layer is not None and layer in self.viewer.layers:
             self.viewer.layers.remove(layer)
@@ -196,7 +204,8 @@ class TumourWidget(TaskWidget):
         """Show the map as it fills in (the same array, updated in place).
 
         ``built``: the layer data the worker already made (at the end of a run).
-        The first tiles go into the empty layer made when the run started.
+        The first tiles go into the empty layer made when the run started, or
+        into the previous run's map (:meth:`replace_layer` refills it in place).
         """
         layer = self.viewer.layers[HEATMAP_NAME] if HEATMAP_NAME in self.viewer.layers else None
         empty = getattr(self, "_empty_map", None)
