@@ -7,8 +7,10 @@ return at once. :func:`layers_in_thread` therefore runs the generation in a
 thread and, like a dialog's ``exec``, keeps the Qt event loop running until
 it is done: the window repaints, the other panels work, and napari's activity
 bar counts the tiles with a Cancel button. Cancel stops the generation (the
-cache keeps nothing of it) and raises :class:`~histoscope.progress.Cancelled`,
-which napari shows as a notification.
+cache keeps nothing of it) and says so in a one-line napari notification:
+napari prints any exception out of a sample function as a whole traceback,
+so the function returns a hidden placeholder layer instead (napari refuses an
+empty answer), which is removed as soon as napari has added it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,9 @@ from dataclasses import dataclass, field
 
 #: Milliseconds between looks at the generating thread (progress, Cancel, done).
 POLL_MS = 50
+
+#: Metadata key of the placeholder layer a cancelled sample returns.
+CANCELLED_TAG = "histoscope_sample_cancelled"
 
 
 @dataclass
@@ -63,11 +68,13 @@ def layers_in_thread(kind: str, label: str) -> list:
     """``synthetic_layers(kind)`` made in a thread while the Qt event loop keeps running.
 
     ``label`` names the slide in the progress bar. Returns the layer data;
-    raises what the generation raised (:class:`~histoscope.progress.Cancelled`
-    after Cancel, or when the application quits meanwhile).
+    after Cancel, or when the application quits meanwhile, a notification and
+    a placeholder (:func:`_cancelled`); raises what else the generation raised.
     """
     from napari.utils import cancelable_progress
     from qtpy.QtCore import QEventLoop, QTimer
+
+    from histoscope.progress import Cancelled
 
     job = _JOBS.get(kind)
     own = job is None  # the first request shows the bar; a repeated one only waits
@@ -104,9 +111,32 @@ def layers_in_thread(kind: str, label: str) -> list:
         job.thread.join()
     if own:
         _JOBS.pop(kind, None)
+    if isinstance(job.error, Cancelled):
+        return _cancelled(str(job.error))
     if job.error is not None:
         raise job.error
     return list(job.layers or [])
+
+
+def _cancelled(message: str) -> list:
+    """Say ``message`` in one line and return a hidden placeholder, removed right after."""
+    import numpy as np
+    from napari.utils.notifications import show_info
+    from qtpy.QtCore import QTimer
+
+    show_info(message)
+    QTimer.singleShot(0, drop_placeholders)
+    kwargs = {"name": "(sample cancelled)", "visible": False, "metadata": {CANCELLED_TAG: True}}
+    return [(np.zeros((1, 1), np.uint8), kwargs, "image")]
+
+
+def drop_placeholders() -> None:
+    """Remove the placeholder layers of cancelled samples from every napari viewer."""
+    from napari import Viewer
+
+    for viewer in list(Viewer._instances):
+        for layer in [ly for ly in viewer.layers if ly.metadata.get(CANCELLED_TAG)]:
+            viewer.layers.remove(layer)
 
 
 def gui_running() -> bool:
