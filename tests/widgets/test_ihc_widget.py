@@ -240,3 +240,26 @@ def test_a_coarse_scan_is_measured_with_a_warning(viewer, qtbot):
     assert widget.result.summary()["resolution_warning"] is not None
     assert "scanned at 1 µm/px" in widget.status.text()
     assert widget.numbers["h_score"].text() not in ("–", "– (no DAB)")  # still measured
+
+
+def test_the_outline_follows_a_translated_image_and_is_no_count_inside_choice(viewer, qtbot):
+    """The outline sits on the image where napari draws it (scale and translate) and, a
+    HistoScope layer, is not offered as a region to count inside; a region named '... region'
+    is not called '... region region'."""
+    widget = IHCWidget(viewer)
+    widget.scope.setCurrentIndex(1)  # the whole image
+    image = viewer.layers["IHC (scikit-image)"]
+    image.translate = (30.0, 50.0)
+    viewer.add_shapes([np.array([[30, 50], [30, 178], [286, 178], [286, 50]])],
+                      shape_type="rectangle", name="my region")  # fmt: skip
+    widget.count_inside.setCurrentText("my region")
+    assert widget.run() is not None
+    qtbot.waitUntil(lambda: widget.worker is None, timeout=120_000)
+    box = viewer.layers["IHC measured region (IHC (scikit-image))"]
+    h, w = np.asarray(image.data.shape[:2]) * image.scale[-2:]
+    np.testing.assert_allclose(box.data[0].min(axis=0), (30.0, 50.0))
+    np.testing.assert_allclose(box.data[0].max(axis=0), (30.0 + h, 50.0 + w))
+    choices = [widget.count_inside.itemText(i) for i in range(widget.count_inside.count())]
+    assert choices == ["whole tissue", "my region"]
+    assert "cells inside the my region (n=" in widget.status.text()
+    assert "region region" not in widget.status.text()

@@ -24,6 +24,8 @@ _SUMMARY = ("n_cells", "percent_positive", "h_score", "allred", "intensity", "qu
 WHOLE = "whole tissue"
 #: Colour of the outline around the measured area (cyan: visible on H-DAB).
 MEASURED_EDGE = "#00e5ff"
+#: Metadata key of the measured-area outline layer (never a Count-inside choice).
+MEASURED_TAG = "histoscope_ihc_measured_area"
 #: The red line under the status for a slide unlike the learned detector's training data.
 IHC_OUTSIDE_TEXT = "Outside training data: treat the cell counts as unreliable"
 
@@ -150,7 +152,11 @@ class IHCWidget(TaskWidget):
         Each item carries its layer, so the choice follows a renamed layer.
         """
         current = self.count_inside.currentData()
-        layers = [ly for ly in self.viewer.layers if ly._type_string in ("shapes", "labels")]
+        layers = [
+            ly
+            for ly in self.viewer.layers
+            if ly._type_string in ("shapes", "labels") and not ly.metadata.get(MEASURED_TAG)
+        ]  # not the measured-area outline
         self.count_inside.blockSignals(True)
         self.count_inside.clear()
         self.count_inside.addItem(WHOLE, None)
@@ -185,7 +191,8 @@ class IHCWidget(TaskWidget):
             return None
         self._in_view = visible
         w, h = session.slide.dimensions
-        self._measured = (region or (0, 0, w, h), tuple(layer.scale[-2:]))
+        self._measured = (region or (0, 0, w, h), tuple(layer.scale[-2:]),
+                          tuple(layer.translate[-2:]))  # fmt: skip
         self._clear_numbers()
         job = Job("ihc", session, params=params, region=region)
         return self.run_tasks([job], text=f"Measuring {layer.name}…", on_result=self._show)
@@ -199,18 +206,18 @@ class IHCWidget(TaskWidget):
         measured = getattr(self, "_measured", None)
         if measured is None:
             return
-        (x, y, w, h), (sy, sx) = measured
+        (x, y, w, h), (sy, sx), (ty, tx) = measured
         name = f"IHC measured region ({slide_name})"
         if not complete:
             if name in self.viewer.layers:
                 self.viewer.layers.remove(name)
             return
-        y0, x0, y1, x1 = y * sy, x * sx, (y + h) * sy, (x + w) * sx
+        y0, x0, y1, x1 = ty + y * sy, tx + x * sx, ty + (y + h) * sy, tx + (x + w) * sx
         box = np.array([[y0, x0], [y0, x1], [y1, x1], [y1, x0]], float)
         kwargs = {"name": name, "shape_type": "rectangle",
                   "face_color": "transparent", "edge_color": MEASURED_EDGE,
                   "edge_width": max(1.0, 0.004 * max(y1 - y0, x1 - x0)), "units": ("um", "um"),
-                  "metadata": {"histoscope_task": "ihc"}}  # fmt: skip
+                  "metadata": {"histoscope_task": "ihc", MEASURED_TAG: True}}  # fmt: skip
         self.replace_layer([box], kwargs, "shapes")
 
     def _chosen_region(self):
@@ -241,7 +248,8 @@ class IHCWidget(TaskWidget):
         chosen = getattr(self, "_inside", None)
         if chosen is not None:  # the region as it was at Run
             name, region = chosen
-            result = result.within(cells_inside(result, region), f"{name} region")
+            said = name if name.lower().endswith("region") else f"{name} region"
+            result = result.within(cells_inside(result, region), said)
         self.result = result
         summary = result.summary()
         warning = summary.get("warning")
