@@ -68,8 +68,9 @@ def layers_in_thread(kind: str, label: str) -> list:
     """``synthetic_layers(kind)`` made in a thread while the Qt event loop keeps running.
 
     ``label`` names the slide in the progress bar. Returns the layer data;
-    after Cancel, or when the application quits meanwhile, a notification and
-    a placeholder (:func:`_cancelled`); raises what else the generation raised.
+    after Cancel, a notification and a placeholder (:func:`_cancelled`);
+    raises what else the generation raised (:class:`~histoscope.progress.Cancelled`
+    when the application quits meanwhile: napari can no longer add a layer).
     """
     from napari.utils import cancelable_progress
     from qtpy.QtCore import QEventLoop, QTimer
@@ -106,12 +107,15 @@ def layers_in_thread(kind: str, label: str) -> list:
         timer.stop()
         if bar is not None:
             bar.close()
-    if job.thread.is_alive():  # the application is quitting: stop, leave nothing half-written
+    quitting = job.thread.is_alive()
+    if quitting:  # the application is quitting: stop, leave nothing half-written
         job.cancel.set()
         job.thread.join()
     if own:
         _JOBS.pop(kind, None)
     if isinstance(job.error, Cancelled):
+        if quitting:  # a closing viewer takes no layer: raise, without the thread's frames
+            raise Cancelled(str(job.error)) from None
         return _cancelled(str(job.error))
     if job.error is not None:
         raise job.error
