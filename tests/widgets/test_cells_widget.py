@@ -207,7 +207,7 @@ def test_many_cells_draw_an_overview_far_out_and_the_cells_in_view_near(
     table, ov = widget.layer(), widget.overview()
     # the cells layer holds every cell (features, for the session and export) but is not drawn
     assert len(table.data) == 3000 and len(table.features) == 3000 and not table.visible
-    assert ov is not None and ov.visible and ov.multiscale and widget._far
+    assert ov is not None and ov.opacity == 1 and ov.multiscale and widget._far
     assert widget.drawn() is None  # the points layer comes when there are points to draw
     # each cell paints its pixel of the finest level in its class colour (not an RGB layer:
     # the panels offer those as slides)
@@ -219,12 +219,15 @@ def test_many_cells_draw_an_overview_far_out_and_the_cells_in_view_near(
     np.testing.assert_allclose(ov.colormap.colors[code, :3], want, atol=1e-6)
     assert ov.colormap.colors[0, 3] == 0 and ov.contrast_limits == [0, 255]
     assert max(ov.data[-1].shape[:2]) <= 512 and len(ov.data) > 1
+    # each level is placed by napari at exactly twice the pixel of the one before
+    want_f = [[2.0**k, 2.0**k] for k in range(len(ov.data))]
+    np.testing.assert_allclose(ov.downsample_factors, want_f)
     # zoomed in: the kept cells in the view's window as points, with their rows of the table
     camera.zoom *= 8
     qtbot.waitUntil(lambda: not widget._far, timeout=5000)
     drawn = widget.drawn()
     idx = widget._drawn_idx
-    assert 0 < len(drawn.data) == len(idx) <= 300 and not ov.visible
+    assert 0 < len(drawn.data) == len(idx) <= 300 and ov.opacity == 0  # (hidden: see _drop_display)
     np.testing.assert_allclose(drawn.data, widget._coords[idx])
     np.testing.assert_array_equal(drawn.features["gate"], res.types.g[idx])
     # untick a class: gone from the points and the overview
@@ -246,13 +249,164 @@ def test_many_cells_draw_an_overview_far_out_and_the_cells_in_view_near(
     # far out again: the overview
     camera.zoom /= 8
     qtbot.waitUntil(lambda: widget._far, timeout=5000)
-    assert widget.overview().visible and len(widget.drawn().data) == 0
+    assert widget.overview().opacity == 1 and len(widget.drawn().data) == 0
     # a new result (a live update, a rerun) keeps the layers that draw the cells
     drawn, ov = widget.drawn(), widget.overview()
     widget._show(_random_cells(2500, side, seed=1))
     assert widget.drawn() is drawn and widget.overview() is ov and len(widget.layer().data) == 2500
-    # removing the cells layer removes what drew its cells
+    # the new table is what the overview paints (not the old one's cells)
+    _assert_overview_paints(widget, widget.result)
+    # removing the cells layer removes what drew its cells, and nothing follows the camera
     viewer.layers.remove(cells_mod.LAYER_NAME)
-    assert (
-        cells_mod.DRAWN_NAME not in viewer.layers and cells_mod.OVERVIEW_NAME not in viewer.layers
-    )
+    assert widget.result is None
+    qtbot.waitUntil(lambda: cells_mod.OVERVIEW_NAME not in viewer.layers, timeout=5000)
+    assert cells_mod.DRAWN_NAME not in viewer.layers
+    camera.zoom *= 8
+    qtbot.wait(3 * cells_mod.VIEW_REST_MS)
+    assert [ly.name for ly in viewer.layers] == []
+
+
+def _assert_overview_paints(widget, res):
+    """The overview's finest level has a pixel painted exactly where ``res``'s kept cells are."""
+    from histoscope._widgets._cell_overview import OverviewGrid, overview_um
+
+    coords = res.to_layers("cells")[0][0]
+    grid = OverviewGrid(coords, overview_um(coords))
+    top = widget.overview().data[0]
+    keep = widget._keep
+    want = np.zeros(top.shape, bool)
+    want[grid.iy[keep], grid.ix[keep]] = True
+    assert top.shape == grid.shape
+    np.testing.assert_array_equal(top > 0, want)
+
+
+def test_a_rerun_repaints_the_overview_with_the_new_cells(make_napari_viewer, monkeypatch):
+    import histoscope._widgets.cells as cells_mod
+
+    monkeypatch.setattr(cells_mod, "POINTS_MAX", 300)
+    viewer = make_napari_viewer()
+    widget = cells_mod.CellsWidget(viewer)
+    side = 4000.0
+    camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera
+    camera.center, camera.zoom = (side / 2, side / 2), min(viewer.canvas.size) / side
+    widget._show(_random_cells(600, side, seed=1))  # a live update: part of the cells
+    ov = widget.overview()
+    _assert_overview_paints(widget, widget.result)
+    final = _random_cells(3000, side, seed=2)  # same extent, same shapes: the old code kept it
+    widget._show(final)
+    assert widget.overview() is ov
+    _assert_overview_paints(widget, final)
+    widget._show(_random_cells(100, side, seed=3))  # a small rerun: one points layer
+    assert widget.overview() is ov and ov.opacity == 0 and len(widget.layer().data) == 100
+    widget._show(final)
+    _assert_overview_paints(widget, final)
+    assert ov.opacity == 1
+
+
+def test_a_run_that_finds_no_cells_says_so(make_napari_viewer):
+    from histoscope._widgets.cells import CellsWidget
+
+    widget = CellsWidget(make_napari_viewer())
+    res = _random_cells(0)
+    widget._finished({"cells": res})
+    assert widget.status.text() == "No cells found."
+    assert len(widget.layer().data) == 0
+    widget._show(_random_cells(50))  # and a later run draws its cells
+    assert len(widget.layer().data) == 50
+
+
+_CRASH_SCRIPT = """
+import sys, time
+import numpy as np, napari
+from qtpy.QtWidgets import QApplication
+sys.path.insert(0, {root!r})
+from tests.widgets.test_cells_widget import _random_cells
+import histoscope._widgets.cells as cm
+
+def pump(s):
+    t = time.time()
+    while time.time() - t < s:
+        QApplication.processEvents(); time.sleep(0.01)
+
+side = 10000.0
+v = napari.Viewer()
+v.add_image(np.random.default_rng(0).integers(0, 255, (2000, 2000), np.uint8), scale=(5, 5))
+w = cm.CellsWidget(v); v.window.add_dock_widget(w)
+cam = v.camera
+w._show(_random_cells(200_000, side, seed=1)); pump(0.3)
+cam.center = (side / 2, side / 2); cam.zoom = min(v.canvas.size) / side * 30; pump(0.5)
+w._show(_random_cells(120_000, side, seed=2)); pump(0.5)
+w._show(_random_cells(1000, side, seed=3)); pump(0.5)
+w._show(_random_cells(100_000, side, seed=4)); pump(0.5)
+v.layers.remove(cm.LAYER_NAME); pump(0.5)
+cam.center = (cam.center[0] + 100, cam.center[1]); pump(0.6)
+w._show(_random_cells(100_000, side, seed=5)); pump(0.5)
+cam.zoom /= 30; pump(0.5)
+v.close(); pump(0.3)
+print("OK")
+"""
+
+
+def test_rerun_and_removal_sequences_do_not_crash_the_canvas(tmp_path):
+    """Reruns big-small-big and removing the cells layer zoomed in, then panning, in a fresh
+    process under this Xvfb: layers removed or re-added while hidden crashed Mesa's OpenGL."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[2])
+    script = tmp_path / "seq.py"
+    script.write_text(_CRASH_SCRIPT.format(root=root))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                         timeout=600, env=env, cwd=root)  # fmt: skip
+    assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
+
+
+def test_the_display_of_many_cells_is_not_saved_and_the_cells_reopen_visible(
+    make_napari_viewer, monkeypatch, qtbot, tmp_path
+):
+    """The overview and the cells in view draw the ``cells`` layer: not saved, no save per pan;
+    the reopened ``cells`` layer is shown (by the panel) instead of looking empty."""
+    import dataclasses
+
+    import histoscope._widgets.cells as cells_mod
+    from histoscope._widgets._session import AutoSave
+    from histoscope.session_store import read_manifest
+    from histoscope.slide import write_pyramidal_tiff
+
+    img = np.random.default_rng(3).integers(0, 255, (1024, 1024, 3), dtype=np.uint8)
+    slide = write_pyramidal_tiff(tmp_path / "case.tif", img, mpp=0.5, min_size=256)
+    monkeypatch.setattr(cells_mod, "POINTS_MAX", 300)
+    viewer = make_napari_viewer()
+    viewer.open(str(slide), plugin="napari-histoscope")
+    saver = AutoSave.for_viewer(viewer)
+    widget = cells_mod.CellsWidget(viewer)
+    side = 500.0
+    camera = viewer.scene.camera if hasattr(viewer, "scene") else viewer.camera
+    camera.center, camera.zoom = (side / 2, side / 2), min(viewer.canvas.size) / side
+    res = _random_cells(3000, side)
+    prov = dataclasses.replace(res.provenance, slide=str(slide))  # found on this slide
+    res = dataclasses.replace(res, provenance=prov)
+    widget._show(res)
+    camera.zoom *= 8
+    qtbot.waitUntil(lambda: not widget._far, timeout=5000)
+    assert widget.overview() is not None and len(widget.drawn().data)
+    assert saver.save_now()
+    folder = slide.with_name("case.tif.histoscope")
+    assert [e["name"] for e in read_manifest(folder)["layers"]] == [cells_mod.LAYER_NAME]
+    # a pan redraws the cells in view, and schedules no save
+    drawn = widget.drawn().data.copy()
+    saver.timer.stop()
+    camera.center = (side / 4, side / 4)
+    qtbot.waitUntil(lambda: not np.array_equal(widget.drawn().data, drawn), timeout=5000)
+    assert not saver.timer.isActive()
+
+    again = make_napari_viewer()
+    again.open(str(folder), plugin="napari-histoscope")
+    table = again.layers[cells_mod.LAYER_NAME]
+    assert len(table.data) == 3000 and not table.visible  # as saved: the panel hid it
+    panel = cells_mod.CellsWidget(again)
+    assert table.visible and "3,000" in panel.status.text()
+    assert [ly.name for ly in again.layers][1:] == [cells_mod.LAYER_NAME]

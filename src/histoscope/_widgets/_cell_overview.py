@@ -53,7 +53,13 @@ class OverviewGrid:
         self.um = um
         self.iy = np.floor(coords[:, 0] / um).astype(np.int64)
         self.ix = np.floor(coords[:, 1] / um).astype(np.int64)
-        self.shape = (int(self.iy.max()) + 1, int(self.ix.max()) + 1) if len(coords) else (1, 1)
+        h, w = (int(self.iy.max()) + 1, int(self.ix.max()) + 1) if len(coords) else (1, 1)
+        # padded to a multiple of the coarsest level's pixel: each level is exactly half the
+        # one before, as napari assumes when it places a level by the ratio of the shapes
+        step = 1
+        while max(-(-h // step), -(-w // step)) > OVERVIEW_TOP_PX:
+            step *= 2
+        self.shape = (-(-h // step) * step, -(-w // step) * step)
 
     def levels(self, codes: np.ndarray, keep: np.ndarray) -> list[np.ndarray]:
         """Levels of ``(h, w)`` uint8 images of the kept cells' ``codes`` (1-255), 0 elsewhere.
@@ -76,7 +82,7 @@ class OverviewGrid:
             if max(h, w) <= OVERVIEW_TOP_PX:
                 return out
             k += 1
-            h, w = (h + 1) // 2, (w + 1) // 2
+            h, w = h // 2, w // 2  # exact: see __init__
 
 
 def class_codes(pred: np.ndarray, n_classes: int) -> np.ndarray:

@@ -128,8 +128,10 @@ def viewer_state(viewer, slide_layer) -> tuple[list, dict]:
     from histoscope.layers import SLIDE_KEY
 
     path = str(slide_layer.metadata["slide"].path)
+    # (a layer flagged histoscope_transient only draws another for the view: not saved)
     layers = [layer_snapshot(ly) for ly in viewer.layers
-              if SLIDE_KEY not in ly.metadata and owner(ly) == path]  # fmt: skip
+              if SLIDE_KEY not in ly.metadata and owner(ly) == path
+              and not ly.metadata.get("histoscope_transient")]  # fmt: skip
     display = {k: getattr(slide_layer, k) for k in ("opacity", "visible", "gamma", "blending")}
     display["contrast_limits"] = list(slide_layer.contrast_limits)
     display["position"] = list(viewer.layers).index(slide_layer)
@@ -310,6 +312,8 @@ class AutoSave:
         active = self.viewer.layers.selection.active
         current = active if active in slides else (slides[0] if len(slides) == 1 else None)
         for layer in self.viewer.layers:
+            if layer.metadata.get("histoscope_transient"):
+                continue  # drawn for the view (e.g. the cells in view): not saved, not watched
             if layer not in slides and owner(layer) is None and current is not None:
                 layer.metadata[SLIDE_TAG] = str(current.metadata["slide"].path)
             for name in EVENTS:

@@ -44,9 +44,11 @@ if TYPE_CHECKING:
 DEFAULT_CHECKPOINT = "nuclass_default.safetensors"
 LAYER_NAME = "cells"
 #: Above POINTS_MAX cells: the cells in view as points, and as an image far out (not saved
-#: with the session: the ``cells`` layer holds them all).
-DRAWN_NAME = "cells in view"
+#: with the session: the ``cells`` layer holds them all; its name says so, for an export).
+DRAWN_NAME = "cells in view (display only)"
 OVERVIEW_NAME = "cells overview"
+#: Metadata flag of the layers that only draw the cells: not saved with the session.
+TRANSIENT = "histoscope_transient"
 #: White rim (µm) round points coloured by a value, so dark values stay visible on nuclei.
 RIM_UM = 0.15
 OUTLINES_NAME = "nucleus outlines"
@@ -169,6 +171,7 @@ class CellsWidget(TaskWidget):
 
         self._keep = self._coords = self._features = self._drawn_idx = None
         self._grid = None
+        self._ov_stale = True
         self._rim = self._far = self._replacing = False
         # many cells: the window of drawn points follows the camera once it rests
         self._view_timer = QTimer(self)
@@ -179,6 +182,8 @@ class CellsWidget(TaskWidget):
         camera.events.zoom.connect(self._camera_moved)
         camera.events.center.connect(self._camera_moved)
         napari_viewer.layers.events.removed.connect(self._layer_removed)
+        napari_viewer.layers.events.inserted.connect(lambda _e: self._restored())
+        self._restored()
 
     # ----------------------------------------------------------------- running
     def params(self):
@@ -254,6 +259,10 @@ class CellsWidget(TaskWidget):
             return
         self._show(result)
         s = result.summary()
+        if not s["n_cells"]:
+            self.status.setText("No cells found" + (" in the finished tiles." if result.cancelled
+                                                    else "."))  # fmt: skip
+            return
         show_training_data_flag(self.controls, s)
         dens = f", {s['cells_per_mm2']:,.0f} per mm² of tissue" if s["cells_per_mm2"] else ""
         part = " in the finished tiles (no density: part of the tissue)" if result.cancelled else ""
@@ -269,6 +278,7 @@ class CellsWidget(TaskWidget):
         (:meth:`_draw`).
         """
         self.result, self._drawn_idx, self._grid = result, None, None
+        self._ov_stale = True  # a new table: the overview is painted again
         data, kwargs, kind = result.to_layers(LAYER_NAME)[0]
         self._coords, self._features = data, kwargs["features"]
         self._fill_legend(result, kwargs["metadata"]["summary"])
@@ -289,7 +299,11 @@ class CellsWidget(TaskWidget):
         if big:  # the whole table, in class colours, not drawn (a million points take seconds)
             kwargs.update(visible=False, shown=self._keep)
         else:
-            kwargs.update(self._looks(np.arange(result.n_cells)), shown=self._keep)
+            if result.n_cells:
+                kwargs.update(self._looks(np.arange(result.n_cells)))
+            else:  # napari refuses no colours for no points
+                kwargs = {k: v for k, v in kwargs.items() if "color" not in k}
+            kwargs.update(shown=self._keep)
         self._replacing = True  # what draws the cells stays: it is updated below
         try:
             self._drop(LAYER_NAME)
@@ -298,7 +312,20 @@ class CellsWidget(TaskWidget):
         self._draw()  # first: the cells layer goes on top, selected
         self.replace_layer(data, kwargs, kind)
         if not big:
-            self._drop(DRAWN_NAME, OVERVIEW_NAME)
+            self._hide_display()
+
+    def _hide_display(self) -> None:
+        """Hide the overview and empty the points in view, in place.
+
+        The panel adds them once and does not remove them while its result
+        lasts: removing and re-adding them while the canvas draws crashed
+        software OpenGL (Mesa under Xvfb).
+        """
+        self._drawn_idx = None
+        self._show_overview(False)
+        drawn = self.viewer.layers[DRAWN_NAME] if DRAWN_NAME in self.viewer.layers else None
+        if drawn is not None and len(drawn.data):
+            drawn.data = np.zeros((0, 2))
 
     def _fill_legend(self, result, summary) -> None:
         hidden = {self.legend.item(i).data(Qt.UserRole) for i in range(self.legend.count())
@@ -427,16 +454,17 @@ class CellsWidget(TaskWidget):
             return
         if not self._big():
             layer = self.layer()
-            if layer is not None and len(layer.data) == self.result.n_cells:
+            if layer is not None and len(layer.data) == self.result.n_cells > 0:
                 self._paint(layer, self._looks(np.arange(self.result.n_cells)))
                 if not np.array_equal(layer.shown, self._keep):
                     layer.shown = self._keep
             return
-        if recolour or self.overview() is None:
+        if recolour or self._ov_stale or self.overview() is None:
             self._draw_overview()
+            self._ov_stale = False
         idx = self._window()
         self._far = idx is None
-        self.overview().visible = self._far
+        self._show_overview(self._far)
         if self._far:
             idx = np.zeros(0, np.int64)
         drawn = self.viewer.layers[DRAWN_NAME] if DRAWN_NAME in self.viewer.layers else None
@@ -453,7 +481,8 @@ class CellsWidget(TaskWidget):
 
             self.viewer.add_points(self._coords[idx], name=DRAWN_NAME, features=feats,
                                    size=POINT_UM, units=("um", "um"), **looks,
-                                   metadata={"histoscope_task": "cells in view"})  # fmt: skip
+                                   metadata={"histoscope_task": "cells in view",
+                                             TRANSIENT: True})  # fmt: skip
             return
         drawn.data = self._coords[idx]
         drawn.features = feats
@@ -476,7 +505,51 @@ class CellsWidget(TaskWidget):
         if self._replacing:
             return
         if getattr(event, "value", None) is not None and event.value.name == LAYER_NAME:
-            self._drop(DRAWN_NAME, OVERVIEW_NAME)  # they draw the cells layer's cells
+            # the result's display goes with its table: nothing follows the camera any more,
+            # and what drew its cells goes once the removal (and any paint) is over
+            self.result, self._drawn_idx, self._grid = None, None, None
+            self._view_timer.stop()
+            QTimer.singleShot(0, self._drop_display)
+
+    def _restored(self) -> None:
+        """A ``cells`` layer of many cells reopened with its session is shown whole.
+
+        The panel hid it while drawing its cells itself; reopened, that
+        display is gone (it is not saved), so the layer would look empty.
+        """
+        layer = self.layer()
+        if self.result is None and layer is not None and not layer.visible:
+            layer.visible = True
+            self.status.setText(f"The reopened cells ({len(layer.data):,}) are drawn as one "
+                                "layer, slow with many; run again for the faster display.")  # fmt: skip
+
+    def _drop_display(self) -> None:
+        """Remove what drew the removed table's cells (unless a new run has drawn since).
+
+        An Image layer removed while hidden crashes the next paint with
+        software OpenGL (Mesa under Xvfb, napari 0.9), so the overview is made
+        visible (and transparent), painted once, and then removed; the layers go one
+        per paint (removing both at once crashed as well).
+        """
+        if self.result is not None:
+            return
+        ov = self.overview()
+        if ov is not None and not ov.visible:
+            ov.opacity, ov.visible = 0.0, True
+            QTimer.singleShot(250, self._drop_display)  # after a paint
+            return
+        if DRAWN_NAME in self.viewer.layers:  # one layer per paint: both at once crashed too
+            self._drop(DRAWN_NAME)
+            QTimer.singleShot(250, self._drop_display)
+            return
+        self._drop(OVERVIEW_NAME)
+
+    def _show_overview(self, on: bool) -> None:
+        """Show or hide the overview by its opacity: it stays visible to napari (see
+        :meth:`_drop_display`)."""
+        ov = self.overview()
+        if ov is not None:
+            ov.visible, ov.opacity = True, 1.0 if on else 0.0
 
     def _draw_overview(self) -> None:
         """Draw the kept cells into the overview image, coloured as the points are."""
@@ -500,15 +573,16 @@ class CellsWidget(TaskWidget):
             self._grid = OverviewGrid(self._coords, overview_um(self._coords))
         um = self._grid.um
         levels = self._grid.levels(codes, self._keep)
-        if ov is not None and [a.shape for a in ov.data] == [a.shape for a in levels]:
+        if ov is not None:  # in place, whatever the shapes (see _hide_display)
             ov.colormap = cmap
             ov.data = levels
+            ov.scale, ov.translate = (um, um), (um / 2, um / 2)
             return
-        self._drop(OVERVIEW_NAME)
         self.viewer.add_image(levels, multiscale=True, name=OVERVIEW_NAME, colormap=cmap,
                               contrast_limits=(0, 255), blending="translucent",
                               scale=(um, um), translate=(um / 2, um / 2), units=("um", "um"),
-                              metadata={"histoscope_task": "cells overview"})  # fmt: skip
+                              metadata={"histoscope_task": "cells overview",
+                                        TRANSIENT: True})  # fmt: skip
 
     def show_outlines(self):
         """Nucleus outlines of the cells in view as a labels layer."""
