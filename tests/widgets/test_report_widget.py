@@ -57,6 +57,9 @@ def test_generate_show_evidence_edit_and_export(widget, qtbot, tmp_path):
         widget.sentences.setCurrentRow(1)
         assert "report evidence: sentence 2" in widget.viewer.layers
         assert "report evidence: sentence 1" not in widget.viewer.layers
+        again = widget.viewer.layers["report evidence: sentence 2"]
+        assert again is layer  # the same layer refilled (napari 0.9.2 colour-bar crash)
+        assert np.nanmax(again.data) == pytest.approx(res.attention[1].max())
     # a sentence whose map singles out nothing says so in the panel
     from dataclasses import replace
 

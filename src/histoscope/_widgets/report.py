@@ -272,8 +272,17 @@ class ReportWidget(TaskWidget):
         """Show one sentence's attention heatmap and centre the view on its top region."""
         if self.result is None or not 0 <= row < len(self.result.sentences):
             return
-        self._clear_evidence()
-        for data, kwargs, kind in self.result.to_layers(sentence=row):
+        layers = self.result.to_layers(sentence=row)
+        names = {kwargs["name"] for _, kwargs, _ in layers}
+        maps = [ly for ly in self.viewer.layers
+                if ly.name.startswith("report evidence") and ly._type_string == "image"]  # fmt: skip
+        for _, kwargs, kind in layers:  # the map shown is renamed and refilled, never removed:
+            if kind == "image" and maps and kwargs["name"] not in self.viewer.layers:
+                maps.pop(0).name = kwargs["name"]  # napari 0.9.2 can crash on a colour bar
+        for name in [ly.name for ly in self.viewer.layers  # added after another was removed
+                     if ly.name.startswith("report evidence") and ly.name not in names]:  # fmt: skip
+            self.viewer.layers.remove(name)
+        for data, kwargs, kind in layers:
             self.replace_layer(data, kwargs, kind)
         top = self.result.evidence(row)[0]
         g = self.result.grid
