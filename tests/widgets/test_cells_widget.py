@@ -330,7 +330,6 @@ def pump(s):
 
 side = 10000.0
 v = napari.Viewer()
-v.add_image(np.random.default_rng(0).integers(0, 255, (2000, 2000), np.uint8), scale=(5, 5))
 w = cm.CellsWidget(v); v.window.add_dock_widget(w)
 cam = v.camera
 w._show(_random_cells(200_000, side, seed=1)); pump(0.3)
