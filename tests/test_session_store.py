@@ -235,3 +235,15 @@ def test_two_processes_saving_one_folder_take_turns(slide, tmp_path):
     assert [p.name for p in (folder / LAYERS_DIR).iterdir()] == [doc["layers_dir"].split("/")[1]]
     with hs.open_session(slide, folder) as s:
         assert all((d == 23.0).all() for d, _, _ in s.layers())
+
+
+def test_layer_units_are_saved_and_read_back_as_napari_takes_them(slide, tmp_path):
+    napari = pytest.importorskip("napari")
+    layer = napari.layers.Points(np.zeros((2, 2)), name="cells", units=("um", "um"))
+    with hs.open_session(slide, tmp_path / "s") as s:
+        s.save_layers([layer.as_layer_data_tuple()], {})
+    with hs.open_session(slide, tmp_path / "s") as again:
+        data, kwargs, kind = again.layers()[0]
+    assert kwargs["units"] == ["micrometer", "micrometer"]
+    back = napari.layers.Points(data, **{k: kwargs[k] for k in ("name", "units")})
+    assert back.units == layer.units  # not 'pixel' (napari would warn: inconsistent units)

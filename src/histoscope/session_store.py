@@ -220,6 +220,8 @@ def save_layer(folder: Path, index: int, layer: LayerDataTuple) -> dict[str, Any
             continue
         if k == "metadata":
             settings[k] = _saved_metadata(v, enc)
+        elif k == "units":  # pint units: saved by name ("micrometer"), napari reads them back
+            settings[k] = None if v is None else [str(u) for u in v]
         elif k == "features":
             if v is not None and len(getattr(v, "columns", ())):
                 with atomic_path(folder / f"{index}.parquet", ".parquet") as tmp:
