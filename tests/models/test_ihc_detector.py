@@ -131,3 +131,19 @@ def test_a_card_without_a_usable_threshold_or_mpp_is_refused_on_load(tmp_path, c
         D.load_detector(_card_variant(tmp_path, change))
     model, card = D.load_detector(_card_variant(tmp_path, lambda d: None))  # unchanged: loads
     assert 0 < card.config["threshold"] < 1
+
+
+def test_training_data_check_keeps_held_out_and_the_sample_within_and_flags_others():
+    """The reference's threshold, calibrated on 20+ tuning slides, as scored by its recipe."""
+    from histoscope.ood import reference_from_card
+
+    _, card = D.load_detector()
+    ref = reference_from_card(card)
+    check = card.metrics["ood_check"]
+    assert ref.n_calib >= 20 and check["threshold"] == pytest.approx(ref.threshold, abs=1e-4)
+    tuned = set(card.data["threshold_chosen_on"])
+    assert tuned.isdisjoint(int(s) for s in check["heldout_scores"])
+    assert check["heldout_judged"] >= 30 and check["heldout_false_alarm_rate"] <= 0.05
+    assert check["sample_ihc_seed41"] < ref.threshold  # File > Open Sample is within
+    assert check["skimage_ihc_real"] > ref.threshold  # a real scan and an H&E are outside
+    assert check["synthetic_he_seed7"] > ref.threshold

@@ -21,8 +21,13 @@ strong >75 % seeds from 80000 that tuned ``detection="classical"``): the
 threshold with the best pooled F1 of peaks matched to true centres within
 4 µm. Last, the training-data reference (:mod:`histoscope.ood`) of the
 network's tissue-window features is fitted on every other training slide and
-calibrated on the tuning slides (``--reference-only`` redoes just that step). Held-out slides (90000+, 95000+, 97000+) are never touched here; they
-are measured by ``benchmarks/bench_ihc_recall.py --rules learned``.
+calibrated on those tuning slides and on :data:`OOD_TUNE_N` more slides of every design
+(strong and weak, any positive fraction) from seed :data:`OOD_TUNE_FIRST_SEED`, each
+whole, in 1024 px tiles with a 20 µm margin as the measurement reads them
+(``--reference-only`` redoes just that step, then scores the held-out slides, the app's
+synthetic IHC sample and two images that must stay outside and records them in the card's
+``metrics.ood_check``). Held-out slides (90000+, 95000+, 97000+) are never fitted or tuned
+on; their recall is measured by ``benchmarks/bench_ihc_recall.py --rules learned``.
 """
 
 from __future__ import annotations
@@ -41,7 +46,14 @@ TUNE_SEEDS = (80003, 80010, 80072, 80091, 80103, 80110, 80148, 80150, 80176, 801
 SIZE = 2048
 CROP = 160
 MATCH_UM = 4.0
-#: Peak thresholds tried on the tuning slides.
+#: More tuning slides for the training-data check's threshold (every design; never trained on).
+OOD_TUNE_FIRST_SEED = 82000
+OOD_TUNE_N = 24
+#: Fewest tissue windows (32 µm) a tuning slide needs to calibrate the threshold.
+CALIB_MIN_WINDOWS = 32
+#: Held-out slides scored for the training-data check's false alarms (never fitted or tuned on).
+HELDOUT_DIR = Path("benchmarks/_data/ihc_recall")
+#: Peak thresholds tried on the tuning slides (0.70 is the top of this grid).
 THRESHOLDS = tuple(round(0.15 + 0.05 * i, 2) for i in range(12))
 
 
@@ -241,36 +253,137 @@ def choose_threshold(model, seeds, thresholds=THRESHOLDS):
     return best, rows
 
 
+def slide_features(model, rgb: np.ndarray, tile: int = 1024, margin: int = 40) -> np.ndarray:
+    """Tissue-window features of a whole image at 0.5 µm/px, tile by tile as the measurement.
+
+    ``iter_measure_slide`` reads 1024 px tiles with a 20 µm (40 px) margin,
+    white beyond the slide's edge, and the network scores each; so do these.
+    """
+    from histoscope.models.ihc_detector import predict_maps
+
+    h, w = rgb.shape[:2]
+    padded = np.pad(rgb, ((margin, tile + margin), (margin, tile + margin), (0, 0)),
+                    constant_values=255)  # fmt: skip
+    side = tile + 2 * margin
+    parts = [predict_maps(model, padded[y : y + side, x : x + side])[2]
+             for y in range(0, h, tile) for x in range(0, w, tile)]  # fmt: skip
+    return np.concatenate(parts) if parts else np.zeros((0, model.config["widths"][-1]))
+
+
+def ood_tune_seeds(first: int = OOD_TUNE_FIRST_SEED, n: int = OOD_TUNE_N) -> list[int]:
+    """The calibration seeds added for the training-data check: ``n`` consecutive, every design."""
+    return list(range(first, first + n))
+
+
 def fit_ood_reference(model, fit_seeds, calib_seeds):
     """The training-data reference of the network's tissue-window features (:mod:`histoscope.ood`).
 
-    Fitted on training slides, its threshold calibrated on the tuning slides
-    (never trained on): a slide unlike the synthetic IHC it learned from is
-    flagged ``outside training data``.
+    Fitted on training slides, its threshold calibrated on tuning slides
+    (never trained on), each slide whole (:func:`slide_features`); tuning slides
+    with fewer than :data:`CALIB_MIN_WINDOWS` tissue windows are left out of the
+    calibration (one with 8 windows, the fewest the measurement judges, scored
+    2.2 and alone would have set the threshold above a synthetic H&E's). A slide
+    unlike the synthetic IHC it learned from is flagged ``outside training data``.
     """
-    from histoscope.models.ihc_detector import WINDOW, predict_maps
+    from histoscope.models.ihc_detector import WINDOW
     from histoscope.ood import fit_reference
 
-    def feats(seeds):  # the central 1024 px of each slide (a quarter: it keeps this step short)
-        return [predict_maps(model, load_slide(s)[0][512:1536, 512:1536])[2] for s in seeds]
+    def feats(seeds):
+        out = []
+        for s in seeds:
+            out.append(slide_features(model, load_slide(s)[0]))
+            print(f"features of slide {s}: {len(out[-1])} windows", flush=True)
+        return out
 
-    return fit_reference(feats(fit_seeds), feats(calib_seeds),
+    # the threshold is set by slides whose score (a median over windows) is stable
+    calib = [f for f in feats(calib_seeds) if len(f) >= CALIB_MIN_WINDOWS]
+    return fit_reference(feats(fit_seeds), calib,
                          features=f"IHC centre network bottleneck, mean over {WINDOW} px "
                          "(32 µm) tissue windows at 0.5 µm/px")  # fmt: skip
 
 
-def add_reference(path: Path) -> None:
-    """Fit and write the training-data reference of an existing checkpoint (load-modify-save)."""
+def ood_check(model, ref) -> dict:
+    """Slide scores of held-out slides, the app's IHC sample and two images that are not like it.
+
+    Held-out: every slide in :data:`HELDOUT_DIR` (the recall benchmark's, never
+    fitted or tuned on); the flagged share of those with enough tissue windows
+    to be judged is the check's false-alarm rate.
+    The synthetic IHC sample (File > Open Sample, seed 41, 4096 px) must be
+    within; scikit-image's real IHC image and a synthetic H&E slide outside.
+    """
+    import histoscope as hs
+    from histoscope.ood import MIN_ITEMS, slide_score
+    from histoscope.synthetic import generate, sample_slide
+
+    def score(rgb):  # None: too few tissue windows to judge (the measurement says so too)
+        f = slide_features(model, np.asarray(rgb)[..., :3])
+        return round(float(slide_score(ref, f)), 4) if len(f) >= MIN_ITEMS["patches"] else None
+
+    held = {}
+    for path in sorted(HELDOUT_DIR.glob("ihc_*_2048.tif")):
+        held[path.name.split("_")[1]] = score(hs.open_slide(path).read_region(0, 0, 2048, 2048,
+                                                                            mpp=0.5))  # fmt: skip
+    sample = hs.open_slide(sample_slide("ihc").slide)
+    w, h = sample.dimensions
+    from skimage import data
+
+    he = generate(DATA, kind="he", size=(2048, 2048), seed=7, name="he_00007_2048", workers=1)
+    judged = {k: v for k, v in held.items() if v is not None}
+    flagged = sorted(k for k, v in judged.items() if v > ref.threshold)
+    return {
+        "threshold": round(float(ref.threshold), 4),
+        "heldout_scores": held,
+        "heldout_judged": len(judged),
+        "heldout_flagged": flagged,
+        "heldout_false_alarm_rate": round(len(flagged) / max(len(judged), 1), 4),
+        "sample_ihc_seed41": score(sample.read_region(0, 0, w, h, mpp=0.5)),
+        "skimage_ihc_real": score(data.immunohistochemistry()),
+        "synthetic_he_seed7": score(
+            hs.open_slide(he.slide).read_region(0, 0, 2048, 2048, mpp=0.5)
+        ),  # fmt: skip
+        "command": "python -m histoscope.training.ihc_detector --reference-only "
+        "--out sample_data/ihc_detector_default.safetensors",
+    }
+
+
+def record_ood_check(path: Path, check: dict) -> None:
+    """Set the card's ``metrics.ood_check`` (load-modify-save; tensors unchanged)."""
+    from safetensors.torch import load_file, save_file
+
+    from histoscope.atomic import atomic_path
+    from histoscope.checkpoints import CARD_KEY, FORMAT, FORMAT_KEY, read_card, tensor_hash
+
+    card = read_card(path)
+    state = load_file(str(path))
+    if card.sha256 and tensor_hash(state) != card.sha256:
+        raise SystemExit(f"{path}: tensors do not match the card's sha256; not rewriting it")
+    d = card.to_dict()
+    d["metrics"] = {**d["metrics"], "ood_check": check}
+    with atomic_path(path, suffix=".safetensors") as tmp:
+        save_file(state, str(tmp), metadata={FORMAT_KEY: FORMAT,
+                                             CARD_KEY: json.dumps(d, sort_keys=True)})  # fmt: skip
+
+
+def add_reference(path: Path, check: bool = True) -> None:
+    """Fit and write the training-data reference of an existing checkpoint (load-modify-save).
+
+    With ``check``, also score :func:`ood_check`'s slides and record them in the card.
+    """
     from histoscope.checkpoints import load_checkpoint
     from histoscope.models.ihc_detector import FAMILY
     from histoscope.ood import write_reference
 
     model, card = load_checkpoint(path, FAMILY)
     fit = card.data["train_seeds_strong"][::2] + card.data["train_seeds_other"][::2]
-    ref = fit_ood_reference(model, fit, card.data["threshold_chosen_on"])
+    calib = list(card.data["threshold_chosen_on"]) + ood_tune_seeds()
+    ref = fit_ood_reference(model, fit, calib)
     write_reference(path, ref)
-    print(f"training-data reference: threshold {ref.threshold:.3g}, calibration scores "
-          f"{[round(v, 3) for v in ref.calib_scores]}")  # fmt: skip
+    print(f"training-data reference: threshold {ref.threshold:.4g}, calibration scores "
+          f"{[round(v, 3) for v in ref.calib_scores]}", flush=True)  # fmt: skip
+    if check:
+        result = ood_check(model, ref)
+        record_ood_check(path, result)
+        print(json.dumps(result), flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
