@@ -107,24 +107,10 @@ def region_row(m, xy, positive, seed: int, size: int, out: Path) -> dict | None:
 
 
 def match(truth_xy: np.ndarray, found_xy: np.ndarray, radius: float = MATCH_UM) -> np.ndarray:
-    """Per truth cell, whether a detection was matched to it (greedy, nearest pairs first)."""
-    from scipy.spatial import cKDTree
+    """Per true cell, whether a detection lies within ``radius`` µm (one-to-one, nearest first)."""
+    from histoscope.training.ihc_detector import match as one_to_one
 
-    hit = np.zeros(len(truth_xy), bool)
-    if not len(truth_xy) or not len(found_xy):
-        return hit
-    k = min(3, len(truth_xy))
-    d, idx = cKDTree(truth_xy).query(found_xy, k=k, distance_upper_bound=radius)
-    d, idx = d.reshape(len(found_xy), k), idx.reshape(len(found_xy), k)
-    det = np.repeat(np.arange(len(found_xy)), k)
-    d, idx = d.ravel(), idx.ravel()
-    ok = np.isfinite(d)
-    used = np.zeros(len(found_xy), bool)
-    for j in np.argsort(d[ok], kind="stable"):
-        a, t = det[ok][j], idx[ok][j]
-        if not used[a] and not hit[t]:
-            used[a], hit[t] = True, True
-    return hit
+    return one_to_one(truth_xy, found_xy, radius)
 
 
 def measure(slide_path: Path, rule: str):
